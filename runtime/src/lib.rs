@@ -1,0 +1,19 @@
+//! # cnnc-runtime
+//!
+//! Runs a [`cnnc_compiler::Graph`] on the CPU:
+//!
+//! - [`weights`]: PyTorch `state_dict`s as safetensors (load, check against the net, save),
+//!   and PyTorch's default random initialisation;
+//! - [`interp`]: the reference interpreter — plain ndarray code, the spec of every op;
+//! - [`jit`]: the Cranelift backend — shape-specialised native kernels, a memory plan, and the
+//!   [`Compiled`] model.
+//!
+//! **Invariant:** this crate knows nothing about the DSL's syntax; it sees only the graph IR.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod interp;
+pub mod jit;
+pub mod weights;
+
+pub use error::{Error, Result, WeightsError};
