@@ -3,7 +3,63 @@
 //! rustc-style with file, line, column and a caret).
 
 use proc_macro2::Span;
+use quote::ToTokens;
 use std::fmt;
+
+/// A source range: the first and last token of the offending syntax. rustc underlines the
+/// whole range even where proc-macro spans cannot be joined (stable Rust).
+#[derive(Clone, Copy, Debug)]
+pub struct SrcSpan {
+    /// First token.
+    pub start: Span,
+    /// Last token.
+    pub end: Span,
+}
+
+impl From<Span> for SrcSpan {
+    fn from(s: Span) -> Self {
+        SrcSpan { start: s, end: s }
+    }
+}
+
+impl SrcSpan {
+    /// The range covered by a syntax node's tokens.
+    pub fn of<T: ToTokens + ?Sized>(node: &T) -> Self {
+        let mut first = None;
+        let mut last = None;
+        fn walk(ts: proc_macro2::TokenStream, first: &mut Option<Span>, last: &mut Option<Span>) {
+            for tt in ts {
+                if first.is_none() {
+                    *first = Some(tt.span());
+                }
+                *last = Some(match &tt {
+                    proc_macro2::TokenTree::Group(g) => g.span_close(),
+                    other => other.span(),
+                });
+            }
+        }
+        walk(node.to_token_stream(), &mut first, &mut last);
+        let start = first.unwrap_or_else(Span::call_site);
+        SrcSpan { start, end: last.unwrap_or(start) }
+    }
+
+    /// One span covering the range where the platform can join spans, else the start.
+    pub fn joined(&self) -> Span {
+        self.start.join(self.end).unwrap_or(self.start)
+    }
+}
+
+/// `.src()` on any syntax node: its [`SrcSpan`].
+pub trait Src {
+    /// The node's source range.
+    fn src(&self) -> SrcSpan;
+}
+
+impl<T: ToTokens> Src for T {
+    fn src(&self) -> SrcSpan {
+        SrcSpan::of(self)
+    }
+}
 
 /// How serious a diagnostic is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,7 +76,7 @@ pub struct Diagnostic {
     /// Error or warning.
     pub level: Level,
     /// Where.
-    pub span: Span,
+    pub span: SrcSpan,
     /// The main message, stating expected and actual values.
     pub message: String,
     /// `= note:` lines (the arithmetic, context).
@@ -31,13 +87,13 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     /// A new error.
-    pub fn error(span: Span, message: impl Into<String>) -> Self {
-        Diagnostic { level: Level::Error, span, message: message.into(), notes: vec![], helps: vec![] }
+    pub fn error(span: impl Into<SrcSpan>, message: impl Into<String>) -> Self {
+        Diagnostic { level: Level::Error, span: span.into(), message: message.into(), notes: vec![], helps: vec![] }
     }
 
     /// A new warning.
-    pub fn warning(span: Span, message: impl Into<String>) -> Self {
-        Diagnostic { level: Level::Warning, span, message: message.into(), notes: vec![], helps: vec![] }
+    pub fn warning(span: impl Into<SrcSpan>, message: impl Into<String>) -> Self {
+        Diagnostic { level: Level::Warning, span: span.into(), message: message.into(), notes: vec![], helps: vec![] }
     }
 
     /// Adds a note.
@@ -74,8 +130,8 @@ impl Diagnostic {
 
     /// Renders rustc-style against `source` (the text the span's line/column refer to).
     pub fn render(&self, file: &str, source: &str) -> String {
-        let start = self.span.start();
-        let end = self.span.end();
+        let start = self.span.start.start();
+        let end = self.span.end.end();
         let level = match self.level {
             Level::Error => "error",
             Level::Warning => "warning",

@@ -112,7 +112,8 @@ pub struct Window {
 pub struct WindowOut {
     /// Output size.
     pub out: usize,
-    /// Input rows/columns (after padding) that no window covers.
+    /// Real input rows/columns at the end that no window covers (0 when the stride skips
+    /// rows between windows anyway).
     pub dropped: usize,
 }
 
@@ -165,8 +166,12 @@ impl Window {
         if self.ceil_mode && out > 1 && (out - 1) * self.stride >= input + self.pad_begin {
             out -= 1;
         }
-        let covered = ((out - 1) * self.stride + ek).min(padded);
-        let dropped = padded - covered;
+        // Real input rows after the last window. With stride > kernel, rows between windows
+        // are skipped anyway; only a floor() that cuts off the end of an otherwise covered
+        // input is worth a warning.
+        let covered_end = (out - 1) * self.stride + ek;
+        let real_end = self.pad_begin + input;
+        let dropped = if self.stride > ek { 0 } else { real_end.saturating_sub(covered_end) };
         Ok(WindowOut { out, dropped })
     }
 }
@@ -198,9 +203,14 @@ mod tests {
         // Seed 002: 6×6, k3, s2, p1 -> 3; 5×5, k3, s2, p0 -> 2.
         assert_eq!(w(3, 2, 1, 1, false).output(6).unwrap().out, 3);
         assert_eq!(w(3, 2, 0, 1, false).output(5).unwrap().out, 2);
-        // AlexNet conv1: (224 + 2 - 11)/4 + 1 = 54, dropping 3 columns.
+        // AlexNet conv1: (224 + 2 - 11)/4 + 1 = 54: the last window ends at padded 223, so
+        // real columns 222 and 223 (padded 223..225) are never seen.
         let o = w(11, 4, 1, 1, false).output(224).unwrap();
-        assert_eq!((o.out, o.dropped), (54, 3));
+        assert_eq!((o.out, o.dropped), (54, 2));
+        // ResNet's 3×3 stride-2 pad-1 conv on 56 only skips a padding row: no warning.
+        assert_eq!(w(3, 2, 1, 1, false).output(56).unwrap().dropped, 0);
+        // A 1×1 stride-2 conv skips every other row by design: no warning.
+        assert_eq!(w(1, 2, 0, 1, false).output(56).unwrap().dropped, 0);
     }
 
     #[test]

@@ -17,3 +17,4 @@ pub mod jit;
 pub mod weights;
 
 pub use error::{Error, Result, WeightsError};
+pub use jit::{Compiled, Options};

@@ -4,8 +4,7 @@
 //! Binding reports unknown keywords with a suggestion, missing required arguments and
 //! ill-typed values, each spanned on the offending argument.
 
-use crate::diag::{Diagnostic, suggest};
-use proc_macro2::Span;
+use crate::diag::{Diagnostic, SrcSpan as Span, suggest};
 use std::fmt;
 
 /// A compile-time argument value.
@@ -214,7 +213,7 @@ impl Bound {
             }
         };
         match self.get(name) {
-            None => Ok(default),
+            None | Some((ArgValue::None, _)) => Ok(default),
             Some((ArgValue::Int(i), s)) => {
                 let v = check(*i, *s)?;
                 Ok((v, v))

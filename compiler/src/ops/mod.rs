@@ -23,7 +23,7 @@ pub use pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 use crate::diag::Diagnostic;
 use crate::shape::TensorType;
 use args::{Arg, Bound, ParamSig};
-use proc_macro2::Span;
+use crate::diag::SrcSpan as Span;
 
 /// What a parameter tensor is, in PyTorch's terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

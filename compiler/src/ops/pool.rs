@@ -35,6 +35,8 @@ pub struct AvgPool2d {
     pub ceil_mode: bool,
     /// Whether padded zeros count in the divisor.
     pub count_include_pad: bool,
+    /// A fixed divisor replacing the window size.
+    pub divisor_override: Option<usize>,
 }
 
 /// `nn.AdaptiveAvgPool2d((h, w))`; `None` keeps that input dimension.
@@ -165,11 +167,10 @@ fn build_avg(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     let padding = collect(b.pair("padding", (0, 0), 0), &mut errs);
     let ceil_mode = collect(b.bool("ceil_mode", false), &mut errs);
     let count_include_pad = collect(b.bool("count_include_pad", true), &mut errs);
-    if let Some((v, s)) = b.raw("divisor_override")
-        && v != &ArgValue::None
-    {
-        errs.push(Diagnostic::error(s, "AvgPool2d: divisor_override is not supported"));
-    }
+    let divisor_override = match b.raw("divisor_override") {
+        None | Some((ArgValue::None, _)) => None,
+        Some(_) => collect(b.positive("divisor_override", 1), &mut errs),
+    };
     let (Some(kernel), Some(stride), Some(padding), Some(ceil_mode), Some(count_include_pad)) =
         (kernel, stride, padding, ceil_mode, count_include_pad)
     else {
@@ -179,7 +180,7 @@ fn build_avg(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     if !errs.is_empty() {
         return Err(errs);
     }
-    Ok(Op::AvgPool2d(AvgPool2d { kernel, stride, padding, ceil_mode, count_include_pad }))
+    Ok(Op::AvgPool2d(AvgPool2d { kernel, stride, padding, ceil_mode, count_include_pad, divisor_override }))
 }
 
 fn build_adaptive(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
@@ -274,6 +275,9 @@ impl OpDef for AvgPool2d {
         }
         if !self.count_include_pad {
             s += ", count_include_pad=False";
+        }
+        if let Some(d) = self.divisor_override {
+            s += &format!(", divisor_override={d}");
         }
         s + ")"
     }

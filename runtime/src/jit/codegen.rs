@@ -1,0 +1,422 @@
+//! Cranelift plumbing shared by every kernel: the ISA and module setup, the constant pool
+//! that owns packed weights and index tables, and [`Fx`], a thin layer over
+//! `FunctionBuilder` with the few things kernels are made of — counted loops, f32x4 loads and
+//! stores (whole or partial), fused multiply-add, strided gathers, and the elementwise math
+//! of [`super::math`].
+//!
+//! It knows nothing about ops: the lowering modules ([`super::conv`], [`super::linear`],
+//! [`super::pool`], [`super::eltwise`]) decide what to emit.
+//!
+//! Every kernel has the same signature, `fn(table: *const usize, nb: i64)`: `table[s]` is
+//! the address of buffer slot `s` for the current chunk of `nb` samples (see
+//! [`super::plan`]); per-sample sizes, strides and weights' addresses are constants in the
+//! code.
+
+use crate::error::{Error, Result};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{
+    AbiParam, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, UserFuncName, Value, types,
+};
+use cranelift_codegen::isa::OwnedTargetIsa;
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Module, default_libcall_names};
+
+/// `f32x4`, the one vector type the kernels use (the x64 backend lowers vectors up to 128 bits).
+pub(super) const V: Type = types::F32X4;
+/// Lanes per vector.
+pub(super) const LANES: usize = 4;
+
+/// Flags for loads: every buffer a kernel reads (its inputs, packed weights, index tables)
+/// is not written while the kernel runs, and every address a kernel computes is in bounds
+/// whatever the control flow (guarded taps select a zero buffer rather than branch around
+/// the load), so loads may be moved, merged and hoisted freely.
+fn load_flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap().with_readonly().with_can_move()
+}
+
+/// Flags for stores: in bounds by construction, so they do not trap.
+fn store_flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// Owns the constant data kernels read through baked-in addresses: packed weights, biases,
+/// per-channel affine maps, index tables and zero rows. Each allocation is a boxed slice that
+/// is never resized, so its address is stable for the life of the pool, which the compiled
+/// model keeps as long as its code.
+#[derive(Debug, Default)]
+pub(super) struct ConstPool {
+    f32s: Vec<Box<[f32]>>,
+    i32s: Vec<Box<[i32]>>,
+}
+
+impl ConstPool {
+    /// Stores floats and returns their address (never of an empty allocation).
+    pub fn f32s(&mut self, mut data: Vec<f32>) -> i64 {
+        if data.is_empty() {
+            data.push(0.0);
+        }
+        let b = data.into_boxed_slice();
+        let addr = b.as_ptr().expose_provenance() as i64;
+        self.f32s.push(b);
+        addr
+    }
+
+    /// Stores 32-bit integers and returns their address.
+    pub fn i32s(&mut self, mut data: Vec<i32>) -> i64 {
+        if data.is_empty() {
+            data.push(0);
+        }
+        let b = data.into_boxed_slice();
+        let addr = b.as_ptr().expose_provenance() as i64;
+        self.i32s.push(b);
+        addr
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.f32s.iter().map(|b| b.len()).sum::<usize>() + self.i32s.iter().map(|b| b.len()).sum::<usize>())
+    }
+}
+
+/// The JIT under construction: module, reused contexts, and what the host ISA offers.
+pub(super) struct Jit {
+    /// The module the kernels are defined in.
+    pub module: JITModule,
+    ctx: cranelift_codegen::Context,
+    fctx: FunctionBuilderContext,
+    /// Whether `fma` on f32x4 lowers to one `vfmadd` (needs both AVX and FMA), and the
+    /// caller asked for it.
+    pub fma: bool,
+    /// Kernels defined so far, in definition order.
+    pub funcs: Vec<FuncId>,
+    /// Constant data referenced by the code.
+    pub consts: ConstPool,
+}
+
+fn jit_err(node: &str, e: impl std::fmt::Display) -> Error {
+    Error::Jit { node: node.to_string(), message: e.to_string() }
+}
+
+/// The host ISA with `opt_level = speed`. The flags come from `cranelift_native::builder()`,
+/// which detects AVX and FMA (the `x86-64-v3`-style presets do not set `has_avx`).
+fn host_isa() -> Result<OwnedTargetIsa> {
+    let mut flags = settings::builder();
+    let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| jit_err("<isa>", e));
+    set(&mut flags, "opt_level", "speed")?;
+    set(&mut flags, "use_colocated_libcalls", "false")?;
+    set(&mut flags, "is_pic", "false")?;
+    set(&mut flags, "enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })?;
+    let isa = cranelift_native::builder().map_err(|e| jit_err("<isa>", e))?;
+    isa.finish(settings::Flags::new(flags)).map_err(|e| jit_err("<isa>", e))
+}
+
+fn isa_flag(isa: &OwnedTargetIsa, name: &str) -> bool {
+    isa.isa_flags().iter().any(|f| f.name == name && f.as_bool() == Some(true))
+}
+
+impl Jit {
+    /// A fresh module for the host. `allow_fma`: use `fma` when the ISA makes it one
+    /// instruction (the portable path passes `false`: separate multiply and add).
+    pub fn new(allow_fma: bool) -> Result<Jit> {
+        let isa = host_isa()?;
+        let fma = allow_fma && isa_flag(&isa, "has_avx") && isa_flag(&isa, "has_fma");
+        let module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+        let ctx = module.make_context();
+        Ok(Jit { module, ctx, fctx: FunctionBuilderContext::new(), fma, funcs: vec![], consts: ConstPool::default() })
+    }
+
+    /// Defines one kernel `fn(table, nb)`; `body` emits its code after the entry block.
+    pub fn kernel(&mut self, node: &str, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
+        let ptr = self.module.target_config().pointer_type();
+        let mut sig = self.module.make_signature();
+        sig.params.push(AbiParam::new(ptr));
+        sig.params.push(AbiParam::new(types::I64));
+        let id = self.module.declare_anonymous_function(&sig).map_err(|e| jit_err(node, e))?;
+        self.ctx.func.signature = sig;
+        self.ctx.func.name = UserFuncName::user(0, id.as_u32());
+        {
+            let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fctx);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let table = b.block_params(entry)[0];
+            let nb = b.block_params(entry)[1];
+            let mut fx = Fx { b, table, nb, fma: self.fma };
+            body(&mut fx);
+            fx.b.ins().return_(&[]);
+            fx.b.seal_all_blocks();
+            fx.b.finalize(self.module.target_config());
+        }
+        let r = self.module.define_function(id, &mut self.ctx);
+        self.module.clear_context(&mut self.ctx);
+        r.map_err(|e| jit_err(node, format!("{e:?}")))?;
+        self.funcs.push(id);
+        Ok(id)
+    }
+}
+
+/// A function being emitted.
+pub(super) struct Fx<'a> {
+    /// The underlying builder.
+    pub b: FunctionBuilder<'a>,
+    /// The slot table argument.
+    pub table: Value,
+    /// The chunk's sample count argument.
+    pub nb: Value,
+    /// Whether to emit `fma` (else `fmul` + `fadd`).
+    pub fma: bool,
+}
+
+impl Fx<'_> {
+    /// An i64 constant.
+    pub fn i(&mut self, v: i64) -> Value {
+        self.b.ins().iconst(types::I64, v)
+    }
+
+    /// An f32 constant.
+    pub fn f(&mut self, v: f32) -> Value {
+        self.b.ins().f32const(v)
+    }
+
+    /// An f32x4 with every lane `v`.
+    pub fn vf(&mut self, v: f32) -> Value {
+        let s = self.f(v);
+        self.b.ins().splat(V, s)
+    }
+
+    /// An i32x4 with every lane `v`.
+    pub fn vi(&mut self, v: i32) -> Value {
+        let s = self.b.ins().iconst(types::I32, i64::from(v));
+        self.b.ins().splat(types::I32X4, s)
+    }
+
+    /// The address in slot `slot` of the table.
+    pub fn slot(&mut self, slot: usize) -> Value {
+        self.b.ins().load(types::I64, load_flags(), self.table, (slot * 8) as i32)
+    }
+
+    /// `a + b`.
+    pub fn add(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().iadd(a, b)
+    }
+
+    /// `a + c`.
+    pub fn addi(&mut self, a: Value, c: i64) -> Value {
+        if c == 0 { a } else { self.b.ins().iadd_imm_s(a, c) }
+    }
+
+    /// `a · c`.
+    pub fn muli(&mut self, a: Value, c: i64) -> Value {
+        match c {
+            0 => self.i(0),
+            1 => a,
+            c if c > 0 && (c as u64).is_power_of_two() => self.b.ins().ishl_imm_u(a, i64::from(c.trailing_zeros())),
+            c => self.b.ins().imul_imm_s(a, c),
+        }
+    }
+
+    /// `base + 4·idx`: the address of element `idx` of an f32 array (idx an i64 value).
+    pub fn elem(&mut self, base: Value, idx: Value) -> Value {
+        let off = self.muli(idx, 4);
+        self.add(base, off)
+    }
+
+    /// `base + 4·idx·scale`.
+    pub fn elem_scaled(&mut self, base: Value, idx: Value, scale: i64) -> Value {
+        let off = self.muli(idx, 4 * scale);
+        self.add(base, off)
+    }
+
+    /// A constant `f32` address (baked pointer).
+    pub fn addr(&mut self, a: i64) -> Value {
+        self.i(a)
+    }
+
+    fn split_off(&mut self, addr: Value, byte_off: i64) -> (Value, i32) {
+        match i32::try_from(byte_off) {
+            Ok(o) => (addr, o),
+            Err(_) => (self.addi(addr, byte_off), 0),
+        }
+    }
+
+    /// Loads one f32 at `addr + 4·elems`.
+    pub fn load_f(&mut self, addr: Value, elems: i64) -> Value {
+        let (a, o) = self.split_off(addr, 4 * elems);
+        self.b.ins().load(types::F32, load_flags(), a, o)
+    }
+
+    /// Loads one i32 at `addr + 4·elems`, sign-extended to i64.
+    pub fn load_i32(&mut self, addr: Value, elems: i64) -> Value {
+        let (a, o) = self.split_off(addr, 4 * elems);
+        self.b.ins().sload32(load_flags(), a, o)
+    }
+
+    /// Loads an f32x4 at `addr + 4·elems` (any alignment).
+    pub fn load_v(&mut self, addr: Value, elems: i64) -> Value {
+        let (a, o) = self.split_off(addr, 4 * elems);
+        self.b.ins().load(V, load_flags(), a, o)
+    }
+
+    /// Loads one f32 at `addr + 4·elems` into every lane.
+    pub fn load_splat(&mut self, addr: Value, elems: i64) -> Value {
+        let s = self.load_f(addr, elems);
+        self.b.ins().splat(V, s)
+    }
+
+    /// Loads `n ≤ 4` consecutive floats into the low lanes (the rest are zero).
+    pub fn load_partial(&mut self, addr: Value, elems: i64, n: usize) -> Value {
+        self.load_partial_or(addr, elems, n, 0.0)
+    }
+
+    /// Loads `n ≤ 4` consecutive floats into the low lanes; the rest are `fill`.
+    pub fn load_partial_or(&mut self, addr: Value, elems: i64, n: usize, fill: f32) -> Value {
+        if n == LANES {
+            return self.load_v(addr, elems);
+        }
+        let mut v = self.vf(fill);
+        for j in 0..n {
+            let s = self.load_f(addr, elems + j as i64);
+            v = self.b.ins().insertlane(v, s, j as u8);
+        }
+        v
+    }
+
+    /// Loads 4 floats `stride` elements apart, starting at `addr + 4·elems`. Reads exactly
+    /// the elements it returns, except for stride 2, which also reads the one after the last.
+    pub fn load_strided(&mut self, addr: Value, elems: i64, stride: usize) -> Value {
+        match stride {
+            1 => self.load_v(addr, elems),
+            2 => {
+                let a = self.load_v(addr, elems);
+                let b = self.load_v(addr, elems + 4);
+                self.even_lanes(a, b)
+            }
+            s => {
+                let first = self.load_f(addr, elems);
+                let mut v = self.b.ins().scalar_to_vector(V, first);
+                for j in 1..LANES {
+                    let x = self.load_f(addr, elems + (j * s) as i64);
+                    v = self.b.ins().insertlane(v, x, j as u8);
+                }
+                v
+            }
+        }
+    }
+
+    /// Lanes 0, 2 of `a` and 0, 2 of `b` (`shufps`).
+    fn even_lanes(&mut self, a: Value, b: Value) -> Value {
+        let mask: Vec<u8> = [0u8, 2, 4, 6].iter().flat_map(|l| (0..4).map(move |k| l * 4 + k)).collect();
+        let imm = self.b.func.dfg.immediates.push(ConstantData::from(mask));
+        let ab = self.bitcast(types::I8X16, a);
+        let bb = self.bitcast(types::I8X16, b);
+        let s = self.b.ins().shuffle(ab, bb, imm);
+        self.bitcast(V, s)
+    }
+
+    /// Reinterprets a vector's bits.
+    pub fn bitcast(&mut self, ty: Type, v: Value) -> Value {
+        self.b.ins().bitcast(ty, MemFlagsData::new().with_endianness(Endianness::Little), v)
+    }
+
+    /// Stores an f32 at `addr + 4·elems`.
+    pub fn store_f(&mut self, v: Value, addr: Value, elems: i64) {
+        let (a, o) = self.split_off(addr, 4 * elems);
+        self.b.ins().store(store_flags(), v, a, o);
+    }
+
+    /// Stores an f32x4 at `addr + 4·elems`.
+    pub fn store_v(&mut self, v: Value, addr: Value, elems: i64) {
+        let (a, o) = self.split_off(addr, 4 * elems);
+        self.b.ins().store(store_flags(), v, a, o);
+    }
+
+    /// Stores the low `n ≤ 4` lanes to consecutive floats.
+    pub fn store_partial(&mut self, v: Value, addr: Value, elems: i64, n: usize) {
+        if n == LANES {
+            return self.store_v(v, addr, elems);
+        }
+        for j in 0..n {
+            let s = self.b.ins().extractlane(v, j as u8);
+            self.store_f(s, addr, elems + j as i64);
+        }
+    }
+
+    /// `a·b + c` on vectors (or scalars): one `fma` when the ISA has it, else mul + add.
+    pub fn fma(&mut self, a: Value, b: Value, c: Value) -> Value {
+        if self.fma {
+            self.b.ins().fma(a, b, c)
+        } else {
+            let p = self.b.ins().fmul(a, b);
+            self.b.ins().fadd(p, c)
+        }
+    }
+
+    /// `for i in (start..end).step_by(step)` with runtime bounds; `i` is passed to `body`.
+    pub fn for_range(&mut self, start: Value, end: Value, step: i64, body: impl FnOnce(&mut Self, Value)) {
+        let var = self.b.declare_var(types::I64);
+        self.b.def_var(var, start);
+        let head = self.b.create_block();
+        let block = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(head, &[]);
+        self.b.switch_to_block(head);
+        let i = self.b.use_var(var);
+        let go = self.b.ins().icmp(IntCC::SignedLessThan, i, end);
+        self.b.ins().brif(go, block, &[], exit, &[]);
+        self.b.switch_to_block(block);
+        body(self, i);
+        let next = self.b.ins().iadd_imm_s(i, step);
+        self.b.def_var(var, next);
+        self.b.ins().jump(head, &[]);
+        self.b.switch_to_block(exit);
+    }
+
+    /// `for i in (start..start + count·step).step_by(step)` with constant bounds; a single
+    /// iteration is emitted without a loop, none emits nothing.
+    pub fn for_const(&mut self, start: i64, count: usize, step: i64, body: impl FnOnce(&mut Self, Value)) {
+        match count {
+            0 => {}
+            1 => {
+                let i = self.i(start);
+                body(self, i);
+            }
+            _ => {
+                let s = self.i(start);
+                let e = self.i(start + count as i64 * step);
+                self.for_range(s, e, step, body);
+            }
+        }
+    }
+
+    /// Loops over the chunk's samples: `body(n)`.
+    pub fn for_samples(&mut self, body: impl FnOnce(&mut Self, Value)) {
+        let zero = self.i(0);
+        let nb = self.nb;
+        self.for_range(zero, nb, 1, body);
+    }
+
+    /// A mutable variable of type `ty` initialised to `init`.
+    pub fn var(&mut self, ty: Type, init: Value) -> cranelift_frontend::Variable {
+        let v = self.b.declare_var(ty);
+        self.b.def_var(v, init);
+        v
+    }
+
+    /// `if c { a } else { b }` on integers or pointers.
+    pub fn select(&mut self, c: Value, a: Value, b: Value) -> Value {
+        self.b.ins().select(c, a, b)
+    }
+}
+
+/// Converts a size to an `i64` constant operand (sizes come from checked shapes, far below
+/// `i64::MAX`).
+pub(super) fn c(v: usize) -> i64 {
+    v as i64
+}
+
+/// The signed comparison `a >= 0`.
+pub(super) fn non_negative(fx: &mut Fx<'_>, a: Value) -> Value {
+    fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, a, 0)
+}

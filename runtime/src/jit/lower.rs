@@ -1,0 +1,91 @@
+//! Lowering: one kernel per step of the memory plan, chosen by the node's op. This is the
+//! only place that dispatches on [`Op`] in the JIT.
+
+use super::codegen::Jit;
+use super::plan::{Plan, Step};
+use super::{conv, eltwise, linear, pool};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+use cnnc_compiler::graph::{Graph, Node};
+use cnnc_compiler::ops::Op;
+use cnnc_compiler::shape::TensorType;
+
+/// What a lowering needs to know about one node.
+pub(super) struct NodeCx<'a> {
+    /// The node.
+    pub node: &'a Node,
+    /// All weights (the node's are found through `node.params`).
+    pub weights: &'a Weights,
+    /// Operand slots, in operand order.
+    pub inputs: Vec<usize>,
+    /// Operand types, in operand order.
+    pub in_tys: Vec<&'a TensorType>,
+    /// Result slot.
+    pub output: usize,
+}
+
+impl NodeCx<'_> {
+    /// Floats per sample of the result.
+    pub fn out_size(&self) -> usize {
+        self.node.ty.numel_per_sample()
+    }
+
+    fn chw(&self, t: &TensorType) -> Result<(usize, usize, usize)> {
+        t.chw().ok_or_else(|| Error::Unsupported(format!("`{}`: expected an NCHW tensor, got {t}", self.node.name)))
+    }
+
+    /// `(C, H, W)` of the result.
+    pub fn out_chw(&self) -> Result<(usize, usize, usize)> {
+        self.chw(&self.node.ty)
+    }
+
+    /// `(C, H, W)` of operand `i`.
+    pub fn in_chw(&self, i: usize) -> Result<(usize, usize, usize)> {
+        self.chw(self.in_tys[i])
+    }
+
+    /// The values of the parameter with this suffix, in standard order.
+    pub fn param(&self, suffix: &str) -> Result<Vec<f32>> {
+        let missing = || Error::Unsupported(format!("`{}` has no f32 parameter `{suffix}`", self.node.name));
+        let pos = self.node.op.def().params().iter().position(|p| p.suffix == suffix).ok_or_else(missing)?;
+        let id = *self.node.params.get(pos).ok_or_else(missing)?;
+        let a = self.weights.f32(id).ok_or_else(missing)?;
+        Ok(a.iter().copied().collect())
+    }
+}
+
+/// Emits the kernels of every step, in order.
+pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan) -> Result<()> {
+    for step in &plan.steps {
+        match step {
+            Step::Node { id, inputs, output } => {
+                let node = graph.node(*id);
+                let in_tys = graph.operands(*id).into_iter().map(|o| &graph.node(o).ty).collect();
+                let cx = NodeCx { node, weights, inputs: inputs.clone(), in_tys, output: *output };
+                match &node.op {
+                    Op::Conv2d(c) => conv::lower(jit, &cx, c)?,
+                    Op::Linear(l) => linear::lower(jit, &cx, l)?,
+                    Op::MaxPool2d(p) => pool::max_pool(jit, &cx, p)?,
+                    Op::AvgPool2d(p) => pool::avg_pool(jit, &cx, p)?,
+                    Op::AdaptiveAvgPool2d(_) => pool::adaptive_avg_pool(jit, &cx)?,
+                    Op::BatchNorm2d(bn) => eltwise::batchnorm(jit, &cx, bn)?,
+                    Op::Activation(a) => eltwise::activation(jit, &cx, *a)?,
+                    Op::Add(_) => eltwise::add(jit, &cx)?,
+                    Op::Concat(cat) => eltwise::concat(jit, &cx, cat)?,
+                    Op::Reduce(r) => eltwise::reduce(jit, &cx, r)?,
+                    Op::Input | Op::Flatten(_) | Op::Dropout(_) => {
+                        return Err(Error::Unsupported(format!(
+                            "`{}` ({}) has no kernel; the plan should have aliased it",
+                            node.name,
+                            node.op.kind()
+                        )));
+                    }
+                }
+            }
+            Step::Copy { from, to } => {
+                eltwise::copy(jit, "<output copy>", *from, *to, plan.slots[*to].size)?;
+            }
+        }
+    }
+    Ok(())
+}

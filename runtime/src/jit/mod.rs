@@ -1,0 +1,328 @@
+//! The Cranelift backend: every op of a [`Graph`] becomes a native kernel specialised to its
+//! exact shapes, and [`Compiled`] runs them over a planned arena.
+//!
+//! # Pipeline
+//!
+//! 1. [`Graph::verify`], [`Weights::check`];
+//! 2. [`plan`]: slots for every value, Flatten/Dropout aliased away, arena offsets by
+//!    liveness;
+//! 3. [`lower`]: one kernel per planned step — [`conv`], [`linear`], [`pool`], [`eltwise`]
+//!    (with [`epilogue`] fused into Conv2d/Linear and [`math`] for the activations), all
+//!    emitted through [`codegen`]; weights are packed into the layout each kernel reads and
+//!    owned, with the index tables, by the compiled model;
+//! 4. the module is finalised and the kernels' addresses kept.
+//!
+//! # Running
+//!
+//! The plan is **per sample and scales with the batch**: a chunk of `nb` samples puts value
+//! `v` at `arena + offset(v)·nb`, so each buffer is a contiguous `[nb, …]` NCHW tensor and
+//! kernels loop over the samples of the chunk themselves (Linear folds them into its GEMM's
+//! rows). The batch is cut into per-thread ranges (`std::thread::scope`; one thread never
+//! spawns), and each range into chunks of at most [`Compiled::chunk`] samples so the arena
+//! stays near the cache. Inputs are read in place and each output is written in place by the
+//! kernel that produces it; arenas (and the slot tables) are kept in a pool that grows on the
+//! first run with a larger chunk or more threads, so a steady-state run allocates only its
+//! outputs.
+//!
+//! # Safety
+//!
+//! Native code is entered in exactly one place, [`Code::run`]. Its soundness rests on what
+//! the code generator guarantees — every address a kernel computes lies inside the buffers
+//! described by the slot table for the `nb` it is given, and kernels write only their output
+//! slot — and on what [`Compiled::run`] checks before calling: input lengths and layout,
+//! output and arena sizes, and exclusive use of each arena and of each thread's output range.
+
+mod codegen;
+mod conv;
+mod eltwise;
+mod epilogue;
+mod linear;
+mod lower;
+mod math;
+mod plan;
+mod pool;
+
+use crate::error::{Error, Result};
+use crate::interp;
+use crate::weights::Weights;
+use cnnc_compiler::graph::Graph;
+use cranelift_jit::JITModule;
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use plan::{Slot, SlotKind};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How to compile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Threads a run may use; 0 means all cores (`std::thread::available_parallelism`).
+    pub threads: usize,
+    /// Force the portable pure-Cranelift f32x4 path: no host-specific instruction choices
+    /// (today this means separate multiply and add instead of `fma`, even where the CPU
+    /// has FMA; hand-written micro-kernels will also be skipped).
+    pub portable: bool,
+}
+
+/// Target bytes of arena per chunk (a chunk holds this many bytes of intermediates, or one
+/// sample if a sample needs more).
+const CHUNK_BYTES: usize = 2 << 20;
+/// Most samples per chunk.
+const MAX_CHUNK: usize = 64;
+
+/// The generated code and the module that owns its memory.
+struct Code {
+    /// `Some` until dropped.
+    module: Option<JITModule>,
+    /// Kernel entry points, in execution order.
+    entries: Vec<*const u8>,
+}
+
+// SAFETY: `Code` holds the finalised module only to keep its executable memory alive and to
+// free it on drop; no method of the module is called after construction except
+// `free_memory` in `drop`, which has exclusive access. The entry points are addresses of
+// immutable code. Kernels keep no state of their own (all memory they touch is passed in
+// per call), so running them from several threads at once, each with its own buffers, is
+// as safe as calling a pure function concurrently.
+unsafe impl Send for Code {}
+// SAFETY: as above — shared access only ever reads `entries` and executes the code.
+unsafe impl Sync for Code {}
+
+impl Drop for Code {
+    fn drop(&mut self) {
+        if let Some(m) = self.module.take() {
+            // SAFETY: `drop` has exclusive access, so no kernel of this module is running,
+            // and `entries` (the only copies of the code's addresses) dies with `self`.
+            unsafe { m.free_memory() };
+        }
+    }
+}
+
+impl Code {
+    /// Runs every kernel, in order, on one chunk.
+    ///
+    /// `table[s]` must be the address of slot `s`'s buffer for a chunk of `nb ≥ 1` samples:
+    /// at least `nb · size(s)` floats, inputs not written by anyone during the call,
+    /// outputs and the arena used by this call only.
+    fn run(&self, table: &[usize], nb: usize) {
+        for &entry in &self.entries {
+            // SAFETY: `entry` is a finalised function of `self.module` (alive while `self`
+            // is) with the Cranelift signature `fn(i64, i64)` in the platform's C calling
+            // convention, i.e. `extern "C" fn(*const usize, i64)`. The kernel reads
+            // `table[..slots]` (the caller passes the whole table) and, through it, only the
+            // buffers of its own operand and result slots, within `nb · size` floats each:
+            // every loop bound and offset is a compile-time constant derived from the
+            // verified shapes, and padding taps select in-bounds zero/neutral rows instead of
+            // reading outside. It writes only its result slot, which the plan keeps disjoint
+            // from its operands. `Compiled::run` sizes every buffer for `nb` and gives each
+            // thread its own arena and output range.
+            unsafe {
+                let kernel = std::mem::transmute::<*const u8, extern "C" fn(*const usize, i64)>(entry);
+                kernel(table.as_ptr(), nb as i64);
+            }
+        }
+    }
+}
+
+/// One thread's working memory: its arena and slot table.
+#[derive(Debug, Default)]
+struct Scratch {
+    arena: Vec<f32>,
+    table: Vec<usize>,
+}
+
+/// A net compiled to native code: build once, run many times, from many threads.
+///
+/// ```no_run
+/// # use cnnc_runtime::{Compiled, Options, weights::Weights};
+/// # fn demo(graph: &cnnc_compiler::Graph, x: ndarray::ArrayViewD<'_, f32>) -> cnnc_runtime::Result<()> {
+/// let weights = Weights::random(graph, 0);
+/// let net = Compiled::new(graph, &weights, &Options::default())?;
+/// let outputs = net.run(&[x])?;
+/// # Ok(()) }
+/// ```
+pub struct Compiled {
+    graph: Graph,
+    code: Code,
+    /// Packed weights and tables the code reads; must live as long as `code` may run.
+    _consts: codegen::ConstPool,
+    slots: Vec<Slot>,
+    arena: usize,
+    chunk: usize,
+    threads: usize,
+    pool: Mutex<Vec<Scratch>>,
+    compile_time: Duration,
+    kernels: usize,
+    const_bytes: usize,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled")
+            .field("net", &self.graph.name)
+            .field("kernels", &self.kernels)
+            .field("arena_floats_per_sample", &self.arena)
+            .field("chunk", &self.chunk)
+            .field("threads", &self.threads)
+            .field("const_bytes", &self.const_bytes)
+            .field("compile_time", &self.compile_time)
+            .finish()
+    }
+}
+
+impl Compiled {
+    /// Verifies the graph, checks the weights against it, plans its memory and generates a
+    /// kernel per op.
+    ///
+    /// Errors: [`Error::Graph`] for a graph that fails verification, [`Error::Weights`] for
+    /// weights made for another parameter table, [`Error::Unsupported`] for a net mixing batch
+    /// dimensions, [`Error::Jit`] if Cranelift rejects a kernel.
+    pub fn new(graph: &Graph, weights: &Weights, options: &Options) -> Result<Compiled> {
+        let start = Instant::now();
+        graph.verify()?;
+        weights.check(graph)?;
+        let plan = plan::plan(graph)?;
+        let mut jit = codegen::Jit::new(!options.portable)?;
+        lower::lower(&mut jit, graph, weights, &plan)?;
+        let codegen::Jit { mut module, funcs, consts, .. } = jit;
+        module.finalize_definitions().map_err(|e| Error::Jit { node: graph.name.clone(), message: e.to_string() })?;
+        let entries = funcs.iter().map(|f| module.get_finalized_function(*f)).collect();
+        let code = Code { module: Some(module), entries };
+        let threads = match options.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            t => t,
+        };
+        let chunk = (CHUNK_BYTES / (4 * plan.arena).max(1)).clamp(1, MAX_CHUNK);
+        Ok(Compiled {
+            graph: graph.clone(),
+            kernels: funcs.len(),
+            const_bytes: consts.bytes(),
+            code,
+            _consts: consts,
+            slots: plan.slots,
+            arena: plan.arena,
+            chunk,
+            threads,
+            pool: Mutex::new(vec![]),
+            compile_time: start.elapsed(),
+        })
+    }
+
+    /// Runs the net on one batch. Inputs are in the graph's input order, NCHW (or whatever
+    /// their declared shapes are), C-contiguous; a symbolic batch may be any size ≥ 1.
+    ///
+    /// Errors: those of [`interp::check_inputs`], and [`Error::Batch`] for a batch whose
+    /// outputs would not fit in memory's address range.
+    pub fn run(&self, inputs: &[ArrayViewD<'_, f32>]) -> Result<Vec<ArrayD<f32>>> {
+        let n = interp::check_inputs(&self.graph, inputs)?;
+        // Checked again here, whatever `check_inputs` does: the native code relies on it.
+        let mut in_addrs = Vec::with_capacity(inputs.len());
+        for ((name, id), x) in self.graph.inputs.iter().zip(inputs) {
+            let ty = &self.graph.node(*id).ty;
+            let data = x.as_slice().ok_or_else(|| Error::NonContiguous {
+                name: name.clone(),
+                shape: x.shape().to_vec(),
+                strides: x.strides().to_vec(),
+            })?;
+            if x.shape() != ty.concrete(n).as_slice() || data.len() != n * ty.numel_per_sample() {
+                return Err(Error::InputShape { name: name.clone(), expected: ty.to_string(), found: x.shape().to_vec() });
+            }
+            in_addrs.push(data.as_ptr().expose_provenance());
+        }
+        let mut outputs = Vec::with_capacity(self.graph.outputs.len());
+        for (name, id) in &self.graph.outputs {
+            let ty = &self.graph.node(*id).ty;
+            let shape = ty.concrete(n);
+            let len = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
+            match len {
+                Some(len) if shape[0] == n && len <= isize::MAX as usize / 4 => outputs.push((shape, vec![0f32; len])),
+                _ => {
+                    return Err(Error::Batch {
+                        name: name.clone(),
+                        batch: n,
+                        why: "the output would not fit in memory".into(),
+                    });
+                }
+            }
+        }
+        let out_addrs: Vec<usize> = outputs.iter_mut().map(|(_, v)| v.as_mut_ptr().expose_provenance()).collect();
+        let threads = self.threads.min(n).max(1);
+        if threads == 1 {
+            self.run_range(&in_addrs, &out_addrs, 0, n)?;
+        } else {
+            let per = n.div_ceil(threads);
+            std::thread::scope(|s| -> Result<()> {
+                let (in_addrs, out_addrs) = (&in_addrs, &out_addrs);
+                let handles: Vec<_> = (1..threads)
+                    .filter(|t| t * per < n)
+                    .map(|t| s.spawn(move || self.run_range(in_addrs, out_addrs, t * per, ((t + 1) * per).min(n))))
+                    .collect();
+                let mine = self.run_range(in_addrs, out_addrs, 0, per.min(n));
+                for h in handles {
+                    h.join().map_err(|_| Error::Unsupported("a worker thread panicked".into()))??;
+                }
+                mine
+            })?;
+        }
+        outputs
+            .into_iter()
+            .map(|(shape, data)| {
+                ArrayD::from_shape_vec(IxDyn(&shape), data)
+                    .map_err(|e| Error::Unsupported(format!("output shape {shape:?}: {e}")))
+            })
+            .collect()
+    }
+
+    /// Runs samples `a..b` in chunks, on the calling thread, with a pooled arena.
+    fn run_range(&self, in_addrs: &[usize], out_addrs: &[usize], a: usize, b: usize) -> Result<()> {
+        if a >= b {
+            return Ok(());
+        }
+        let mut scratch = self.pool.lock().map_err(|_| poisoned())?.pop().unwrap_or_default();
+        let need = self.arena * self.chunk.min(b - a);
+        if scratch.arena.len() < need {
+            scratch.arena.resize(need, 0.0);
+        }
+        scratch.table.resize(self.slots.len(), 0);
+        let arena = scratch.arena.as_mut_ptr().expose_provenance();
+        let mut start = a;
+        while start < b {
+            let nb = self.chunk.min(b - start);
+            for (t, slot) in scratch.table.iter_mut().zip(&self.slots) {
+                *t = match slot.kind {
+                    SlotKind::Input(i) => in_addrs[i] + 4 * start * slot.size,
+                    SlotKind::Output(j) => out_addrs[j] + 4 * start * slot.size,
+                    SlotKind::Arena(o) => arena + 4 * o * nb,
+                };
+            }
+            self.code.run(&scratch.table, nb);
+            start += nb;
+        }
+        self.pool.lock().map_err(|_| poisoned())?.push(scratch);
+        Ok(())
+    }
+
+    /// Wall time `new` took (verification, planning, packing, code generation).
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// Number of generated kernels (one per op that is not an alias, plus output copies).
+    pub fn kernel_count(&self) -> usize {
+        self.kernels
+    }
+
+    /// Arena floats per sample (the memory plan's peak of simultaneously live
+    /// intermediates).
+    pub fn arena_per_sample(&self) -> usize {
+        self.arena
+    }
+
+    /// Most samples one kernel call processes (the arena holds this many samples).
+    pub fn chunk(&self) -> usize {
+        self.chunk
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Unsupported("the arena pool's lock was poisoned by a panicking run".into())
+}
