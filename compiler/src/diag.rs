@@ -184,6 +184,12 @@ fn distance(a: &str, b: &str) -> usize {
 
 /// The closest candidate to `word`, if it is close enough to be a plausible typo.
 pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let lower = word.to_lowercase();
+    if lower.len() >= 3
+        && let Some(c) = candidates.iter().find(|c| c.to_lowercase().starts_with(&lower))
+    {
+        return Some(c);
+    }
     let best = candidates.iter().map(|c| (distance(word, c), *c)).min_by_key(|(d, _)| *d)?;
     let limit = (word.chars().count() / 3).max(2);
     (best.0 <= limit).then_some(best.1)
@@ -199,5 +205,6 @@ mod tests {
         assert_eq!(suggest("Maxpool", &["MaxPool2d", "AvgPool2d"]), Some("MaxPool2d"));
         assert_eq!(suggest("strides", &["stride", "padding"]), Some("stride"));
         assert_eq!(suggest("zzz", &["stride", "padding"]), None);
+        assert_eq!(suggest("ceil", &["stride", "ceil_mode"]), Some("ceil_mode"));
     }
 }

@@ -16,7 +16,8 @@ fn shape_rules_match_pytorch() {
     let mut failures = vec![];
     for case in &cases {
         let layer = case["layer"].as_str().unwrap();
-        let input: Vec<usize> = case["input"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let input: Vec<usize> =
+            case["input"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         let expected: Option<Vec<usize>> =
             case["output"].as_array().map(|a| a.iter().map(|v| v.as_u64().unwrap() as usize).collect());
         let got: Result<Vec<usize>, String> = match parse_layer(layer) {

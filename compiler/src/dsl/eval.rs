@@ -8,7 +8,7 @@
 //! still reported) or as a poison value that silences everything downstream (so one mistake
 //! does not cascade).
 
-use super::ast::{Body, BlockItem, DimDecl, File, Forward, Item, NetItem};
+use super::ast::{BlockItem, Body, DimDecl, File, Forward, Item, NetItem};
 use crate::builder::GraphBuilder;
 use crate::diag::{Diagnostic, Src, SrcSpan as Span, suggest};
 use crate::graph::{Graph, NodeId, ParamId};
@@ -77,7 +77,11 @@ enum ModKind {
     Poisoned,
     Leaf(Op),
     Seq(Vec<(Option<String>, Rc<Module>)>),
-    Custom { children: Vec<(String, Rc<Module>)>, forward: Forward, env: Env },
+    Custom {
+        children: Vec<(String, Rc<Module>)>,
+        forward: Forward,
+        env: Env,
+    },
 }
 
 struct Module {
@@ -211,11 +215,16 @@ impl Evaluator {
                 Value::Module(m) => Some(m),
                 Value::Poison => None,
                 other => {
-                    self.error(e.src(), format!("a net's body must be a layer or Sequential, found {}", other.type_name()));
+                    self.error(
+                        e.src(),
+                        format!("a net's body must be a layer or Sequential, found {}", other.type_name()),
+                    );
                     None
                 }
             },
-            Body::Stmts { stmts, forward, span } => self.module_body(&name, stmts, forward.as_ref(), env, (*span).into()),
+            Body::Stmts { stmts, forward, span } => {
+                self.module_body(&name, stmts, forward.as_ref(), env, (*span).into())
+            }
         };
         let mut gb = GraphBuilder::new(name.clone());
         let mut inputs = vec![];
@@ -233,7 +242,10 @@ impl Evaluator {
                         batch = Batch::Fixed(*b);
                     }
                     (_, DimDecl::Symbol(s)) => {
-                        self.error(s.src(), format!("only the batch (first) dimension can be symbolic; `{s}` is in position {i}"));
+                        self.error(
+                            s.src(),
+                            format!("only the batch (first) dimension can be symbolic; `{s}` is in position {i}"),
+                        );
                     }
                     (_, DimDecl::Fixed(v, s)) => {
                         if *v == 0 {
@@ -272,7 +284,10 @@ impl Evaluator {
                         Value::Tensor(t) => outs.push(t),
                         Value::Poison => poisoned = true,
                         other => {
-                            self.error(n.name.src(), format!("`{name}` returns {} where a tensor is expected", other.type_name()));
+                            self.error(
+                                n.name.src(),
+                                format!("`{name}` returns {} where a tensor is expected", other.type_name()),
+                            );
                             poisoned = true;
                         }
                     }
@@ -395,12 +410,15 @@ impl Evaluator {
                 Value::Tensor(t) => ts.push(t.clone()),
                 Value::Poison => return Value::Poison,
                 other => {
-                    return self.error(span, format!("{} expects a tensor, found {}", op.def().describe(), other.type_name()));
+                    return self
+                        .error(span, format!("{} expects a tensor, found {}", op.def().describe(), other.type_name()));
                 }
             }
         }
-        let producers: Vec<String> =
-            ts.iter().map(|t| t.flat.as_ref().map(|f| f.1.clone()).unwrap_or_else(|| self.describe_tensor(t))).collect();
+        let producers: Vec<String> = ts
+            .iter()
+            .map(|t| t.flat.as_ref().map(|f| f.1.clone()).unwrap_or_else(|| self.describe_tensor(t)))
+            .collect();
         let ids: Vec<NodeId> = ts.iter().map(|t| t.id).collect();
         let gb = self.gb.as_mut().expect("builder set");
         let types: Vec<TensorType> = ids.iter().map(|i| gb.graph().node(*i).ty.clone()).collect();
@@ -415,7 +433,10 @@ impl Evaluator {
             ops::Arity::AtLeast(n) => ids.len() >= n,
         };
         if !arity_ok {
-            return self.error(span, format!("{} takes {:?} tensor input(s), got {}", op.def().describe(), op.def().arity(), ids.len()));
+            return self.error(
+                span,
+                format!("{} takes {:?} tensor input(s), got {}", op.def().describe(), op.def().arity(), ids.len()),
+            );
         }
         let result = op.def().infer(&operands);
         let carries_flat = matches!(op, Op::Activation(_) | Op::Dropout(_));
@@ -510,7 +531,10 @@ impl Evaluator {
                 let fwd = fwd.expect("forward state");
                 match fwd.result.or(last) {
                     Some(v) => v,
-                    None => self.error(forward.span, format!("`{}`'s forward returns nothing; end it with the output, e.g. `x`", m.label)),
+                    None => self.error(
+                        forward.span,
+                        format!("`{}`'s forward returns nothing; end it with the output, e.g. `x`", m.label),
+                    ),
                 }
             }
         }
@@ -605,7 +629,10 @@ impl Evaluator {
             Value::Module(m) => {
                 self.error(
                     span,
-                    format!("unnamed layer `{}` in a module with a forward; name it (`name = {}`) and use it in forward", m.label, m.label),
+                    format!(
+                        "unnamed layer `{}` in a module with a forward; name it (`name = {}`) and use it in forward",
+                        m.label, m.label
+                    ),
                 );
             }
             Value::Tuple(vs) if sink.sequential && vs.iter().all(|v| matches!(v, Value::Module(_) | Value::Poison)) => {
@@ -901,10 +928,7 @@ impl Evaluator {
                     let r = if c {
                         self.exec_block(&i.then_branch.stmts, env, fwd)
                     } else {
-                        match &i.else_branch {
-                            Some((_, els)) => Some(self.eval(els, env, fwd)),
-                            None => None,
-                        }
+                        i.else_branch.as_ref().map(|(_, els)| self.eval(els, env, fwd))
                     };
                     r.unwrap_or(Value::None)
                 }
@@ -998,9 +1022,7 @@ impl Evaluator {
             },
             Lit::Bool(b) => Value::Bool(b.value),
             Lit::Str(s) => Value::Str(s.value()),
-            Lit::Char(c) => {
-                self.error(c.src(), format!("strings use double quotes here: \"{}\"", c.value()))
-            }
+            Lit::Char(c) => self.error(c.src(), format!("strings use double quotes here: \"{}\"", c.value())),
             other => self.error(other.src(), "unsupported literal"),
         }
     }
@@ -1078,6 +1100,11 @@ impl Evaluator {
             .collect()
     }
 
+    /// The span of each whole argument (`strides = 2`, not just `2`).
+    fn arg_spans(args: &[&Expr]) -> Vec<Span> {
+        args.iter().map(|a| a.src()).collect()
+    }
+
     fn call(
         &mut self,
         name: &str,
@@ -1144,16 +1171,19 @@ impl Evaluator {
         if let Some(ctor) = ops::layer_ctor(name) {
             let mut cargs = vec![];
             let mut bad = false;
-            for (k, e) in split {
+            for ((k, e), full) in split.into_iter().zip(Self::arg_spans(args)) {
                 let v = self.eval(e, env, fwd);
                 match v.to_arg() {
-                    Some(a) => cargs.push(Arg { keyword: k, value: a, span: e.src() }),
+                    Some(a) => cargs.push(Arg { keyword: k, value: a, span: full }),
                     None => {
                         if !matches!(v, Value::Poison) {
                             let what = if matches!(v, Value::Tensor(_)) {
                                 format!("{name} is a layer: declare it (`{}`), then apply it to the tensor", ctor.name)
                             } else {
-                                format!("{name}: argument must be a number, bool, string or tuple, found {}", v.type_name())
+                                format!(
+                                    "{name}: argument must be a number, bool, string or tuple, found {}",
+                                    v.type_name()
+                                )
                             };
                             self.error(e.src(), what);
                         }
@@ -1266,12 +1296,10 @@ impl Evaluator {
                     other => self.error(e.src(), format!("a block must produce a layer, found {}", other.type_name())),
                 }
             }
-            Body::Stmts { stmts, forward, .. } => {
-                match self.module_body(&bname, stmts, forward.as_ref(), benv, span) {
-                    Some(m) => Value::Module(m),
-                    None => Value::Poison,
-                }
-            }
+            Body::Stmts { stmts, forward, .. } => match self.module_body(&bname, stmts, forward.as_ref(), benv, span) {
+                Some(m) => Value::Module(m),
+                None => Value::Poison,
+            },
         };
         self.depth -= 1;
         v
@@ -1306,7 +1334,8 @@ impl Evaluator {
         }
         match name {
             "range" => {
-                let ints: Option<Vec<i64>> = pos.iter().map(|v| if let Value::Int(i) = v { Some(*i) } else { None }).collect();
+                let ints: Option<Vec<i64>> =
+                    pos.iter().map(|v| if let Value::Int(i) = v { Some(*i) } else { None }).collect();
                 return match ints.as_deref() {
                     Some([n]) => Value::Range(0, *n),
                     Some([a, b]) => Value::Range(*a, *b),
@@ -1383,9 +1412,11 @@ impl Evaluator {
                 self.add_op(&fname, Op::Concat(Concat { dim: dim as usize }), vec![], &xs, span)
             }
             "mean" | "amax" | "max" => {
-                let dim_v = kw.get("dim").map(|(v, s)| (v.clone(), *s)).or_else(|| pos.get(1).map(|v| (v.clone(), span)));
+                let dim_v =
+                    kw.get("dim").map(|(v, s)| (v.clone(), *s)).or_else(|| pos.get(1).map(|v| (v.clone(), span)));
                 let Some((dim_v, dspan)) = dim_v else {
-                    return self.error(span, format!("`{name}` needs `dim=` (reducing over the batch is not supported)"));
+                    return self
+                        .error(span, format!("`{name}` needs `dim=` (reducing over the batch is not supported)"));
                 };
                 let Some(mut dims) = dims_of(self, &dim_v, dspan) else { return Value::Poison };
                 dims.sort();
@@ -1393,7 +1424,10 @@ impl Evaluator {
                 let keepdim = matches!(kw.get("keepdim"), Some((Value::Bool(true), _)));
                 let kind = if name == "mean" { ReduceKind::Mean } else { ReduceKind::Max };
                 if name == "max" && dims.len() != 1 {
-                    return self.error(dspan, "`max(dim=d)` takes one dim (returns values and indices); use `amax(dim=[..])` for several");
+                    return self.error(
+                        dspan,
+                        "`max(dim=d)` takes one dim (returns values and indices); use `amax(dim=[..])` for several",
+                    );
                 }
                 let x = pos.into_iter().next().unwrap_or(Value::Poison);
                 let v = self.add_op(&fname, Op::Reduce(Reduce { kind, dims, keepdim }), vec![], &[x], span);

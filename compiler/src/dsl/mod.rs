@@ -64,18 +64,17 @@ pub fn compile_tokens(tokens: TokenStream) -> Output {
 pub fn compile_str(source: &str) -> Output {
     match TokenStream::from_str(source) {
         Ok(ts) => compile_tokens(ts),
-        Err(e) => Output {
-            nets: vec![],
-            diagnostics: vec![Diagnostic::error(e.span(), format!("cannot tokenize: {e}"))],
-        },
+        Err(e) => {
+            Output { nets: vec![], diagnostics: vec![Diagnostic::error(e.span(), format!("cannot tokenize: {e}"))] }
+        }
     }
 }
 
 /// Parses one layer constructor, e.g. `Conv2d(3, 8, 3, stride=2, padding="same")`.
 pub fn parse_layer(text: &str) -> Result<Op, Vec<Diagnostic>> {
     let src = format!("net layer(x: [N, 1]) = Sequential({text});");
-    let ts = TokenStream::from_str(&src)
-        .map_err(|e| vec![Diagnostic::error(e.span(), format!("cannot tokenize: {e}"))])?;
+    let ts =
+        TokenStream::from_str(&src).map_err(|e| vec![Diagnostic::error(e.span(), format!("cannot tokenize: {e}"))])?;
     let file = ast::parse_file(ts).map_err(from_syn)?;
     let Some(ast::Item::Net(net)) = file.items.first() else {
         return Err(vec![]);

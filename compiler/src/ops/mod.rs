@@ -14,16 +14,16 @@ mod misc;
 mod norm;
 mod pool;
 
-pub use conv::{Conv2d, PaddingMode};
+pub use conv::{Conv2d, PaddingMode, PaddingSpec};
 pub use linear::Linear;
 pub use misc::{Activation, Add, Concat, Dropout, Flatten, Reduce, ReduceKind};
 pub use norm::BatchNorm2d;
 pub use pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 
 use crate::diag::Diagnostic;
+use crate::diag::SrcSpan as Span;
 use crate::shape::TensorType;
 use args::{Arg, Bound, ParamSig};
-use crate::diag::SrcSpan as Span;
 
 /// What a parameter tensor is, in PyTorch's terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

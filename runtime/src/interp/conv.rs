@@ -17,6 +17,9 @@ pub(crate) fn pad_index(i: isize, size: usize, mode: PaddingMode) -> Option<usiz
     if (0..n).contains(&i) {
         return Some(i as usize);
     }
+    if n == 0 {
+        return None;
+    }
     match mode {
         PaddingMode::Zeros => None,
         // Mirror about the edge without repeating it: -1 → 1, n → n-2. Periodic, so even an

@@ -360,6 +360,27 @@ fn avg_pool_ceil_mode_clips_to_the_padded_input() {
 }
 
 #[test]
+fn avg_pool_divisor_override() {
+    let x = arr(&[1, 1, 2, 4], &[1., 2., 3., 4., 5., 6., 7., 8.]);
+    let y = run1(layer("AvgPool2d", &[int(2)], &[("divisor_override", int(3))]), &x, &[]);
+    assert_close(&y, &[1, 1, 1, 2], &[14. / 3., 22. / 3.]);
+}
+
+#[test]
+fn padding_index_maps() {
+    use super::conv::pad_index;
+    use cnnc_compiler::ops::PaddingMode::*;
+    let map = |mode| (-2..5).map(|i| pad_index(i, 3, mode)).collect::<Vec<_>>();
+    assert_eq!(map(Zeros), [None, None, Some(0), Some(1), Some(2), None, None]);
+    assert_eq!(map(Reflect), [Some(2), Some(1), Some(0), Some(1), Some(2), Some(1), Some(0)]);
+    assert_eq!(map(Replicate), [Some(0), Some(0), Some(0), Some(1), Some(2), Some(2), Some(2)]);
+    assert_eq!(map(Circular), [Some(1), Some(2), Some(0), Some(1), Some(2), Some(0), Some(1)]);
+    // Degenerate sizes do not panic.
+    assert_eq!(pad_index(-1, 1, Reflect), Some(0));
+    assert_eq!(pad_index(-1, 0, Replicate), None);
+}
+
+#[test]
 fn adaptive_avg_pool() {
     let x = arr(&[1, 1, 1, 5], &[1., 2., 3., 4., 5.]);
     let op = Op::AdaptiveAvgPool2d(AdaptiveAvgPool2d { out_h: None, out_w: Some(3) });

@@ -39,6 +39,24 @@ pub fn layer(name: &str, positional: &[ArgValue], keywords: &[(&str, ArgValue)])
     ops::construct(ctor, &args, span.into()).unwrap_or_else(|e| panic!("{name}: {e:?}"))
 }
 
+/// Like [`layer`], but `None` when the arguments are rejected.
+pub fn try_layer(name: &str, positional: &[ArgValue], keywords: &[(&str, ArgValue)]) -> Option<Op> {
+    let span = proc_macro2::Span::call_site();
+    let mut args: Vec<Arg> =
+        positional.iter().map(|v| Arg { keyword: None, value: v.clone(), span: span.into() }).collect();
+    args.extend(keywords.iter().map(|(k, v)| Arg { keyword: Some(k.to_string()), value: v.clone(), span: span.into() }));
+    ops::construct(ops::layer_ctor(name)?, &args, span.into()).ok()
+}
+
+/// Like [`one_layer`], but `None` when the op does not accept the input shape.
+pub fn try_one_layer(dims: &[usize], op: Op) -> Option<Graph> {
+    let mut g = GraphBuilder::new("one");
+    let x = g.input("x", TensorType::new(dims.to_vec()));
+    let y = g.layer("layer", op, &[x]).ok()?;
+    g.output("y", y);
+    Some(g.finish())
+}
+
 /// Sets the epilogue of a Conv2d or Linear.
 pub fn with_epilogue(mut op: Op, e: Epilogue) -> Op {
     match &mut op {
@@ -62,13 +80,8 @@ pub fn one_layer(dims: &[usize], op: Op) -> Graph {
 pub fn one_layer_residual(dims: &[usize], op: Op) -> Graph {
     let mut g = GraphBuilder::new("residual");
     let x = g.input("x", TensorType::new(dims.to_vec()));
-    let out_ty = {
-        let mut probe = with_epilogue(op.clone(), Epilogue::default());
-        if let Op::Conv2d(c) = &mut probe {
-            c.epilogue = Epilogue::default();
-        }
-        g.infer(&probe, &[x], &[]).unwrap_or_else(|e| panic!("{e:?}")).ty
-    };
+    let probe = with_epilogue(op.clone(), Epilogue::default());
+    let out_ty = g.infer(&probe, &[x], &[]).unwrap_or_else(|e| panic!("{e:?}")).ty;
     let r = g.input("r", out_ty);
     let y = g.layer("layer", op, &[x, r]).unwrap_or_else(|e| panic!("{e:?}"));
     g.output("y", y);

@@ -1,0 +1,144 @@
+//! The `Compiled` API: sharing across threads, thread counts, batch sizes beyond one chunk,
+//! and errors on bad graphs, weights and inputs.
+
+mod jit_common;
+
+use cnnc_compiler::ops::{Epilogue, Op};
+use cnnc_compiler::{Graph, GraphBuilder, TensorType};
+use cnnc_runtime::{Compiled, Error, Options};
+use jit_common::*;
+use ndarray::{ArrayD, Axis, IxDyn};
+
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Compiled>();
+};
+
+/// A small residual CNN: conv–bn–relu, conv with a fused residual and ReLU, pool, linear.
+fn small_net() -> Graph {
+    let mut g = GraphBuilder::new("small");
+    let x = g.input("x", TensorType::new(vec![3, 12, 12]));
+    let c1 = g.layer("c1", layer("Conv2d", &[int(3), int(8), int(3)], &[("padding", int(1))]), &[x]).unwrap();
+    let bn = g.layer("bn", layer("BatchNorm2d", &[int(8)], &[]), &[c1]).unwrap();
+    let r = g.layer("r", layer("ReLU", &[], &[]), &[bn]).unwrap();
+    let fused = with_epilogue(
+        layer("Conv2d", &[int(8), int(8), int(3)], &[("padding", int(1))]),
+        Epilogue { scale_shift: true, residual: true, act: Some(cnnc_compiler::ops::Activation::Relu) },
+    );
+    let c2 = g.layer("c2", fused, &[r, r]).unwrap();
+    let p = g.layer("p", layer("AdaptiveAvgPool2d", &[pair(2, 2)], &[]), &[c2]).unwrap();
+    let f = g.layer("f", layer("Flatten", &[], &[]), &[p]).unwrap();
+    let y = g.layer("fc", layer("Linear", &[int(32), int(5)], &[]), &[f]).unwrap();
+    g.output("y", y);
+    g.finish()
+}
+
+#[test]
+fn matches_interpreter_across_chunks_and_thread_counts() {
+    let g = small_net();
+    let w = weights(&g, 3);
+    for n in [1, 2, 3, 65, 130] {
+        let xs = inputs(&g, n, 4);
+        for threads in [1, 2, 3] {
+            for portable in [false, true] {
+                let e = jit_vs_interp(&g, &w, &xs, &Options { threads, portable });
+                assert!(e <= TOL, "batch {n}, threads {threads}, portable {portable}: worst error {e:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn thread_count_does_not_change_results() {
+    let g = small_net();
+    let w = weights(&g, 5);
+    let x = random(&[37, 3, 12, 12], 6);
+    let one = Compiled::new(&g, &w, &Options { threads: 1, portable: false }).unwrap();
+    let two = Compiled::new(&g, &w, &Options { threads: 2, portable: false }).unwrap();
+    let all = Compiled::new(&g, &w, &Options::default()).unwrap();
+    let a = one.run(&[x.view()]).unwrap();
+    assert_eq!(a, two.run(&[x.view()]).unwrap());
+    assert_eq!(a, all.run(&[x.view()]).unwrap());
+    // Each sample computed alone gives the same bits as within the batch.
+    for i in [0, 17, 36] {
+        let xi = x.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
+        let yi = one.run(&[xi.view()]).unwrap().remove(0);
+        assert_eq!(yi.index_axis(Axis(0), 0), a[0].index_axis(Axis(0), i));
+    }
+}
+
+#[test]
+fn one_compiled_model_shared_by_four_threads() {
+    let g = small_net();
+    let w = weights(&g, 7);
+    let net = Compiled::new(&g, &w, &Options { threads: 2, portable: false }).unwrap();
+    let batches: Vec<ArrayD<f32>> = (0..4).map(|t| random(&[1 + 5 * t, 3, 12, 12], 100 + t as u64)).collect();
+    let expected: Vec<ArrayD<f32>> = batches.iter().map(|x| net.run(&[x.view()]).unwrap().remove(0)).collect();
+    std::thread::scope(|s| {
+        for (x, want) in batches.iter().zip(&expected) {
+            let net = &net;
+            s.spawn(move || {
+                for _ in 0..25 {
+                    assert_eq!(&net.run(&[x.view()]).unwrap()[0], want);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn nan_and_inf_inputs_propagate() {
+    let g = small_net();
+    let w = weights(&g, 8);
+    let mut x = random(&[2, 3, 12, 12], 9);
+    x[[0, 1, 5, 5]] = f32::NAN;
+    x[[1, 2, 0, 0]] = f32::INFINITY;
+    let e = jit_vs_interp(&g, &w, &[x], &Options::default());
+    assert!(e <= TOL, "worst error {e:e}");
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let g = small_net();
+    let w = weights(&g, 1);
+    let net = Compiled::new(&g, &w, &Options::default()).unwrap();
+    let x = random(&[2, 3, 12, 12], 1);
+    assert!(matches!(net.run(&[]), Err(Error::InputCount { expected: 1, got: 0, .. })));
+    assert!(matches!(net.run(&[x.view(), x.view()]), Err(Error::InputCount { .. })));
+    let wrong = random(&[2, 3, 12, 11], 1);
+    assert!(matches!(net.run(&[wrong.view()]), Err(Error::InputShape { .. })));
+    let flat = random(&[2, 432], 1);
+    assert!(matches!(net.run(&[flat.view()]), Err(Error::InputShape { .. })));
+    let empty = ArrayD::<f32>::zeros(IxDyn(&[0, 3, 12, 12]));
+    assert!(matches!(net.run(&[empty.view()]), Err(Error::Batch { batch: 0, .. })));
+    let t = random(&[12, 12, 3, 2], 1);
+    let transposed = t.view().reversed_axes();
+    assert!(matches!(net.run(&[transposed]), Err(Error::NonContiguous { .. })));
+}
+
+#[test]
+fn bad_graphs_and_weights_are_errors() {
+    let g = small_net();
+    let other = one_layer(&[3], layer("Linear", &[int(3), int(2)], &[]));
+    let w_other = weights(&other, 1);
+    assert!(matches!(Compiled::new(&g, &w_other, &Options::default()), Err(Error::Weights(_))));
+    // A node whose recorded type disagrees with its shape rule fails verification.
+    let mut gb = GraphBuilder::new("broken");
+    let x = gb.input("x", TensorType::new(vec![4]));
+    let y = gb.push("relu", Op::Activation(cnnc_compiler::ops::Activation::Relu), TensorType::new(vec![5]), vec![], &[x]);
+    gb.output("y", y);
+    let broken = gb.finish();
+    let wb = weights(&broken, 0);
+    assert!(matches!(Compiled::new(&broken, &wb, &Options::default()), Err(Error::Graph(_))));
+}
+
+#[test]
+fn reports_kernels_and_compile_time() {
+    let g = small_net();
+    let net = Compiled::new(&g, &weights(&g, 0), &Options::default()).unwrap();
+    // conv, bn, relu, fused conv, pool, linear (Flatten is an alias).
+    assert_eq!(net.kernel_count(), 6);
+    assert!(net.compile_time() > std::time::Duration::ZERO);
+    // Peak of two live 8×12×12 buffers, reused down the chain.
+    assert_eq!(net.arena_per_sample(), 2 * 8 * 12 * 12);
+}

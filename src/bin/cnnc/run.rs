@@ -1,0 +1,189 @@
+//! `cnnc run`: JIT-compile a net and run it on `.npy` inputs, printing the outputs (top-k
+//! classes for a classifier) or writing them to `.npy` files.
+
+use crate::fail::{Fail, input, usage};
+use crate::npy;
+use crate::source::{self, NetFile};
+use clap::Args;
+use cnnc::compiler::graph::Graph;
+use cnnc::compiler::shape::Batch;
+use cnnc::runtime::weights::Weights;
+use cnnc::runtime::{Compiled, Options, interp};
+use ndarray::{ArrayD, ArrayViewD, Axis};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Arguments of `cnnc run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub net: NetFile,
+    /// Input tensor as `.npy` (float32, or float64 converted), batch first. Repeat for a net
+    /// with several inputs, in declaration order.
+    #[arg(long = "input", value_name = "X.npy", required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Weights: a PyTorch `state_dict` saved with `safetensors.torch.save_file`
+    /// [default: random, PyTorch's default initialisation, seeded by --seed].
+    #[arg(long, value_name = "W.safetensors")]
+    pub weights: Option<PathBuf>,
+    /// Seed of the random weights when --weights is not given.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the first output to this `.npy` file and output `NAME` of a multi-output net to
+    /// `<stem>.NAME.npy` beside it, instead of printing them.
+    #[arg(short, long, value_name = "Y.npy")]
+    pub output: Option<PathBuf>,
+    /// Threads to run on (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Classes shown per sample for a classifier's `[N, classes]` output.
+    #[arg(long, default_value_t = 5, value_name = "K")]
+    pub top: usize,
+    /// Run the reference interpreter instead of the JIT.
+    #[arg(long)]
+    pub interp: bool,
+}
+
+/// Loads weights from `path`, or makes seeded random ones (saying so on stderr).
+pub fn weights(graph: &Graph, path: Option<&Path>, seed: u64) -> Result<Weights, Fail> {
+    match path {
+        Some(p) => Weights::load(graph, p).map_err(|e| {
+            let f = Fail::from(e);
+            if f.message.contains(&p.display().to_string()) {
+                f
+            } else {
+                input(format!("`{}`: {}", p.display(), f.message))
+            }
+        }),
+        None => {
+            eprintln!(
+                "note: no --weights given: using random weights (PyTorch's default initialisation, seed {seed}; \
+                 choose another with --seed)"
+            );
+            Ok(Weights::random(graph, seed))
+        }
+    }
+}
+
+/// Checks `.npy` arrays against the net's declared inputs, naming the file on a mismatch.
+fn check_inputs(graph: &Graph, files: &[PathBuf], arrays: &[ArrayD<f32>]) -> Result<(), Fail> {
+    if arrays.len() != graph.inputs.len() {
+        let names: Vec<String> =
+            graph.inputs.iter().map(|(n, id)| format!("{n}: {}", graph.node(*id).ty)).collect();
+        return Err(usage(format!(
+            "net `{}` takes {} input(s) ({}), but {} --input file(s) were given",
+            graph.name,
+            graph.inputs.len(),
+            names.join(", "),
+            arrays.len()
+        )));
+    }
+    let mut batch: Option<(usize, &Path)> = None;
+    for (((name, id), file), x) in graph.inputs.iter().zip(files).zip(arrays) {
+        let ty = &graph.node(*id).ty;
+        let shape = x.shape();
+        let fits = shape.len() == ty.rank()
+            && shape[1..] == ty.dims[..]
+            && shape[0] > 0
+            && match ty.batch {
+                Batch::Fixed(b) => shape[0] == b,
+                Batch::Symbolic => true,
+            };
+        if !fits {
+            let mut msg = format!(
+                "`{}` has shape {shape:?}, but input `{name}` of net `{}` is {ty}",
+                file.display(),
+                graph.name
+            );
+            if shape == ty.dims.as_slice() {
+                msg += "\n  = help: add the batch dimension (`x[None]` in NumPy)";
+            }
+            return Err(input(msg));
+        }
+        if ty.batch == Batch::Symbolic {
+            match batch {
+                Some((n, first)) if n != shape[0] => {
+                    return Err(input(format!(
+                        "`{}` has batch {}, but `{}` has batch {n}: inputs must share N",
+                        file.display(),
+                        shape[0],
+                        first.display()
+                    )));
+                }
+                _ => batch = Some((shape[0], file)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `y.npy` for the first output, `y.NAME.npy` for the others.
+pub fn output_path(base: &Path, index: usize, name: &str) -> PathBuf {
+    if index == 0 {
+        return base.to_path_buf();
+    }
+    let stem = base.file_stem().map_or_else(|| "output".into(), |s| s.to_string_lossy().into_owned());
+    let ext = base.extension().map_or_else(|| "npy".into(), |s| s.to_string_lossy().into_owned());
+    base.with_file_name(format!("{stem}.{name}.{ext}"))
+}
+
+/// Runs the net and prints or writes its outputs.
+pub fn run(args: &RunArgs) -> Result<(), Fail> {
+    let (_, graph) = source::load_net(&args.net, &[])?;
+    let arrays: Vec<ArrayD<f32>> = args.inputs.iter().map(|p| npy::read(p)).collect::<Result<_, _>>()?;
+    check_inputs(&graph, &args.inputs, &arrays)?;
+    let weights = weights(&graph, args.weights.as_deref(), args.seed)?;
+    let views: Vec<ArrayViewD<'_, f32>> = arrays.iter().map(|a| a.view()).collect();
+    let batch = arrays.first().map_or(1, |a| a.shape()[0]);
+    let outputs = if args.interp {
+        let start = Instant::now();
+        let out = interp::run(&graph, &weights, &views)?;
+        eprintln!("{}: interpreted {batch} sample(s) in {}", graph.name, crate::ms(start.elapsed()));
+        out
+    } else {
+        let compiled = Compiled::new(&graph, &weights, &Options { threads: args.threads, ..Options::default() })?;
+        let start = Instant::now();
+        let out = compiled.run(&views)?;
+        eprintln!(
+            "{}: compiled {} kernels in {}; ran {batch} sample(s) in {}",
+            graph.name,
+            compiled.kernel_count(),
+            crate::ms(compiled.compile_time()),
+            crate::ms(start.elapsed())
+        );
+        out
+    };
+    match &args.output {
+        Some(base) => {
+            for (i, ((name, _), y)) in graph.outputs.iter().zip(&outputs).enumerate() {
+                let path = output_path(base, i, name);
+                npy::write(&path, y)?;
+                eprintln!("wrote {} {:?} to {}", name, y.shape(), path.display());
+            }
+        }
+        None => {
+            for ((name, _), y) in graph.outputs.iter().zip(&outputs) {
+                print_output(name, y, args.top);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints one output: top-k classes per sample for `[N, classes]`, else the array.
+fn print_output(name: &str, y: &ArrayD<f32>, top: usize) {
+    let shape = y.shape();
+    if shape.len() == 2 && shape[1] >= 2 && top > 0 {
+        let k = top.min(shape[1]);
+        println!("{name} {shape:?}: top {k} of {} classes per sample (class: value)", shape[1]);
+        for (i, row) in y.axis_iter(Axis(0)).enumerate() {
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            idx.sort_by(|a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
+            let best: Vec<String> = idx[..k].iter().map(|c| format!("{c}: {:.4}", row[*c])).collect();
+            println!("  [{i}] {}", best.join("   "));
+        }
+    } else {
+        println!("{name} {shape:?}:");
+        println!("{y:.4}");
+    }
+}
