@@ -55,6 +55,8 @@ pub trait Net {
 /// What a user of cnnc imports.
 pub mod prelude {
     pub use crate::{IoSpec, Net, Summary, cnn};
+    pub use cnnc_runtime::jit::{Compiled, Options};
+    pub use cnnc_runtime::weights::Weights;
 }
 
 #[doc(hidden)]

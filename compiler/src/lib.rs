@@ -7,7 +7,9 @@
 //! - [`ops`]: the op table — every op's PyTorch signature, shape rule, parameters and MACs,
 //!   declared once;
 //! - [`graph`]: the petgraph IR with static shapes, its verifier, text form and DOT output;
-//! - [`summary`]: per-layer accounting (torchinfo-style table).
+//! - [`summary`]: per-layer accounting (torchinfo-style table);
+//! - [`passes`]: inference rewrites (clean-ups, BatchNorm folding, epilogue fusion) and the
+//!   fusion report.
 //!
 //! **Invariant:** this crate knows nothing about Cranelift or tensors' values; the runtime
 //! (`cnnc-runtime`) consumes the [`graph::Graph`] it produces.
@@ -18,6 +20,7 @@ pub mod diag;
 pub mod dsl;
 pub mod graph;
 pub mod ops;
+pub mod passes;
 pub mod shape;
 pub mod summary;
 

@@ -149,7 +149,14 @@ impl Jit {
             fx.b.seal_all_blocks();
             fx.b.finalize(self.module.target_config());
         }
+        let disasm = std::env::var_os("CNNC_DISASM").is_some();
+        self.ctx.set_disasm(disasm);
         let r = self.module.define_function(id, &mut self.ctx);
+        if disasm {
+            if let Some(c) = self.ctx.compiled_code() {
+                eprintln!("=== {node}\n{}", c.vcode.as_deref().unwrap_or(""));
+            }
+        }
         self.module.clear_context(&mut self.ctx);
         r.map_err(|e| jit_err(node, format!("{e:?}")))?;
         self.funcs.push(id);

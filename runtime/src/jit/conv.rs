@@ -21,7 +21,7 @@
 //! A 1×1, stride-1, unpadded convolution is run as if the image were one row of `H·W`
 //! pixels, so it is a plain GEMM over all pixels.
 
-use super::codegen::{Fx, Jit, LANES, V, c, non_negative};
+use super::codegen::{Fx, Jit, LANES, V, c};
 use super::epilogue::Epi;
 use super::lower::NodeCx;
 use crate::error::{Error, Result};
@@ -113,7 +113,6 @@ struct Geo {
     kh: usize,
     kw: usize,
     sw: usize,
-    dw: usize,
     pl: usize,
     groups: usize,
     icg: usize,
@@ -123,23 +122,38 @@ struct Geo {
     tiles: usize,
     in_size: usize,
     out_size: usize,
-    zeros: bool,
 }
 
 /// Addresses of the constant data a conv kernel reads.
 #[derive(Clone, Copy, Debug)]
 struct Consts {
+    /// Packed weights `[group][tile][kh][kw][ic][MR]`.
     w: i64,
+    /// `[oh][kh]`: input row (after remapping), −1 in zero padding.
     rows: i64,
+    /// `[oh]`: the range `[lo, hi)` of kh whose rows are real.
+    row_range: i64,
+    /// `[ow][kw]`: input column (after remapping), −1 in zero padding.
     cols: i64,
-    zero: i64,
+    /// `[ow]`: the range `[lo, hi)` of kw whose columns are real.
+    col_range: i64,
+    /// `[kw][ic]`: element offset of tap `(kw, ic)` from the window's row start.
+    taps: i64,
 }
 
-/// Per-row state: each tap row's byte offset within a channel and, when rows can be zero
-/// padding, whether it is real.
-struct Rows {
-    off: Vec<Value>,
-    valid: Vec<Option<Value>>,
+/// For every output position, the contiguous range of taps that read real input (zero
+/// padding is skipped; for the other modes every tap reads a remapped element).
+fn tap_ranges(table: &[i32], taps: usize) -> Result<Vec<i32>> {
+    let mut out = Vec::with_capacity(2 * table.len() / taps.max(1));
+    for row in table.chunks(taps) {
+        let lo = row.iter().position(|&i| i >= 0).unwrap_or(0);
+        let hi = row.iter().rposition(|&i| i >= 0).map_or(lo, |p| p + 1);
+        if row[lo..hi].contains(&-1) {
+            return Err(Error::Unsupported("conv taps inside the input are not contiguous".into()));
+        }
+        out.extend([lo as i32, hi as i32]);
+    }
+    Ok(out)
 }
 
 /// Lowers a Conv2d node.
@@ -159,12 +173,12 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
     let mode = if flat { PaddingMode::Zeros } else { conv.padding_mode };
 
     let w = cx.param("weight")?;
-    let mut packed = Vec::with_capacity(groups * tiles * icg * kh * kw * mr);
+    let mut packed = Vec::with_capacity(groups * tiles * kh * kw * icg * mr);
     for g in 0..groups {
         for t in 0..tiles {
-            for ic in 0..icg {
-                for a in 0..kh {
-                    for b in 0..kw {
+            for a in 0..kh {
+                for b in 0..kw {
+                    for ic in 0..icg {
                         for j in 0..mr {
                             let o = t * mr + j;
                             packed.push(if o < ocg {
@@ -180,13 +194,19 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
     }
     let rows = axis_table(oh, kh, sh, dh, pt, ih, mode)?;
     let cols = axis_table(ow, kw, sw, dw, pl, iw, mode)?;
-    let zeros = rows.contains(&-1) || cols.contains(&-1);
+    let row_range = tap_ranges(&rows, kh)?;
+    let col_range = tap_ranges(&cols, kw)?;
+    let taps: Vec<i32> = (0..kw)
+        .flat_map(|b| (0..icg).map(move |ic| (ic * ih * iw + b * dw) as i32))
+        .collect();
     let epi = Epi::new(jit, cx, conv.bias, &conv.epilogue)?;
     let consts = Consts {
         w: jit.consts.f32s(packed),
         rows: jit.consts.i32s(rows),
+        row_range: jit.consts.i32s(row_range),
         cols: jit.consts.i32s(cols),
-        zero: jit.consts.f32s(vec![0.0; iw + 8]),
+        col_range: jit.consts.i32s(col_range),
+        taps: jit.consts.i32s(taps),
     };
     let geo = Geo {
         ih,
@@ -196,7 +216,6 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
         kh,
         kw,
         sw,
-        dw,
         pl,
         groups,
         icg,
@@ -206,14 +225,14 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
         tiles,
         in_size: cin * ih * iw,
         out_size: cout * oh * ow,
-        zeros,
     };
+    let vcols = vector_columns(ow, iw, kw, sw, dw, pl);
     let (xs, ys) = (cx.inputs[0], cx.output);
-    jit.kernel(&cx.node.name, |fx| emit(fx, &geo, &consts, &epi, xs, ys))?;
+    jit.kernel(&cx.node.name, |fx| emit(fx, &geo, &consts, &epi, xs, ys, vcols))?;
     Ok(())
 }
 
-/// Pointers shared by the pieces of one row.
+/// Pointers and ranges shared by the pieces of one output row of one channel tile.
 struct RowCx {
     /// Input of the current group.
     xg: Value,
@@ -226,13 +245,18 @@ struct RowCx {
     oc0: Value,
     /// Valid channels in the tile.
     valid: usize,
+    /// This row's `rows` table entries.
+    rows: Value,
+    /// The kh range of real rows.
+    kh_lo: Value,
+    kh_hi: Value,
 }
 
-fn emit(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, xs: usize, ys: usize) {
+#[allow(clippy::too_many_arguments)]
+fn emit(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, xs: usize, ys: usize, vcols: Option<(usize, usize)>) {
     let x = fx.slot(xs);
     let y = fx.slot(ys);
     let r = epi.residual.map(|s| fx.slot(s));
-    let vcols = vector_columns(g.ow, g.iw, g.kw, g.sw, g.dw, g.pl);
     fx.for_samples(|fx, n| {
         let xn = fx.elem_scaled(x, n, c(g.in_size));
         let yn = fx.elem_scaled(y, n, c(g.out_size));
@@ -245,19 +269,24 @@ fn emit(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, xs: usize, ys: usize) {
                 let gt = fx.muli(gi, c(g.tiles));
                 let gt = fx.add(gt, t);
                 let wbase = fx.addr(k.w);
-                let wt = fx.elem_scaled(wbase, gt, c(g.icg * g.kh * g.kw * g.mr));
+                let wt = fx.elem_scaled(wbase, gt, c(g.kh * g.kw * g.icg * g.mr));
                 let og = fx.muli(gi, c(g.ocg));
                 let ot = fx.muli(t, c(g.mr));
                 let oc0 = fx.add(og, ot);
                 fx.for_const(0, g.oh, 1, |fx, oh| {
-                    let rows = row_offsets(fx, g, k, oh);
+                    let rt = fx.addr(k.rows);
+                    let rows = fx.elem_scaled(rt, oh, c(g.kh));
+                    let rr = fx.addr(k.row_range);
+                    let rr = fx.elem_scaled(rr, oh, 2);
+                    let kh_lo = fx.load_i32(rr, 0);
+                    let kh_hi = fx.load_i32(rr, 1);
                     let ybase = fx.muli(oc0, c(g.oh * g.ow));
                     let yoff = fx.muli(oh, c(g.ow));
                     let yidx = fx.add(ybase, yoff);
                     let yrow = fx.elem(yn, yidx);
                     let rrow = rn.map(|rn| fx.elem(rn, yidx));
-                    let rc = RowCx { xg, wt, yrow, rrow, oc0, valid };
-                    row(fx, g, k, epi, &rc, &rows, vcols);
+                    let rc = RowCx { xg, wt, yrow, rrow, oc0, valid, rows, kh_lo, kh_hi };
+                    row(fx, g, k, epi, &rc, vcols);
                 });
             };
             if full > 0 {
@@ -271,62 +300,55 @@ fn emit(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, xs: usize, ys: usize) {
     });
 }
 
-fn row_offsets(fx: &mut Fx<'_>, g: &Geo, k: &Consts, oh: Value) -> Rows {
-    let tab = fx.addr(k.rows);
-    let base = fx.muli(oh, c(g.kh));
-    let tab = fx.elem(tab, base);
-    let mut off = vec![];
-    let mut valid = vec![];
-    for a in 0..g.kh {
-        let r = fx.load_i32(tab, a as i64);
-        off.push(fx.muli(r, c(4 * g.iw)));
-        valid.push(g.zeros.then(|| non_negative(fx, r)));
-    }
-    Rows { off, valid }
-}
-
 /// One output row of one channel tile: vector tiles over the interior, pixels at the edges.
-#[allow(clippy::too_many_arguments)]
-fn row(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, rows: &Rows, vcols: Option<(usize, usize)>) {
+fn row(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, vcols: Option<(usize, usize)>) {
     let (lo, end) = vcols.unwrap_or((0, 0));
     let tw = LANES * g.nr;
     let big = (end - lo) / tw;
     let tail_vecs = (end - lo - big * tw) / LANES;
-    fx.for_const(c(lo), big, c(tw), |fx, ow0| vtile(fx, g, k, epi, rc, rows, ow0, g.nr));
+    fx.for_const(c(lo), big, c(tw), |fx, ow0| vtile(fx, g, k, epi, rc, ow0, g.nr));
     let mut done = lo + big * tw;
     if tail_vecs > 0 {
         let ow0 = fx.i(c(done));
-        vtile(fx, g, k, epi, rc, rows, ow0, tail_vecs);
+        vtile(fx, g, k, epi, rc, ow0, tail_vecs);
         done += tail_vecs * LANES;
     }
     let (left, right) = if vcols.is_some() { (lo, done) } else { (0, 0) };
-    fx.for_const(0, left, 1, |fx, ow| pixel(fx, g, k, epi, rc, rows, ow));
-    fx.for_const(c(right), g.ow - right, 1, |fx, ow| pixel(fx, g, k, epi, rc, rows, ow));
+    fx.for_const(0, left, 1, |fx, ow| pixel(fx, g, k, epi, rc, ow));
+    fx.for_const(c(right), g.ow - right, 1, |fx, ow| pixel(fx, g, k, epi, rc, ow));
 }
 
 /// A register tile: `valid` channels × `nrv` vectors of 4 pixels starting at `ow0`.
-#[allow(clippy::too_many_arguments)]
-fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, rows: &Rows, ow0: Value, nrv: usize) {
+///
+/// The taps run as `kh` (real rows only) → `(kw, ic)` flattened into one loop whose offsets
+/// come from a table, two taps per iteration when the count is even. Keeping one or two taps
+/// per loop body matters: the e-graph pass schedules each accumulator's whole chain of
+/// `fma`s at once, so straight-line code over many taps would keep every tap's input live.
+fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, ow0: Value, nrv: usize) {
     let zero_v = fx.vf(0.0);
     let acc: Vec<Vec<Variable>> =
         (0..rc.valid).map(|_| (0..nrv).map(|_| fx.var(V, zero_v)).collect()).collect();
     let xoff = fx.muli(ow0, c(4 * g.sw));
-    let zero_row = fx.addr(k.zero);
-    fx.for_const(0, g.icg, 1, |fx, ic| {
-        let xc = fx.elem_scaled(rc.xg, ic, c(g.ih * g.iw));
-        let wic = fx.elem_scaled(rc.wt, ic, c(g.kh * g.kw * g.mr));
-        for a in 0..g.kh {
-            let mut rowp = fx.add(xc, rows.off[a]);
-            if let Some(v) = rows.valid[a] {
-                rowp = fx.select(v, rowp, zero_row);
-            }
-            let rb = fx.add(rowp, xoff);
-            for b in 0..g.kw {
-                let col = (b * g.dw) as i64 - g.pl as i64;
-                let xv: Vec<Value> =
-                    (0..nrv).map(|v| fx.load_strided(rb, col + (v * LANES * g.sw) as i64, g.sw)).collect();
+    let xrow = fx.add(rc.xg, xoff);
+    let taps = g.kw * g.icg;
+    let unroll = if taps % 2 == 0 { 2 } else { 1 };
+    fx.for_range(rc.kh_lo, rc.kh_hi, 1, |fx, kh| {
+        let rp = fx.elem(rc.rows, kh);
+        let r = fx.load_i32(rp, 0);
+        let base = fx.elem_scaled(xrow, r, c(g.iw));
+        let wk = fx.elem_scaled(rc.wt, kh, c(taps * g.mr));
+        fx.for_const(0, taps / unroll, c(unroll), |fx, q| {
+            let tab = fx.addr(k.taps);
+            let tq = fx.elem(tab, q);
+            let wq = fx.elem_scaled(wk, q, c(g.mr));
+            for u in 0..unroll {
+                let off = fx.load_i32(tq, u as i64);
+                let p = fx.elem(base, off);
+                let xv: Vec<Value> = (0..nrv)
+                    .map(|v| fx.load_strided(p, (v * LANES * g.sw) as i64 - g.pl as i64, g.sw))
+                    .collect();
                 for (j, accj) in acc.iter().enumerate() {
-                    let wv = fx.load_splat(wic, ((a * g.kw + b) * g.mr + j) as i64);
+                    let wv = fx.load_splat(wq, (u * g.mr + j) as i64);
                     for (v, x) in xv.iter().enumerate() {
                         let s = fx.b.use_var(accj[v]);
                         let s = fx.fma(wv, *x, s);
@@ -334,7 +356,7 @@ fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, rows: &Row
                     }
                 }
             }
-        }
+        });
     });
     let plane = (g.oh * g.ow) as i64;
     let yo = fx.elem(rc.yrow, ow0);
@@ -352,27 +374,15 @@ fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, rows: &Row
     }
 }
 
-/// One output pixel `(oh, ow)` of a channel tile, lanes across output channels.
-#[allow(clippy::too_many_arguments)]
-fn pixel(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, rows: &Rows, ow: Value) {
-    let tab = fx.addr(k.cols);
-    let base = fx.muli(ow, c(g.kw));
-    let tab = fx.elem(tab, base);
-    let cols: Vec<Value> = (0..g.kw).map(|b| fx.load_i32(tab, b as i64)).collect();
-    // Byte offset of every tap within a channel, and whether it is real.
-    let mut taps: Vec<(Value, Option<Value>)> = Vec::with_capacity(g.kh * g.kw);
-    for a in 0..g.kh {
-        for col in &cols {
-            let cb = fx.muli(*col, 4);
-            let off = fx.add(rows.off[a], cb);
-            let ok = g.zeros.then(|| {
-                let both = fx.b.ins().bor(rows.off[a], *col);
-                non_negative(fx, both)
-            });
-            taps.push((off, ok));
-        }
-    }
-    let zero = fx.addr(k.zero);
+/// One output pixel of a channel tile, at a border column: taps run over the real rows and
+/// columns (looked up, so remapped padding works too), lanes across output channels.
+fn pixel(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, ow: Value) {
+    let ct = fx.addr(k.cols);
+    let cols = fx.elem_scaled(ct, ow, c(g.kw));
+    let cr = fx.addr(k.col_range);
+    let cr = fx.elem_scaled(cr, ow, 2);
+    let kw_lo = fx.load_i32(cr, 0);
+    let kw_hi = fx.load_i32(cr, 1);
     let vector = g.mr == LANES;
     let zero_v = fx.vf(0.0);
     let zero_f = fx.f(0.0);
@@ -381,30 +391,37 @@ fn pixel(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, rows: &Row
     } else {
         (0..rc.valid).map(|_| fx.var(types::F32, zero_f)).collect()
     };
-    fx.for_const(0, g.icg, 1, |fx, ic| {
-        let xc = fx.elem_scaled(rc.xg, ic, c(g.ih * g.iw));
-        let wic = fx.elem_scaled(rc.wt, ic, c(g.kh * g.kw * g.mr));
-        for (t, (off, ok)) in taps.iter().enumerate() {
-            let mut p = fx.add(xc, *off);
-            if let Some(ok) = ok {
-                p = fx.select(*ok, p, zero);
-            }
-            if vector {
-                let xs = fx.load_splat(p, 0);
-                let wv = fx.load_v(wic, (t * LANES) as i64);
-                let s = fx.b.use_var(accs[0]);
-                let s = fx.fma(xs, wv, s);
-                fx.b.def_var(accs[0], s);
-            } else {
-                let xs = fx.load_f(p, 0);
-                for (j, acc) in accs.iter().enumerate() {
-                    let w = fx.load_f(wic, (t * g.mr + j) as i64);
-                    let s = fx.b.use_var(*acc);
-                    let s = fx.fma(w, xs, s);
-                    fx.b.def_var(*acc, s);
+    let plane_in = c(g.ih * g.iw);
+    fx.for_range(rc.kh_lo, rc.kh_hi, 1, |fx, kh| {
+        let rp = fx.elem(rc.rows, kh);
+        let r = fx.load_i32(rp, 0);
+        let rowp = fx.elem_scaled(rc.xg, r, c(g.iw));
+        let wk = fx.elem_scaled(rc.wt, kh, c(g.kw * g.icg * g.mr));
+        fx.for_range(kw_lo, kw_hi, 1, |fx, kw| {
+            let cp = fx.elem(cols, kw);
+            let col = fx.load_i32(cp, 0);
+            let p = fx.elem(rowp, col);
+            let wkw = fx.elem_scaled(wk, kw, c(g.icg * g.mr));
+            fx.for_const(0, g.icg, 1, |fx, ic| {
+                let xp = fx.elem_scaled(p, ic, plane_in);
+                let wic = fx.elem_scaled(wkw, ic, c(g.mr));
+                if vector {
+                    let xs = fx.load_splat(xp, 0);
+                    let wv = fx.load_v(wic, 0);
+                    let s = fx.b.use_var(accs[0]);
+                    let s = fx.fma(xs, wv, s);
+                    fx.b.def_var(accs[0], s);
+                } else {
+                    let xs = fx.load_f(xp, 0);
+                    for (j, acc) in accs.iter().enumerate() {
+                        let w = fx.load_f(wic, j as i64);
+                        let s = fx.b.use_var(*acc);
+                        let s = fx.fma(w, xs, s);
+                        fx.b.def_var(*acc, s);
+                    }
                 }
-            }
-        }
+            });
+        });
     });
     let acc = if vector {
         fx.b.use_var(accs[0])

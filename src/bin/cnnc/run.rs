@@ -145,9 +145,10 @@ pub fn run(args: &RunArgs) -> Result<(), Fail> {
         let start = Instant::now();
         let out = compiled.run(&views)?;
         eprintln!(
-            "{}: compiled {} kernels in {}; ran {batch} sample(s) in {}",
+            "{}: compiled {} kernel{} in {}; ran {batch} sample(s) in {}",
             graph.name,
             compiled.kernel_count(),
+            if compiled.kernel_count() == 1 { "" } else { "s" },
             crate::ms(compiled.compile_time()),
             crate::ms(start.elapsed())
         );

@@ -148,7 +148,7 @@ pub struct ShapeArg {
     pub dims: Vec<String>,
 }
 
-/// Parses `1,3,224,224`, `N,3,224,224`, `x=1,3,32,32`, `[1, 3, 32, 32]` or `1x3x32x32`.
+/// Parses `1,3,224,224`, `N,3,224,224`, `x=1,3,32,32` or `[1, 3, 32, 32]`.
 pub fn parse_shape(arg: &str) -> Result<ShapeArg, Fail> {
     let (name, dims) = match arg.split_once('=') {
         Some((n, d)) => (Some(n.trim().to_string()), d),
@@ -156,7 +156,7 @@ pub fn parse_shape(arg: &str) -> Result<ShapeArg, Fail> {
     };
     let dims = dims.trim().trim_start_matches('[').trim_end_matches(']');
     let parts: Vec<String> =
-        dims.split(|c: char| c == ',' || c == 'x' || c.is_whitespace()).filter(|s| !s.is_empty()).map(String::from).collect();
+        dims.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(String::from).collect();
     let bad = || {
         usage(format!(
             "invalid input shape `{arg}`: expected dimensions such as `1,3,224,224` (the first may be `N`), \
@@ -223,6 +223,7 @@ fn override_inputs(src: &Source, net: Option<&str>, shapes: &[String]) -> Result
         )));
     }
     let mut edits = vec![];
+    let mut notes = vec![];
     for (pos, shape) in shapes.iter().enumerate() {
         let index = match &shape.name {
             Some(n) => names.iter().position(|m| m == n).ok_or_else(|| {
@@ -238,8 +239,11 @@ fn override_inputs(src: &Source, net: Option<&str>, shapes: &[String]) -> Result
         if !src.text[a..b].starts_with('[') || !src.text[a..b].ends_with(']') {
             return Ok(src.text.clone());
         }
-        edits.push((a, b, format!("[{}]", shape.dims.join(", "))));
+        let dims = format!("[{}]", shape.dims.join(", "));
+        notes.push(format!("{}: {dims}", decl.name));
+        edits.push((a, b, dims));
     }
+    eprintln!("note: net `{}` compiled with --input {}", target.name, notes.join(", "));
     edits.sort_by_key(|e| std::cmp::Reverse(e.0));
     let mut text = src.text.clone();
     for (a, b, new) in edits {
@@ -258,7 +262,7 @@ mod tests {
         assert_eq!(s.name, None);
         assert_eq!(s.dims, ["1", "3", "224", "224"]);
         assert_eq!(parse_shape("x=[N, 3, 32, 32]").unwrap().dims, ["N", "3", "32", "32"]);
-        assert_eq!(parse_shape("2x3x8x8").unwrap().dims, ["2", "3", "8", "8"]);
+        assert!(parse_shape("1,2,x").is_err());
         assert!(parse_shape("1,0,3").is_err());
         assert!(parse_shape("1,a,3").is_err());
         assert!(parse_shape("").is_err());
