@@ -32,7 +32,7 @@ use ndarray::{ArrayD, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 use std::error::Error;
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -128,7 +128,7 @@ impl SplitMix {
 }
 
 /// The `input` tensor of a safetensors file, as f32.
-fn load_input(path: &PathBuf) -> Res<ArrayD<f32>> {
+fn load_input(path: &Path) -> Res<ArrayD<f32>> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes)?;
     let t = st.tensor("input").map_err(|e| format!("`{}`: no tensor `input` ({e})", path.display()))?;
@@ -140,7 +140,7 @@ fn load_input(path: &PathBuf) -> Res<ArrayD<f32>> {
 }
 
 /// Writes the outputs as `output`, `output1`, … (f32, little-endian).
-fn save_outputs(path: &PathBuf, outputs: &[ArrayD<f32>]) -> Res<()> {
+fn save_outputs(path: &Path, outputs: &[ArrayD<f32>]) -> Res<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = outputs
         .iter()
         .enumerate()

@@ -100,7 +100,8 @@ fn reference_nets_match_pytorch() {
     let lenet = zoo::LeNet::graph();
     let cifar = zoo::Cifar10::graph();
     // The fixture runs NoneLinearModel on 10×10 images.
-    let nonlinear = compile(&net_source("nonlinear.cnn").replace("[N, 3, 32, 32]", "[N, 3, 10, 10]"), "NoneLinearModel");
+    let nonlinear =
+        compile(&net_source("nonlinear.cnn").replace("[N, 3, 32, 32]", "[N, 3, 10, 10]"), "NoneLinearModel");
     // A reduced torchvision ResNet: BasicBlocks with BN and a 1×1 downsample, 16×16 input.
     let small = net_source("resnet18.cnn").split("net ResNet18").next().unwrap().to_string()
         + "
@@ -124,7 +125,13 @@ net ResNetSmall(x: [N, 3, 16, 16]) {
         ("nonlinear", &nonlinear, &["output", "features"][..]),
         ("resnet_small", &small, &["output"][..]),
     ] {
-        let (i, j) = check(what, g, &format!("nets/{what}.weights.safetensors"), &format!("nets/{what}.io.safetensors"), outputs);
+        let (i, j) = check(
+            what,
+            g,
+            &format!("nets/{what}.weights.safetensors"),
+            &format!("nets/{what}.io.safetensors"),
+            outputs,
+        );
         println!("{what}: worst error vs PyTorch: interpreter {i:.2e}, JIT {j:.2e} (of max |y|)");
     }
 }

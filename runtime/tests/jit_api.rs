@@ -125,7 +125,8 @@ fn bad_graphs_and_weights_are_errors() {
     // A node whose recorded type disagrees with its shape rule fails verification.
     let mut gb = GraphBuilder::new("broken");
     let x = gb.input("x", TensorType::new(vec![4]));
-    let y = gb.push("relu", Op::Activation(cnnc_compiler::ops::Activation::Relu), TensorType::new(vec![5]), vec![], &[x]);
+    let y =
+        gb.push("relu", Op::Activation(cnnc_compiler::ops::Activation::Relu), TensorType::new(vec![5]), vec![], &[x]);
     gb.output("y", y);
     let broken = gb.finish();
     let wb = weights(&broken, 0);

@@ -70,9 +70,17 @@ fn conv_padding_modes() {
     for mode in ["zeros", "reflect", "replicate", "circular"] {
         conv(&[3, 9, 10], &[int(3), int(5), int(3)], &[("padding", int(1)), ("padding_mode", s(mode))]);
         conv(&[2, 8, 12], &[int(2), int(4), int(5)], &[("padding", pair(2, 1)), ("padding_mode", s(mode))]);
-        conv(&[4, 7, 7], &[int(4), int(4), int(3)], &[("padding", int(2)), ("stride", int(2)), ("padding_mode", s(mode))]);
+        conv(
+            &[4, 7, 7],
+            &[int(4), int(4), int(3)],
+            &[("padding", int(2)), ("stride", int(2)), ("padding_mode", s(mode))],
+        );
         conv(&[3, 10, 9], &[int(3), int(2), int(4)], &[("padding", s("same")), ("padding_mode", s(mode))]);
-        conv(&[4, 8, 8], &[int(4), int(4), int(3)], &[("padding", int(2)), ("dilation", int(2)), ("groups", int(4)), ("padding_mode", s(mode))]);
+        conv(
+            &[4, 8, 8],
+            &[int(4), int(4), int(3)],
+            &[("padding", int(2)), ("dilation", int(2)), ("groups", int(4)), ("padding_mode", s(mode))],
+        );
     }
 }
 
@@ -107,7 +115,9 @@ fn conv_epilogues() {
 
 #[test]
 fn linear_variants() {
-    for (dims, k, o) in [(vec![16], 16, 10), (vec![5], 5, 3), (vec![33], 33, 17), (vec![3, 7], 7, 9), (vec![2, 2, 8], 8, 8)] {
+    for (dims, k, o) in
+        [(vec![16], 16, 10), (vec![5], 5, 3), (vec![33], 33, 17), (vec![3, 7], 7, 9), (vec![2, 2, 8], 8, 8)]
+    {
         for bias in [true, false] {
             let g = one_layer(&dims, layer("Linear", &[int(k), int(o)], &[("bias", b(bias))]));
             for n in [1, 3, 6] {
@@ -130,7 +140,12 @@ fn linear_epilogues() {
     }
 }
 
-fn pool(name: &str, dims: &[usize], pos: &[cnnc_compiler::ops::args::ArgValue], kw: &[(&str, cnnc_compiler::ops::args::ArgValue)]) {
+fn pool(
+    name: &str,
+    dims: &[usize],
+    pos: &[cnnc_compiler::ops::args::ArgValue],
+    kw: &[(&str, cnnc_compiler::ops::args::ArgValue)],
+) {
     let g = one_layer(dims, layer(name, pos, kw));
     for n in [1, 3] {
         check(&format!("{name} {pos:?} {kw:?} on {dims:?}"), &g, n, 13);
@@ -201,7 +216,14 @@ fn max_pool_propagates_nan() {
 fn batchnorm_and_activations() {
     let g = one_layer(&[5, 7, 9], layer("BatchNorm2d", &[int(5)], &[]));
     check("BatchNorm2d", &g, 3, 1);
-    let g = one_layer(&[3, 4, 4], layer("BatchNorm2d", &[int(3)], &[("affine", b(false)), ("eps", cnnc_compiler::ops::args::ArgValue::Float(1e-3))]));
+    let g = one_layer(
+        &[3, 4, 4],
+        layer(
+            "BatchNorm2d",
+            &[int(3)],
+            &[("affine", b(false)), ("eps", cnnc_compiler::ops::args::ArgValue::Float(1e-3))],
+        ),
+    );
     check("BatchNorm2d affine=False", &g, 2, 1);
     for act in ["ReLU", "Sigmoid", "Tanh"] {
         for dims in [vec![3, 5, 5], vec![7], vec![4, 2]] {
@@ -221,10 +243,17 @@ fn add_concat_reduce_flatten_dropout() {
     let sum = gb.layer("add", Op::Add(Default::default()), &[a, bb]).unwrap();
     let cat = gb.layer("cat", Op::Concat(Concat { dim: 1 }), &[sum, x, a]).unwrap();
     let cat2 = gb.layer("cat2", Op::Concat(Concat { dim: 3 }), &[cat, cat]).unwrap();
-    let m = gb.layer("mean", Op::Reduce(Reduce { kind: ReduceKind::Mean, dims: vec![2, 3], keepdim: false }), &[cat2]).unwrap();
-    let mx = gb.layer("max", Op::Reduce(Reduce { kind: ReduceKind::Max, dims: vec![1], keepdim: true }), &[cat2]).unwrap();
-    let mx2 = gb.layer("max2", Op::Reduce(Reduce { kind: ReduceKind::Max, dims: vec![1, 3], keepdim: false }), &[cat2]).unwrap();
-    let mn = gb.layer("mean2", Op::Reduce(Reduce { kind: ReduceKind::Mean, dims: vec![3], keepdim: true }), &[cat2]).unwrap();
+    let m = gb
+        .layer("mean", Op::Reduce(Reduce { kind: ReduceKind::Mean, dims: vec![2, 3], keepdim: false }), &[cat2])
+        .unwrap();
+    let mx =
+        gb.layer("max", Op::Reduce(Reduce { kind: ReduceKind::Max, dims: vec![1], keepdim: true }), &[cat2]).unwrap();
+    let mx2 = gb
+        .layer("max2", Op::Reduce(Reduce { kind: ReduceKind::Max, dims: vec![1, 3], keepdim: false }), &[cat2])
+        .unwrap();
+    let mn = gb
+        .layer("mean2", Op::Reduce(Reduce { kind: ReduceKind::Mean, dims: vec![3], keepdim: true }), &[cat2])
+        .unwrap();
     let d = gb.layer("drop", layer("Dropout", &[], &[]), &[mx]).unwrap();
     let f = gb.layer("flat", layer("Flatten", &[], &[]), &[d]).unwrap();
     gb.output("mean", m);

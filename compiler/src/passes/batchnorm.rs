@@ -9,7 +9,9 @@
 //! `W'` (and of the conv's f32 output, which the unfolded pair rounds before the BatchNorm).
 
 use super::store::{add_param, values};
-use super::{Absorbed, How, Outcome, ParamStore, Rewrite, Skip, from_text, only_operand, sharing_params, sole_consumer};
+use super::{
+    Absorbed, How, Outcome, ParamStore, Rewrite, Skip, from_text, only_operand, sharing_params, sole_consumer,
+};
 use crate::graph::{Graph, NodeId, ParamId};
 use crate::ops::{Op, ParamKind, ParamSpec};
 
@@ -154,7 +156,10 @@ pub(super) fn batchnorm_epilogue(graph: &mut Graph, store: &mut dyn ParamStore, 
         if users(sc_id) > 1 || users(sh_id) > 1 {
             return Err(Skip::Declined(format!("`{name}`'s scale/shift are shared with another node")));
         }
-        let (sc, sh) = (values(graph, store, sc_id).map_err(Skip::Declined)?, values(graph, store, sh_id).map_err(Skip::Declined)?);
+        let (sc, sh) = (
+            values(graph, store, sc_id).map_err(Skip::Declined)?,
+            values(graph, store, sh_id).map_err(Skip::Declined)?,
+        );
         let new_sc: Vec<f32> = (0..channels).map(|c| (f64::from(sc[c]) * s[c]) as f32).collect();
         let new_sh: Vec<f32> = (0..channels).map(|c| (f64::from(sh[c]) * s[c] + t[c]) as f32).collect();
         store.set(sc_id, new_sc);

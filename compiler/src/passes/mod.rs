@@ -287,8 +287,7 @@ pub fn run_pass(
     let limit = options.max_rewrites.unwrap_or(usize::MAX);
     match pass.rule {
         Rule::EachNode(rule) => {
-            let order =
-                graph.topo_order().map_err(|error| PassError::Verify { pass: pass.name, error })?;
+            let order = graph.topo_order().map_err(|error| PassError::Verify { pass: pass.name, error })?;
             for id in order {
                 if log.rewrites.len() >= limit {
                     break;
@@ -310,12 +309,9 @@ pub fn run_pass(
         Rule::WholeGraph(rule) if limit > 0 => match rule(graph, store) {
             Ok(rw) => log.rewrites.push((None, rw)),
             Err(Skip::NoMatch) => {}
-            Err(Skip::Declined(reason)) => log.declined.push(Declined {
-                node: None,
-                name: graph.name.clone(),
-                kind: "Graph",
-                reason,
-            }),
+            Err(Skip::Declined(reason)) => {
+                log.declined.push(Declined { node: None, name: graph.name.clone(), kind: "Graph", reason })
+            }
         },
         Rule::WholeGraph(_) => {}
     }

@@ -107,7 +107,13 @@ pub(crate) fn values<'s>(graph: &Graph, store: &'s dyn ParamStore, id: ParamId) 
 /// Adds a parameter to the graph and its values to the store, keeping both aligned. The key
 /// is `{owner}.{suffix}`, or `{owner}#k.{suffix}` for the smallest `k ≥ 2` that is free when
 /// that key is taken (a module applied twice).
-pub fn add_param(graph: &mut Graph, store: &mut dyn ParamStore, owner: &str, spec: ParamSpec, data: Vec<f32>) -> ParamId {
+pub fn add_param(
+    graph: &mut Graph,
+    store: &mut dyn ParamStore,
+    owner: &str,
+    spec: ParamSpec,
+    data: Vec<f32>,
+) -> ParamId {
     let taken = |name: &str| graph.params.iter().any(|p| p.name == name);
     let mut name = format!("{owner}.{}", spec.suffix);
     let mut k = 2;

@@ -155,6 +155,7 @@ impl Jit {
         if disasm {
             if let Some(c) = self.ctx.compiled_code() {
                 eprintln!("=== {node}\n{}", c.vcode.as_deref().unwrap_or(""));
+                eprintln!("=== CLIF {node}\n{}", self.ctx.func.display());
             }
         }
         self.module.clear_context(&mut self.ctx);
@@ -426,4 +427,30 @@ pub(super) fn c(v: usize) -> i64 {
 /// The signed comparison `a >= 0`.
 pub(super) fn non_negative(fx: &mut Fx<'_>, a: Value) -> Value {
     fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, a, 0)
+}
+
+#[cfg(test)]
+mod licm_probe {
+    use super::*;
+    #[test]
+    fn probe() {
+        let mut jit = Jit::new(true).unwrap();
+        jit.kernel("probe", |fx| {
+            let t = fx.table;
+            fx.for_samples(|fx, n| {
+                fx.for_const(0, 100, 1, |fx, j| {
+                    fx.for_const(0, 50, 1, |fx, k| {
+                        let p = fx.b.ins().load(types::I64, load_flags(), t, 0);
+                        let a = fx.muli(n, 1000);
+                        let q = fx.add(p, a);
+                        let q = fx.elem(q, j);
+                        let v = fx.load_f(q, 0);
+                        let q2 = fx.elem(q, k);
+                        fx.store_f(v, q2, 0);
+                    });
+                });
+            });
+        })
+        .unwrap();
+    }
 }

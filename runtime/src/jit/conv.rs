@@ -181,11 +181,7 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
                     for ic in 0..icg {
                         for j in 0..mr {
                             let o = t * mr + j;
-                            packed.push(if o < ocg {
-                                w[(((g * ocg + o) * icg + ic) * kh + a) * kw + b]
-                            } else {
-                                0.0
-                            });
+                            packed.push(if o < ocg { w[(((g * ocg + o) * icg + ic) * kh + a) * kw + b] } else { 0.0 });
                         }
                     }
                 }
@@ -196,9 +192,7 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
     let cols = axis_table(ow, kw, sw, dw, pl, iw, mode)?;
     let row_range = tap_ranges(&rows, kh)?;
     let col_range = tap_ranges(&cols, kw)?;
-    let taps: Vec<i32> = (0..kw)
-        .flat_map(|b| (0..icg).map(move |ic| (ic * ih * iw + b * dw) as i32))
-        .collect();
+    let taps: Vec<i32> = (0..kw).flat_map(|b| (0..icg).map(move |ic| (ic * ih * iw + b * dw) as i32)).collect();
     let epi = Epi::new(jit, cx, conv.bias, &conv.epilogue)?;
     let consts = Consts {
         w: jit.consts.f32s(packed),
@@ -326,8 +320,7 @@ fn row(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, vcols: Optio
 /// `fma`s at once, so straight-line code over many taps would keep every tap's input live.
 fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, ow0: Value, nrv: usize) {
     let zero_v = fx.vf(0.0);
-    let acc: Vec<Vec<Variable>> =
-        (0..rc.valid).map(|_| (0..nrv).map(|_| fx.var(V, zero_v)).collect()).collect();
+    let acc: Vec<Vec<Variable>> = (0..rc.valid).map(|_| (0..nrv).map(|_| fx.var(V, zero_v)).collect()).collect();
     let xoff = fx.muli(ow0, c(4 * g.sw));
     let xrow = fx.add(rc.xg, xoff);
     let taps = g.kw * g.icg;
@@ -344,9 +337,8 @@ fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, ow0: Value
             for u in 0..unroll {
                 let off = fx.load_i32(tq, u as i64);
                 let p = fx.elem(base, off);
-                let xv: Vec<Value> = (0..nrv)
-                    .map(|v| fx.load_strided(p, (v * LANES * g.sw) as i64 - g.pl as i64, g.sw))
-                    .collect();
+                let xv: Vec<Value> =
+                    (0..nrv).map(|v| fx.load_strided(p, (v * LANES * g.sw) as i64 - g.pl as i64, g.sw)).collect();
                 for (j, accj) in acc.iter().enumerate() {
                     let wv = fx.load_splat(wq, (u * g.mr + j) as i64);
                     for (v, x) in xv.iter().enumerate() {
@@ -386,11 +378,8 @@ fn pixel(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, ow: Value)
     let vector = g.mr == LANES;
     let zero_v = fx.vf(0.0);
     let zero_f = fx.f(0.0);
-    let accs: Vec<Variable> = if vector {
-        vec![fx.var(V, zero_v)]
-    } else {
-        (0..rc.valid).map(|_| fx.var(types::F32, zero_f)).collect()
-    };
+    let accs: Vec<Variable> =
+        if vector { vec![fx.var(V, zero_v)] } else { (0..rc.valid).map(|_| fx.var(types::F32, zero_f)).collect() };
     let plane_in = c(g.ih * g.iw);
     fx.for_range(rc.kh_lo, rc.kh_hi, 1, |fx, kh| {
         let rp = fx.elem(rc.rows, kh);

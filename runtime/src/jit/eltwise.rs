@@ -262,12 +262,8 @@ pub(super) fn reduce(jit: &mut Jit, cx: &NodeCx<'_>, r: &Reduce) -> Result<()> {
     let inner_kept = matches!(runs.last(), Some((_, false)));
     let inner_len = runs.last().map_or(1, |r| r.0);
     let outer = if runs.is_empty() { &runs[..] } else { &runs[..runs.len() - 1] };
-    let kept: Vec<(usize, usize, usize)> = outer
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| !r.1)
-        .map(|(k, r)| (r.0, in_stride[k], out_stride[k]))
-        .collect();
+    let kept: Vec<(usize, usize, usize)> =
+        outer.iter().enumerate().filter(|(_, r)| !r.1).map(|(k, r)| (r.0, in_stride[k], out_stride[k])).collect();
     let reduced: Vec<(usize, usize, usize)> =
         outer.iter().enumerate().filter(|(_, r)| r.1).map(|(k, r)| (r.0, in_stride[k], 0)).collect();
     let (xs, ys) = (cx.inputs[0], cx.output);

@@ -224,7 +224,11 @@ impl Compiled {
                 strides: x.strides().to_vec(),
             })?;
             if x.shape() != ty.concrete(n).as_slice() || data.len() != n * ty.numel_per_sample() {
-                return Err(Error::InputShape { name: name.clone(), expected: ty.to_string(), found: x.shape().to_vec() });
+                return Err(Error::InputShape {
+                    name: name.clone(),
+                    expected: ty.to_string(),
+                    found: x.shape().to_vec(),
+                });
             }
             in_addrs.push(data.as_ptr().expose_provenance());
         }

@@ -93,7 +93,8 @@ pub(super) fn plan(graph: &Graph) -> Result<Plan> {
             stack.extend(graph.operands(id));
         }
     }
-    let batches: Vec<_> = order.iter().filter(|id| needed.contains_key(id)).map(|id| graph.node(*id).ty.batch).collect();
+    let batches: Vec<_> =
+        order.iter().filter(|id| needed.contains_key(id)).map(|id| graph.node(*id).ty.batch).collect();
     if batches.windows(2).any(|w| w[0] != w[1]) {
         let kinds: std::collections::BTreeSet<String> = batches
             .iter()
@@ -211,7 +212,13 @@ mod tests {
             x = b.layer(&format!("act{i}"), Op::Activation(Activation::Relu), &[x]).unwrap();
         }
         let f = b.layer("flat", Op::Flatten(Flatten { start_dim: 1, end_dim: -1 }), &[x]).unwrap();
-        let y = b.layer("fc", Op::Linear(Linear { in_features: 128, out_features: 3, bias: true, epilogue: Default::default() }), &[f]).unwrap();
+        let y = b
+            .layer(
+                "fc",
+                Op::Linear(Linear { in_features: 128, out_features: 3, bias: true, epilogue: Default::default() }),
+                &[f],
+            )
+            .unwrap();
         b.output("y", y);
         b.finish()
     }

@@ -34,7 +34,11 @@ pub fn layer(name: &str, positional: &[ArgValue], keywords: &[(&str, ArgValue)])
     let span = proc_macro2::Span::call_site();
     let mut args: Vec<Arg> =
         positional.iter().map(|v| Arg { keyword: None, value: v.clone(), span: span.into() }).collect();
-    args.extend(keywords.iter().map(|(k, v)| Arg { keyword: Some(k.to_string()), value: v.clone(), span: span.into() }));
+    args.extend(keywords.iter().map(|(k, v)| Arg {
+        keyword: Some(k.to_string()),
+        value: v.clone(),
+        span: span.into(),
+    }));
     let ctor = ops::layer_ctor(name).unwrap_or_else(|| panic!("no layer {name}"));
     ops::construct(ctor, &args, span.into()).unwrap_or_else(|e| panic!("{name}: {e:?}"))
 }
@@ -44,7 +48,11 @@ pub fn try_layer(name: &str, positional: &[ArgValue], keywords: &[(&str, ArgValu
     let span = proc_macro2::Span::call_site();
     let mut args: Vec<Arg> =
         positional.iter().map(|v| Arg { keyword: None, value: v.clone(), span: span.into() }).collect();
-    args.extend(keywords.iter().map(|(k, v)| Arg { keyword: Some(k.to_string()), value: v.clone(), span: span.into() }));
+    args.extend(keywords.iter().map(|(k, v)| Arg {
+        keyword: Some(k.to_string()),
+        value: v.clone(),
+        span: span.into(),
+    }));
     ops::construct(ops::layer_ctor(name)?, &args, span.into()).ok()
 }
 

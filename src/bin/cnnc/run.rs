@@ -68,8 +68,7 @@ pub fn weights(graph: &Graph, path: Option<&Path>, seed: u64) -> Result<Weights,
 /// Checks `.npy` arrays against the net's declared inputs, naming the file on a mismatch.
 fn check_inputs(graph: &Graph, files: &[PathBuf], arrays: &[ArrayD<f32>]) -> Result<(), Fail> {
     if arrays.len() != graph.inputs.len() {
-        let names: Vec<String> =
-            graph.inputs.iter().map(|(n, id)| format!("{n}: {}", graph.node(*id).ty)).collect();
+        let names: Vec<String> = graph.inputs.iter().map(|(n, id)| format!("{n}: {}", graph.node(*id).ty)).collect();
         return Err(usage(format!(
             "net `{}` takes {} input(s) ({}), but {} --input file(s) were given",
             graph.name,
@@ -90,11 +89,8 @@ fn check_inputs(graph: &Graph, files: &[PathBuf], arrays: &[ArrayD<f32>]) -> Res
                 Batch::Symbolic => true,
             };
         if !fits {
-            let mut msg = format!(
-                "`{}` has shape {shape:?}, but input `{name}` of net `{}` is {ty}",
-                file.display(),
-                graph.name
-            );
+            let mut msg =
+                format!("`{}` has shape {shape:?}, but input `{name}` of net `{}` is {ty}", file.display(), graph.name);
             if shape == ty.dims.as_slice() {
                 msg += "\n  = help: add the batch dimension (`x[None]` in NumPy)";
             }

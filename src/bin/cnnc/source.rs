@@ -33,7 +33,8 @@ impl Source {
     /// Reads `path` as UTF-8 text.
     pub fn read(path: &Path) -> Result<Source, Fail> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| input(format!("cannot read `{shown}`: {}", io_text(&e))))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| input(format!("cannot read `{shown}`: {}", io_text(&e))))?;
         Ok(Source { shown, text })
     }
 }

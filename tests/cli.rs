@@ -1,0 +1,450 @@
+//! End-to-end tests of the `cnnc` binary: every command on the example nets, the digits
+//! LeNet reproducing PyTorch's predictions, and broken inputs (written into a temp dir)
+//! giving one `error: …` line and the documented exit status, never a panic.
+
+use ndarray::{Array, ArrayD, Axis, IxDyn};
+use ndarray_npy::{read_npy, write_npy};
+use safetensors::SafeTensors;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Runs `cnnc` from the workspace root.
+fn cnnc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cnnc"))
+        .args(args)
+        .current_dir(ROOT)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("the cnnc binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit status, showing both streams on failure.
+#[track_caller]
+fn status(o: &Output, code: i32) {
+    assert_eq!(o.status.code(), Some(code), "exit status\n--- stdout:\n{}\n--- stderr:\n{}", stdout(o), stderr(o));
+}
+
+/// Asserts a clean failure: the status, `error: ` on stderr containing `needle`, no panic.
+#[track_caller]
+fn fails(o: &Output, code: i32, needle: &str) {
+    status(o, code);
+    let err = stderr(o);
+    assert!(err.contains("error: "), "no `error: ` in:\n{err}");
+    assert!(err.contains(needle), "`{needle}` not in:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE") && !err.contains("internal error"), "{err}");
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(ROOT).join("tests/fixtures/digits").join(name)
+}
+
+/// An f32 tensor of the held-out digits file.
+fn heldout(key: &str) -> ArrayD<f32> {
+    let bytes = std::fs::read(fixture("heldout.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(key).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{key}");
+    let data: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    ArrayD::from_shape_vec(IxDyn(t.shape()), data).unwrap()
+}
+
+fn argmax(row: ndarray::ArrayView1<'_, f32>) -> usize {
+    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0
+}
+
+#[test]
+fn help_lists_every_command_with_examples() {
+    let o = cnnc(&["--help"]);
+    status(&o, 0);
+    let out = stdout(&o);
+    for cmd in ["check", "summary", "dot", "fuse-report", "run", "bench", "Examples:"] {
+        assert!(out.contains(cmd), "`{cmd}` missing from --help:\n{out}");
+    }
+    for cmd in ["check", "summary", "dot", "fuse-report", "run", "bench"] {
+        let o = cnnc(&[cmd, "--help"]);
+        status(&o, 0);
+        assert!(stdout(&o).contains("Examples:"), "{cmd} --help:\n{}", stdout(&o));
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    fails(&cnnc(&["frobnicate"]), 2, "unrecognized subcommand");
+    fails(&cnnc(&["summary"]), 2, "required");
+    fails(&cnnc(&["run", "examples/nets/lenet.cnn"]), 2, "--input");
+    fails(&cnnc(&["summary", "examples/nets/lenet.cnn", "--input", "1,two,28,28"]), 2, "invalid input shape");
+    fails(&cnnc(&["summary", "examples/nets/lenet.cnn", "--net", "Nope"]), 2, "no net named `Nope`");
+    fails(&cnnc(&["summary", "examples/nets/lenet.cnn", "--input", "y=1,1,28,28"]), 2, "no input `y`");
+    fails(&cnnc(&["bench", "examples/nets/lenet.cnn", "--iters", "0"]), 2, "--iters");
+}
+
+#[test]
+fn check_accepts_every_example_net() {
+    let nets = [
+        ("alexnet", "AlexNet"),
+        ("cifar10", "Cifar10"),
+        ("conv1x2", "Conv1x2"),
+        ("lenet", "LeNet"),
+        ("nonlinear", "NoneLinearModel"),
+        ("resnet18", "ResNet18"),
+        ("seed_resnet", "SeedResNet"),
+        ("vgg11", "Vgg11"),
+    ];
+    let files: Vec<String> = nets.iter().map(|(f, _)| format!("examples/nets/{f}.cnn")).collect();
+    let args: Vec<&str> = std::iter::once("check").chain(files.iter().map(String::as_str)).collect();
+    let o = cnnc(&args);
+    status(&o, 0);
+    let out = stdout(&o);
+    for (file, net) in nets {
+        assert!(out.contains(&format!("examples/nets/{file}.cnn: ok: {net}(")), "{file}:\n{out}");
+    }
+    assert!(out.contains("LeNet(x: [N, 1, 28, 28]) -> (output: [N, 10]); 61,706 params"), "{out}");
+    // AlexNet's floor() warnings are shown, but do not fail the check.
+    let err = stderr(&o);
+    assert!(err.contains("warning: Conv2d(1, 96") && err.contains("--> examples/nets/alexnet.cnn:3:5"), "{err}");
+    assert!(err.contains("warnings emitted"), "{err}");
+}
+
+#[test]
+fn check_reports_every_error_rustc_style() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.cnn");
+    std::fs::write(
+        &bad,
+        "/// Three mistakes.\n\
+         net Bad(x: [N, 1, 28, 28]) = Sequential(\n\
+         \x20   Conv2d(1, 6, kernel_size = 5), ReLU,\n\
+         \x20   Conv2d(8, 16, kernel_size = 5), ReLU,\n\
+         \x20   Flatten,\n\
+         \x20   Linear(16 * 4 * 4, 10),\n\
+         \x20   MaxPool2D(2),\n\
+         );\n",
+    )
+    .unwrap();
+    let o = cnnc(&["check", path_str(&bad)]);
+    fails(&o, 1, "aborting due to 3 previous errors");
+    let err = stderr(&o);
+    let expected = format!(
+        "error: layer `2`: Conv2d(8, 16, kernel_size=(5, 5)) expects 8 input channels, but `1` (ReLU) gives 6 \
+         channels ([N, 6, 24, 24])\n \
+         --> {}:4:5\n  |\n4 |     Conv2d(8, 16, kernel_size = 5), ReLU,\n  |     ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+        bad.display()
+    );
+    assert!(err.contains(&expected), "expected\n{expected}\nin\n{err}");
+    assert!(err.contains("16×20×20 = 6400"), "the arithmetic:\n{err}");
+    assert!(err.contains(&format!("{}:6:5", bad.display())), "{err}");
+    assert!(err.contains("did you mean `MaxPool2d`?"), "{err}");
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+
+    // A file that does not tokenize, one that is not UTF-8, and one that does not exist.
+    let trunc = dir.path().join("trunc.cnn");
+    std::fs::write(&trunc, "net A(x: [N, 1]) = Sequential(\n").unwrap();
+    fails(&cnnc(&["check", path_str(&trunc)]), 1, &format!("--> {}:1:", trunc.display()));
+    let binary = dir.path().join("binary.cnn");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
+    fails(&cnnc(&["check", path_str(&binary)]), 1, "valid UTF-8");
+    let missing = dir.path().join("missing.cnn");
+    fails(&cnnc(&["check", path_str(&missing)]), 1, &format!("cannot read `{}`", missing.display()));
+    fails(&cnnc(&["summary", path_str(&missing)]), 1, "cannot read");
+}
+
+#[test]
+fn summary_table_and_json() {
+    let o = cnnc(&["summary", "examples/nets/lenet.cnn"]);
+    status(&o, 0);
+    let out = stdout(&o);
+    for needle in ["Layer (type)", "0 (Conv2d)", "[N, 6, 28, 28]", "Total params: 61,706", "MACs per sample: 416,520"] {
+        assert!(out.contains(needle), "`{needle}` not in\n{out}");
+    }
+    let o = cnnc(&["summary", "examples/nets/lenet.cnn", "--json"]);
+    status(&o, 0);
+    let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["net"], "LeNet");
+    assert_eq!(j["total_params"], 61_706);
+    assert_eq!(j["total_macs"], 416_520);
+    assert_eq!(j["layers"].as_array().unwrap().len(), 12);
+    assert_eq!(j["layers"][0]["op"], "Conv2d");
+    assert_eq!(j["layers"][0]["params"], 156);
+    assert_eq!(j["outputs"][0]["shape"], "[N, 10]");
+}
+
+#[test]
+fn summary_input_override_rebuilds_the_net() {
+    let o = cnnc(&["summary", "examples/nets/resnet18.cnn", "--input", "1,3,64,64", "--json"]);
+    status(&o, 0);
+    let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["inputs"][0]["shape"], "[1, 3, 64, 64]");
+    assert_eq!(j["outputs"][0]["dims"], serde_json::json!([1, 1000]));
+    assert_eq!(j["total_params"], 11_689_512);
+    assert_eq!(j["total_macs"], 148_760_576);
+    assert!(stderr(&o).contains("compiled with --input x: [1, 3, 64, 64]"), "{}", stderr(&o));
+    // A shape LeNet's Linear cannot take: a shape error on the faulty layer.
+    let o = cnnc(&["summary", "examples/nets/lenet.cnn", "--input", "N,1,32,32"]);
+    fails(&o, 1, "Linear(400, 120) expects 400 input features, but `6` (Flatten) gives 16×6×6 = 576");
+    assert!(stderr(&o).contains("--> examples/nets/lenet.cnn:8:5"), "{}", stderr(&o));
+}
+
+#[test]
+fn summary_picks_a_net_of_a_multi_net_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("two.cnn");
+    std::fs::write(
+        &file,
+        "net Small(x: [N, 4]) = Sequential(Linear(4, 2));\nnet Large(x: [N, 4]) = Sequential(Linear(4, 8), ReLU, Linear(8, 3));\n",
+    )
+    .unwrap();
+    let json = |extra: &[&str]| -> Value {
+        let mut args = vec!["summary", path_str(&file), "--json"];
+        args.extend_from_slice(extra);
+        let o = cnnc(&args);
+        status(&o, 0);
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    assert_eq!(json(&[])["net"], "Large");
+    assert_eq!(json(&["--net", "Small"])["net"], "Small");
+    assert_eq!(json(&["--net", "Small"])["total_params"], 10);
+    assert_eq!(json(&["--net", "Small", "--input", "x=2,4"])["inputs"][0]["shape"], "[2, 4]");
+    fails(&cnnc(&["summary", path_str(&file), "--net", "Medium"]), 2, "it declares: Small, Large");
+    let blocks = dir.path().join("blocks.cnn");
+    std::fs::write(&blocks, "block b(c) = Sequential(ReLU);\n").unwrap();
+    fails(&cnnc(&["summary", path_str(&blocks)]), 1, "declares no net");
+}
+
+#[test]
+fn dot_writes_graphviz() {
+    let o = cnnc(&["dot", "examples/nets/nonlinear.cnn"]);
+    status(&o, 0);
+    let out = stdout(&o);
+    assert!(out.starts_with("digraph \"NoneLinearModel\" {"), "{out}");
+    assert!(out.contains("out_features") && out.contains("out_output"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lenet.dot");
+    let o = cnnc(&["dot", "examples/nets/lenet.cnn", "-o", path_str(&file)]);
+    status(&o, 0);
+    assert!(std::fs::read_to_string(&file).unwrap().starts_with("digraph \"LeNet\""));
+    // `--svg` renders with Graphviz when it is installed, and says so clearly when not.
+    let svg = dir.path().join("lenet.svg");
+    let o = cnnc(&["dot", "examples/nets/lenet.cnn", "--svg", "-o", path_str(&svg)]);
+    if Command::new("dot").arg("-V").output().is_ok() {
+        status(&o, 0);
+        assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    } else {
+        fails(&o, 2, "Graphviz");
+    }
+    let o = cnnc(&["dot", "examples/nets/lenet.cnn", "--svg", "--png"]);
+    fails(&o, 2, "cannot be used with");
+}
+
+#[test]
+fn dot_fused_and_fuse_report() {
+    let o = cnnc(&["fuse-report", "examples/nets/seed_resnet.cnn"]);
+    status(&o, 0);
+    assert!(!stdout(&o).is_empty());
+    let o = cnnc(&["dot", "examples/nets/seed_resnet.cnn", "--fused"]);
+    status(&o, 0);
+    let fused = stdout(&o);
+    let plain = stdout(&cnnc(&["dot", "examples/nets/seed_resnet.cnn"]));
+    assert!(fused.starts_with("digraph \"SeedResNet\""), "{fused}");
+    assert!(fused.lines().count() < plain.lines().count(), "fusion removes nodes");
+}
+
+/// The acceptance test: the digits LeNet reproduces PyTorch's logits on the 360 held-out
+/// images (same argmax everywhere, max |diff| ≤ 1e-4 · max |logit|).
+#[test]
+fn run_lenet_reproduces_pytorch_on_heldout_digits() {
+    let images = heldout("images");
+    let logits = heldout("logits");
+    assert_eq!(images.shape(), [360, 1, 28, 28]);
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("digits.npy");
+    let y = dir.path().join("logits.npy");
+    write_npy(&x, &images).unwrap();
+    let weights = fixture("lenet.safetensors");
+    let o = cnnc(&[
+        "run",
+        "examples/nets/lenet.cnn",
+        "--weights",
+        path_str(&weights),
+        "--input",
+        path_str(&x),
+        "--output",
+        path_str(&y),
+    ]);
+    status(&o, 0);
+    assert!(stdout(&o).is_empty(), "--output prints nothing on stdout");
+    let ours: ArrayD<f32> = read_npy(&y).unwrap();
+    assert_eq!(ours.shape(), [360, 10]);
+    let scale = logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = ours.iter().zip(&logits).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-4 * scale, "max |diff| {diff} > 1e-4 · {scale}");
+    for (i, (a, b)) in ours.axis_iter(Axis(0)).zip(logits.axis_iter(Axis(0))).enumerate() {
+        let (a, b) = (a.into_dimensionality().unwrap(), b.into_dimensionality().unwrap());
+        assert_eq!(argmax(a), argmax(b), "sample {i}");
+    }
+}
+
+#[test]
+fn run_prints_top_k_and_the_interpreter_agrees() {
+    let images = heldout("images");
+    let logits = heldout("logits");
+    let dir = tempfile::tempdir().unwrap();
+    // float64 input is accepted and converted.
+    let x = dir.path().join("four.npy");
+    write_npy(&x, &images.slice_axis(Axis(0), (0..4).into()).mapv(f64::from)).unwrap();
+    let weights = fixture("lenet.safetensors");
+    let args =
+        ["run", "examples/nets/lenet.cnn", "--weights", path_str(&weights), "--input", path_str(&x), "--top", "3"];
+    let o = cnnc(&args);
+    status(&o, 0);
+    let out = stdout(&o);
+    assert!(out.starts_with("output [4, 10]: top 3 of 10 classes per sample"), "{out}");
+    for i in 0..4 {
+        let best = argmax(logits.index_axis(Axis(0), i).into_dimensionality().unwrap());
+        assert!(out.contains(&format!("  [{i}] {best}: ")), "sample {i} should be {best}:\n{out}");
+    }
+    let mut interp = args.to_vec();
+    interp.push("--interp");
+    let o = cnnc(&interp);
+    status(&o, 0);
+    assert_eq!(stdout(&o), out, "JIT and interpreter print the same top-3");
+}
+
+#[test]
+fn run_random_weights_and_several_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.npy");
+    write_npy(&x, &Array::from_shape_fn((2, 3, 32, 32), |(n, c, h, w)| ((n + c * h + w) % 7) as f32 / 7.0)).unwrap();
+    let y = dir.path().join("y.npy");
+    let run = |seed: &str| {
+        let o = cnnc(&[
+            "run",
+            "examples/nets/nonlinear.cnn",
+            "--input",
+            path_str(&x),
+            "--output",
+            path_str(&y),
+            "--seed",
+            seed,
+            "--threads",
+            "2",
+        ]);
+        status(&o, 0);
+        assert!(stderr(&o).contains(&format!("random weights (PyTorch's default initialisation, seed {seed}")));
+        let out: ArrayD<f32> = read_npy(&y).unwrap();
+        let features: ArrayD<f32> = read_npy(dir.path().join("y.features.npy")).unwrap();
+        assert_eq!(out.shape(), [2, 10]);
+        assert_eq!(features.shape(), [2, 128, 28, 28]);
+        out
+    };
+    let a = run("1");
+    assert_eq!(a, run("1"), "the same seed gives the same weights");
+    assert_ne!(a, run("2"));
+    // Without --output every output is printed.
+    let o = cnnc(&["run", "examples/nets/nonlinear.cnn", "--input", path_str(&x)]);
+    status(&o, 0);
+    assert!(stdout(&o).contains("output [2, 10]: top 5") && stdout(&o).contains("features [2, 128, 28, 28]:"));
+}
+
+#[test]
+fn run_rejects_broken_inputs_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let lenet_w = fixture("lenet.safetensors");
+    write_npy(p("digits.npy"), &Array::<f32, _>::zeros((2, 1, 28, 28))).unwrap();
+    write_npy(p("no_batch.npy"), &Array::<f32, _>::zeros((1, 28, 28))).unwrap();
+    write_npy(p("wrong.npy"), &Array::<f32, _>::zeros((2, 3, 28, 28))).unwrap();
+    write_npy(p("labels.npy"), &Array::<i64, _>::zeros((2, 1, 28, 28))).unwrap();
+    write_npy(p("edge.npy"), &Array::<f32, _>::zeros((1, 1, 6, 8))).unwrap();
+    std::fs::write(p("junk.npy"), "not an array\n").unwrap();
+    let npy = std::fs::read(p("digits.npy")).unwrap();
+    std::fs::write(p("short.npy"), &npy[..npy.len() - 100]).unwrap();
+    let st = std::fs::read(&lenet_w).unwrap();
+    std::fs::write(p("short.safetensors"), &st[..st.len() / 2]).unwrap();
+    std::fs::write(p("junk.safetensors"), "{}").unwrap();
+
+    let run = |net: &str, input: &str, weights: Option<&Path>| {
+        let net = format!("examples/nets/{net}.cnn");
+        let input = p(input);
+        let mut args = vec!["run", net.as_str(), "--input", path_str(&input)];
+        if let Some(w) = weights {
+            args.extend(["--weights", path_str(w)]);
+        }
+        cnnc(&args)
+    };
+    // Weights of another net: every mismatched key is named.
+    let o = run("conv1x2", "edge.npy", Some(&lenet_w));
+    fails(&o, 1, "weights do not match net `Conv1x2`");
+    assert!(stderr(&o).contains("0.weight: expected [1, 1, 1, 2], found [6, 1, 5, 5]"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("unexpected: 11.weight"), "{}", stderr(&o));
+    fails(
+        &run("lenet", "wrong.npy", Some(&lenet_w)),
+        1,
+        "has shape [2, 3, 28, 28], but input `x` of net `LeNet` is [N, 1, 28, 28]",
+    );
+    fails(&run("lenet", "no_batch.npy", Some(&lenet_w)), 1, "add the batch dimension");
+    fails(&run("lenet", "labels.npy", Some(&lenet_w)), 1, "holds int64 ('<i8') data, but cnnc needs float32");
+    fails(&run("lenet", "junk.npy", Some(&lenet_w)), 1, "junk.npy` is not a valid .npy file");
+    fails(&run("lenet", "short.npy", Some(&lenet_w)), 1, "short.npy` is not a valid .npy file");
+    fails(&run("lenet", "missing.npy", Some(&lenet_w)), 1, "missing.npy`: No such file");
+    fails(&run("lenet", "digits.npy", Some(&p("short.safetensors"))), 1, "malformed safetensors data");
+    fails(&run("lenet", "digits.npy", Some(&p("junk.safetensors"))), 1, "junk.safetensors");
+    fails(&run("lenet", "digits.npy", Some(&p("missing.safetensors"))), 1, "missing.safetensors");
+    // Two inputs for a one-input net is a usage error.
+    let x = p("digits.npy");
+    let o = cnnc(&["run", "examples/nets/lenet.cnn", "--input", path_str(&x), "--input", path_str(&x)]);
+    fails(&o, 2, "takes 1 input(s)");
+    // The output file cannot be created.
+    let o =
+        cnnc(&["run", "examples/nets/lenet.cnn", "--input", path_str(&x), "--output", path_str(&p("no/dir/y.npy"))]);
+    fails(&o, 1, "cannot create");
+}
+
+#[test]
+fn bench_measures_a_tiny_run() {
+    let o = cnnc(&[
+        "bench",
+        "examples/nets/lenet.cnn",
+        "--batch",
+        "1,4",
+        "--threads",
+        "1,2",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    status(&o, 0);
+    let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["net"], "LeNet");
+    assert_eq!(j["macs_per_sample"], 416_520);
+    assert_eq!(j["peak_gflops_per_core"], 116.0);
+    let rows = j["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        assert_eq!(r["iters"], 3);
+        for key in ["compile_ms", "p50_ms", "p90_ms", "p99_ms", "samples_per_s", "gflops", "percent_of_peak"] {
+            assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {r}");
+        }
+        assert!(r["p50_ms"].as_f64() <= r["p99_ms"].as_f64());
+    }
+    let o = cnnc(&["bench", "examples/nets/conv1x2.cnn", "--iters", "2", "--warmup", "0", "--peak", "10"]);
+    status(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("peak 10 GFLOP/s per core") && out.contains("p50 ms") && out.contains("% peak"), "{out}");
+}
