@@ -357,7 +357,8 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
     model, x, weights, inp, onnx_path, cnn = prepare(torch, nn, net, batch, workdir, args.seed)
     print(f"   prepared weights/input/ONNX in {time.perf_counter() - t0:.1f} s", flush=True)
     engines = {}
-    result = {"row": rid, "net": net, "label": label, "batch": batch, "anchors": anchors, "engines": {}}
+    result = {"row": rid, "net": net, "label": label, "batch": batch, "anchors": anchors, "engines": {},
+              "loadavg_before": loadavg()}
     try:
         engines["pytorch"] = TorchEngine(torch, model, x)
         engines["ort"] = OrtEngine(ort, onnx_path, x.numpy(), threads)
@@ -410,7 +411,11 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
 
         samples = {k: [] for k in est}
         per_round_medians = {k: [] for k in est}
+        pids = [p.pid for p in engines["cnnc"].procs.values()]
+        result["background_cores"] = []
         for r in range(rounds):
+            wait_quiet(args, pids)
+            bg = Background(pids).start()
             # Rotate the order every round so no engine always runs first after a pause.
             order = [(e, t) for t in threads for e in ENGINES]
             shift = r % len(order)
@@ -419,9 +424,11 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
                 ts = engines[k[0]].times(k[1], burst_n[k])
                 samples[k] += ts
                 per_round_medians[k].append(statistics.median(ts))
+            busy = bg.stop()
+            result["background_cores"].append(busy)
             line = "  ".join(f"{ENGINE_LABEL[e]} {t}t {per_round_medians[(e, t)][-1]:.3f}"
                              for t in threads for e in ENGINES)
-            print(f"   round {r + 1}/{rounds}: {line} ms", flush=True)
+            print(f"   round {r + 1}/{rounds}: {line} ms (other processes: {busy} cores)", flush=True)
 
         for (e, t), ts in samples.items():
             s = sorted(ts)
@@ -435,8 +442,74 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
     finally:
         for e in engines.values():
             e.close()
-    print(f"   row done in {time.perf_counter() - t0:.0f} s", flush=True)
+    result["loadavg_after"] = loadavg()
+    print(f"   row done in {time.perf_counter() - t0:.0f} s (load average {result['loadavg_after']})", flush=True)
     return result
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_ticks():
+    """(busy, total) jiffies of the whole machine, from /proc/stat (None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = v[0] + v[1] + v[2] + sum(v[5:8])
+    return busy, busy + v[3] + v[4]
+
+
+def own_ticks(pids):
+    """CPU jiffies used so far by this process and the given child processes."""
+    t = os.times()
+    total = (t.user + t.system) * CLK_TCK
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+class Background:
+    """Cores kept busy by other processes between `start` and `stop`."""
+
+    def __init__(self, pids=()):
+        self.pids = list(pids)
+
+    def start(self):
+        self.m0, self.o0 = cpu_ticks(), own_ticks(self.pids)
+        return self
+
+    def stop(self):
+        m1, o1 = cpu_ticks(), own_ticks(self.pids)
+        if not self.m0 or not m1 or m1[1] == self.m0[1]:
+            return None
+        ncpu = os.cpu_count() or 1
+        elapsed = (m1[1] - self.m0[1]) / ncpu  # jiffies of wall time
+        others = (m1[0] - self.m0[0]) - (o1 - self.o0)
+        return round(max(0.0, others / elapsed), 2)
+
+
+def wait_quiet(args, pids):
+    """Waits (at most --wait-quiet seconds) until other processes use under --quiet cores."""
+    if args.wait_quiet <= 0:
+        return None
+    deadline = time.monotonic() + args.wait_quiet
+    told = False
+    while True:
+        b = Background(pids).start()
+        time.sleep(1.0)
+        busy = b.stop()
+        if busy is None or busy < args.quiet or time.monotonic() >= deadline:
+            return busy
+        if not told:
+            print(f"   waiting for a quieter machine (others use {busy} cores)", flush=True)
+            told = True
 
 
 def quantile(sorted_values, q):
@@ -512,8 +585,9 @@ def anchor_table(results, threads):
     if not shown:
         return ""
     tl = " / ".join(f"{t}t" for t in shown)
-    lines = [f"| Net | Batch | PyTorch now ({tl}) | PyTorch issue | ORT now ({tl}) | ORT issue |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [f"| Net | Batch | PyTorch now ({tl}) | PyTorch issue | ORT now ({tl}) | ORT issue "
+             "| other processes (cores, median of rounds) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         a = r.get("anchors")
         if not a or r.get("skipped"):
@@ -523,9 +597,15 @@ def anchor_table(results, threads):
             f"| {' / '.join(fmt_ms(med(r, 'pytorch', t)) for t in shown)} "
             f"| {' / '.join(fmt_ms(a[idx[t]]) for t in shown)} "
             f"| {' / '.join(fmt_ms(med(r, 'ort', t)) for t in shown)} "
-            f"| {' / '.join(fmt_ms(a[2 + idx[t]]) for t in shown)} |"
+            f"| {' / '.join(fmt_ms(a[2 + idx[t]]) for t in shown)} "
+            f"| {background(r)} |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def background(r):
+    b = [v for v in r.get("background_cores") or [] if v is not None]
+    return f"{statistics.median(b):.2f}" if b else "–"
 
 
 def ratio_series(results, threads):
@@ -640,8 +720,23 @@ def esc(s):
     return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine():
     info = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "compiler", "runtime", "src"], cwd=ROOT,
+                               capture_output=True, text=True)
+        if head.returncode == 0:
+            info["cnnc_commit"] = head.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
+    except OSError:
+        pass
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         for line in lscpu.splitlines():
@@ -668,6 +763,10 @@ def main():
     ap.add_argument("--burst", type=float, help="seconds per engine burst (default 1.0, --quick 0.3)")
     ap.add_argument("--row-limit", type=float, default=300.0,
                     help="seconds one row may take; slower rows are cut to 1 run per burst, then skipped")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each round, wait up to S seconds until other processes use < --quiet cores")
+    ap.add_argument("--quiet", type=float, default=0.3, metavar="CORES",
+                    help="CPU use of other processes that counts as quiet (default 0.3 cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write every measurement as JSON")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "performance_ratios.svg"),

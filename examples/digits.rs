@@ -85,9 +85,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut agree = 0;
     let mut max_diff = 0f32;
     let max_logit = torch_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for i in 0..n {
+    for (i, &label) in labels.iter().enumerate() {
         let ours = argmax(out.row(i));
-        if ours as i64 == labels[i] {
+        if ours as i64 == label {
             correct += 1;
         }
         if ours == argmax(torch_logits.row(i)) {

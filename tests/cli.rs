@@ -254,13 +254,23 @@ fn dot_writes_graphviz() {
 fn dot_fused_and_fuse_report() {
     let o = cnnc(&["fuse-report", "examples/nets/seed_resnet.cnn"]);
     status(&o, 0);
-    assert!(!stdout(&o).is_empty());
+    let out = stdout(&o);
+    assert!(out.starts_with("Fusion report: SeedResNet\n"), "{out}");
+    assert!(out.contains("1.0.bn1 (BatchNorm2d, folded into weights)"), "{out}");
     let o = cnnc(&["dot", "examples/nets/seed_resnet.cnn", "--fused"]);
     status(&o, 0);
     let fused = stdout(&o);
     let plain = stdout(&cnnc(&["dot", "examples/nets/seed_resnet.cnn"]));
     assert!(fused.starts_with("digraph \"SeedResNet\""), "{fused}");
+    assert!(plain.contains("BatchNorm2d") && !fused.contains("BatchNorm2d"), "BatchNorms are folded away");
     assert!(fused.lines().count() < plain.lines().count(), "fusion removes nodes");
+    // With real weights and the numeric check.
+    let weights = fixture("lenet.safetensors");
+    let o = cnnc(&["fuse-report", "examples/nets/lenet.cnn", "--weights", path_str(&weights), "--check"]);
+    status(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("kernels             11 → 7") && out.contains("Numeric check: final error"), "{out}");
+    fails(&cnnc(&["fuse-report", "examples/nets/conv1x2.cnn", "--weights", path_str(&weights)]), 1, "do not match");
 }
 
 /// The acceptance test: the digits LeNet reproduces PyTorch's logits on the 360 held-out
@@ -317,11 +327,13 @@ fn run_prints_top_k_and_the_interpreter_agrees() {
         let best = argmax(logits.index_axis(Axis(0), i).into_dimensionality().unwrap());
         assert!(out.contains(&format!("  [{i}] {best}: ")), "sample {i} should be {best}:\n{out}");
     }
-    let mut interp = args.to_vec();
-    interp.push("--interp");
-    let o = cnnc(&interp);
-    status(&o, 0);
-    assert_eq!(stdout(&o), out, "JIT and interpreter print the same top-3");
+    for extra in [&["--interp"][..], &["--fused"], &["--fused", "--interp"]] {
+        let mut variant = args.to_vec();
+        variant.extend_from_slice(extra);
+        let o = cnnc(&variant);
+        status(&o, 0);
+        assert_eq!(stdout(&o), out, "{extra:?} prints the same top-3");
+    }
 }
 
 #[test]
@@ -443,8 +455,10 @@ fn bench_measures_a_tiny_run() {
         }
         assert!(r["p50_ms"].as_f64() <= r["p99_ms"].as_f64());
     }
-    let o = cnnc(&["bench", "examples/nets/conv1x2.cnn", "--iters", "2", "--warmup", "0", "--peak", "10"]);
+    let o = cnnc(&["bench", "examples/nets/conv1x2.cnn", "--iters", "2", "--warmup", "0", "--peak", "10", "--fused"]);
     status(&o, 0);
     let out = stdout(&o);
-    assert!(out.contains("peak 10 GFLOP/s per core") && out.contains("p50 ms") && out.contains("% peak"), "{out}");
+    assert!(out.contains("Conv1x2 (fused)") && out.contains("peak 10 GFLOP/s per core"), "{out}");
+    assert!(out.contains("p50 ms") && out.contains("% peak"), "{out}");
+    fails(&cnnc(&["bench", "examples/nets/lenet.cnn", "--batch", "0"]), 2, "at least 1");
 }

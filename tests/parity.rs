@@ -9,7 +9,7 @@ mod zoo;
 use cnnc::compiler::dsl::compile_str;
 use cnnc::runtime::jit::{Compiled, Options};
 use cnnc::runtime::{interp, weights::Weights};
-use cnnc::{Graph, Net};
+use cnnc::Graph;
 use ndarray::{ArrayD, IxDyn};
 use safetensors::SafeTensors;
 use std::collections::HashMap;

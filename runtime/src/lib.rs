@@ -5,6 +5,8 @@
 //! - [`weights`]: PyTorch `state_dict`s as safetensors (load, check against the net, save),
 //!   and PyTorch's default random initialisation;
 //! - [`interp`]: the reference interpreter — plain ndarray code, the spec of every op;
+//! - [`fusion_check`]: the compiler's fusion passes run with real weights, optionally under
+//!   an automatic numeric check against the interpreter;
 //! - [`jit`]: the Cranelift backend — shape-specialised native kernels, a memory plan, and the
 //!   [`Compiled`] model.
 //!
@@ -12,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod fusion_check;
 pub mod interp;
 pub mod jit;
 pub mod weights;

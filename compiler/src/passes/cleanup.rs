@@ -1,11 +1,11 @@
 //! Inference clean-ups: identity views ([`remove_identity_view`]), dead nodes
-//! ([`remove_dead_node`]) and unused parameters ([`prune_params`]).
+//! ([`remove_dead_node`]) and the parameter table ([`compact_params`]).
 //!
 //! A Flatten that changes the shape stays: it is a *view* (the JIT aliases its operand's
 //! buffer, and the report counts it as neither a kernel nor traffic).
 
 use super::{Absorbed, How, Outcome, ParamStore, Rewrite, Skip, only_operand};
-use crate::graph::{Graph, NodeId};
+use crate::graph::{Graph, NodeId, ParamId};
 use crate::ops::Op;
 
 /// Whether an op is a view of its operand: no kernel, no memory traffic.
@@ -58,40 +58,38 @@ pub(super) fn remove_dead_node(graph: &mut Graph, _store: &mut dyn ParamStore, i
     Ok(Rewrite { kernel: None, absorbed, note: None })
 }
 
-/// Drops parameters no node reads (folded BatchNorms' statistics, unused modules) from the
-/// table and the store, renumbering the rest in order.
-pub(super) fn prune_params(graph: &mut Graph, store: &mut dyn ParamStore) -> Outcome {
-    let mut keep = vec![false; graph.params.len()];
-    let nodes = graph.node_ids();
-    for id in &nodes {
+/// Rebuilds the parameter table in the order the kernels first read it (a node's weight,
+/// bias, scale, shift, node by node in execution order, as a `state_dict` lists them) and
+/// drops parameters no node reads (folded BatchNorms' statistics, unused modules); the
+/// store follows.
+pub(super) fn compact_params(graph: &mut Graph, store: &mut dyn ParamStore) -> Outcome {
+    let order = graph.topo_order().map_err(|_| Skip::NoMatch)?;
+    let mut new_index: Vec<Option<usize>> = vec![None; graph.params.len()];
+    let mut selected: Vec<ParamId> = vec![];
+    for id in &order {
         for p in &graph.node(*id).params {
-            if let Some(k) = keep.get_mut(p.0) {
-                *k = true;
+            if let Some(slot @ None) = new_index.get_mut(p.0) {
+                *slot = Some(selected.len());
+                selected.push(*p);
             }
         }
     }
-    let dropped = keep.iter().filter(|k| !**k).count();
-    if dropped == 0 {
+    let dropped = graph.params.len() - selected.len();
+    if selected.iter().enumerate().all(|(i, p)| p.0 == i) && dropped == 0 {
         return Err(Skip::NoMatch);
     }
-    let mut new_index = vec![usize::MAX; keep.len()];
-    let mut next = 0;
-    for (i, k) in keep.iter().enumerate() {
-        if *k {
-            new_index[i] = next;
-            next += 1;
-        }
-    }
-    let mut i = 0;
-    graph.params.retain(|_| {
-        i += 1;
-        keep[i - 1]
-    });
-    store.retain(&keep);
-    for id in nodes {
+    graph.params = selected.iter().map(|p| graph.params[p.0].clone()).collect();
+    store.select(&selected);
+    for id in order {
         for p in graph.node_mut(id).params.iter_mut() {
-            p.0 = new_index[p.0];
+            if let Some(Some(i)) = new_index.get(p.0) {
+                p.0 = *i;
+            }
         }
     }
-    Ok(Rewrite { kernel: None, absorbed: vec![], note: Some(format!("{dropped} unused parameters dropped")) })
+    let note = match dropped {
+        0 => "parameters reordered by first use".to_string(),
+        n => format!("{n} unused parameters dropped, the rest ordered by first use"),
+    };
+    Ok(Rewrite { kernel: None, absorbed: vec![], note: Some(note) })
 }

@@ -32,7 +32,14 @@ fn epilogue_mut(op: &mut Op) -> Option<&mut Epilogue> {
 fn residual_candidate(graph: &Graph, kernel: NodeId, skip: NodeId, add: NodeId) -> Result<(), String> {
     let k = graph.node(kernel);
     let Some(e) = epilogue_of(&k.op) else {
-        return Err(format!("`{}` is a {}, not a Conv2d or Linear", k.name, k.op.kind()));
+        return Err(match k.op {
+            Op::Input => format!("`{}` is the graph input, not a Conv2d or Linear", k.name),
+            _ => {
+                let kind = k.op.kind();
+                let article = if kind.starts_with(['A', 'E', 'I', 'O', 'U']) { "an" } else { "a" };
+                format!("`{}` is {article} {kind}, not a Conv2d or Linear", k.name)
+            }
+        });
     };
     if e.residual {
         return Err(format!("`{}` already adds a residual", k.name));

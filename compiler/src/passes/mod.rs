@@ -28,7 +28,9 @@
 //!   bias-free conv gains, `….scale`/`….shift` for an unfolded BatchNorm's epilogue — or
 //!   `{node name}#k.{suffix}` when a module applied twice makes that key ambiguous;
 //! - parameters no node uses any more (folded BatchNorms' statistics, declared but unused
-//!   modules) are pruned at the end, so the table lists exactly what the kernels read.
+//!   modules) are dropped at the end, and the rest ordered by first use (weight, bias,
+//!   scale, shift of each kernel in execution order), so the table lists exactly what the
+//!   kernels read, the way a `state_dict` of the fused net would.
 //!
 //! **Invariant:** no pass changes the graph's inputs, its outputs' names, order or types,
 //! or (beyond rounding) their values.
@@ -98,7 +100,7 @@ pub struct Pass {
 
 /// The inference pipeline, in order. Clean-ups first (so fusion sees the real producers),
 /// then folding of weights, then epilogue fusion — residual before activation, because a
-/// kernel's epilogue adds the residual before it activates — and pruning last.
+/// kernel's epilogue adds the residual before it activates — and the parameter table last.
 pub const PIPELINE: &[Pass] = &[
     Pass {
         name: "remove-identity-views",
@@ -136,9 +138,9 @@ pub const PIPELINE: &[Pass] = &[
         rule: Rule::EachNode(epilogue::fuse_activation),
     },
     Pass {
-        name: "prune-params",
-        summary: "parameters no node reads are dropped from the table",
-        rule: Rule::WholeGraph(cleanup::prune_params),
+        name: "compact-params",
+        summary: "the parameter table keeps what the kernels read, in the order they read it",
+        rule: Rule::WholeGraph(cleanup::compact_params),
     },
 ];
 
@@ -203,7 +205,7 @@ pub struct Rewrite {
     pub kernel: Option<NodeId>,
     /// The nodes absorbed or removed.
     pub absorbed: Vec<Absorbed>,
-    /// Anything else worth reporting (a bias the conv gained, parameters pruned).
+    /// Anything else worth reporting (a bias the conv gained, parameters dropped).
     pub note: Option<String>,
 }
 

@@ -122,7 +122,7 @@ pub struct FusionReport {
     pub not_fused: Vec<NotFused>,
     /// Nodes removed outright (identity at inference, unused).
     pub removed: Vec<Absorbed>,
-    /// Graph-wide remarks (parameters pruned).
+    /// Graph-wide remarks (parameters dropped).
     pub notes: Vec<String>,
     /// One entry per pass run, in order.
     pub passes: Vec<PassSummary>,
@@ -228,7 +228,11 @@ impl FusionReport {
 }
 
 fn mb(bytes: u64) -> String {
-    format!("{:.2} MB", bytes as f64 / 1e6)
+    match bytes {
+        0..1_000 => format!("{bytes} B"),
+        1_000..1_000_000 => format!("{:.2} kB", bytes as f64 / 1e3),
+        _ => format!("{:.2} MB", bytes as f64 / 1e6),
+    }
 }
 
 fn change(before: u64, after: u64) -> String {

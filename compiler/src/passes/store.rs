@@ -9,7 +9,7 @@
 //! in-crate implementation used by tests and by callers that hold raw buffers.
 //!
 //! Passes keep the store aligned: a new parameter is added to the graph and pushed to the
-//! store together (see [`add_param`]), and pruning removes the same entries from both.
+//! store together (see [`add_param`]), and compaction reorders both the same way.
 
 use crate::graph::{Graph, ParamId};
 use crate::ops::{DType, ParamSpec};
@@ -33,9 +33,9 @@ pub trait ParamStore {
     /// Appends the values of a new parameter and returns its id (the next index).
     fn push(&mut self, data: Vec<f32>) -> ParamId;
 
-    /// Keeps only the entries `i` with `keep[i]`, in order (after unused parameters are
-    /// pruned from the graph).
-    fn retain(&mut self, keep: &[bool]);
+    /// Rebuilds the store so that entry `i` is the former entry `order[i]` (entries not
+    /// listed are dropped), after the graph's table was compacted the same way.
+    fn select(&mut self, order: &[ParamId]);
 }
 
 /// A store backed by one optional buffer per parameter.
@@ -80,12 +80,9 @@ impl ParamStore for VecStore {
         ParamId(self.0.len() - 1)
     }
 
-    fn retain(&mut self, keep: &[bool]) {
-        let mut i = 0;
-        self.0.retain(|_| {
-            i += 1;
-            keep.get(i - 1).copied().unwrap_or(true)
-        });
+    fn select(&mut self, order: &[ParamId]) {
+        let mut old: Vec<Option<Vec<f32>>> = std::mem::take(&mut self.0);
+        self.0 = order.iter().map(|id| old.get_mut(id.0).and_then(Option::take)).collect();
     }
 }
 

@@ -104,7 +104,7 @@ fn jit_err(node: &str, e: impl std::fmt::Display) -> Error {
 fn host_isa() -> Result<OwnedTargetIsa> {
     let mut flags = settings::builder();
     let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| jit_err("<isa>", e));
-    set(&mut flags, "opt_level", "speed")?;
+    set(&mut flags, "opt_level", if std::env::var_os("CNNC_OPT_NONE").is_some() { "none" } else { "speed" })?;
     set(&mut flags, "use_colocated_libcalls", "false")?;
     set(&mut flags, "is_pic", "false")?;
     set(&mut flags, "enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })?;
@@ -398,6 +398,62 @@ impl Fx<'_> {
         }
     }
 
+    /// A counted loop that carries values: `vals[i]` starts as given and advances by
+    /// `steps[i]` per iteration (pointers in bytes, counters in units; 0 for an invariant);
+    /// `body` receives the current values. Runs `count` times (a constant, or a runtime
+    /// value that may be ≤ 0).
+    ///
+    /// **Every non-constant value a loop body uses from outside must be carried.** The
+    /// e-graph pass places each pure computation at its first use and, in practice
+    /// (Cranelift 0.135), does not hoist it back out of the loops in between, so an address
+    /// computed before a loop nest but used in its innermost loop would be recomputed on
+    /// every iteration. Loop-carried values are block parameters, which that pass cannot move;
+    /// an invariant is passed back as `v + 0` so the constant-phi pass keeps the parameter.
+    pub fn loop_n<const N: usize>(
+        &mut self,
+        count: Count,
+        vals: [Value; N],
+        steps: [i64; N],
+        body: impl FnOnce(&mut Self, [Value; N]),
+    ) {
+        if let Count::Const(n) = count {
+            match n {
+                0 => return,
+                1 => return body(self, vals),
+                _ => {}
+            }
+        }
+        let vars = vals.map(|v| {
+            let ty = self.b.func.dfg.value_type(v);
+            self.var(ty, v)
+        });
+        let n = match count {
+            Count::Const(n) => self.i(c(n)),
+            Count::Dyn(v) => v,
+        };
+        let counter = self.var(types::I64, n);
+        let head = self.b.create_block();
+        let exit = self.b.create_block();
+        if let Count::Dyn(v) = count {
+            let go = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, v, 0);
+            self.b.ins().brif(go, head, &[], exit, &[]);
+        } else {
+            self.b.ins().jump(head, &[]);
+        }
+        self.b.switch_to_block(head);
+        let cur = vars.map(|v| self.b.use_var(v));
+        body(self, cur);
+        for ((v, p), s) in vars.iter().zip(cur).zip(steps) {
+            let next = self.b.ins().iadd_imm_s(p, s);
+            self.b.def_var(*v, next);
+        }
+        let k = self.b.use_var(counter);
+        let k = self.b.ins().iadd_imm_s(k, -1);
+        self.b.def_var(counter, k);
+        self.b.ins().brif(k, head, &[], exit, &[]);
+        self.b.switch_to_block(exit);
+    }
+
     /// Loops over the chunk's samples: `body(n)`.
     pub fn for_samples(&mut self, body: impl FnOnce(&mut Self, Value)) {
         let zero = self.i(0);
@@ -418,6 +474,15 @@ impl Fx<'_> {
     }
 }
 
+/// A loop's trip count.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Count {
+    /// Known at compile time.
+    Const(usize),
+    /// Computed at run time (may be ≤ 0: no iteration).
+    Dyn(Value),
+}
+
 /// Converts a size to an `i64` constant operand (sizes come from checked shapes, far below
 /// `i64::MAX`).
 pub(super) fn c(v: usize) -> i64 {
@@ -429,28 +494,4 @@ pub(super) fn non_negative(fx: &mut Fx<'_>, a: Value) -> Value {
     fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, a, 0)
 }
 
-#[cfg(test)]
-mod licm_probe {
-    use super::*;
-    #[test]
-    fn probe() {
-        let mut jit = Jit::new(true).unwrap();
-        jit.kernel("probe", |fx| {
-            let t = fx.table;
-            fx.for_samples(|fx, n| {
-                fx.for_const(0, 100, 1, |fx, j| {
-                    fx.for_const(0, 50, 1, |fx, k| {
-                        let p = fx.b.ins().load(types::I64, load_flags(), t, 0);
-                        let a = fx.muli(n, 1000);
-                        let q = fx.add(p, a);
-                        let q = fx.elem(q, j);
-                        let v = fx.load_f(q, 0);
-                        let q2 = fx.elem(q, k);
-                        fx.store_f(v, q2, 0);
-                    });
-                });
-            });
-        })
-        .unwrap();
-    }
-}
+

@@ -21,7 +21,7 @@
 //! A 1×1, stride-1, unpadded convolution is run as if the image were one row of `H·W`
 //! pixels, so it is a plain GEMM over all pixels.
 
-use super::codegen::{Fx, Jit, LANES, V, c};
+use super::codegen::{Count, Fx, Jit, LANES, V, c};
 use super::epilogue::Epi;
 use super::lower::NodeCx;
 use crate::error::{Error, Result};
@@ -226,119 +226,157 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
     Ok(())
 }
 
-/// Pointers and ranges shared by the pieces of one output row of one channel tile.
+/// What the pieces of one output row of one channel tile need. All are loop-carried values
+/// (see [`Fx::loop_n`]).
+#[derive(Clone, Copy)]
 struct RowCx {
     /// Input of the current group.
     xg: Value,
     /// Packed weights of the current channel tile.
     wt: Value,
-    /// Output (and residual) at `(oc0, oh, 0)`.
-    yrow: Value,
-    rrow: Option<Value>,
     /// First output channel of the tile.
     oc0: Value,
-    /// Valid channels in the tile.
-    valid: usize,
-    /// This row's `rows` table entries.
+    /// Output (and residual) at `(oc0, oh, 0)`.
+    yrow: Value,
+    rrow: Value,
+    /// This row's entries of the `rows` table.
     rows: Value,
     /// The kh range of real rows.
     kh_lo: Value,
     kh_hi: Value,
 }
 
+impl RowCx {
+    fn to_array(self) -> [Value; 8] {
+        [self.xg, self.wt, self.oc0, self.yrow, self.rrow, self.rows, self.kh_lo, self.kh_hi]
+    }
+
+    fn from_array(a: [Value; 8]) -> RowCx {
+        let [xg, wt, oc0, yrow, rrow, rows, kh_lo, kh_hi] = a;
+        RowCx { xg, wt, oc0, yrow, rrow, rows, kh_lo, kh_hi }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn emit(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, xs: usize, ys: usize, vcols: Option<(usize, usize)>) {
     let x = fx.slot(xs);
     let y = fx.slot(ys);
-    let r = epi.residual.map(|s| fx.slot(s));
-    fx.for_samples(|fx, n| {
-        let xn = fx.elem_scaled(x, n, c(g.in_size));
-        let yn = fx.elem_scaled(y, n, c(g.out_size));
-        let rn = r.map(|r| fx.elem_scaled(r, n, c(g.out_size)));
-        fx.for_const(0, g.groups, 1, |fx, gi| {
-            let xg = fx.elem_scaled(xn, gi, c(g.icg * g.ih * g.iw));
+    // Without a residual, `r` tracks `y` and is never read.
+    let r = epi.residual.map_or(y, |s| fx.slot(s));
+    let (plane_in, plane_out) = (g.ih * g.iw, g.oh * g.ow);
+    let tile_w = g.kh * g.kw * g.icg * g.mr;
+    let nb = fx.nb;
+    let sample = [c(4 * g.in_size), c(4 * g.out_size), c(4 * g.out_size)];
+    fx.loop_n(Count::Dyn(nb), [x, y, r], sample, |fx, [xn, yn, rn]| {
+        let w0 = fx.addr(k.w);
+        let zero = fx.i(0);
+        let group = [c(4 * g.icg * plane_in), c(4 * g.ocg * plane_out), c(4 * g.ocg * plane_out), c(4 * g.tiles * tile_w), c(g.ocg)];
+        fx.loop_n(Count::Const(g.groups), [xn, yn, rn, w0, zero], group, |fx, [xg, yg, rg, wg, og]| {
             let full = g.ocg / g.mr;
             let part = g.ocg % g.mr;
-            let tile = |fx: &mut Fx<'_>, t: Value, valid: usize| {
-                let gt = fx.muli(gi, c(g.tiles));
-                let gt = fx.add(gt, t);
-                let wbase = fx.addr(k.w);
-                let wt = fx.elem_scaled(wbase, gt, c(g.kh * g.kw * g.icg * g.mr));
-                let og = fx.muli(gi, c(g.ocg));
-                let ot = fx.muli(t, c(g.mr));
-                let oc0 = fx.add(og, ot);
-                fx.for_const(0, g.oh, 1, |fx, oh| {
-                    let rt = fx.addr(k.rows);
-                    let rows = fx.elem_scaled(rt, oh, c(g.kh));
-                    let rr = fx.addr(k.row_range);
-                    let rr = fx.elem_scaled(rr, oh, 2);
-                    let kh_lo = fx.load_i32(rr, 0);
-                    let kh_hi = fx.load_i32(rr, 1);
-                    let ybase = fx.muli(oc0, c(g.oh * g.ow));
-                    let yoff = fx.muli(oh, c(g.ow));
-                    let yidx = fx.add(ybase, yoff);
-                    let yrow = fx.elem(yn, yidx);
-                    let rrow = rn.map(|rn| fx.elem(rn, yidx));
-                    let rc = RowCx { xg, wt, yrow, rrow, oc0, valid, rows, kh_lo, kh_hi };
-                    row(fx, g, k, epi, &rc, vcols);
-                });
-            };
-            if full > 0 {
-                fx.for_const(0, full, 1, |fx, t| tile(fx, t, g.mr));
-            }
+            let tile_steps = [0, c(4 * g.mr * plane_out), c(4 * g.mr * plane_out), c(4 * tile_w), c(g.mr)];
+            fx.loop_n(Count::Const(full), [xg, yg, rg, wg, og], tile_steps, |fx, [xg, yt, rt, wt, oc0]| {
+                rows(fx, g, k, epi, vcols, xg, yt, rt, wt, oc0, g.mr);
+            });
             if part > 0 {
-                let t = fx.i(c(full));
-                tile(fx, t, part);
+                let yt = fx.addi(yg, c(4 * full * g.mr * plane_out));
+                let rt = fx.addi(rg, c(4 * full * g.mr * plane_out));
+                let wt = fx.addi(wg, c(4 * full * tile_w));
+                let oc0 = fx.addi(og, c(full * g.mr));
+                rows(fx, g, k, epi, vcols, xg, yt, rt, wt, oc0, part);
             }
         });
     });
 }
 
+/// Every output row of one channel tile.
+#[allow(clippy::too_many_arguments)]
+fn rows(
+    fx: &mut Fx<'_>,
+    g: &Geo,
+    k: &Consts,
+    epi: &Epi,
+    vcols: Option<(usize, usize)>,
+    xg: Value,
+    yt: Value,
+    rt: Value,
+    wt: Value,
+    oc0: Value,
+    valid: usize,
+) {
+    let rows0 = fx.addr(k.rows);
+    let range0 = fx.addr(k.row_range);
+    let vals = [xg, wt, oc0, yt, rt, rows0, range0];
+    let steps = [0, 0, 0, c(4 * g.ow), c(4 * g.ow), c(4 * g.kh), 8];
+    fx.loop_n(Count::Const(g.oh), vals, steps, |fx, [xg, wt, oc0, yrow, rrow, rows, range]| {
+        let kh_lo = fx.load_i32(range, 0);
+        let kh_hi = fx.load_i32(range, 1);
+        let rc = RowCx { xg, wt, oc0, yrow, rrow, rows, kh_lo, kh_hi };
+        row(fx, g, k, epi, &rc, valid, vcols);
+    });
+}
+
 /// One output row of one channel tile: vector tiles over the interior, pixels at the edges.
-fn row(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, vcols: Option<(usize, usize)>) {
+fn row(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, valid: usize, vcols: Option<(usize, usize)>) {
     let (lo, end) = vcols.unwrap_or((0, 0));
     let tw = LANES * g.nr;
     let big = (end - lo) / tw;
     let tail_vecs = (end - lo - big * tw) / LANES;
-    fx.for_const(c(lo), big, c(tw), |fx, ow0| vtile(fx, g, k, epi, rc, ow0, g.nr));
+    // Vector tiles carry their input column, output and residual pointers.
+    let col = |fx: &mut Fx<'_>, ow0: usize| {
+        let xcol = fx.addi(rc.xg, c(4 * ow0 * g.sw));
+        let ycol = fx.addi(rc.yrow, c(4 * ow0));
+        let rcol = fx.addi(rc.rrow, c(4 * ow0));
+        [xcol, ycol, rcol]
+    };
+    let start = col(fx, lo);
+    let inv = rc.to_array();
+    let vals = [start[0], start[1], start[2], inv[0], inv[1], inv[2], inv[3], inv[4], inv[5], inv[6], inv[7]];
+    let steps = [c(4 * tw * g.sw), c(4 * tw), c(4 * tw), 0, 0, 0, 0, 0, 0, 0, 0];
+    fx.loop_n(Count::Const(big), vals, steps, |fx, v| {
+        let rc = RowCx::from_array([v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10]]);
+        vtile(fx, g, k, epi, &rc, valid, [v[0], v[1], v[2]], g.nr);
+    });
     let mut done = lo + big * tw;
     if tail_vecs > 0 {
-        let ow0 = fx.i(c(done));
-        vtile(fx, g, k, epi, rc, ow0, tail_vecs);
+        let p = col(fx, done);
+        vtile(fx, g, k, epi, rc, valid, p, tail_vecs);
         done += tail_vecs * LANES;
     }
     let (left, right) = if vcols.is_some() { (lo, done) } else { (0, 0) };
-    fx.for_const(0, left, 1, |fx, ow| pixel(fx, g, k, epi, rc, ow));
-    fx.for_const(c(right), g.ow - right, 1, |fx, ow| pixel(fx, g, k, epi, rc, ow));
+    pixels(fx, g, k, epi, rc, valid, 0, left);
+    pixels(fx, g, k, epi, rc, valid, right, g.ow);
 }
 
-/// A register tile: `valid` channels × `nrv` vectors of 4 pixels starting at `ow0`.
+/// A register tile: `valid` channels × `nrv` vectors of 4 pixels; `p` = input column start
+/// (before the left padding offset), output and residual at the tile's first pixel.
 ///
 /// The taps run as `kh` (real rows only) → `(kw, ic)` flattened into one loop whose offsets
 /// come from a table, two taps per iteration when the count is even. Keeping one or two taps
 /// per loop body matters: the e-graph pass schedules each accumulator's whole chain of
 /// `fma`s at once, so straight-line code over many taps would keep every tap's input live.
-fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, ow0: Value, nrv: usize) {
+#[allow(clippy::too_many_arguments)]
+fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, valid: usize, p: [Value; 3], nrv: usize) {
+    let [xcol, ycol, rcol] = p;
     let zero_v = fx.vf(0.0);
-    let acc: Vec<Vec<Variable>> = (0..rc.valid).map(|_| (0..nrv).map(|_| fx.var(V, zero_v)).collect()).collect();
-    let xoff = fx.muli(ow0, c(4 * g.sw));
-    let xrow = fx.add(rc.xg, xoff);
+    let acc: Vec<Vec<Variable>> = (0..valid).map(|_| (0..nrv).map(|_| fx.var(V, zero_v)).collect()).collect();
     let taps = g.kw * g.icg;
     let unroll = if taps % 2 == 0 { 2 } else { 1 };
-    fx.for_range(rc.kh_lo, rc.kh_hi, 1, |fx, kh| {
-        let rp = fx.elem(rc.rows, kh);
+    let count = fx.b.ins().isub(rc.kh_hi, rc.kh_lo);
+    let rp = fx.elem(rc.rows, rc.kh_lo);
+    let wk = fx.elem_scaled(rc.wt, rc.kh_lo, c(taps * g.mr));
+    fx.loop_n(Count::Dyn(count), [rp, wk, xcol], [4, c(4 * taps * g.mr), 0], |fx, [rp, wk, xcol]| {
         let r = fx.load_i32(rp, 0);
-        let base = fx.elem_scaled(xrow, r, c(g.iw));
-        let wk = fx.elem_scaled(rc.wt, kh, c(taps * g.mr));
-        fx.for_const(0, taps / unroll, c(unroll), |fx, q| {
-            let tab = fx.addr(k.taps);
-            let tq = fx.elem(tab, q);
-            let wq = fx.elem_scaled(wk, q, c(g.mr));
+        let base = fx.elem_scaled(xcol, r, c(g.iw));
+        let tab = fx.addr(k.taps);
+        let steps = [c(4 * unroll), c(4 * unroll * g.mr), 0];
+        fx.loop_n(Count::Const(taps / unroll), [tab, wk, base], steps, |fx, [tq, wq, base]| {
             for u in 0..unroll {
                 let off = fx.load_i32(tq, u as i64);
                 let p = fx.elem(base, off);
-                let xv: Vec<Value> =
-                    (0..nrv).map(|v| fx.load_strided(p, (v * LANES * g.sw) as i64 - g.pl as i64, g.sw)).collect();
+                let xv: Vec<Value> = (0..nrv)
+                    .map(|v| fx.load_strided(p, (v * LANES * g.sw) as i64 - g.pl as i64, g.sw))
+                    .collect();
                 for (j, accj) in acc.iter().enumerate() {
                     let wv = fx.load_splat(wq, (u * g.mr + j) as i64);
                     for (v, x) in xv.iter().enumerate() {
@@ -351,49 +389,66 @@ fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, ow0: Value
         });
     });
     let plane = (g.oh * g.ow) as i64;
-    let yo = fx.elem(rc.yrow, ow0);
-    let ro = rc.rrow.map(|r| fx.elem(r, ow0));
     for (j, accj) in acc.iter().enumerate() {
         let ch = fx.addi(rc.oc0, j as i64);
         let p = epi.splat(fx, ch);
         for (v, var) in accj.iter().enumerate() {
             let off = j as i64 * plane + (v * LANES) as i64;
             let a = fx.b.use_var(*var);
-            let res = ro.map(|ro| fx.load_v(ro, off));
+            let res = epi.residual.map(|_| fx.load_v(rcol, off));
             let out = epi.finish(fx, a, &p, res);
-            fx.store_v(out, yo, off);
+            fx.store_v(out, ycol, off);
         }
     }
 }
 
-/// One output pixel of a channel tile, at a border column: taps run over the real rows and
+/// Output pixels `ow0 .. ow1` of one row of a channel tile, one at a time.
+#[allow(clippy::too_many_arguments)]
+fn pixels(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, valid: usize, ow0: usize, ow1: usize) {
+    if ow1 <= ow0 {
+        return;
+    }
+    let cols = fx.addr(k.cols);
+    let cols = fx.addi(cols, c(4 * ow0 * g.kw));
+    let range = fx.addr(k.col_range);
+    let range = fx.addi(range, c(8 * ow0));
+    let ypix = fx.addi(rc.yrow, c(4 * ow0));
+    let rpix = fx.addi(rc.rrow, c(4 * ow0));
+    let vals = [cols, range, ypix, rpix, rc.xg, rc.wt, rc.oc0, rc.rows, rc.kh_lo, rc.kh_hi];
+    let steps = [c(4 * g.kw), 8, 4, 4, 0, 0, 0, 0, 0, 0];
+    fx.loop_n(Count::Const(ow1 - ow0), vals, steps, |fx, v| {
+        let [cols, range, ypix, rpix, xg, wt, oc0, rows, kh_lo, kh_hi] = v;
+        pixel(fx, g, epi, valid, [cols, range, ypix, rpix, xg, wt, oc0, rows, kh_lo, kh_hi]);
+    });
+}
+
+/// One output pixel of a channel tile at a border column: taps run over the real rows and
 /// columns (looked up, so remapped padding works too), lanes across output channels.
-fn pixel(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, ow: Value) {
-    let ct = fx.addr(k.cols);
-    let cols = fx.elem_scaled(ct, ow, c(g.kw));
-    let cr = fx.addr(k.col_range);
-    let cr = fx.elem_scaled(cr, ow, 2);
-    let kw_lo = fx.load_i32(cr, 0);
-    let kw_hi = fx.load_i32(cr, 1);
+fn pixel(fx: &mut Fx<'_>, g: &Geo, epi: &Epi, valid: usize, v: [Value; 10]) {
+    let [cols, range, ypix, rpix, xg, wt, oc0, rows, kh_lo, kh_hi] = v;
+    let kw_lo = fx.load_i32(range, 0);
+    let kw_hi = fx.load_i32(range, 1);
     let vector = g.mr == LANES;
     let zero_v = fx.vf(0.0);
     let zero_f = fx.f(0.0);
     let accs: Vec<Variable> =
-        if vector { vec![fx.var(V, zero_v)] } else { (0..rc.valid).map(|_| fx.var(types::F32, zero_f)).collect() };
-    let plane_in = c(g.ih * g.iw);
-    fx.for_range(rc.kh_lo, rc.kh_hi, 1, |fx, kh| {
-        let rp = fx.elem(rc.rows, kh);
+        if vector { vec![fx.var(V, zero_v)] } else { (0..valid).map(|_| fx.var(types::F32, zero_f)).collect() };
+    let taps_w = g.kw * g.icg * g.mr;
+    let count = fx.b.ins().isub(kh_hi, kh_lo);
+    let rp = fx.elem(rows, kh_lo);
+    let wk = fx.elem_scaled(wt, kh_lo, c(taps_w));
+    let vals = [rp, wk, xg, cols, kw_lo, kw_hi];
+    fx.loop_n(Count::Dyn(count), vals, [4, c(4 * taps_w), 0, 0, 0, 0], |fx, [rp, wk, xg, cols, kw_lo, kw_hi]| {
         let r = fx.load_i32(rp, 0);
-        let rowp = fx.elem_scaled(rc.xg, r, c(g.iw));
-        let wk = fx.elem_scaled(rc.wt, kh, c(g.kw * g.icg * g.mr));
-        fx.for_range(kw_lo, kw_hi, 1, |fx, kw| {
-            let cp = fx.elem(cols, kw);
+        let rowp = fx.elem_scaled(xg, r, c(g.iw));
+        let n = fx.b.ins().isub(kw_hi, kw_lo);
+        let cp = fx.elem(cols, kw_lo);
+        let wkw = fx.elem_scaled(wk, kw_lo, c(g.icg * g.mr));
+        fx.loop_n(Count::Dyn(n), [cp, wkw, rowp], [4, c(4 * g.icg * g.mr), 0], |fx, [cp, wkw, rowp]| {
             let col = fx.load_i32(cp, 0);
             let p = fx.elem(rowp, col);
-            let wkw = fx.elem_scaled(wk, kw, c(g.icg * g.mr));
-            fx.for_const(0, g.icg, 1, |fx, ic| {
-                let xp = fx.elem_scaled(p, ic, plane_in);
-                let wic = fx.elem_scaled(wkw, ic, c(g.mr));
+            let steps = [c(4 * g.ih * g.iw), c(4 * g.mr)];
+            fx.loop_n(Count::Const(g.icg), [p, wkw], steps, |fx, [xp, wic]| {
                 if vector {
                     let xs = fx.load_splat(xp, 0);
                     let wv = fx.load_v(wic, 0);
@@ -423,20 +478,18 @@ fn pixel(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, ow: Value)
         v
     };
     let plane = (g.oh * g.ow) as i64;
-    let yp = fx.elem(rc.yrow, ow);
-    let res = rc.rrow.map(|r| {
-        let rp = fx.elem(r, ow);
+    let res = epi.residual.map(|_| {
         let mut v = fx.vf(0.0);
-        for j in 0..rc.valid {
-            let s = fx.load_f(rp, j as i64 * plane);
+        for j in 0..valid {
+            let s = fx.load_f(rpix, j as i64 * plane);
             v = fx.b.ins().insertlane(v, s, j as u8);
         }
         v
     });
-    let p = epi.lanes(fx, rc.oc0, rc.valid);
+    let p = epi.lanes(fx, oc0, valid);
     let out = epi.finish(fx, acc, &p, res);
-    for j in 0..rc.valid {
+    for j in 0..valid {
         let s = fx.b.ins().extractlane(out, j as u8);
-        fx.store_f(s, yp, j as i64 * plane);
+        fx.store_f(s, ypix, j as i64 * plane);
     }
 }

@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Apply the fusion passes (see `cnnc fuse-report`) before compiling.
+    #[arg(long)]
+    pub fused: bool,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -80,6 +83,7 @@ struct Row {
 #[derive(Serialize, Debug)]
 struct Report<'a> {
     net: &'a str,
+    fused: bool,
     macs_per_sample: u64,
     peak_gflops_per_core: f64,
     results: &'a [Row],
@@ -114,7 +118,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
     if !(args.peak > 0.0 && args.peak.is_finite()) {
         return Err(usage("--peak must be a positive number of GFLOP/s"));
     }
-    let (_, graph) = source::load_net(&args.net, &args.shapes)?;
+    let (_, mut graph) = source::load_net(&args.net, &args.shapes)?;
     let fixed = graph.inputs.iter().find_map(|(_, id)| match graph.node(*id).ty.batch {
         Batch::Fixed(b) => Some(b),
         Batch::Symbolic => None,
@@ -138,8 +142,13 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
         .iter()
         .map(|t| if *t == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { *t })
         .collect();
-    let weights = crate::run::weights(&graph, args.weights.as_deref(), args.seed)?;
+    // MACs of the net as written: fusion must not change the work credited to it.
     let macs = Summary::of(&graph).total_macs;
+    let mut weights = crate::run::weights(&graph, args.weights.as_deref(), args.seed)?;
+    if args.fused {
+        let fused = crate::fusion::optimize(&graph, &weights)?;
+        (graph, weights) = (fused.graph, fused.weights);
+    }
 
     let per_config = (args.warmup + args.iters) as u64;
     let bar = if args.quiet || args.json {
@@ -210,15 +219,21 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
     if args.json {
         return crate::print_json(&Report {
             net: &graph.name,
+            fused: args.fused,
             macs_per_sample: macs,
             peak_gflops_per_core: args.peak,
             results: &rows,
         });
     }
     println!(
-        "{}: {:.3} GMACs per sample; peak {} GFLOP/s per core; latency over at most {} runs or {}s each",
+        "{}{}: {} per sample; peak {} GFLOP/s per core; latency over at most {} runs or {}s each",
         graph.name,
-        macs as f64 / 1e9,
+        if args.fused { " (fused)" } else { "" },
+        if macs >= 100_000_000 {
+            format!("{:.3} GMACs", macs as f64 / 1e9)
+        } else {
+            format!("{:.3} MMACs", macs as f64 / 1e6)
+        },
         args.peak,
         args.iters,
         args.budget

@@ -35,7 +35,7 @@ pub struct DotArgs {
 pub fn run(args: &DotArgs) -> Result<(), Fail> {
     let (_, mut graph) = source::load_net(&args.net, &args.shapes)?;
     if args.fused {
-        graph = crate::fusion::fuse(&graph)?.0;
+        graph = crate::fusion::fuse(&graph)?;
     }
     let text = graph.to_dot();
     let format = match (args.svg, args.png) {

@@ -32,7 +32,7 @@ Exit status: 0 success, 1 a wrong input file, 2 a wrong command line.";
 
 /// cnnc: check, inspect, run and benchmark CNNs written in the cnnc network language.
 #[derive(Parser, Debug)]
-#[command(name = "cnnc", version, about, after_help = EXAMPLES, max_term_width = 100)]
+#[command(name = "cnnc", version, after_help = EXAMPLES, max_term_width = 100)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

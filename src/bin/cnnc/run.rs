@@ -42,6 +42,9 @@ pub struct RunArgs {
     /// Run the reference interpreter instead of the JIT.
     #[arg(long)]
     pub interp: bool,
+    /// Apply the fusion passes (see `cnnc fuse-report`) before compiling.
+    #[arg(long)]
+    pub fused: bool,
 }
 
 /// Loads weights from `path`, or makes seeded random ones (saying so on stderr).
@@ -125,10 +128,14 @@ pub fn output_path(base: &Path, index: usize, name: &str) -> PathBuf {
 
 /// Runs the net and prints or writes its outputs.
 pub fn run(args: &RunArgs) -> Result<(), Fail> {
-    let (_, graph) = source::load_net(&args.net, &[])?;
+    let (_, mut graph) = source::load_net(&args.net, &[])?;
     let arrays: Vec<ArrayD<f32>> = args.inputs.iter().map(|p| npy::read(p)).collect::<Result<_, _>>()?;
     check_inputs(&graph, &args.inputs, &arrays)?;
-    let weights = weights(&graph, args.weights.as_deref(), args.seed)?;
+    let mut weights = weights(&graph, args.weights.as_deref(), args.seed)?;
+    if args.fused {
+        let fused = crate::fusion::optimize(&graph, &weights)?;
+        (graph, weights) = (fused.graph, fused.weights);
+    }
     let views: Vec<ArrayViewD<'_, f32>> = arrays.iter().map(|a| a.view()).collect();
     let batch = arrays.first().map_or(1, |a| a.shape()[0]);
     let outputs = if args.interp {
