@@ -8,7 +8,7 @@ use cnnc_compiler::graph::{Graph, NodeId};
 use cnnc_compiler::ops::Op;
 use cnnc_compiler::passes::{self, Absorbed, How, Outcome, PIPELINE, ParamStore, Pass, Rewrite, Rule, Skip};
 use cnnc_runtime::fusion_check::{
-    FusionError, NumericCheck, WeightsStore, optimize, optimize_checked, relative_error, verify_fusion,
+    FusionError, NumericCheck, WeightsStore, optimize, optimize_checked, relative_error, scaled_error, verify_fusion,
 };
 use cnnc_runtime::weights::Weights;
 use cnnc_runtime::{Compiled, Options, interp};
@@ -171,6 +171,12 @@ fn relative_error_is_the_infinity_norm_ratio() {
     let nan = ArrayD::from_shape_vec(IxDyn(&[3]), vec![f32::NAN, -4.0, 2.0]).unwrap();
     assert_eq!(relative_error(&nan, &a), f64::INFINITY);
     assert_eq!(relative_error(&nan, &nan), 0.0);
+    // A floor makes the error absolute for small outputs.
+    let small = ArrayD::from_shape_vec(IxDyn(&[2]), vec![0.01f32, 0.0]).unwrap();
+    let near = ArrayD::from_shape_vec(IxDyn(&[2]), vec![0.01f32, 1e-7]).unwrap();
+    assert!((relative_error(&near, &small) - 1e-5).abs() < 1e-9);
+    assert_eq!(scaled_error(&near, &small, 1.0), f64::from(1e-7f32));
+    assert_eq!(scaled_error(&b, &a, 1.0), relative_error(&b, &a), "no effect above the floor");
 }
 
 #[test]
@@ -181,4 +187,23 @@ fn the_compiler_entry_point_works_with_the_runtime_store() {
     let (h, report) = passes::optimize(&g, &mut store).unwrap();
     assert_eq!((report.before.kernels, report.after.kernels), (7, 2));
     store.to_weights(&h).unwrap().check(&h).unwrap();
+}
+
+#[test]
+fn a_linear_residual_and_activation_run_in_one_kernel_in_both_engines() {
+    let g = net("net Mlp(x: [N, 6]) {
+        fc1 = Linear(6, 6, bias = False);
+        fc2 = Linear(6, 6);
+        fn forward(self, x) { let h = tanh(x + self.fc1(x)); sigmoid(self.fc2(h) + h) }
+    }");
+    let w = weights(&g, 10);
+    let out = verify_fusion(&g, &w, &NumericCheck::default()).unwrap();
+    assert_eq!((out.report.before.kernels, out.report.after.kernels), (6, 2), "{}", out.report);
+    let ops: Vec<String> = out.report.kernels.iter().map(|k| k.op.clone()).collect();
+    assert_eq!(ops, ["Linear(6, 6, bias=False) ⇒ +residual ⇒ tanh", "Linear(6, 6) ⇒ +residual ⇒ sigmoid"]);
+    let x = ArrayD::from_shape_fn(IxDyn(&[5, 6]), |i| ((i[0] * 6 + i[1]) as f32 * 0.9).cos());
+    let want = interp::run(&g, &w, &[x.view()]).unwrap();
+    let jit = Compiled::new(&out.graph, &out.weights, &Options::default()).unwrap();
+    let got = jit.run(&[x.view()]).unwrap();
+    assert!(relative_error(&got[0], &want[0]) <= 1e-5, "{}", relative_error(&got[0], &want[0]));
 }

@@ -5,14 +5,20 @@
 //! Linear head. Each chain is written as DSL text, compiled, and given random weights with
 //! non-trivial BatchNorm statistics. Then:
 //!
-//! - the fused graph, run by the interpreter, equals the unfused one within 1e-5 relative
-//!   (through [`verify_fusion`], which checks after every pass and refuses nothing);
-//! - the fused graph, run by the JIT, matches the unfused graph in the interpreter;
+//! - the fused graph, run by the interpreter, equals the unfused one within
+//!   `1e-5 · max(1, max|y|)` (through [`verify_fusion`], which checks after every pass and
+//!   refuses nothing, and again on other inputs);
+//! - the fused graph, run by the JIT, matches the unfused graph in the interpreter as closely;
 //! - every BatchNorm whose conv output is not also an output has been folded.
+//!
+//! The floor of 1 matters here: random chains often end in outputs that are ReLU-gated
+//! near-zeros or small differences of O(1) terms, where a pure relative measure reports the
+//! f32 rounding of the large terms (up to ~1.6e-5 seen over 6000 cases, with absolute
+//! differences of one ulp of the terms).
 
 use cnnc_compiler::dsl::compile_str;
 use cnnc_compiler::ops::Op;
-use cnnc_runtime::fusion_check::{NumericCheck, relative_error, verify_fusion};
+use cnnc_runtime::fusion_check::{NumericCheck, scaled_error, verify_fusion};
 use cnnc_runtime::weights::Weights;
 use cnnc_runtime::{Compiled, Options, interp};
 use ndarray::{ArrayD, IxDyn};
@@ -165,12 +171,6 @@ impl Chain {
     }
 }
 
-/// `max|got − want| / max(1, max|want|)`, the JIT tests' measure (the JIT sums in f32).
-fn jit_error(got: &ArrayD<f32>, want: &ArrayD<f32>) -> f32 {
-    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-    got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs() / scale))
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(CASES))]
 
@@ -203,8 +203,9 @@ proptest! {
             .map_err(|e| TestCaseError::fail(format!("{e}\n{}", fused.graph)))?;
         let got_jit = jit.run(&[x.view()]).map_err(|e| TestCaseError::fail(format!("{e}")))?;
         for ((a, b), y) in got_interp.iter().zip(&got_jit).zip(&want) {
-            prop_assert!(relative_error(a, y) <= 1e-5, "interp {:e}\n{src}", relative_error(a, y));
-            prop_assert!(jit_error(b, y) <= 1e-5, "jit {:e}\n{}\n{src}", jit_error(b, y), fused.graph);
+            let (ei, ej) = (scaled_error(a, y, 1.0), scaled_error(b, y, 1.0));
+            prop_assert!(ei <= 1e-5, "interp {ei:e}\n{src}");
+            prop_assert!(ej <= 1e-5, "jit {ej:e}\n{}\n{src}", fused.graph);
         }
     }
 }

@@ -143,3 +143,28 @@ fn reports_kernels_and_compile_time() {
     // Peak of two live 8×12×12 buffers, reused down the chain.
     assert_eq!(net.arena_per_sample(), 2 * 8 * 12 * 12);
 }
+
+#[test]
+fn fixed_batch_nets() {
+    use cnnc_compiler::Batch;
+    let mut gb = GraphBuilder::new("fixed");
+    let x = gb.input("x", TensorType { batch: Batch::Fixed(2), dims: vec![3, 6, 6] });
+    let c = gb.layer("c", layer("Conv2d", &[int(3), int(4), int(3)], &[("padding", int(1))]), &[x]).unwrap();
+    gb.output("y", c);
+    let g = gb.finish();
+    check("fixed batch", &g, 2, 1);
+    let net = Compiled::new(&g, &weights(&g, 1), &Options::default()).unwrap();
+    let wrong = random(&[3, 3, 6, 6], 1);
+    assert!(matches!(net.run(&[wrong.view()]), Err(Error::InputShape { .. })));
+
+    // A fixed batch next to a symbolic one cannot share one per-sample plan.
+    let mut gb = GraphBuilder::new("mixed");
+    let a = gb.input("a", TensorType { batch: Batch::Fixed(2), dims: vec![4] });
+    let b2 = gb.input("b", TensorType::new(vec![4]));
+    let ra = gb.layer("ra", layer("ReLU", &[], &[]), &[a]).unwrap();
+    let rb = gb.layer("rb", layer("ReLU", &[], &[]), &[b2]).unwrap();
+    gb.output("ra", ra);
+    gb.output("rb", rb);
+    let g = gb.finish();
+    assert!(matches!(Compiled::new(&g, &weights(&g, 0), &Options::default()), Err(Error::Unsupported(_))));
+}

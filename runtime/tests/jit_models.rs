@@ -1,7 +1,7 @@
 //! Whole models through the JIT: LeNet-5 and a ResNet basic block (unfused, and with
 //! BatchNorm, residual and ReLU fused into the convolutions' epilogues), checked against the
-//! interpreter. With `--nocapture` the tests print compile time and run time per batch
-//! (meaningful in `--release`).
+//! interpreter. With `--nocapture` the tests print compile time and the best run time per
+//! batch (meaningful in `--release`).
 
 mod jit_common;
 
@@ -54,14 +54,17 @@ fn resnet_block(c: usize, hw: usize, fused: bool) -> Graph {
     g.finish()
 }
 
+/// Best of several runs (the machine may be shared).
 fn time(f: impl Fn()) -> Duration {
     f();
-    let reps = 5;
-    let t = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    t.elapsed() / reps
+    (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
 }
 
 fn measure(g: &Graph, batches: &[usize], threads: usize, macs_per_sample: f64) {

@@ -7,6 +7,9 @@
 //! It knows nothing about ops: the lowering modules ([`super::conv`], [`super::linear`],
 //! [`super::pool`], [`super::eltwise`]) decide what to emit.
 //!
+//! Loops that matter for speed use [`Fx::loop_n`], which carries its pointers as block
+//! parameters: see there for why (the e-graph pass sinks pure code into inner loops).
+//!
 //! Every kernel has the same signature, `fn(table: *const usize, nb: i64)`: `table[s]` is
 //! the address of buffer slot `s` for the current chunk of `nb` samples (see
 //! [`super::plan`]); per-sample sizes, strides and weights' addresses are constants in the
@@ -30,8 +33,10 @@ pub(super) const LANES: usize = 4;
 
 /// Flags for loads: every buffer a kernel reads (its inputs, packed weights, index tables)
 /// is not written while the kernel runs, and every address a kernel computes is in bounds
-/// whatever the control flow (guarded taps select a zero buffer rather than branch around
-/// the load), so loads may be moved, merged and hoisted freely.
+/// whatever the control flow (padding taps are skipped by loop bounds or redirected to a
+/// neutral buffer by a `select`, never guarded by a branch), so loads may be moved and
+/// merged freely — which also makes them pure for the e-graph pass, so they are placed next
+/// to their use instead of staying where they were written.
 fn load_flags() -> MemFlagsData {
     MemFlagsData::new().with_notrap().with_readonly().with_can_move()
 }
@@ -104,7 +109,7 @@ fn jit_err(node: &str, e: impl std::fmt::Display) -> Error {
 fn host_isa() -> Result<OwnedTargetIsa> {
     let mut flags = settings::builder();
     let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| jit_err("<isa>", e));
-    set(&mut flags, "opt_level", if std::env::var_os("CNNC_OPT_NONE").is_some() { "none" } else { "speed" })?;
+    set(&mut flags, "opt_level", "speed")?;
     set(&mut flags, "use_colocated_libcalls", "false")?;
     set(&mut flags, "is_pic", "false")?;
     set(&mut flags, "enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })?;
@@ -149,15 +154,7 @@ impl Jit {
             fx.b.seal_all_blocks();
             fx.b.finalize(self.module.target_config());
         }
-        let disasm = std::env::var_os("CNNC_DISASM").is_some();
-        self.ctx.set_disasm(disasm);
         let r = self.module.define_function(id, &mut self.ctx);
-        if disasm {
-            if let Some(c) = self.ctx.compiled_code() {
-                eprintln!("=== {node}\n{}", c.vcode.as_deref().unwrap_or(""));
-                eprintln!("=== CLIF {node}\n{}", self.ctx.func.display());
-            }
-        }
         self.module.clear_context(&mut self.ctx);
         r.map_err(|e| jit_err(node, format!("{e:?}")))?;
         self.funcs.push(id);
@@ -188,16 +185,22 @@ impl Fx<'_> {
         self.b.ins().f32const(v)
     }
 
-    /// An f32x4 with every lane `v`.
+    /// An f32x4 with every lane `v`, as a constant-pool vector (`vconst`): inside a loop it
+    /// is one load (or a memory operand) rather than a scalar materialised and broadcast on
+    /// every iteration.
     pub fn vf(&mut self, v: f32) -> Value {
-        let s = self.f(v);
-        self.b.ins().splat(V, s)
+        self.vconst(V, v.to_bits())
     }
 
     /// An i32x4 with every lane `v`.
     pub fn vi(&mut self, v: i32) -> Value {
-        let s = self.b.ins().iconst(types::I32, i64::from(v));
-        self.b.ins().splat(types::I32X4, s)
+        self.vconst(types::I32X4, v as u32)
+    }
+
+    fn vconst(&mut self, ty: Type, lane: u32) -> Value {
+        let bytes: Vec<u8> = (0..LANES).flat_map(|_| lane.to_le_bytes()).collect();
+        let k = self.b.func.dfg.constants.insert(ConstantData::from(bytes));
+        self.b.ins().vconst(ty, k)
     }
 
     /// The address in slot `slot` of the table.
@@ -362,6 +365,7 @@ impl Fx<'_> {
     }
 
     /// `for i in (start..end).step_by(step)` with runtime bounds; `i` is passed to `body`.
+    /// Carries nothing but `i` (see [`Fx::loop_n`] for loops whose speed matters).
     pub fn for_range(&mut self, start: Value, end: Value, step: i64, body: impl FnOnce(&mut Self, Value)) {
         let var = self.b.declare_var(types::I64);
         self.b.def_var(var, start);
@@ -493,5 +497,3 @@ pub(super) fn c(v: usize) -> i64 {
 pub(super) fn non_negative(fx: &mut Fx<'_>, a: Value) -> Value {
     fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, a, 0)
 }
-
-

@@ -1,22 +1,25 @@
-//! Conv2d: weight packing, border tables and the kernel.
+//! Conv2d: weight packing, tap tables and the kernel.
 //!
-//! **Loop nest** (all bounds constants except the sample count):
+//! **Loop nest** (all bounds constants except the sample count and the per-row tap ranges):
 //! `n → group → tile of MR output channels → output row → output columns`, and for each
 //! piece of a row a register tile of `MR × NR` f32x4 accumulators (MR channels × NR·4
-//! consecutive output pixels) that runs `input channel → kh → kw` with the taps unrolled.
-//! Weights are packed once as `[group][channel tile][ic][kh][kw][MR]` (zero-padded to whole
-//! tiles), so a tile reads them sequentially; a weight is broadcast with one
-//! `vbroadcastss` and multiplied into NR input vectors with `fma`. The fused epilogue runs on
-//! the accumulators before the single store. The tile is the unit a hand-written
-//! micro-kernel can later replace.
+//! consecutive output pixels; 4 × 2 for ordinary convolutions, 1 × 4 for depthwise). The
+//! tile runs `kh → (kw, ic)`: the kh loop covers only the rows that are real for this output
+//! row, then, per kw, a loop over input channels two at a time (walking the input by one
+//! channel plane per step); with fewer than 4 input channels per group, `(kw, ic)` is one
+//! flattened loop over a table of input offsets instead. Weights are packed once as `[group][channel tile][kh][kw][ic][MR]`
+//! (zero-padded to whole tiles), so the tile walks them sequentially; a weight is broadcast
+//! and multiplied into NR input vectors with `fma`. The fused epilogue runs on the
+//! accumulators before the single store. The tile (the body of the `(kw, ic)` loop plus its
+//! accumulators) is the unit a hand-written micro-kernel can later replace.
 //!
-//! **Borders without a padded copy.** Rows: a table gives, for each `(oh, kh)`, the input row
-//! after padding-mode remapping (reflect / replicate / circular), or −1 for a zero-padded
-//! row; a −1 row selects a row of zeros instead of branching, so every output row uses the
-//! vector tiles. Columns: the vector tiles cover the interior columns where every tap is in
-//! the input (contiguous loads for stride 1, two loads and a `shufps` for stride 2, lane
-//! inserts otherwise); the few border columns go through a per-pixel path that looks up
-//! each tap's column in a second table and vectorises across the MR output channels instead.
+//! **Borders without a padded copy.** For every `(oh, kh)` a table gives the input row PyTorch
+//! reads after applying the padding mode (reflect / replicate / circular remap the index;
+//! zero padding marks the row absent, and the kh range skips it), and likewise for columns.
+//! The vector tiles cover the interior columns where every tap's 4-pixel load stays inside
+//! the row (contiguous loads for stride 1, two loads and a `shufps` for stride 2, lane
+//! inserts otherwise); the few border columns go through a per-pixel path that looks every
+//! tap's column up in the table and vectorises across the MR output channels instead.
 //!
 //! A 1×1, stride-1, unpadded convolution is run as if the image were one row of `H·W`
 //! pixels, so it is a plain GEMM over all pixels.
@@ -113,6 +116,7 @@ struct Geo {
     kh: usize,
     kw: usize,
     sw: usize,
+    dw: usize,
     pl: usize,
     groups: usize,
     icg: usize,
@@ -210,6 +214,7 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
         kh,
         kw,
         sw,
+        dw,
         pl,
         groups,
         icg,
@@ -270,7 +275,13 @@ fn emit(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, xs: usize, ys: usize, v
     fx.loop_n(Count::Dyn(nb), [x, y, r], sample, |fx, [xn, yn, rn]| {
         let w0 = fx.addr(k.w);
         let zero = fx.i(0);
-        let group = [c(4 * g.icg * plane_in), c(4 * g.ocg * plane_out), c(4 * g.ocg * plane_out), c(4 * g.tiles * tile_w), c(g.ocg)];
+        let group = [
+            c(4 * g.icg * plane_in),
+            c(4 * g.ocg * plane_out),
+            c(4 * g.ocg * plane_out),
+            c(4 * g.tiles * tile_w),
+            c(g.ocg),
+        ];
         fx.loop_n(Count::Const(g.groups), [xn, yn, rn, w0, zero], group, |fx, [xg, yg, rg, wg, og]| {
             let full = g.ocg / g.mr;
             let part = g.ocg % g.mr;
@@ -361,32 +372,53 @@ fn vtile(fx: &mut Fx<'_>, g: &Geo, k: &Consts, epi: &Epi, rc: &RowCx, valid: usi
     let zero_v = fx.vf(0.0);
     let acc: Vec<Vec<Variable>> = (0..valid).map(|_| (0..nrv).map(|_| fx.var(V, zero_v)).collect()).collect();
     let taps = g.kw * g.icg;
-    let unroll = if taps % 2 == 0 { 2 } else { 1 };
     let count = fx.b.ins().isub(rc.kh_hi, rc.kh_lo);
     let rp = fx.elem(rc.rows, rc.kh_lo);
     let wk = fx.elem_scaled(rc.wt, rc.kh_lo, c(taps * g.mr));
+    // One tap: input vectors at `p` (the tap's column 0 of the tile), weights at `wq`.
+    let tap = |fx: &mut Fx<'_>, p: Value, wq: Value, u: usize| {
+        let xv: Vec<Value> =
+            (0..nrv).map(|v| fx.load_strided(p, (v * LANES * g.sw) as i64 - g.pl as i64, g.sw)).collect();
+        for (j, accj) in acc.iter().enumerate() {
+            let wv = fx.load_splat(wq, (u * g.mr + j) as i64);
+            for (v, x) in xv.iter().enumerate() {
+                let s = fx.b.use_var(accj[v]);
+                let s = fx.fma(wv, *x, s);
+                fx.b.def_var(accj[v], s);
+            }
+        }
+    };
     fx.loop_n(Count::Dyn(count), [rp, wk, xcol], [4, c(4 * taps * g.mr), 0], |fx, [rp, wk, xcol]| {
         let r = fx.load_i32(rp, 0);
         let base = fx.elem_scaled(xcol, r, c(g.iw));
-        let tab = fx.addr(k.taps);
-        let steps = [c(4 * unroll), c(4 * unroll * g.mr), 0];
-        fx.loop_n(Count::Const(taps / unroll), [tab, wk, base], steps, |fx, [tq, wq, base]| {
-            for u in 0..unroll {
-                let off = fx.load_i32(tq, u as i64);
-                let p = fx.elem(base, off);
-                let xv: Vec<Value> = (0..nrv)
-                    .map(|v| fx.load_strided(p, (v * LANES * g.sw) as i64 - g.pl as i64, g.sw))
-                    .collect();
-                for (j, accj) in acc.iter().enumerate() {
-                    let wv = fx.load_splat(wq, (u * g.mr + j) as i64);
-                    for (v, x) in xv.iter().enumerate() {
-                        let s = fx.b.use_var(accj[v]);
-                        let s = fx.fma(wv, *x, s);
-                        fx.b.def_var(accj[v], s);
+        let plane = g.ih * g.iw;
+        if g.icg >= 4 || g.kw == 1 {
+            // Per kw (unrolled in the code), a loop over input channels: a plain stride.
+            let unroll = if g.icg.is_multiple_of(2) { 2 } else { 1 };
+            for b in 0..g.kw {
+                let p0 = fx.addi(base, c(4 * b * g.dw));
+                let w0 = fx.addi(wk, c(4 * b * g.icg * g.mr));
+                let steps = [c(4 * unroll * plane), c(4 * unroll * g.mr)];
+                fx.loop_n(Count::Const(g.icg / unroll), [p0, w0], steps, |fx, [p, wq]| {
+                    for u in 0..unroll {
+                        let pu = fx.addi(p, c(4 * u * plane));
+                        tap(fx, pu, wq, u);
                     }
-                }
+                });
             }
-        });
+        } else {
+            // Few input channels: one loop over all (kw, ic) taps, offsets from a table.
+            let unroll = if taps.is_multiple_of(2) { 2 } else { 1 };
+            let tab = fx.addr(k.taps);
+            let steps = [c(4 * unroll), c(4 * unroll * g.mr), 0];
+            fx.loop_n(Count::Const(taps / unroll), [tab, wk, base], steps, |fx, [tq, wq, base]| {
+                for u in 0..unroll {
+                    let off = fx.load_i32(tq, u as i64);
+                    let p = fx.elem(base, off);
+                    tap(fx, p, wq, u);
+                }
+            });
+        }
     });
     let plane = (g.oh * g.ow) as i64;
     for (j, accj) in acc.iter().enumerate() {
@@ -429,10 +461,18 @@ fn pixel(fx: &mut Fx<'_>, g: &Geo, epi: &Epi, valid: usize, v: [Value; 10]) {
     let kw_lo = fx.load_i32(range, 0);
     let kw_hi = fx.load_i32(range, 1);
     let vector = g.mr == LANES;
+    // Independent accumulators, one set per unrolled input channel, so consecutive taps do
+    // not wait on each other's `fma` latency.
+    let unroll = [4, 2, 1].into_iter().find(|u| g.icg.is_multiple_of(*u)).unwrap_or(1);
     let zero_v = fx.vf(0.0);
     let zero_f = fx.f(0.0);
-    let accs: Vec<Variable> =
-        if vector { vec![fx.var(V, zero_v)] } else { (0..valid).map(|_| fx.var(types::F32, zero_f)).collect() };
+    let sets: Vec<Vec<Variable>> =
+        (0..unroll)
+            .map(|_| {
+                if vector { vec![fx.var(V, zero_v)] } else { (0..valid).map(|_| fx.var(types::F32, zero_f)).collect() }
+            })
+            .collect();
+    let plane_in = g.ih * g.iw;
     let taps_w = g.kw * g.icg * g.mr;
     let count = fx.b.ins().isub(kh_hi, kh_lo);
     let rp = fx.elem(rows, kh_lo);
@@ -447,36 +487,48 @@ fn pixel(fx: &mut Fx<'_>, g: &Geo, epi: &Epi, valid: usize, v: [Value; 10]) {
         fx.loop_n(Count::Dyn(n), [cp, wkw, rowp], [4, c(4 * g.icg * g.mr), 0], |fx, [cp, wkw, rowp]| {
             let col = fx.load_i32(cp, 0);
             let p = fx.elem(rowp, col);
-            let steps = [c(4 * g.ih * g.iw), c(4 * g.mr)];
-            fx.loop_n(Count::Const(g.icg), [p, wkw], steps, |fx, [xp, wic]| {
-                if vector {
-                    let xs = fx.load_splat(xp, 0);
-                    let wv = fx.load_v(wic, 0);
-                    let s = fx.b.use_var(accs[0]);
-                    let s = fx.fma(xs, wv, s);
-                    fx.b.def_var(accs[0], s);
-                } else {
-                    let xs = fx.load_f(xp, 0);
-                    for (j, acc) in accs.iter().enumerate() {
-                        let w = fx.load_f(wic, j as i64);
-                        let s = fx.b.use_var(*acc);
-                        let s = fx.fma(w, xs, s);
-                        fx.b.def_var(*acc, s);
+            let steps = [c(4 * unroll * plane_in), c(4 * unroll * g.mr)];
+            fx.loop_n(Count::Const(g.icg / unroll), [p, wkw], steps, |fx, [xp, wic]| {
+                for (u, set) in sets.iter().enumerate() {
+                    let xe = (u * plane_in) as i64;
+                    let we = (u * g.mr) as i64;
+                    if vector {
+                        let xs = fx.load_splat(xp, xe);
+                        let wv = fx.load_v(wic, we);
+                        let s = fx.b.use_var(set[0]);
+                        let s = fx.fma(xs, wv, s);
+                        fx.b.def_var(set[0], s);
+                    } else {
+                        let xs = fx.load_f(xp, xe);
+                        for (j, acc) in set.iter().enumerate() {
+                            let w = fx.load_f(wic, we + j as i64);
+                            let s = fx.b.use_var(*acc);
+                            let s = fx.fma(w, xs, s);
+                            fx.b.def_var(*acc, s);
+                        }
                     }
                 }
             });
         });
     });
-    let acc = if vector {
-        fx.b.use_var(accs[0])
-    } else {
-        let mut v = fx.vf(0.0);
-        for (j, a) in accs.iter().enumerate() {
-            let s = fx.b.use_var(*a);
-            v = fx.b.ins().insertlane(v, s, j as u8);
+    // Sum the sets into one vector whose lanes are the tile's channels.
+    let lanes = |fx: &mut Fx<'_>, set: &[Variable]| {
+        if vector {
+            fx.b.use_var(set[0])
+        } else {
+            let mut v = fx.vf(0.0);
+            for (j, a) in set.iter().enumerate() {
+                let s = fx.b.use_var(*a);
+                v = fx.b.ins().insertlane(v, s, j as u8);
+            }
+            v
         }
-        v
     };
+    let mut acc = lanes(fx, &sets[0]);
+    for set in &sets[1..] {
+        let v = lanes(fx, set);
+        acc = fx.b.ins().fadd(acc, v);
+    }
     let plane = (g.oh * g.ow) as i64;
     let res = epi.residual.map(|_| {
         let mut v = fx.vf(0.0);
@@ -491,5 +543,34 @@ fn pixel(fx: &mut Fx<'_>, g: &Geo, epi: &Epi, valid: usize, v: [Value; 10]) {
     for j in 0..valid {
         let s = fx.b.ins().extractlane(out, j as u8);
         fx.store_f(s, ypix, j as i64 * plane);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_remap_each_padding_mode() {
+        // 1-D input of 4, kernel 3, pad 2, stride 1: outputs 6.
+        let t = |mode| axis_table(6, 3, 1, 1, 2, 4, mode).unwrap();
+        let zeros = t(PaddingMode::Zeros);
+        assert_eq!(&zeros[..6], &[-1, -1, 0, -1, 0, 1]);
+        assert_eq!(&t(PaddingMode::Reflect)[..6], &[2, 1, 0, 1, 0, 1]);
+        assert_eq!(&t(PaddingMode::Replicate)[..6], &[0, 0, 0, 0, 0, 1]);
+        assert_eq!(&t(PaddingMode::Circular)[15..], &[3, 0, 1]);
+        assert_eq!(tap_ranges(&zeros, 3).unwrap()[..4], [2, 3, 1, 3]);
+        // Reflect padding as wide as the input reaches outside it: refused, never read.
+        assert!(axis_table(3, 3, 1, 1, 2, 2, PaddingMode::Reflect).is_err());
+    }
+
+    #[test]
+    fn vector_columns_keep_loads_inside_the_row() {
+        // 3×3, pad 1 on 56: columns 1..55 (the last tile's loads end at column 55).
+        assert_eq!(vector_columns(56, 56, 3, 1, 1, 1), Some((1, 55)));
+        // Stride 2 also reads the element after the last tap.
+        assert_eq!(vector_columns(28, 56, 3, 2, 1, 1), Some((1, 27)));
+        // Too narrow for a single vector.
+        assert_eq!(vector_columns(3, 5, 3, 1, 1, 0), None);
     }
 }

@@ -216,7 +216,7 @@ fn combine(fx: &mut Fx<'_>, kind: ReduceKind, a: Value, b: Value) -> Value {
     match kind {
         ReduceKind::Mean => fx.b.ins().fadd(a, b),
         // NaN-propagating, as PyTorch's max.
-        ReduceKind::Max => fx.b.ins().fmax(a, b),
+        ReduceKind::Max => super::math::nan_max(fx, a, b),
     }
 }
 

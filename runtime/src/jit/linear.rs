@@ -4,11 +4,11 @@
 //! row-major matrix (`M = nb · rows per sample`), so the layer is one GEMM. Weights are
 //! packed once as `[⌈O/8⌉][K][8]` (zero-padded). The register tile is 4 rows × 8 outputs
 //! (eight f32x4 accumulators): per `k`, two weight vectors and four broadcast inputs feed
-//! eight `fma`s; the K loop is unrolled by 4. Rows left over from the 4-row blocks use a
+//! eight `fma`s; the K loop is unrolled by 2. Rows left over from the 4-row blocks use a
 //! 1-row tile, and the last partial block of outputs stores only its valid lanes. The fused
 //! epilogue runs on the accumulators, lanes being consecutive output features.
 
-use super::codegen::{Fx, Jit, LANES, V, c};
+use super::codegen::{Count, Fx, Jit, LANES, V, c};
 use super::epilogue::Epi;
 use super::lower::NodeCx;
 use crate::error::Result;
@@ -20,8 +20,8 @@ use cranelift_frontend::Variable;
 const NW: usize = 8;
 /// Rows per tile.
 const MR: usize = 4;
-/// K-loop unroll factor.
-const UNROLL: usize = 4;
+/// K-loop unroll factor (more keeps more inputs live: see [`super::conv`]).
+const UNROLL: usize = 2;
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -49,53 +49,52 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear) -> Result<()> 
     jit.kernel(&cx.node.name, |fx| {
         let x = fx.slot(xs);
         let y = fx.slot(ys);
-        let r = epi.residual.map(|s| fx.slot(s));
+        // Without a residual, `r` tracks `y` and is never read.
+        let r = epi.residual.map_or(y, |s| fx.slot(s));
         let m = fx.muli(fx.nb, c(rows));
         let blocks = fx.b.ins().ushr_imm_u(m, 2);
-        let zero = fx.i(0);
-        fx.for_range(zero, blocks, 1, |fx, i| {
-            let m0 = fx.muli(i, c(MR));
-            block(fx, &d, &epi, x, y, r, m0, MR);
-        });
-        let start = fx.muli(blocks, c(MR));
-        fx.for_range(start, m, 1, |fx, m0| block(fx, &d, &epi, x, y, r, m0, 1));
+        let row = [c(4 * k), c(4 * o), c(4 * o)];
+        let block_steps = row.map(|s| s * c(MR));
+        fx.loop_n(Count::Dyn(blocks), [x, y, r], block_steps, |fx, p| block(fx, &d, &epi, p, MR));
+        let done = fx.muli(blocks, c(MR));
+        let left = fx.b.ins().isub(m, done);
+        let xt = fx.elem_scaled(x, done, c(k));
+        let yt = fx.elem_scaled(y, done, c(o));
+        let rt = fx.elem_scaled(r, done, c(o));
+        fx.loop_n(Count::Dyn(left), [xt, yt, rt], row, |fx, p| block(fx, &d, &epi, p, 1));
     })?;
     Ok(())
 }
 
-/// Rows `m0 .. m0 + mr` against every output tile.
-#[allow(clippy::too_many_arguments)]
-fn block(fx: &mut Fx<'_>, d: &Dims, epi: &Epi, x: Value, y: Value, r: Option<Value>, m0: Value, mr: usize) {
+/// Rows `x .. x + mr` (pointers to the first row of input, output, residual) against every
+/// output tile.
+fn block(fx: &mut Fx<'_>, d: &Dims, epi: &Epi, p: [Value; 3], mr: usize) {
+    let [x, y, r] = p;
     let full = d.o / NW;
     let part = d.o % NW;
-    fx.for_const(0, full, 1, |fx, t| tile(fx, d, epi, x, y, r, m0, mr, t, NW));
+    let w0 = fx.addr(d.w);
+    let zero = fx.i(0);
+    let steps = [c(4 * d.k * NW), c(4 * NW), c(4 * NW), 0, c(NW)];
+    fx.loop_n(Count::Const(full), [w0, y, r, x, zero], steps, |fx, [wt, yt, rt, x, o0]| {
+        tile(fx, d, epi, [wt, yt, rt, x, o0], mr, NW);
+    });
     if part > 0 {
-        let t = fx.i(c(full));
-        tile(fx, d, epi, x, y, r, m0, mr, t, part);
+        let wt = fx.addi(w0, c(4 * full * d.k * NW));
+        let yt = fx.addi(y, c(4 * full * NW));
+        let rt = fx.addi(r, c(4 * full * NW));
+        let o0 = fx.i(c(full * NW));
+        tile(fx, d, epi, [wt, yt, rt, x, o0], mr, part);
     }
 }
 
-/// One register tile: `mr` rows × `valid ≤ 8` outputs of output tile `t`.
-#[allow(clippy::too_many_arguments)]
-fn tile(
-    fx: &mut Fx<'_>,
-    d: &Dims,
-    epi: &Epi,
-    x: Value,
-    y: Value,
-    r: Option<Value>,
-    m0: Value,
-    mr: usize,
-    t: Value,
-    valid: usize,
-) {
+/// One register tile: `mr` rows × `valid ≤ 8` outputs. `p` = packed weights of the output
+/// tile, output and residual at the tile's first element, input row, first output index.
+fn tile(fx: &mut Fx<'_>, d: &Dims, epi: &Epi, p: [Value; 5], mr: usize, valid: usize) {
+    let [wt, yt, rt, x, o0] = p;
     let nv = valid.div_ceil(LANES);
     let zero_v = fx.vf(0.0);
     let acc: Vec<Vec<Variable>> = (0..mr).map(|_| (0..nv).map(|_| fx.var(V, zero_v)).collect()).collect();
-    let wbase = fx.addr(d.w);
-    let wt = fx.elem_scaled(wbase, t, c(d.k * NW));
-    let xrow = fx.elem_scaled(x, m0, c(d.k));
-    // One step of the K loop at index `kk + j` (`kk` a multiple of UNROLL, `j` constant).
+    // One step of the K loop at index `j` relative to the pointers.
     let step = |fx: &mut Fx<'_>, wk: Value, xk: Value, j: usize| {
         let wv: Vec<Value> = (0..nv).map(|v| fx.load_v(wk, (j * NW + v * LANES) as i64)).collect();
         for (ri, accr) in acc.iter().enumerate() {
@@ -108,21 +107,15 @@ fn tile(
         }
     };
     let rounds = d.k / UNROLL;
-    fx.for_const(0, rounds, c(UNROLL), |fx, kk| {
-        let wk = fx.elem_scaled(wt, kk, c(NW));
-        let xk = fx.elem(xrow, kk);
+    let steps = [c(4 * UNROLL * NW), c(4 * UNROLL)];
+    fx.loop_n(Count::Const(rounds), [wt, x], steps, |fx, [wk, xk]| {
         for j in 0..UNROLL {
             step(fx, wk, xk, j);
         }
     });
     for j in rounds * UNROLL..d.k {
-        step(fx, wt, xrow, j);
+        step(fx, wt, x, j);
     }
-    let o0 = fx.muli(t, c(NW));
-    let orow = fx.muli(m0, c(d.o));
-    let oidx = fx.add(orow, o0);
-    let yp = fx.elem(y, oidx);
-    let rp = r.map(|r| fx.elem(r, oidx));
     for v in 0..nv {
         let lanes = (valid - v * LANES).min(LANES);
         let ch = fx.addi(o0, (v * LANES) as i64);
@@ -130,9 +123,9 @@ fn tile(
         for (ri, accr) in acc.iter().enumerate() {
             let off = (ri * d.o + v * LANES) as i64;
             let a = fx.b.use_var(accr[v]);
-            let res = rp.map(|rp| fx.load_partial(rp, off, lanes));
+            let res = epi.residual.map(|_| fx.load_partial(rt, off, lanes));
             let out = epi.finish(fx, a, &p, res);
-            fx.store_partial(out, yp, off, lanes);
+            fx.store_partial(out, yt, off, lanes);
         }
     }
 }

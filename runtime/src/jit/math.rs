@@ -26,6 +26,16 @@ pub(super) fn vsel(fx: &mut Fx<'_>, mask: Value, a: Value, b: Value) -> Value {
     fx.b.ins().bitselect(m, a, b)
 }
 
+/// `max(acc, v)` that propagates a NaN from either side, as PyTorch's max does: `v` wins
+/// if it is greater or NaN. Four instructions on f32x4 (Cranelift's `fmax` needs eight for
+/// its stricter ±0 rules); scalars go through a select.
+pub(super) fn nan_max(fx: &mut Fx<'_>, acc: Value, v: Value) -> Value {
+    let gt = fx.b.ins().fcmp(FloatCC::GreaterThan, v, acc);
+    let nan = fx.b.ins().fcmp(FloatCC::Unordered, v, v);
+    let take = fx.b.ins().bor(gt, nan);
+    if fx.b.func.dfg.value_type(v) == V { vsel(fx, take, v, acc) } else { fx.b.ins().select(take, v, acc) }
+}
+
 /// `x < lo ? lo : x` (NaN stays NaN).
 fn clamp_below(fx: &mut Fx<'_>, x: Value, lo: f32) -> Value {
     let l = fx.vf(lo);
@@ -74,8 +84,7 @@ pub(super) fn exp_v(fx: &mut Fx<'_>, x: Value) -> Value {
     let r = fx.fma(n_f, c1, x);
     let c2 = fx.vf(-C2);
     let r = fx.fma(n_f, c2, r);
-    let p =
-        horner(fx, r, &[1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1]);
+    let p = horner(fx, r, &[1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5]);
     let r2 = fx.b.ins().fmul(r, r);
     let y = fx.fma(p, r2, r);
     let one = fx.vf(1.0);
@@ -111,7 +120,7 @@ pub(super) fn tanh_v(fx: &mut Fx<'_>, x: Value) -> Value {
     let a = fx.b.ins().fabs(x);
     // Small |x|: a + a·z·P(z), z = a².
     let z = fx.b.ins().fmul(a, a);
-    let p = horner(fx, z, &[-5.704_988_7e-3, 2.063_908_9e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328_2e-1]);
+    let p = horner(fx, z, &[-5.704_988_7e-3, 2.063_909e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328e-1]);
     let pz = fx.b.ins().fmul(p, z);
     let small = fx.fma(pz, a, a);
     // Large |x|: 1 − 2/(e^{2a} + 1), with a capped where tanh is 1 in f32 anyway.

@@ -1,34 +1,36 @@
 //! The Cranelift backend: every op of a [`Graph`] becomes a native kernel specialised to its
 //! exact shapes, and [`Compiled`] runs them over a planned arena.
 //!
-//! # Pipeline
+//! # Pipeline (files of this module)
 //!
 //! 1. [`Graph::verify`], [`Weights::check`];
-//! 2. [`plan`]: slots for every value, Flatten/Dropout aliased away, arena offsets by
+//! 2. `plan.rs`: a slot for every value, Flatten/Dropout aliased away, arena offsets by
 //!    liveness;
-//! 3. [`lower`]: one kernel per planned step — [`conv`], [`linear`], [`pool`], [`eltwise`]
-//!    (with [`epilogue`] fused into Conv2d/Linear and [`math`] for the activations), all
-//!    emitted through [`codegen`]; weights are packed into the layout each kernel reads and
-//!    owned, with the index tables, by the compiled model;
-//! 4. the module is finalised and the kernels' addresses kept.
+//! 3. `lower.rs`: one kernel per planned step — `conv.rs`, `linear.rs`, `pool.rs`,
+//!    `eltwise.rs`, with `epilogue.rs` fused into Conv2d/Linear and `math.rs` for the
+//!    activations — all emitted through `codegen.rs`. Weights are packed into the layout
+//!    each kernel reads and, with the index tables, owned by the compiled model; their
+//!    addresses are constants in the code;
+//! 4. the module is finalised and the kernels' entry points kept, in execution order.
 //!
 //! # Running
 //!
 //! The plan is **per sample and scales with the batch**: a chunk of `nb` samples puts value
 //! `v` at `arena + offset(v)·nb`, so each buffer is a contiguous `[nb, …]` NCHW tensor and
 //! kernels loop over the samples of the chunk themselves (Linear folds them into its GEMM's
-//! rows). The batch is cut into per-thread ranges (`std::thread::scope`; one thread never
-//! spawns), and each range into chunks of at most [`Compiled::chunk`] samples so the arena
-//! stays near the cache. Inputs are read in place and each output is written in place by the
-//! kernel that produces it; arenas (and the slot tables) are kept in a pool that grows on the
-//! first run with a larger chunk or more threads, so a steady-state run allocates only its
-//! outputs.
+//! rows). The batch is cut into one contiguous range per thread (`std::thread::scope`; a
+//! single thread never spawns, so a batch of 1 runs on the caller's thread), and each range
+//! into chunks of at most [`Compiled::chunk`] samples so the arena stays near the cache.
+//! Inputs are read in place and each output is written in place by the kernel that produces
+//! it. Arenas (with their slot tables) live in a pool that grows on the first run needing a
+//! bigger chunk or more threads, so a steady-state run allocates only its outputs (plus the
+//! thread handles when it spawns).
 //!
 //! # Safety
 //!
-//! Native code is entered in exactly one place, [`Code::run`]. Its soundness rests on what
+//! Native code is entered in exactly one place, `Code::run`. Its soundness rests on what
 //! the code generator guarantees — every address a kernel computes lies inside the buffers
-//! described by the slot table for the `nb` it is given, and kernels write only their output
+//! the slot table describes for the `nb` it is given, and a kernel writes only its result
 //! slot — and on what [`Compiled::run`] checks before calling: input lengths and layout,
 //! output and arena sizes, and exclusive use of each arena and of each thread's output range.
 
@@ -111,8 +113,9 @@ impl Code {
             // `table[..slots]` (the caller passes the whole table) and, through it, only the
             // buffers of its own operand and result slots, within `nb · size` floats each:
             // every loop bound and offset is a compile-time constant derived from the
-            // verified shapes, and padding taps select in-bounds zero/neutral rows instead of
-            // reading outside. It writes only its result slot, which the plan keeps disjoint
+            // verified shapes or read from index tables built (and range-checked) at compile
+            // time, and padding taps are either skipped by those bounds or redirected to an
+            // in-bounds neutral row — never read outside. It writes only its result slot, which the plan keeps disjoint
             // from its operands. `Compiled::run` sizes every buffer for `nb` and gives each
             // thread its own arena and output range.
             unsafe {

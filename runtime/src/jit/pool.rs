@@ -4,8 +4,8 @@
 //! and output row, a table gives each window row's input row or −1; an out-of-range row
 //! selects a row of the neutral element (−inf for max, 0 for average) instead of branching;
 //! interior columns run 8 pixels at a time in f32x4 (strided loads as for conv), the border
-//! columns one pixel at a time through a column table. Max uses `fmax`, which propagates
-//! NaN as PyTorch does. The average's divisor is separable, `rows(oh) · cols(ow)`, with
+//! columns one pixel at a time through a column table. Max propagates NaN as PyTorch does
+//! ([`super::math::nan_max`]). The average's divisor is separable, `rows(oh) · cols(ow)`, with
 //! both factors precomputed by ATen's rule for `count_include_pad` and `ceil_mode`
 //! (or `divisor_override · 1`).
 //!
@@ -128,7 +128,7 @@ fn window(
 
 fn combine(fx: &mut Fx<'_>, kind: Kind, a: Value, b: Value) -> Value {
     match kind {
-        Kind::Max => fx.b.ins().fmax(a, b),
+        Kind::Max => super::math::nan_max(fx, a, b),
         Kind::Avg => fx.b.ins().fadd(a, b),
     }
 }
