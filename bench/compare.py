@@ -163,8 +163,8 @@ ROWS = {
     "resnet18_64": ("resnet18", 64, (3796, 2244, 2204, 1134)),
 }
 
-ENGINES = ("pytorch", "ort", "cnnc")
-ENGINE_LABEL = {"pytorch": "PyTorch", "ort": "ORT", "cnnc": "cnnc"}
+ENGINES = ("pytorch", "ort", "cnnc")  # plus "cnnc_fused" with --fused
+ENGINE_LABEL = {"pytorch": "PyTorch", "ort": "ORT", "cnnc": "cnnc", "cnnc_fused": "cnnc fused"}
 
 
 def parse_row(spec: str):
@@ -243,13 +243,13 @@ class OrtEngine:
 class CnncEngine:
     """One `bench_engine --serve` process per thread count."""
 
-    def __init__(self, binary, cnn, weights, inp, out_prefix, threads):
+    def __init__(self, binary, cnn, weights, inp, out_prefix, threads, fused=False):
         self.procs, self.ready = {}, {}
         for t in threads:
             cmd = [
                 str(binary), "--net", str(cnn), "--weights", str(weights), "--input", str(inp),
                 "--threads", str(t), "--serve", "--save-output", f"{out_prefix}_{t}t.safetensors",
-            ]
+            ] + (["--fused"] if fused else [])
             p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, bufsize=1, cwd=ROOT)
             line = p.stdout.readline()
@@ -364,16 +364,23 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
         engines["ort"] = OrtEngine(ort, onnx_path, x.numpy(), threads)
         t = time.perf_counter()
         engines["cnnc"] = CnncEngine(binary, cnn, weights, inp, workdir / f"{rid}_cnnc_out", threads)
-        result["cnnc_compile_ms"] = {t_: r["compile_ms"] for t_, r in engines["cnnc"].ready.items()}
-        print(f"   cnnc compiled in {', '.join(f'{v:.0f} ms ({k}t)' for k, v in result['cnnc_compile_ms'].items())}"
-              f" (processes up after {time.perf_counter() - t:.1f} s)", flush=True)
+        if "cnnc_fused" in args.engines:
+            engines["cnnc_fused"] = CnncEngine(binary, cnn, weights, inp, workdir / f"{rid}_cnnc_fused_out", threads,
+                                               fused=True)
+        for e in args.engines[2:]:
+            result[f"{e}_compile_ms"] = {t_: r["compile_ms"] for t_, r in engines[e].ready.items()}
+            result[f"{e}_kernels"] = next(iter(engines[e].ready.values()))["kernels"]
+            print(f"   {ENGINE_LABEL[e]} compiled in "
+                  f"{', '.join(f'{v:.0f} ms ({k}t)' for k, v in result[f'{e}_compile_ms'].items())}, "
+                  f"{result[f'{e}_kernels']} kernels", flush=True)
+        print(f"   cnnc processes up after {time.perf_counter() - t:.1f} s", flush=True)
 
         # Correctness: every engine's output against PyTorch's (1 thread) on the same input.
         ref = engines["pytorch"].output(threads[0])
         scale = float(abs(ref).max()) if ref.size else 0.0
         result["max_abs_output"] = scale
         result["max_abs_diff"] = {
-            f"{e}_{t}t": max_abs_diff(engines[e].output(t), ref) for e in ("ort", "cnnc") for t in threads
+            f"{e}_{t}t": max_abs_diff(engines[e].output(t), ref) for e in args.engines[1:] for t in threads
         }
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in result["max_abs_diff"].items())
         print(f"   max |output − PyTorch|: {diffs} (max |PyTorch output| {scale:.3g})", flush=True)
@@ -381,7 +388,7 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
         # Warm-up and calibration: a few untimed-for-the-result runs per (engine, threads).
         est = {}
         for t in threads:
-            for e in ENGINES:
+            for e in args.engines:
                 runs = []
                 start = time.perf_counter()
                 while True:
@@ -399,7 +406,7 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
             per_round = sum(burst_n[k] * est[k] for k in est) / 1e3
             rounds = max(1, min(rounds, int(args.row_limit // per_round)))
             if per_round * rounds > args.row_limit * 1.5:
-                note = (f"skipped: one round takes ~{per_round:.0f} s, over the {args.row_limit:.0f} s limit "
+                note = (f"skipped: one round takes ~{per_round:.0f} s, over the {args.row_limit:g} s limit "
                         "(raise --row-limit)")
                 print(f"   {note}", flush=True)
                 result["skipped"] = note
@@ -407,17 +414,17 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
                 return result
         result["rounds"] = rounds
         print(f"   {rounds} rounds × ~{per_round:.1f} s; runs per burst: "
-              + ", ".join(f"{ENGINE_LABEL[e]} {t}t {burst_n[(e, t)]}" for t in threads for e in ENGINES), flush=True)
+              + ", ".join(f"{ENGINE_LABEL[e]} {t}t {burst_n[(e, t)]}" for t in threads for e in args.engines), flush=True)
 
         samples = {k: [] for k in est}
         per_round_medians = {k: [] for k in est}
-        pids = [p.pid for p in engines["cnnc"].procs.values()]
+        pids = [p.pid for e in args.engines[2:] for p in engines[e].procs.values()]
         result["background_cores"] = []
         for r in range(rounds):
             wait_quiet(args, pids)
             bg = Background(pids).start()
             # Rotate the order every round so no engine always runs first after a pause.
-            order = [(e, t) for t in threads for e in ENGINES]
+            order = [(e, t) for t in threads for e in args.engines]
             shift = r % len(order)
             order = order[shift:] + order[:shift]
             for k in order:
@@ -427,7 +434,7 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
             busy = bg.stop()
             result["background_cores"].append(busy)
             line = "  ".join(f"{ENGINE_LABEL[e]} {t}t {per_round_medians[(e, t)][-1]:.3f}"
-                             for t in threads for e in ENGINES)
+                             for t in threads for e in args.engines)
             print(f"   round {r + 1}/{rounds}: {line} ms (other processes: {busy} cores)", flush=True)
 
         for (e, t), ts in samples.items():
@@ -552,14 +559,24 @@ def ratio(a, b):
     return a / b if a is not None and b else float("nan")
 
 
+def best_cnnc(results):
+    """The cnnc variant the ratios use: the fused one when it was measured."""
+    fused = any(k.startswith("cnnc_fused") for r in results for k in r["engines"])
+    return "cnnc_fused" if fused else "cnnc"
+
+
 def table(results, threads):
     tl = " / ".join(f"{t}t" for t in threads)
-    head = (f"| Net | Batch | PyTorch ms ({tl}) | ORT ms ({tl}) | cnnc ms ({tl}) | ORT/cnnc ({tl}) "
-            f"| PyTorch/cnnc ({tl}) | max abs diff cnnc vs PyTorch |")
-    lines = [head, "|" + "---|" * 2 + "---:|" * 6]
+    best = best_cnnc(results)
+    cn = ENGINE_LABEL[best]
+    fused_col = f"| cnnc fused ms ({tl}) " if best == "cnnc_fused" else ""
+    head = (f"| Net | Batch | PyTorch ms ({tl}) | ORT ms ({tl}) | cnnc ms ({tl}) {fused_col}| ORT/{cn} ({tl}) "
+            f"| PyTorch/{cn} ({tl}) | max abs diff cnnc vs PyTorch |")
+    ncols = 7 if best == "cnnc_fused" else 6
+    lines = [head, "|" + "---|" * 2 + "---:|" * ncols]
     for r in results:
         if r.get("skipped"):
-            lines.append(f"| {r['label']} | {r['batch']} | – | – | – | – | – | {r['skipped']} |")
+            lines.append(f"| {r['label']} | {r['batch']} |" + " – |" * (ncols - 1) + f" {r['skipped']} |")
             continue
 
         def col(f):
@@ -571,8 +588,9 @@ def table(results, threads):
             f"| {col(lambda t: fmt_ms(med(r, 'pytorch', t)))} "
             f"| {col(lambda t: fmt_ms(med(r, 'ort', t)))} "
             f"| {col(lambda t: fmt_ms(med(r, 'cnnc', t)))} "
-            f"| {col(lambda t: fmt_ratio(ratio(med(r, 'ort', t), med(r, 'cnnc', t))))} "
-            f"| {col(lambda t: fmt_ratio(ratio(med(r, 'pytorch', t), med(r, 'cnnc', t))))} "
+            + (f"| {col(lambda t: fmt_ms(med(r, 'cnnc_fused', t)))} " if best == "cnnc_fused" else "")
+            + f"| {col(lambda t: fmt_ratio(ratio(med(r, 'ort', t), med(r, best, t))))} "
+            f"| {col(lambda t: fmt_ratio(ratio(med(r, 'pytorch', t), med(r, best, t))))} "
             f"| {diff:.1e} (of max {r['max_abs_output']:.2g}) |"
         )
     return "\n".join(lines)
@@ -610,6 +628,7 @@ def background(r):
 
 def ratio_series(results, threads):
     """[(row label, {series name: ratio})] for the plot."""
+    best = best_cnnc(results)
     out = []
     for r in results:
         if r.get("skipped"):
@@ -617,7 +636,7 @@ def ratio_series(results, threads):
         vals = {}
         for e in ("ort", "pytorch"):
             for t in threads:
-                vals[f"{ENGINE_LABEL[e]}/cnnc {t}t"] = ratio(med(r, e, t), med(r, "cnnc", t))
+                vals[f"{ENGINE_LABEL[e]}/{ENGINE_LABEL[best]} {t}t"] = ratio(med(r, e, t), med(r, best, t))
         short = r["label"].split(" (")[0]
         out.append((f"{short} b{r['batch']}", vals))
     return out
@@ -666,8 +685,9 @@ def svg_bars(series, names, title):
     hi = 10 ** math.ceil(math.log10(max(vals + [1.0])))
     if hi <= lo:
         hi = lo * 10
-    W, H = max(720, 110 * len(series) + 255), 420
-    left, right, top, bottom = 70, 185, 40, 70
+    legend_w = 12 + 7 * max(len(n) for n in names)
+    left, right, top, bottom = 70, 70 + legend_w, 40, 70
+    W, H = max(720, 110 * len(series) + left + right), 420
     pw, ph = W - left - right, H - top - bottom
 
     def y(v):
@@ -767,11 +787,15 @@ def main():
                     help="before each round, wait up to S seconds until other processes use < --quiet cores")
     ap.add_argument("--quiet", type=float, default=0.3, metavar="CORES",
                     help="CPU use of other processes that counts as quiet (default 0.3 cores)")
+    ap.add_argument("--fused", action="store_true",
+                    help="also run cnnc with the fusion passes (bench_engine --fused); the ratios then use it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write every measurement as JSON")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "performance_ratios.svg"),
                     help="ratio chart (.svg or .png; default docs/performance_ratios.svg); '' for none")
     ap.add_argument("--markdown", help="also write the tables as Markdown to this file")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="measure nothing: print the tables and draw the plot of a saved --out file")
     ap.add_argument("--cnnc-bin", help="a prebuilt bench_engine binary (skips cargo build)")
     ap.add_argument("--no-build", action="store_true", help="use target/release/examples/bench_engine as is")
     ap.add_argument("--workdir", help="keep weights, inputs and ONNX files here (default: a temp dir)")
@@ -783,7 +807,12 @@ def main():
     args.burst = args.burst or (0.3 if args.quick else 1.0)
     args.warm = 0.3 if args.quick else 1.0
     args.min_iters, args.max_iters = 1, 2000
+    args.engines = list(ENGINES) + (["cnnc_fused"] if args.fused else [])
     rows = [parse_row(r) for r in args.rows.split(",") if r.strip()]
+    if args.from_json:
+        doc = json.loads(Path(args.from_json).read_text())
+        report(args, doc["results"], doc["threads"])
+        return
 
     try:
         import numpy  # noqa: F401
@@ -825,23 +854,28 @@ def main():
             if args.out:  # after every row, so a long run leaves partial results
                 write_json(args, info, started, command, results)
 
-    tab = table(results, args.threads)
-    anchors = anchor_table(results, args.threads)
+    report(args, results, args.threads)
+    if args.out:
+        write_json(args, info, started, command, results)
+        print(f"results: {args.out}")
+
+
+def report(args, results, threads):
+    """Prints the tables, writes --markdown and the plot."""
+    tab = table(results, threads)
+    anchors = anchor_table(results, threads)
     print("\nmedian ms per batch; ratios > 1 mean cnnc is faster\n")
     print(tab)
     if anchors:
         print("\nPyTorch and ONNX Runtime now vs the issue's anchors (machine noise check)\n")
         print(anchors)
     if args.plot:
-        p = plot(results, args.threads, Path(args.plot),
+        p = plot(results, threads, Path(args.plot),
                  "cnnc speed vs ONNX Runtime and PyTorch (time ratio, > 1: cnnc faster)")
         if p:
             print(f"\nplot: {p}")
     if args.markdown:
         Path(args.markdown).write_text(tab + "\n\n" + anchors + "\n")
-    if args.out:
-        write_json(args, info, started, command, results)
-        print(f"results: {args.out}")
 
 
 def write_json(args, info, started, command, results):

@@ -182,7 +182,7 @@ def main():
 
     tot_t = sum(r["count"] * r["pytorch_ms"] for r in rows)
     tot_c = sum(r["count"] * r["cnnc_ms"] for r in rows)
-    print(f"\n| Layer | Input | × | MMAC | PyTorch ms | cnnc ms | cnnc GFLOP/s | PyTorch share | cnnc share |")
+    print("\n| Layer | Input | × | MMAC | PyTorch ms | cnnc ms | cnnc GFLOP/s | PyTorch share | cnnc share |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: -r["count"] * r["cnnc_ms"]):
         gf = 2 * r["macs"] / (r["cnnc_ms"] * 1e6) if r["macs"] else None

@@ -14,6 +14,8 @@
 //! - `--input FILE` a safetensors file whose tensor `input` is the batch (f32, the net's input
 //!   shape); otherwise a uniform `[-1, 1)` input of `--batch` samples seeded by `--seed`;
 //! - `--batch B` (default 1), `--threads T` (default 1; 0 = all cores), `--portable`;
+//! - `--fused` runs the compiler's fusion passes (`fusion_check::optimize`, as `cnnc run
+//!   --fused`) on the net and its weights before compiling;
 //! - `--iters N` timed runs (default 20), `--warmup W` untimed runs first (default 3);
 //! - `--values K` how many leading output values to print (default 8);
 //! - `--save-output FILE` writes every output to a safetensors file (`output`, `output1`, …);
@@ -26,6 +28,7 @@
 //! Only the `run` call is timed: output allocation is part of it, input creation is not.
 
 use cnnc::compiler::dsl;
+use cnnc::runtime::fusion_check;
 use cnnc::runtime::jit::{Compiled, Options};
 use cnnc::runtime::weights::Weights;
 use ndarray::{ArrayD, IxDyn};
@@ -46,6 +49,7 @@ struct Args {
     batch: usize,
     threads: usize,
     portable: bool,
+    fused: bool,
     iters: usize,
     warmup: usize,
     seed: u64,
@@ -56,7 +60,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench_engine --net FILE.cnn [--name NET] [--weights W.safetensors] \
-[--input X.safetensors] [--batch B] [--threads T] [--portable] [--iters N] [--warmup W] [--seed S] \
+[--input X.safetensors] [--batch B] [--threads T] [--portable] [--fused] [--iters N] [--warmup W] [--seed S] \
 [--values K] [--save-output OUT.safetensors] [--json] [--serve]";
 
 fn parse_args() -> Res<Args> {
@@ -68,6 +72,7 @@ fn parse_args() -> Res<Args> {
         batch: 1,
         threads: 1,
         portable: false,
+        fused: false,
         iters: 20,
         warmup: 3,
         seed: 0,
@@ -93,6 +98,7 @@ fn parse_args() -> Res<Args> {
             "--values" => a.values = value()?.parse()?,
             "--save-output" => a.save_output = Some(PathBuf::from(value()?)),
             "--portable" => a.portable = true,
+            "--fused" => a.fused = true,
             "--json" => a.json = true,
             "--serve" => a.serve = true,
             "-h" | "--help" => {
@@ -266,15 +272,24 @@ fn main() -> Res<()> {
     let batch = x.shape().first().copied().unwrap_or(1);
 
     let t = Instant::now();
-    let model = Compiled::new(graph, &weights, &Options { threads: args.threads, portable: args.portable })?;
+    let fused = if args.fused { Some(fusion_check::optimize(graph, &weights)?) } else { None };
+    let fuse_ms = t.elapsed().as_secs_f64() * 1e3;
+    let (graph, weights) = match &fused {
+        Some(f) => (&f.graph, &f.weights),
+        None => (graph, &weights),
+    };
+    let t = Instant::now();
+    let model = Compiled::new(graph, weights, &Options { threads: args.threads, portable: args.portable })?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
 
     let head = format!(
-        "\"net\": {}, \"file\": {}, \"batch\": {batch}, \"threads\": {}, \"portable\": {}, \"compile_ms\": {}, \"kernels\": {}",
+        "\"net\": {}, \"file\": {}, \"batch\": {batch}, \"threads\": {}, \"portable\": {}, \"fused\": {}, \"fuse_ms\": {}, \"compile_ms\": {}, \"kernels\": {}",
         string(&graph.name),
         string(&args.net.display().to_string()),
         args.threads,
         args.portable,
+        args.fused,
+        num(if args.fused { fuse_ms } else { 0.0 }),
         num(compile_ms),
         model.kernel_count(),
     );
@@ -326,7 +341,15 @@ fn main() -> Res<()> {
         let mut sorted = times.clone();
         sorted.sort_by(f64::total_cmp);
         println!("net          {} ({})", graph.name, args.net.display());
-        println!("batch        {batch}, threads {}{}", args.threads, if args.portable { ", portable" } else { "" });
+        println!(
+            "batch        {batch}, threads {}{}{}",
+            args.threads,
+            if args.portable { ", portable" } else { "" },
+            if args.fused { ", fused" } else { "" }
+        );
+        if args.fused {
+            println!("fusion       {fuse_ms:.2} ms");
+        }
         println!("compile      {compile_ms:.2} ms ({} kernels)", model.kernel_count());
         println!(
             "latency      median {:.3} ms, p10 {:.3} ms, p90 {:.3} ms ({} runs after {} warm-up)",

@@ -6,10 +6,10 @@
 #[path = "../examples/zoo/mod.rs"]
 mod zoo;
 
+use cnnc::Graph;
 use cnnc::compiler::dsl::compile_str;
 use cnnc::runtime::jit::{Compiled, Options};
 use cnnc::runtime::{interp, weights::Weights};
-use cnnc::Graph;
 use ndarray::{ArrayD, IxDyn};
 use safetensors::SafeTensors;
 use std::collections::HashMap;

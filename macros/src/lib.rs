@@ -22,7 +22,9 @@ use quote::{format_ident, quote, quote_spanned};
 
 /// Declares one or more networks (and the blocks and constants they use).
 ///
-/// ```ignore
+/// (Runnable through the facade crate: see the `cnnc` crate's top-level example.)
+///
+/// ```text
 /// cnnc::cnn! {
 ///     /// d2l LeNet
 ///     pub net LeNet(x: [N, 1, 28, 28]) = Sequential(

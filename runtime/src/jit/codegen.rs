@@ -54,6 +54,9 @@ fn store_flags() -> MemFlagsData {
 pub(super) struct ConstPool {
     f32s: Vec<Box<[f32]>>,
     i32s: Vec<Box<[i32]>>,
+    /// Micro-kernel descriptors (see [`super::microkernel`]), kept for their address.
+    descs: Vec<Box<dyn std::any::Any + Send + Sync>>,
+    desc_bytes: usize,
 }
 
 impl ConstPool {
@@ -79,9 +82,19 @@ impl ConstPool {
         addr
     }
 
+    /// Stores a descriptor of `bytes` bytes and returns its address.
+    pub fn keep<T: std::any::Any + Send + Sync>(&mut self, d: T, bytes: usize) -> i64 {
+        let b = Box::new(d);
+        let addr = std::ptr::from_ref::<T>(&b).expose_provenance() as i64;
+        self.descs.push(b);
+        self.desc_bytes += bytes;
+        addr
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * (self.f32s.iter().map(|b| b.len()).sum::<usize>() + self.i32s.iter().map(|b| b.len()).sum::<usize>())
+        self.desc_bytes
+            + 4 * (self.f32s.iter().map(|b| b.len()).sum::<usize>() + self.i32s.iter().map(|b| b.len()).sum::<usize>())
     }
 }
 
@@ -98,6 +111,8 @@ pub(super) struct Jit {
     pub funcs: Vec<FuncId>,
     /// Constant data referenced by the code.
     pub consts: ConstPool,
+    /// The ISA of the hand-written micro-kernels Conv2d and Linear call, if any.
+    pub isa: Option<super::microkernel::Isa>,
 }
 
 fn jit_err(node: &str, e: impl std::fmt::Display) -> Error {
@@ -124,12 +139,20 @@ fn isa_flag(isa: &OwnedTargetIsa, name: &str) -> bool {
 impl Jit {
     /// A fresh module for the host. `allow_fma`: use `fma` when the ISA makes it one
     /// instruction (the portable path passes `false`: separate multiply and add).
-    pub fn new(allow_fma: bool) -> Result<Jit> {
-        let isa = host_isa()?;
-        let fma = allow_fma && isa_flag(&isa, "has_avx") && isa_flag(&isa, "has_fma");
-        let module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+    pub fn new(allow_fma: bool, isa: Option<super::microkernel::Isa>) -> Result<Jit> {
+        let host = host_isa()?;
+        let fma = allow_fma && isa_flag(&host, "has_avx") && isa_flag(&host, "has_fma");
+        let module = JITModule::new(JITBuilder::with_isa(host, default_libcall_names()));
         let ctx = module.make_context();
-        Ok(Jit { module, ctx, fctx: FunctionBuilderContext::new(), fma, funcs: vec![], consts: ConstPool::default() })
+        Ok(Jit {
+            module,
+            ctx,
+            fctx: FunctionBuilderContext::new(),
+            fma,
+            funcs: vec![],
+            consts: ConstPool::default(),
+            isa,
+        })
     }
 
     /// Defines one kernel `fn(table, nb)`; `body` emits its code after the entry block.
@@ -329,6 +352,31 @@ impl Fx<'_> {
     /// Reinterprets a vector's bits.
     pub fn bitcast(&mut self, ty: Type, v: Value) -> Value {
         self.b.ins().bitcast(ty, MemFlagsData::new().with_endianness(Endianness::Little), v)
+    }
+
+    /// Loads `n ≤ 4` consecutive floats into the low lanes (the rest zero) from memory this
+    /// kernel wrote (e.g. through a call): unlike the other loads, not movable.
+    pub fn load_partial_mut(&mut self, addr: Value, elems: i64, n: usize) -> Value {
+        let (a, o) = self.split_off(addr, 4 * elems);
+        if n == LANES {
+            return self.b.ins().load(V, store_flags(), a, o);
+        }
+        let mut v = self.vf(0.0);
+        for j in 0..n {
+            let s = self.b.ins().load(types::F32, store_flags(), a, o + 4 * j as i32);
+            v = self.b.ins().insertlane(v, s, j as u8);
+        }
+        v
+    }
+
+    /// Calls the Rust function at `f` (an `extern "C" fn(i64, i64, i64, i64)`, in the
+    /// platform's C convention) with `args`.
+    pub fn call4(&mut self, f: usize, args: [Value; 4]) {
+        let mut sig = cranelift_codegen::ir::Signature::new(self.b.func.signature.call_conv);
+        sig.params.extend([AbiParam::new(types::I64); 4]);
+        let sig = self.b.import_signature(sig);
+        let callee = self.i(f as i64);
+        self.b.ins().call_indirect(sig, callee, &args);
     }
 
     /// Stores an f32 at `addr + 4·elems`.

@@ -8,7 +8,8 @@
 //!    liveness;
 //! 3. `lower.rs`: one kernel per planned step — `conv.rs`, `linear.rs`, `pool.rs`,
 //!    `eltwise.rs`, with `epilogue.rs` fused into Conv2d/Linear and `math.rs` for the
-//!    activations — all emitted through `codegen.rs`. Weights are packed into the layout
+//!    activations — all emitted through `codegen.rs`; Conv2d and Linear call the per-ISA
+//!    micro-kernels of `microkernel.rs` when the host has AVX-512F or AVX2+FMA. Weights are packed into the layout
 //!    each kernel reads and, with the index tables, owned by the compiled model; their
 //!    addresses are constants in the code;
 //! 4. the module is finalised and the kernels' entry points kept, in execution order.
@@ -28,7 +29,9 @@
 //!
 //! # Safety
 //!
-//! Native code is entered in exactly one place, `Code::run`. Its soundness rests on what
+//! Native code is entered in exactly one place, `Code::run`. (Generated code in turn calls
+//! the Rust micro-kernel drivers of `microkernel.rs`, with a descriptor the constant pool
+//! owns and the same operand and result buffers; their own `unsafe` is documented there.) Its soundness rests on what
 //! the code generator guarantees — every address a kernel computes lies inside the buffers
 //! the slot table describes for the `nb` it is given, and a kernel writes only its result
 //! slot — and on what [`Compiled::run`] checks before calling: input lengths and layout,
@@ -41,6 +44,7 @@ mod epilogue;
 mod linear;
 mod lower;
 mod math;
+mod microkernel;
 mod plan;
 mod pool;
 
@@ -49,6 +53,7 @@ use crate::interp;
 use crate::weights::Weights;
 use cnnc_compiler::graph::Graph;
 use cranelift_jit::JITModule;
+pub use microkernel::Kernels;
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use plan::{Slot, SlotKind};
 use std::sync::Mutex;
@@ -60,8 +65,8 @@ pub struct Options {
     /// Threads a run may use; 0 means all cores (`std::thread::available_parallelism`).
     pub threads: usize,
     /// Force the portable pure-Cranelift f32x4 path: no host-specific instruction choices
-    /// (today this means separate multiply and add instead of `fma`, even where the CPU
-    /// has FMA; hand-written micro-kernels will also be skipped).
+    /// (separate multiply and add instead of `fma`, even where the CPU has FMA, and no
+    /// hand-written micro-kernels: see [`Kernels`]).
     pub portable: bool,
 }
 
@@ -180,11 +185,22 @@ impl Compiled {
     /// weights made for another parameter table, [`Error::Unsupported`] for a net mixing batch
     /// dimensions, [`Error::Jit`] if Cranelift rejects a kernel.
     pub fn new(graph: &Graph, weights: &Weights, options: &Options) -> Result<Compiled> {
+        Compiled::with_kernels(graph, weights, options, Kernels::Auto)
+    }
+
+    /// As [`Compiled::new`], choosing the Conv2d/Linear micro-kernels explicitly (mainly to
+    /// test each ISA the host has). `options.portable` still wins: it means
+    /// [`Kernels::Portable`].
+    ///
+    /// Errors: as [`Compiled::new`], and [`Error::Unsupported`] for an ISA the CPU lacks.
+    pub fn with_kernels(graph: &Graph, weights: &Weights, options: &Options, kernels: Kernels) -> Result<Compiled> {
         let start = Instant::now();
         graph.verify()?;
         weights.check(graph)?;
         let plan = plan::plan(graph)?;
-        let mut jit = codegen::Jit::new(!options.portable)?;
+        let kernels = if options.portable { Kernels::Portable } else { kernels };
+        let isa = microkernel::Isa::detect(kernels).map_err(Error::Unsupported)?;
+        let mut jit = codegen::Jit::new(!options.portable, isa)?;
         lower::lower(&mut jit, graph, weights, &plan)?;
         let codegen::Jit { mut module, funcs, consts, .. } = jit;
         module.finalize_definitions().map_err(|e| Error::Jit { node: graph.name.clone(), message: e.to_string() })?;
