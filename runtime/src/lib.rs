@@ -20,4 +20,4 @@ pub mod jit;
 pub mod weights;
 
 pub use error::{Error, Result, WeightsError};
-pub use jit::{Compiled, Kernels, Options};
+pub use jit::{Compiled, KernelTime, Kernels, Options};

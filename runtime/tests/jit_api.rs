@@ -136,12 +136,21 @@ fn bad_graphs_and_weights_are_errors() {
 #[test]
 fn reports_kernels_and_compile_time() {
     let g = small_net();
-    let net = Compiled::new(&g, &weights(&g, 0), &Options::default()).unwrap();
+    let w = weights(&g, 0);
+    let net = Compiled::new(&g, &w, &Options { threads: 1, portable: true }).unwrap();
     // conv, bn, relu, fused conv, pool, linear (Flatten is an alias).
     assert_eq!(net.kernel_count(), 6);
+    assert_eq!(net.reorder_count(), 0, "the portable code is all plain NCHW");
     assert!(net.compile_time() > std::time::Duration::ZERO);
     // Peak of two live 8×12×12 buffers, reused down the chain.
     assert_eq!(net.arena_per_sample(), 2 * 8 * 12 * 12);
+    // With micro-kernels the images are blocked (8 channels padded to a block of 16); the
+    // first conv reads the plain input and the Linear the flattened blocked pool, so no
+    // reorder is needed.
+    if let Ok(net) = Compiled::with_kernels(&g, &w, &Options::default(), cnnc_runtime::Kernels::Avx2) {
+        assert_eq!((net.kernel_count(), net.reorder_count()), (6, 0));
+        assert_eq!(net.arena_per_sample(), 2 * 16 * 12 * 12);
+    }
 }
 
 #[test]

@@ -10,10 +10,12 @@
 //! Loops that matter for speed use [`Fx::loop_n`], which carries its pointers as block
 //! parameters: see there for why (the e-graph pass sinks pure code into inner loops).
 //!
-//! Every kernel has the same signature, `fn(table: *const usize, nb: i64)`: `table[s]` is
-//! the address of buffer slot `s` for the current chunk of `nb` samples (see
-//! [`super::plan`]); per-sample sizes, strides and weights' addresses are constants in the
-//! code.
+//! Every kernel has the same signature, `fn(table: *const usize, nb: i64, part: i64, parts:
+//! i64)`: `table[s]` is the address of buffer slot `s` for the current chunk of `nb` samples
+//! (see [`super::plan`]); per-sample sizes, strides and weights' addresses are constants in
+//! the code. A kernel defined with [`Jit::parallel_kernel`] does part `part` of `parts` of its
+//! work (several threads call it at once with the same table); any other kernel is called
+//! once, with `part = 0, parts = 1`, and ignores both.
 
 use crate::error::{Error, Result};
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -54,6 +56,8 @@ fn store_flags() -> MemFlagsData {
 pub(super) struct ConstPool {
     f32s: Vec<Box<[f32]>>,
     i32s: Vec<Box<[i32]>>,
+    i64s: Vec<Box<[i64]>>,
+    bytes_i64: usize,
     /// Micro-kernel descriptors (see [`super::microkernel`]), kept for their address.
     descs: Vec<Box<dyn std::any::Any + Send + Sync>>,
     desc_bytes: usize,
@@ -82,6 +86,29 @@ impl ConstPool {
         addr
     }
 
+    /// Stores floats at a 64-byte aligned address (so no vector load of them straddles two
+    /// cache lines) and returns it.
+    pub fn f32s_aligned(&mut self, data: &[f32]) -> i64 {
+        let mut b = vec![0f32; data.len() + 16].into_boxed_slice();
+        let skip = b.as_ptr().align_offset(64).min(16);
+        b[skip..skip + data.len()].copy_from_slice(data);
+        let addr = b[skip..].as_ptr().expose_provenance() as i64;
+        self.f32s.push(b);
+        addr
+    }
+
+    /// Stores 64-bit integers and returns their address.
+    pub fn i64s(&mut self, mut data: Vec<i64>) -> i64 {
+        if data.is_empty() {
+            data.push(0);
+        }
+        let b = data.into_boxed_slice();
+        let addr = b.as_ptr().expose_provenance() as i64;
+        self.bytes_i64 += 8 * b.len();
+        self.i64s.push(b);
+        addr
+    }
+
     /// Stores a descriptor of `bytes` bytes and returns its address.
     pub fn keep<T: std::any::Any + Send + Sync>(&mut self, d: T, bytes: usize) -> i64 {
         let b = Box::new(d);
@@ -94,6 +121,7 @@ impl ConstPool {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.desc_bytes
+            + self.bytes_i64
             + 4 * (self.f32s.iter().map(|b| b.len()).sum::<usize>() + self.i32s.iter().map(|b| b.len()).sum::<usize>())
     }
 }
@@ -108,7 +136,7 @@ pub(super) struct Jit {
     /// caller asked for it.
     pub fma: bool,
     /// Kernels defined so far, in definition order.
-    pub funcs: Vec<FuncId>,
+    pub funcs: Vec<KernelInfo>,
     /// Constant data referenced by the code.
     pub consts: ConstPool,
     /// The ISA of the hand-written micro-kernels Conv2d and Linear call, if any.
@@ -155,12 +183,24 @@ impl Jit {
         })
     }
 
-    /// Defines one kernel `fn(table, nb)`; `body` emits its code after the entry block.
+    /// Defines one kernel `fn(table, nb, part, parts)` that does all of its work whatever
+    /// `part`; `body` emits its code after the entry block.
     pub fn kernel(&mut self, node: &str, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
+        self.define(node, None, body)
+    }
+
+    /// Defines a kernel whose `body` does only part `fx.part` of `fx.parts` of the work, so
+    /// that threads can share it; `work` is the floating-point operations per sample it
+    /// splits (the runtime splits only kernels worth the synchronisation).
+    pub fn parallel_kernel(&mut self, node: &str, work: u64, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
+        self.define(node, Some(work), body)
+    }
+
+    fn define(&mut self, node: &str, work: Option<u64>, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
         let ptr = self.module.target_config().pointer_type();
         let mut sig = self.module.make_signature();
         sig.params.push(AbiParam::new(ptr));
-        sig.params.push(AbiParam::new(types::I64));
+        sig.params.extend([AbiParam::new(types::I64); 3]);
         let id = self.module.declare_anonymous_function(&sig).map_err(|e| jit_err(node, e))?;
         self.ctx.func.signature = sig;
         self.ctx.func.name = UserFuncName::user(0, id.as_u32());
@@ -169,9 +209,8 @@ impl Jit {
             let entry = b.create_block();
             b.append_block_params_for_function_params(entry);
             b.switch_to_block(entry);
-            let table = b.block_params(entry)[0];
-            let nb = b.block_params(entry)[1];
-            let mut fx = Fx { b, table, nb, fma: self.fma };
+            let [table, nb, part, parts] = [0, 1, 2, 3].map(|i| b.block_params(entry)[i]);
+            let mut fx = Fx { b, table, nb, part, parts, fma: self.fma };
             body(&mut fx);
             fx.b.ins().return_(&[]);
             fx.b.seal_all_blocks();
@@ -180,9 +219,20 @@ impl Jit {
         let r = self.module.define_function(id, &mut self.ctx);
         self.module.clear_context(&mut self.ctx);
         r.map_err(|e| jit_err(node, format!("{e:?}")))?;
-        self.funcs.push(id);
+        self.funcs.push(KernelInfo { id, name: node.to_string(), work });
         Ok(id)
     }
+}
+
+/// A defined kernel.
+#[derive(Clone, Debug)]
+pub(super) struct KernelInfo {
+    /// Its function.
+    pub id: FuncId,
+    /// The node it computes.
+    pub name: String,
+    /// For a kernel that splits its work into parts: floating-point operations per sample.
+    pub work: Option<u64>,
 }
 
 /// A function being emitted.
@@ -193,6 +243,10 @@ pub(super) struct Fx<'a> {
     pub table: Value,
     /// The chunk's sample count argument.
     pub nb: Value,
+    /// Which part of the work to do (parallel kernels only; see [`Jit::parallel_kernel`]).
+    pub part: Value,
+    /// Into how many parts the work is split.
+    pub parts: Value,
     /// Whether to emit `fma` (else `fmul` + `fadd`).
     pub fma: bool,
 }
@@ -369,14 +423,14 @@ impl Fx<'_> {
         v
     }
 
-    /// Calls the Rust function at `f` (an `extern "C" fn(i64, i64, i64, i64)`, in the
-    /// platform's C convention) with `args`.
-    pub fn call4(&mut self, f: usize, args: [Value; 4]) {
+    /// Calls the Rust function at `f` (an `extern "C" fn(i64, …)` with `args.len()` integer
+    /// or pointer arguments, in the platform's C convention) with `args`.
+    pub fn call(&mut self, f: usize, args: &[Value]) {
         let mut sig = cranelift_codegen::ir::Signature::new(self.b.func.signature.call_conv);
-        sig.params.extend([AbiParam::new(types::I64); 4]);
+        sig.params.extend(args.iter().map(|_| AbiParam::new(types::I64)));
         let sig = self.b.import_signature(sig);
         let callee = self.i(f as i64);
-        self.b.ins().call_indirect(sig, callee, &args);
+        self.b.ins().call_indirect(sig, callee, args);
     }
 
     /// Stores an f32 at `addr + 4·elems`.

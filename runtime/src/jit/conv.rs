@@ -24,17 +24,13 @@
 //! A 1×1, stride-1, unpadded convolution is run as if the image were one row of `H·W`
 //! pixels, so it is a plain GEMM over all pixels.
 //!
-//! **Micro-kernel path.** When the host has AVX-512F or AVX2+FMA (and the caller did not ask
-//! for the portable code), a convolution with at least 4 output channels per group is
-//! instead one call into [`super::microkernel`] (im2col panels built from the same row and
-//! column tables, then `MR × NR` tiles of wide-vector FMAs), followed by the fused epilogue
-//! applied here, plane by plane, on the stored accumulators ([`epilogue_planes`]). The code
-//! above is then the portable fallback.
+//! This is the portable code, on plain NCHW tensors: when the host has AVX-512F or
+//! AVX2+FMA, convolutions whose groups are whole blocks of 16 channels run on the
+//! micro-kernel tiles instead ([`super::conv_tiles`]).
 
 use super::codegen::{Count, Fx, Jit, LANES, V, c};
 use super::epilogue::Epi;
 use super::lower::NodeCx;
-use super::microkernel;
 use crate::error::{Error, Result};
 use cnnc_compiler::ops::{Conv2d, PaddingMode};
 use cranelift_codegen::ir::{InstBuilder, Value, types};
@@ -185,25 +181,6 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
     let mode = if flat { PaddingMode::Zeros } else { conv.padding_mode };
 
     let w = cx.param("weight")?;
-    if let Some(isa) = jit.isa.filter(|_| ocg >= 4 && icg * kh * kw >= 4) {
-        let rows = axis_table(oh, kh, sh, dh, pt, ih, mode)?;
-        let cols = axis_table(ow, kw, sw, dw, pl, iw, mode)?;
-        let desc = microkernel::ConvDesc::new(isa, &w, groups, icg, ocg, (ih, iw, oh, ow), (kh, kw), rows, cols);
-        let bytes = desc.bytes();
-        let desc = jit.consts.keep(desc, bytes);
-        let epi = Epi::new(jit, cx, conv.bias, &conv.epilogue)?;
-        let (xs, ys) = (cx.inputs[0], cx.output);
-        let (plane, out_size) = (oh * ow, cout * oh * ow);
-        jit.kernel(&cx.node.name, |fx| {
-            let x = fx.slot(xs);
-            let y = fx.slot(ys);
-            let d = fx.i(desc);
-            let nb = fx.nb;
-            fx.call4(microkernel::conv_entry as *const () as usize, [d, x, y, nb]);
-            epilogue_planes(fx, &epi, y, cout, plane, out_size);
-        })?;
-        return Ok(());
-    }
     let mut packed = Vec::with_capacity(groups * tiles * kh * kw * icg * mr);
     for g in 0..groups {
         for t in 0..tiles {
@@ -256,39 +233,6 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()>
     let (xs, ys) = (cx.inputs[0], cx.output);
     jit.kernel(&cx.node.name, |fx| emit(fx, &geo, &consts, &epi, xs, ys, vcols))?;
     Ok(())
-}
-
-/// Applies the epilogue in place to `nb` samples of `cout` planes of `plane` floats at `y`
-/// (the micro-kernel path, which stores bare accumulators).
-pub(super) fn epilogue_planes(fx: &mut Fx<'_>, epi: &Epi, y: Value, cout: usize, plane: usize, out_size: usize) {
-    if epi.is_identity() {
-        return;
-    }
-    // Without a residual, `r` tracks `y` and is never read.
-    let r = epi.residual.map_or(y, |s| fx.slot(s));
-    let nb = fx.nb;
-    let zero = fx.i(0);
-    let sample = [c(4 * out_size), c(4 * out_size)];
-    fx.loop_n(Count::Dyn(nb), [y, r], sample, |fx, [yn, rn]| {
-        let steps = [c(4 * plane), c(4 * plane), 1];
-        fx.loop_n(Count::Const(cout), [yn, rn, zero], steps, |fx, [yc, rc, ch]| {
-            let p = epi.splat(fx, ch);
-            let one = |fx: &mut Fx<'_>, yp: Value, rp: Value, n: usize| {
-                let a = fx.load_partial_mut(yp, 0, n);
-                let res = epi.residual.map(|_| fx.load_partial(rp, 0, n));
-                let out = epi.finish(fx, a, &p, res);
-                fx.store_partial(out, yp, 0, n);
-            };
-            let vecs = plane / LANES;
-            fx.loop_n(Count::Const(vecs), [yc, rc], [16, 16], |fx, [yp, rp]| one(fx, yp, rp, LANES));
-            let rem = plane % LANES;
-            if rem > 0 {
-                let yp = fx.addi(yc, c(4 * vecs * LANES));
-                let rp = fx.addi(rc, c(4 * vecs * LANES));
-                one(fx, yp, rp, rem);
-            }
-        });
-    });
 }
 
 /// What the pieces of one output row of one channel tile need. All are loop-carried values

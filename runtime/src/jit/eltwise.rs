@@ -34,9 +34,9 @@ pub(super) fn copy_run(fx: &mut Fx<'_>, src: Value, dst: Value, len: usize) {
     });
 }
 
-/// `y = act(x)`.
+/// `y = act(x)` (in any layout: the operand's buffer and the result's are alike).
 pub(super) fn activation(jit: &mut Jit, cx: &NodeCx<'_>, act: Activation) -> Result<()> {
-    let size = cx.out_size();
+    let size = cx.out_len;
     let (xs, ys) = (cx.inputs[0], cx.output);
     jit.kernel(&cx.node.name, |fx| {
         let x = fx.slot(xs);
@@ -56,9 +56,9 @@ pub(super) fn activation(jit: &mut Jit, cx: &NodeCx<'_>, act: Activation) -> Res
     Ok(())
 }
 
-/// `y = a + b`.
+/// `y = a + b` (in any layout: both operands and the result are alike).
 pub(super) fn add(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
-    let size = cx.out_size();
+    let size = cx.out_len;
     let (as_, bs, ys) = (cx.inputs[0], cx.inputs[1], cx.output);
     jit.kernel(&cx.node.name, |fx| {
         let a = fx.slot(as_);

@@ -43,11 +43,6 @@ impl Epi {
         Ok(Epi { bias, scale_shift, residual, act: e.act })
     }
 
-    /// Whether the epilogue does nothing (the accumulators are the result).
-    pub fn is_identity(&self) -> bool {
-        self.bias.is_none() && self.scale_shift.is_none() && self.residual.is_none() && self.act.is_none()
-    }
-
     /// Channel `ch`'s parameters in every lane.
     pub fn splat(&self, fx: &mut Fx<'_>, ch: Value) -> ChanParams {
         let one = |fx: &mut Fx<'_>, a: i64| {

@@ -16,7 +16,6 @@
 use super::codegen::{Count, Fx, Jit, LANES, V, c};
 use super::epilogue::Epi;
 use super::lower::NodeCx;
-use super::microkernel;
 use crate::error::Result;
 use cnnc_compiler::ops::Linear;
 use cranelift_codegen::ir::{InstBuilder, Value};
@@ -38,25 +37,12 @@ struct Dims {
 
 /// Lowers a Linear node.
 pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear) -> Result<()> {
+    if let Some(isa) = jit.isa {
+        return super::conv_tiles::linear(jit, cx, lin, isa);
+    }
     let (k, o) = (lin.in_features, lin.out_features);
     let rows = cx.in_tys[0].numel_per_sample() / k.max(1);
     let w = cx.param("weight")?;
-    if let Some(isa) = jit.isa {
-        let desc = microkernel::LinearDesc::new(isa, &w, k, o);
-        let bytes = desc.bytes();
-        let desc = jit.consts.keep(desc, bytes);
-        let epi = Epi::new(jit, cx, lin.bias, &lin.epilogue)?;
-        let (xs, ys) = (cx.inputs[0], cx.output);
-        jit.kernel(&cx.node.name, |fx| {
-            let x = fx.slot(xs);
-            let y = fx.slot(ys);
-            let d = fx.i(desc);
-            let m = fx.muli(fx.nb, c(rows));
-            fx.call4(microkernel::linear_entry as *const () as usize, [d, x, y, m]);
-            epilogue_rows(fx, &epi, y, m, o);
-        })?;
-        return Ok(());
-    }
     let tiles = o.div_ceil(NW);
     let mut packed = vec![0.0f32; tiles * k * NW];
     for (oi, row) in w.chunks(k.max(1)).enumerate().take(o) {
@@ -86,36 +72,6 @@ pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear) -> Result<()> 
         fx.loop_n(Count::Dyn(left), [xt, yt, rt], row, |fx, p| block(fx, &d, &epi, p, 1));
     })?;
     Ok(())
-}
-
-/// Applies the epilogue in place to `m` rows of `o` features at `y` (the micro-kernel path,
-/// which stores bare accumulators); lanes are consecutive features.
-fn epilogue_rows(fx: &mut Fx<'_>, epi: &Epi, y: Value, m: Value, o: usize) {
-    if epi.is_identity() {
-        return;
-    }
-    // Without a residual, `r` tracks `y` and is never read.
-    let r = epi.residual.map_or(y, |s| fx.slot(s));
-    let zero = fx.i(0);
-    fx.loop_n(Count::Dyn(m), [y, r], [c(4 * o), c(4 * o)], |fx, [yr, rr]| {
-        let one = |fx: &mut Fx<'_>, yp: Value, rp: Value, o0: Value, n: usize| {
-            let p = epi.lanes(fx, o0, n);
-            let a = fx.load_partial_mut(yp, 0, n);
-            let res = epi.residual.map(|_| fx.load_partial(rp, 0, n));
-            let out = epi.finish(fx, a, &p, res);
-            fx.store_partial(out, yp, 0, n);
-        };
-        let vecs = o / LANES;
-        let steps = [16, 16, c(LANES)];
-        fx.loop_n(Count::Const(vecs), [yr, rr, zero], steps, |fx, [yp, rp, o0]| one(fx, yp, rp, o0, LANES));
-        let rem = o % LANES;
-        if rem > 0 {
-            let yp = fx.addi(yr, c(4 * vecs * LANES));
-            let rp = fx.addi(rr, c(4 * vecs * LANES));
-            let o0 = fx.i(c(vecs * LANES));
-            one(fx, yp, rp, o0, rem);
-        }
-    });
 }
 
 /// Rows `x .. x + mr` (pointers to the first row of input, output, residual) against every

@@ -2,8 +2,8 @@
 //! only place that dispatches on [`Op`] in the JIT.
 
 use super::codegen::Jit;
-use super::plan::{Plan, Step};
-use super::{conv, eltwise, linear, pool};
+use super::plan::{Layout, Plan, Step};
+use super::{blocked, conv, conv_tiles, eltwise, linear, pool};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 use cnnc_compiler::graph::{Graph, Node};
@@ -22,6 +22,14 @@ pub(super) struct NodeCx<'a> {
     pub in_tys: Vec<&'a TensorType>,
     /// Result slot.
     pub output: usize,
+    /// Operand layouts, in operand order.
+    pub in_layouts: Vec<Layout>,
+    /// Result layout.
+    pub out_layout: Layout,
+    /// Floats per sample of the operand buffers.
+    pub in_lens: Vec<usize>,
+    /// Floats per sample of the result buffer.
+    pub out_len: usize,
 }
 
 impl NodeCx<'_> {
@@ -61,16 +69,33 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
             Step::Node { id, inputs, output } => {
                 let node = graph.node(*id);
                 let in_tys = graph.operands(*id).into_iter().map(|o| &graph.node(o).ty).collect();
-                let cx = NodeCx { node, weights, inputs: inputs.clone(), in_tys, output: *output };
+                let cx = NodeCx {
+                    node,
+                    weights,
+                    inputs: inputs.clone(),
+                    in_tys,
+                    output: *output,
+                    in_layouts: inputs.iter().map(|s| plan.slots[*s].layout).collect(),
+                    out_layout: plan.slots[*output].layout,
+                    in_lens: inputs.iter().map(|s| plan.slots[*s].size).collect(),
+                    out_len: plan.slots[*output].size,
+                };
+                let tiled = cx.out_layout.is_blocked();
                 match &node.op {
+                    Op::Conv2d(c) if tiled => conv_tiles::conv(jit, &cx, c)?,
                     Op::Conv2d(c) => conv::lower(jit, &cx, c)?,
                     Op::Linear(l) => linear::lower(jit, &cx, l)?,
+                    Op::MaxPool2d(p) if tiled => blocked::max_pool(jit, &cx, p)?,
                     Op::MaxPool2d(p) => pool::max_pool(jit, &cx, p)?,
+                    Op::AvgPool2d(p) if tiled => blocked::avg_pool(jit, &cx, p)?,
                     Op::AvgPool2d(p) => pool::avg_pool(jit, &cx, p)?,
+                    Op::AdaptiveAvgPool2d(_) if tiled => blocked::adaptive_avg_pool(jit, &cx)?,
                     Op::AdaptiveAvgPool2d(_) => pool::adaptive_avg_pool(jit, &cx)?,
+                    Op::BatchNorm2d(bn) if tiled => blocked::batchnorm(jit, &cx, bn)?,
                     Op::BatchNorm2d(bn) => eltwise::batchnorm(jit, &cx, bn)?,
                     Op::Activation(a) => eltwise::activation(jit, &cx, *a)?,
                     Op::Add(_) => eltwise::add(jit, &cx)?,
+                    Op::Concat(_) if tiled => blocked::concat(jit, &cx)?,
                     Op::Concat(cat) => eltwise::concat(jit, &cx, cat)?,
                     Op::Reduce(r) => eltwise::reduce(jit, &cx, r)?,
                     Op::Input | Op::Flatten(_) | Op::Dropout(_) => {
@@ -84,6 +109,9 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
             }
             Step::Copy { from, to } => {
                 eltwise::copy(jit, "<output copy>", *from, *to, plan.slots[*to].size)?;
+            }
+            Step::Reorder { from, to } => {
+                blocked::reorder(jit, (*from, plan.slots[*from].layout), (*to, plan.slots[*to].layout))?;
             }
         }
     }

@@ -1,32 +1,30 @@
-//! Hand-written per-ISA GEMM micro-kernels (AVX-512F, AVX2+FMA) and the Rust drivers that
-//! run Conv2d and Linear on them. The generated code calls a driver once per kernel call
-//! (`call_indirect` on a constant address, with a constant descriptor) and then applies the
-//! fused epilogue itself (see [`super::conv`] and [`super::linear`]).
+//! The hand-written register tiles that Conv2d and Linear kernels call: per-ISA FMA
+//! micro-kernels (AVX-512F with zmm vectors, AVX2+FMA with ymm), written once over a small
+//! vector abstraction ([`Simd`]) and instantiated per ISA and tile shape.
 //!
-//! **One micro-kernel shape for both ops.** A register tile is `MR` rows × `NR` columns,
-//! lanes running along the columns: `C[i][j] = Σₖ A[k][i] · B[k][j]`, with `A` packed
-//! `[K][MR]` (one broadcast per row and `k`) and `B` packed `[K][NR]` (NR/16 or NR/8
-//! contiguous vector loads per `k`). AVX-512: 8 × 48 (24 zmm accumulators); AVX2: 6 × 16
-//! (12 ymm accumulators).
+//! The generated code owns everything around a tile — the loop nest over samples, output
+//! channel groups, rows and pixels, the split between threads, the choice of tap tables at
+//! the borders, and activations that need `exp` — and calls one of the two entry points
+//! here for each tile, with a descriptor of constants that the compiled model owns:
 //!
-//! - Conv2d: rows are output channels (weights packed once as `[group][tile][K][MR]`,
-//!   `K = (ic, kh, kw)`, the PyTorch order), columns are output pixels of one sample; `B` is
-//!   an im2col panel of a block of pixels, built here per call through the remapped row and
-//!   column tables of [`super::conv`] (so every padding mode, stride and dilation works),
-//!   reused by every channel tile. Rows of `C` are channel planes: the store is contiguous.
-//! - Linear: rows are input rows (packed per block of `MR`; a lone row is read in place,
-//!   which makes batch 1 a GEMV that streams the weights once), columns are output
-//!   features (weights packed once as `[⌈O/NR⌉][K][NR]`).
+//! - [`conv_tile`]: `MR` consecutive output pixels of one output row × `NB` blocks of 16
+//!   output channels of the blocked layout (see [`super::plan::Layout`]), the whole
+//!   reduction over input channels and taps in registers. The input is read in place —
+//!   blocked, or plain NCHW for a net's first layer — through a row table and a column table
+//!   of element offsets, so every stride, dilation and padding mode is the same code: zero
+//!   padding leaves taps out of the tables (and skips their weights), the other modes remap
+//!   them. Weights are packed once per channel group as `[icb][kh][kw][c][NB·16]`.
+//! - [`gemm_tile`]: `MR` rows × `NV` vectors of columns of `C = A·Bᵀ` for Linear, `A`
+//!   row-major read in place (a row is one sample), `B` packed once as `[⌈O/NR⌉][K][NR]`.
 //!
-//! Tiles that overhang the matrix (last channels, last pixels, last features) are computed
-//! into a scratch tile and only their valid part copied out; padding in the packed operands
-//! is zero.
+//! Both apply the fused epilogue while the accumulators are still in registers:
+//! `y = acc·scale[c] + shift[c]` (either optional; a bias is a shift), `+ residual`, ReLU,
+//! and, for blocked outputs, zero in the padding lanes past the last channel. Sigmoid and
+//! Tanh are applied by the generated code right after the call, on the tile it just wrote.
 //!
 //! The ISA is chosen when the net is compiled ([`Isa::detect`]), and a descriptor is only
 //! ever built for an ISA the CPU has, which is what makes calling the `target_feature`
 //! functions sound.
-
-use std::cell::RefCell;
 
 /// Which kernels to compile with: the fastest the CPU supports, a given ISA, or the
 /// portable Cranelift code.
@@ -70,34 +68,39 @@ impl Isa {
         }
     }
 
-    /// Rows of a register tile.
-    pub fn mr(self) -> usize {
+    /// Most blocks of 16 output channels a conv tile holds.
+    pub fn conv_nb(self) -> usize {
         match self {
-            Isa::Avx512 => AVX512_MR,
-            Isa::Avx2 => 6,
+            Isa::Avx512 => 4,
+            Isa::Avx2 => 1,
         }
     }
 
-    /// Floats per vector.
-    pub fn lanes(self) -> usize {
-        match self {
-            Isa::Avx512 => 16,
-            Isa::Avx2 => 8,
+    /// Most output pixels a conv tile of `nb` blocks holds (the accumulators fill the
+    /// register file, leaving room for the weights and one broadcast).
+    pub fn conv_mr(self, nb: usize) -> usize {
+        match (self, nb) {
+            (Isa::Avx512, 4) => 6,
+            (Isa::Avx512, 3) => 8,
+            (Isa::Avx512, 2) => 12,
+            (Isa::Avx512, _) => 14,
+            (Isa::Avx2, _) => 6,
         }
     }
 
-    /// Columns of a register tile.
-    pub fn nr(self) -> usize {
+    /// Rows of a Linear tile.
+    pub fn gemm_mr(self) -> usize {
+        6
+    }
+
+    /// Columns of a Linear tile.
+    pub fn gemm_nr(self) -> usize {
         match self {
-            Isa::Avx512 => 16 * AVX512_NV,
+            Isa::Avx512 => 64,
             Isa::Avx2 => 16,
         }
     }
 }
-
-/// AVX-512 tile: rows, and zmm vectors per row.
-const AVX512_MR: usize = 6;
-const AVX512_NV: usize = 4;
 
 /// Whether the host has (AVX-512F, AVX2+FMA).
 fn host() -> (bool, bool) {
@@ -114,577 +117,578 @@ fn host() -> (bool, bool) {
     }
 }
 
+/// Constants of one convolution's tiles, built at compile time and owned by the model.
+/// Strides are in elements.
+#[derive(Debug)]
+#[repr(C)]
+pub(super) struct ConvTile {
+    pub isa: Isa,
+    /// Input channel blocks the reduction runs over (1 for a plain input).
+    pub icb: usize,
+    /// Channels in each block but the last (16 for a blocked input, all for a plain one).
+    pub c_full: usize,
+    /// Channels in the last block.
+    pub c_last: usize,
+    /// Input strides: between channel blocks, channels, and consecutive output pixels.
+    pub x_icb: isize,
+    pub x_c: isize,
+    pub x_px: isize,
+    /// Kernel size `(kh, kw)` of the packed weights.
+    pub kh: usize,
+    pub kw: usize,
+    /// Output stride between channel blocks (a residual has the output's layout).
+    pub y_blk: isize,
+    /// Output channels (lanes of the last block past them are set to zero).
+    pub channels: usize,
+    /// Per-channel `scale` and `shift` (padded to whole blocks), or null.
+    pub scale: *const f32,
+    pub shift: *const f32,
+    /// Apply ReLU last.
+    pub relu: bool,
+}
+
+// SAFETY: the pointers are addresses of constant-pool data that lives as long as the model
+// and is never written after compilation.
+unsafe impl Send for ConvTile {}
+// SAFETY: as above; shared access only reads.
+unsafe impl Sync for ConvTile {}
+
+/// Constants of one Linear's tiles.
+#[derive(Debug)]
+#[repr(C)]
+pub(super) struct GemmTile {
+    pub isa: Isa,
+    /// Reduction length.
+    pub k: usize,
+    /// Row strides of `A`, and of `C` (and the residual).
+    pub lda: usize,
+    pub ldc: usize,
+    /// Per-column `scale` and `shift` (padded to whole tiles), or null.
+    pub scale: *const f32,
+    pub shift: *const f32,
+    pub relu: bool,
+}
+
+// SAFETY: as for `ConvTile`.
+unsafe impl Send for GemmTile {}
+// SAFETY: as for `ConvTile`.
+unsafe impl Sync for GemmTile {}
+
+/// The vector operations the tiles are written with.
+trait Simd: Copy {
+    /// Lanes per vector.
+    const L: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn splat(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// Stores the first `n < L` lanes.
+    unsafe fn store_first(self, p: *mut f32, n: usize);
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn relu(self) -> Self;
+    /// Lanes `n..` set to zero.
+    unsafe fn keep_first(self, n: usize) -> Self;
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::Simd;
     use std::arch::x86_64::*;
 
-    /// `C[i][j] = Σₖ A[k·lda + i] · B[k·16·NV + j]` for `i < M`, `j < 16·NV`.
-    ///
-    /// # Safety
-    /// AVX-512F is available; `a` holds `k·lda` floats (`lda ≥ M`), `b` holds `k·16·NV`,
-    /// and `c` rows `i < M` of `16·NV` floats at stride `ldc` are writable.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile_avx512<const M: usize, const NV: usize>(
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); NV]; M];
-            let (mut a, mut b) = (a, b);
-            for _ in 0..k {
-                let mut bv = [_mm512_setzero_ps(); NV];
-                for (j, v) in bv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(b.add(16 * j));
-                }
-                for (i, r) in acc.iter_mut().enumerate() {
-                    let w = _mm512_set1_ps(*a.add(i));
-                    for (x, v) in r.iter_mut().zip(&bv) {
-                        *x = _mm512_fmadd_ps(w, *v, *x);
-                    }
-                }
-                a = a.add(lda);
-                b = b.add(16 * NV);
-            }
-            for (i, r) in acc.iter().enumerate() {
-                let row = c.add(i * ldc);
-                for (j, x) in r.iter().enumerate() {
-                    _mm512_storeu_ps(row.add(16 * j), *x);
-                }
-            }
+    #[derive(Clone, Copy)]
+    pub struct Zmm(__m512);
+    #[derive(Clone, Copy)]
+    pub struct Ymm(__m256);
+
+    // Every method is `inline(always)` and only ever inlined into a function compiled with
+    // the matching `target_feature` (the tile entry points below), which the callers only
+    // call on a CPU that has it.
+    impl Simd for Zmm {
+        const L: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Zmm(_mm512_setzero_ps()) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Zmm(_mm512_loadu_ps(p)) }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> Self {
+            unsafe { Zmm(_mm512_set1_ps(*p)) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm512_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn store_first(self, p: *mut f32, n: usize) {
+            unsafe { _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as u16, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            unsafe { Zmm(_mm512_fmadd_ps(a.0, b.0, c.0)) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            unsafe { Zmm(_mm512_add_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn relu(self) -> Self {
+            // `maxps` returns its second operand when either is NaN: NaN stays NaN.
+            unsafe { Zmm(_mm512_max_ps(_mm512_setzero_ps(), self.0)) }
+        }
+        #[inline(always)]
+        unsafe fn keep_first(self, n: usize) -> Self {
+            unsafe { Zmm(_mm512_maskz_mov_ps(((1u32 << n) - 1) as u16, self.0)) }
         }
     }
 
-    /// As [`tile_avx512`] with ymm vectors of 8 (AVX2 + FMA): at `M = 6`, `NV = 2`, 12
-    /// accumulators, two loads and one broadcast fill the 16 ymm registers.
-    ///
-    /// # Safety
-    /// AVX2 and FMA are available; bounds as for [`tile_avx512`] with `8·NV` columns.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_avx2<const M: usize, const NV: usize>(
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-    ) {
+    impl Simd for Ymm {
+        const L: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Ymm(_mm256_setzero_ps()) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Ymm(_mm256_loadu_ps(p)) }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> Self {
+            unsafe { Ymm(_mm256_broadcast_ss(&*p)) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm256_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn store_first(self, p: *mut f32, n: usize) {
+            unsafe { _mm256_maskstore_ps(p, lane_mask(n), self.0) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            unsafe { Ymm(_mm256_fmadd_ps(a.0, b.0, c.0)) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            unsafe { Ymm(_mm256_add_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn relu(self) -> Self {
+            unsafe { Ymm(_mm256_max_ps(_mm256_setzero_ps(), self.0)) }
+        }
+        #[inline(always)]
+        unsafe fn keep_first(self, n: usize) -> Self {
+            unsafe { Ymm(_mm256_and_ps(self.0, _mm256_castsi256_ps(lane_mask(n)))) }
+        }
+    }
+
+    /// All-ones in lanes `0..n`.
+    #[inline(always)]
+    unsafe fn lane_mask(n: usize) -> __m256i {
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); NV]; M];
-            let (mut a, mut b) = (a, b);
-            for _ in 0..k {
-                let mut bv = [_mm256_setzero_ps(); NV];
-                for (j, v) in bv.iter_mut().enumerate() {
-                    *v = _mm256_loadu_ps(b.add(8 * j));
-                }
-                for (i, r) in acc.iter_mut().enumerate() {
-                    let w = _mm256_broadcast_ss(&*a.add(i));
-                    for (x, v) in r.iter_mut().zip(&bv) {
-                        *x = _mm256_fmadd_ps(w, *v, *x);
+            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+        }
+    }
+
+    /// Instantiates the conv tiles of one ISA: `$name::<MR, NV>` with `NV` vectors per pixel.
+    macro_rules! entry_points {
+        ($feature:literal, $v:ty, $conv:ident, $gemm:ident) => {
+            /// # Safety
+            /// The CPU has the feature; arguments as for [`super::conv_tile`].
+            #[target_feature(enable = $feature)]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $conv<const MR: usize, const NV: usize>(
+                d: &super::ConvTile,
+                x: *const f32,
+                w: *const f32,
+                y: *mut f32,
+                r: *const f32,
+                rows: *const isize,
+                cols: *const isize,
+                ocb0: usize,
+            ) {
+                unsafe { super::conv_body::<$v, MR, NV>(d, x, w, y, r, rows, cols, ocb0) }
+            }
+
+            /// # Safety
+            /// The CPU has the feature; arguments as for [`super::gemm_tile`].
+            #[target_feature(enable = $feature)]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $gemm<const MR: usize, const NV: usize>(
+                d: &super::GemmTile,
+                a: *const f32,
+                b: *const f32,
+                c: *mut f32,
+                r: *const f32,
+                col0: usize,
+                valid: usize,
+            ) {
+                unsafe { super::gemm_body::<$v, MR, NV>(d, a, b, c, r, col0, valid) }
+            }
+        };
+    }
+
+    entry_points!("avx512f", Zmm, conv512, gemm512);
+    entry_points!("avx2,fma", Ymm, conv256, gemm256);
+}
+
+/// The reduction and epilogue of one conv tile (see [`conv_tile`]); `NV` vectors per pixel
+/// (`NB·16 / V::L`).
+///
+/// # Safety
+/// As [`conv_tile`]; inlined only into a function with `V`'s target feature.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn conv_body<V: Simd, const MR: usize, const NV: usize>(
+    d: &ConvTile,
+    x: *const f32,
+    w: *const f32,
+    y: *mut f32,
+    r: *const f32,
+    rows: *const isize,
+    cols: *const isize,
+    ocb0: usize,
+) {
+    unsafe {
+        let (khn, kwn) = (*rows as usize, *cols as usize);
+        let w_c = NV * V::L;
+        let w_tap = d.c_full * w_c;
+        let w_row = d.kw * w_tap;
+        let w_icb = d.kh * w_row;
+        let w = w.add(*rows.add(1) as usize * w_row + *cols.add(1) as usize * w_tap);
+        let (roff, coff) = (rows.add(2), cols.add(2));
+        let mut acc = [[V::zero(); NV]; MR];
+        for b in 0..d.icb {
+            let cn = if b + 1 == d.icb { d.c_last } else { d.c_full };
+            let xb = x.offset(b as isize * d.x_icb);
+            let wb = w.add(b * w_icb);
+            for i in 0..khn {
+                let xr = xb.offset(*roff.add(i));
+                let wr = wb.add(i * w_row);
+                for t in 0..kwn {
+                    let xt = xr.offset(*coff.add(t));
+                    let mut wp = wr.add(t * w_tap);
+                    let mut px = [xt; MR];
+                    for p in 1..MR {
+                        px[p] = px[p - 1].offset(d.x_px);
+                    }
+                    if cn == 16 && d.x_c == 1 {
+                        // Blocked input: sixteen contiguous channels, fully unrolled.
+                        for ch in 0..16 {
+                            let mut wv = [V::zero(); NV];
+                            for j in 0..NV {
+                                wv[j] = V::load(wp.add(j * V::L));
+                            }
+                            for p in 0..MR {
+                                let xv = V::splat(px[p].add(ch));
+                                for j in 0..NV {
+                                    acc[p][j] = V::fma(xv, wv[j], acc[p][j]);
+                                }
+                            }
+                            wp = wp.add(w_c);
+                        }
+                    } else {
+                        for ch in 0..cn {
+                            let mut wv = [V::zero(); NV];
+                            for j in 0..NV {
+                                wv[j] = V::load(wp.add(j * V::L));
+                            }
+                            let off = ch as isize * d.x_c;
+                            for p in 0..MR {
+                                let xv = V::splat(px[p].offset(off));
+                                for j in 0..NV {
+                                    acc[p][j] = V::fma(xv, wv[j], acc[p][j]);
+                                }
+                            }
+                            wp = wp.add(w_c);
+                        }
                     }
                 }
-                a = a.add(lda);
-                b = b.add(8 * NV);
             }
-            for (i, r) in acc.iter().enumerate() {
-                let row = c.add(i * ldc);
-                for (j, x) in r.iter().enumerate() {
-                    _mm256_storeu_ps(row.add(8 * j), *x);
+        }
+        // Epilogue. Vector `j` of a pixel covers channels `ocb0·16 + j·L ..`.
+        let per_blk = 16 / V::L;
+        for j in 0..NV {
+            let ch0 = ocb0 * 16 + j * V::L;
+            let s = if d.scale.is_null() { None } else { Some(V::load(d.scale.add(ch0))) };
+            let t = if d.shift.is_null() { None } else { Some(V::load(d.shift.add(ch0))) };
+            let valid = d.channels.saturating_sub(ch0).min(V::L);
+            let off = (j / per_blk) as isize * d.y_blk + ((j % per_blk) * V::L) as isize;
+            for p in 0..MR {
+                let mut v = acc[p][j];
+                v = match (s, t) {
+                    (Some(s), Some(t)) => V::fma(v, s, t),
+                    (None, Some(t)) => V::add(v, t),
+                    (Some(s), None) => V::fma(v, s, V::zero()),
+                    (None, None) => v,
+                };
+                let o = off + (p * 16) as isize;
+                if !r.is_null() {
+                    v = V::add(v, V::load(r.offset(o)));
+                }
+                if d.relu {
+                    v = v.relu();
+                }
+                if valid < V::L {
+                    v = v.keep_first(valid);
+                }
+                v.store(y.offset(o));
+            }
+        }
+    }
+}
+
+/// One Linear tile and its epilogue (see [`gemm_tile`]).
+///
+/// # Safety
+/// As [`gemm_tile`]; inlined only into a function with `V`'s target feature.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
+    d: &GemmTile,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    r: *const f32,
+    col0: usize,
+    valid: usize,
+) {
+    unsafe {
+        let mut acc = [[V::zero(); NV]; MR];
+        let mut rows = [a; MR];
+        for i in 1..MR {
+            rows[i] = rows[i - 1].add(d.lda);
+        }
+        let mut bp = b;
+        for k in 0..d.k {
+            let mut bv = [V::zero(); NV];
+            for j in 0..NV {
+                bv[j] = V::load(bp.add(j * V::L));
+            }
+            for i in 0..MR {
+                let av = V::splat(rows[i].add(k));
+                for j in 0..NV {
+                    acc[i][j] = V::fma(av, bv[j], acc[i][j]);
+                }
+            }
+            bp = bp.add(NV * V::L);
+        }
+        for j in 0..NV {
+            let col = col0 + j * V::L;
+            let s = if d.scale.is_null() { None } else { Some(V::load(d.scale.add(col))) };
+            let t = if d.shift.is_null() { None } else { Some(V::load(d.shift.add(col))) };
+            let n = valid.saturating_sub(j * V::L).min(V::L);
+            if n == 0 {
+                break;
+            }
+            for i in 0..MR {
+                let mut v = acc[i][j];
+                v = match (s, t) {
+                    (Some(s), Some(t)) => V::fma(v, s, t),
+                    (None, Some(t)) => V::add(v, t),
+                    (Some(s), None) => V::fma(v, s, V::zero()),
+                    (None, None) => v,
+                };
+                let o = i * d.ldc + j * V::L;
+                if !r.is_null() {
+                    let res = if n == V::L {
+                        V::load(r.add(o))
+                    } else {
+                        // Only the valid lanes of the residual exist.
+                        let mut tmp = [0f32; 16];
+                        std::ptr::copy_nonoverlapping(r.add(o), tmp.as_mut_ptr(), n);
+                        V::load(tmp.as_ptr())
+                    };
+                    v = V::add(v, res);
+                }
+                if d.relu {
+                    v = v.relu();
+                }
+                if n == V::L {
+                    v.store(c.add(o));
+                } else {
+                    v.store_first(c.add(o), n);
                 }
             }
         }
     }
 }
 
-/// One register tile of `rows` (`isa.mr()` or 1) rows and `nv` vectors (`1 ..=
-/// isa.nr() / isa.lanes()`) of columns: see the `x86` kernels for the contract, which the
-/// caller upholds.
+/// Dispatches `$f::<MR, NV>` over the tile shapes an ISA has (`mr` in `1..=max`).
+macro_rules! by_mr {
+    ($f:ident, $nv:literal, $mr:expr, $args:tt; $($m:literal)*) => {
+        match $mr {
+            $($m => $f::<$m, $nv> $args,)*
+            _ => {}
+        }
+    };
+}
+
+/// Computes one conv tile: `mr` output pixels × `nb` blocks of 16 output channels.
+///
+/// - `x`: the input of this sample, offset to the first pixel's column base (the element a
+///   table offset of 0 would name for channel 0 of block 0);
+/// - `w`: the packed weights of this channel group (`nb` blocks);
+/// - `y`: the output at block `ocb0`, the first pixel; `r`: the residual at the same place,
+///   or null;
+/// - `rows`: `[khn, kh0, off_0 … off_{khn−1}]` — how many kernel rows to sum, the first
+///   one's index (its weights are the first used), and each row's input offset; `cols`
+///   likewise for the kernel columns (`[kwn, kw0, off …]`), the offsets relative to a
+///   pixel's base (`x + p·x_px` for pixel `p`).
 ///
 /// # Safety
-/// `isa` is available on the host (descriptors are only built for detected ISAs), and the
-/// pointers satisfy the kernel's bounds.
-#[allow(unused_variables, clippy::too_many_arguments)]
-unsafe fn tile(
-    isa: Isa,
-    rows: usize,
-    nv: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
+/// `d.isa` is available on the host; every address the tables and strides name is inside
+/// the input, weights, output and residual buffers; `1 ≤ mr ≤ isa.conv_mr(nb)` and
+/// `1 ≤ nb ≤ isa.conv_nb()`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe extern "C" fn conv_tile(
+    d: *const ConvTile,
+    x: *const f32,
+    w: *const f32,
+    y: *mut f32,
+    r: *const f32,
+    rows: *const isize,
+    cols: *const isize,
+    shape: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        use x86::{tile_avx2 as t2, tile_avx512 as t5};
-        const M5: usize = AVX512_MR;
-        match (isa, rows == 1, nv) {
-            (Isa::Avx512, true, 1) => t5::<1, 1>(k, a, lda, b, c, ldc),
-            (Isa::Avx512, true, 2) => t5::<1, 2>(k, a, lda, b, c, ldc),
-            (Isa::Avx512, true, 3) => t5::<1, 3>(k, a, lda, b, c, ldc),
-            (Isa::Avx512, true, _) => t5::<1, 4>(k, a, lda, b, c, ldc),
-            (Isa::Avx512, false, 1) => t5::<M5, 1>(k, a, lda, b, c, ldc),
-            (Isa::Avx512, false, 2) => t5::<M5, 2>(k, a, lda, b, c, ldc),
-            (Isa::Avx512, false, 3) => t5::<M5, 3>(k, a, lda, b, c, ldc),
-            (Isa::Avx512, false, _) => t5::<M5, 4>(k, a, lda, b, c, ldc),
-            (Isa::Avx2, true, 1) => t2::<1, 1>(k, a, lda, b, c, ldc),
-            (Isa::Avx2, true, _) => t2::<1, 2>(k, a, lda, b, c, ldc),
-            (Isa::Avx2, false, 1) => t2::<6, 1>(k, a, lda, b, c, ldc),
-            (Isa::Avx2, false, _) => t2::<6, 2>(k, a, lda, b, c, ldc),
+        use x86::{conv256, conv512};
+        let d = &*d;
+        let (mr, nb, ocb0) = (shape & 0xff, (shape >> 8) & 0xff, shape >> 16);
+        debug_assert!((1..=d.isa.conv_nb()).contains(&nb) && (1..=d.isa.conv_mr(nb)).contains(&mr));
+        match (d.isa, nb) {
+            (Isa::Avx512, 4) => by_mr!(conv512, 4, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6),
+            (Isa::Avx512, 3) => by_mr!(conv512, 3, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6 7 8),
+            (Isa::Avx512, 2) => {
+                by_mr!(conv512, 2, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6 7 8 9 10 11 12)
+            }
+            (Isa::Avx512, _) => {
+                by_mr!(conv512, 1, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
+            }
+            (Isa::Avx2, _) => by_mr!(conv256, 2, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("no micro-kernel ISA is detected off x86-64")
+    {
+        let _ = (d, x, w, y, r, rows, cols, shape);
+        unreachable!("no micro-kernel ISA is detected off x86-64")
+    }
 }
 
-/// Runs a full tile straight into `C` when it fits (`valid_r × valid_c` = the whole tile),
-/// else into a scratch tile and copies the valid part.
+/// Packs `(mr, nb, ocb0)` into the `shape` argument of [`conv_tile`].
+pub(super) fn conv_shape(mr: usize, nb: usize, ocb0: usize) -> i64 {
+    (mr | (nb << 8) | (ocb0 << 16)) as i64
+}
+
+/// Computes one Linear tile: rows `a .. a + mr·lda` of `A` times the packed column tile `b`
+/// (`K × W`, `W` = `valid` rounded up to whole vectors, at most `isa.gemm_nr()`) into `c`
+/// (stride `ldc`), columns `col0 .. col0 + valid` of the result (lanes past `valid` are
+/// neither read from `r` nor stored).
 ///
 /// # Safety
-/// As [`tile`]; `c` rows `i < valid_r` of `valid_c` floats at stride `ldc` are writable.
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_clipped(
-    isa: Isa,
-    rows: usize,
-    nv: usize,
-    k: usize,
+/// `d.isa` is available on the host; `a` holds `mr` rows of `K` at stride `lda`, `b` a
+/// whole packed tile, `c` (and `r`, if not null) `mr` rows of `valid` at stride `ldc`;
+/// `1 ≤ mr ≤ isa.gemm_mr()`; the scale/shift arrays are padded to whole tiles.
+pub(super) unsafe extern "C" fn gemm_tile(
+    d: *const GemmTile,
     a: *const f32,
-    lda: usize,
     b: *const f32,
     c: *mut f32,
-    ldc: usize,
-    valid_r: usize,
-    valid_c: usize,
+    r: *const f32,
+    shape: usize,
 ) {
-    let nr = nv * isa.lanes();
-    if valid_r == rows && valid_c == nr {
-        unsafe { tile(isa, rows, nv, k, a, lda, b, c, ldc) };
-    } else {
-        let mut t = [0f32; 8 * 64];
-        unsafe {
-            tile(isa, rows, nv, k, a, lda, b, t.as_mut_ptr(), nr);
-            for i in 0..valid_r {
-                std::ptr::copy_nonoverlapping(t.as_ptr().add(i * nr), c.add(i * ldc), valid_c);
-            }
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        use x86::{gemm256, gemm512};
+        let d = &*d;
+        let (mr, valid, col0) = (shape & 0xff, (shape >> 8) & 0xff, shape >> 16);
+        debug_assert!((1..=d.isa.gemm_mr()).contains(&mr) && (1..=d.isa.gemm_nr()).contains(&valid));
+        match (d.isa, valid.div_ceil(16)) {
+            (Isa::Avx512, 1) => by_mr!(gemm512, 1, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
+            (Isa::Avx512, 2) => by_mr!(gemm512, 2, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
+            (Isa::Avx512, 3) => by_mr!(gemm512, 3, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
+            (Isa::Avx512, _) => by_mr!(gemm512, 4, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
+            (Isa::Avx2, _) if valid <= 8 => by_mr!(gemm256, 1, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
+            (Isa::Avx2, _) => by_mr!(gemm256, 2, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (d, a, b, c, r, shape);
+        unreachable!("no micro-kernel ISA is detected off x86-64")
+    }
 }
 
-thread_local! {
-    /// Per-thread packing buffer (an im2col panel or a block of Linear rows).
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+/// Packs `(mr, valid, col0)` into the `shape` argument of [`gemm_tile`].
+pub(super) fn gemm_shape(mr: usize, valid: usize, col0: usize) -> i64 {
+    (mr | (valid << 8) | (col0 << 16)) as i64
 }
 
-/// Bytes of the im2col panel a conv call aims for (stays in L2 while the channel tiles
-/// reuse it).
-const PANEL_BYTES: usize = 512 << 10;
-
-/// Everything a conv call needs; built at compile time, owned by the constant pool.
-#[derive(Debug)]
-pub(super) struct ConvDesc {
-    pub isa: Isa,
-    pub groups: usize,
-    pub icg: usize,
-    pub ocg: usize,
-    pub ih: usize,
-    pub iw: usize,
-    pub oh: usize,
-    pub ow: usize,
-    pub kh: usize,
-    pub kw: usize,
-    /// `[oh][kh]` input row or −1 (see `conv::axis_table`).
-    pub rows: Vec<i32>,
-    /// `[ow][kw]` input column or −1.
-    pub cols: Vec<i32>,
-    /// Weights `[group][⌈ocg/MR⌉][K][MR]`, zero-padded.
-    pub w: Vec<f32>,
-    /// `(stride, dilation, pad)` per axis (rows, columns) when the tables are plain zero
-    /// padding, which packs whole runs of pixels at a time.
-    affine: Option<[(usize, usize, usize); 2]>,
-}
-
-/// `(stride, dilation, pad)` if `table` (`[out][taps]`) is `o·stride + t·dilation − pad`
-/// inside `[0, n)` and −1 outside.
-fn affine(table: &[i32], taps: usize, n: usize) -> Option<(usize, usize, usize)> {
-    let outs = table.len() / taps.max(1);
-    let fits = |(s, d, p): (usize, usize, usize)| {
-        (0..outs).all(|o| {
-            (0..taps).all(|t| {
-                let i = (o * s + t * d) as i64 - p as i64;
-                table[o * taps + t] == if (0..n as i64).contains(&i) { i as i32 } else { -1 }
-            })
-        })
-    };
-    // Recover the candidate from the first entries: pad from the first tap of output 0
-    // (search small pads), stride and dilation from differences.
-    for p in 0..=taps * 8 {
-        for s in 1..=8 {
-            for d in 1..=8 {
-                let cand = (s, d, p);
-                if (taps == 1 && d > 1) || (outs == 1 && s > 1) {
-                    continue;
-                }
-                if fits(cand) {
-                    return Some(cand);
-                }
-            }
-        }
-    }
-    None
-}
-
-impl ConvDesc {
-    /// Packs PyTorch `[oc][icg][kh][kw]` weights for `isa`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        isa: Isa,
-        weight: &[f32],
-        groups: usize,
-        icg: usize,
-        ocg: usize,
-        (ih, iw, oh, ow): (usize, usize, usize, usize),
-        (kh, kw): (usize, usize),
-        rows: Vec<i32>,
-        cols: Vec<i32>,
-    ) -> ConvDesc {
-        let mr = isa.mr();
-        let k = icg * kh * kw;
-        let tiles = ocg.div_ceil(mr);
-        let mut w = vec![0f32; groups * tiles * k * mr];
-        for g in 0..groups {
-            for o in 0..ocg {
-                let (t, j) = (o / mr, o % mr);
-                let src = &weight[(g * ocg + o) * k..][..k];
-                for (kk, v) in src.iter().enumerate() {
-                    w[((g * tiles + t) * k + kk) * mr + j] = *v;
-                }
-            }
-        }
-        let affine = affine(&rows, kh, ih).zip(affine(&cols, kw, iw)).map(|(r, c)| [r, c]);
-        ConvDesc { isa, groups, icg, ocg, ih, iw, oh, ow, kh, kw, rows, cols, w, affine }
-    }
-
-    /// Floats the packed weights hold.
-    pub fn bytes(&self) -> usize {
-        4 * (self.w.len() + self.rows.len() + self.cols.len())
-    }
-
-    fn is_identity(&self) -> bool {
-        (self.kh, self.kw) == (1, 1)
-            && (self.ih, self.iw) == (self.oh, self.ow)
-            && self.rows.iter().enumerate().all(|(i, &r)| r == i as i32)
-            && self.cols.iter().enumerate().all(|(i, &c)| c == i as i32)
-    }
-
-    /// Packs pixels `p0 .. p0 + n` of group input `x` (`icg` planes) into `panel`, as
-    /// `⌈n/NR⌉` sub-panels `[K][NR]`, zero where padding or past `n`.
-    fn pack(&self, x: &[f32], p0: usize, n: usize, panel: &mut [f32], identity: bool) {
-        let nr = self.isa.nr();
-        let k = self.icg * self.kh * self.kw;
-        let plane = self.ih * self.iw;
-        let mut roff = [0usize; 64];
-        let mut coff = [0usize; 64];
-        for (s, sub) in panel.chunks_mut(k * nr).take(n.div_ceil(nr)).enumerate() {
-            let q0 = p0 + s * nr;
-            let valid = (n - s * nr).min(nr);
-            // A last, partial sub-panel is only as wide as the vectors it needs.
-            let nr = valid.next_multiple_of(self.isa.lanes());
-            let sub = &mut sub[..k * nr];
-            if identity {
-                for (ic, dst) in sub.chunks_mut(nr).enumerate() {
-                    dst[..valid].copy_from_slice(&x[ic * plane + q0..][..valid]);
-                    dst[valid..].fill(0.0);
-                }
-                continue;
-            }
-            if let Some([(sh, dh, pt), (sw, dw, pl)]) = self.affine {
-                // Runs of pixels within one output row: `(first j, oh, first ow, length)`.
-                let mut runs = [(0usize, 0usize, 0usize, 0usize); 65];
-                let (mut nruns, mut j) = (0, 0);
-                while j < valid {
-                    let (oh, ow0) = ((q0 + j) / self.ow, (q0 + j) % self.ow);
-                    let len = (self.ow - ow0).min(valid - j);
-                    runs[nruns] = (j, oh, ow0, len);
-                    nruns += 1;
-                    j += len;
-                }
-                let mut dst = sub.chunks_mut(nr);
-                for ic in 0..self.icg {
-                    let xc = &x[ic * plane..][..plane];
-                    for a in 0..self.kh {
-                        for b in 0..self.kw {
-                            let Some(d) = dst.next() else { return };
-                            for &(j0, oh, ow0, len) in &runs[..nruns] {
-                                let d = &mut d[j0..j0 + len];
-                                let r = (oh * sh + a * dh) as isize - pt as isize;
-                                if r < 0 || r >= self.ih as isize {
-                                    d.fill(0.0);
-                                    continue;
-                                }
-                                let xr = &xc[r as usize * self.iw..][..self.iw];
-                                let base = (ow0 * sw + b * dw) as isize - pl as isize;
-                                if sw == 1 {
-                                    let lo = (-base).clamp(0, len as isize) as usize;
-                                    let hi = (self.iw as isize - base).clamp(lo as isize, len as isize) as usize;
-                                    d[..lo].fill(0.0);
-                                    if hi > lo {
-                                        let from = (base + lo as isize) as usize;
-                                        d[lo..hi].copy_from_slice(&xr[from..from + hi - lo]);
-                                    }
-                                    d[hi..].fill(0.0);
-                                } else {
-                                    for (c, v) in d.iter_mut().enumerate() {
-                                        let i = base + (c * sw) as isize;
-                                        *v = if i >= 0 && i < self.iw as isize { xr[i as usize] } else { 0.0 };
-                                    }
-                                }
-                            }
-                            d[valid..].fill(0.0);
-                        }
+/// Measures one core's f32 FMA throughput with the widest micro-kernel ISA the host has
+/// (GFLOP/s; `None` without one): a register-only loop of independent FMAs, about 20 ms,
+/// best of three.
+pub(super) fn measure_peak() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let isa = Isa::detect(Kernels::Auto).ok().flatten()?;
+        /// `n` iterations of 24 independent FMAs on `V` vectors.
+        #[inline(always)]
+        unsafe fn body<V: Simd>(n: usize) -> f32 {
+            unsafe {
+                let one = 1.0f32;
+                let k = std::hint::black_box(0.999_999f32);
+                let t = std::hint::black_box(1e-6f32);
+                let (kv, tv) = (V::splat(&k), V::splat(&t));
+                let mut acc = [V::splat(&one); 24];
+                for _ in 0..n {
+                    for a in &mut acc {
+                        *a = V::fma(*a, kv, tv);
                     }
                 }
-                continue;
-            }
-            for j in 0..valid {
-                roff[j] = (q0 + j) / self.ow * self.kh;
-                coff[j] = (q0 + j) % self.ow * self.kw;
-            }
-            let mut dst = sub.chunks_mut(nr);
-            for ic in 0..self.icg {
-                let xc = &x[ic * plane..][..plane];
-                for a in 0..self.kh {
-                    for b in 0..self.kw {
-                        let Some(d) = dst.next() else { return };
-                        for j in 0..valid {
-                            let r = self.rows[roff[j] + a];
-                            let c = self.cols[coff[j] + b];
-                            d[j] = if r >= 0 && c >= 0 { xc[r as usize * self.iw + c as usize] } else { 0.0 };
-                        }
-                        d[valid..].fill(0.0);
-                    }
+                let mut out = [0f32; 16];
+                let mut s = V::zero();
+                for a in acc {
+                    s = V::add(s, a);
                 }
+                s.store(out.as_mut_ptr());
+                out[0]
             }
         }
-    }
-
-    /// The convolution without epilogue of `nb` samples.
-    fn run(&self, x: &[f32], y: &mut [f32], nb: usize) {
-        let (mr, nr) = (self.isa.mr(), self.isa.nr());
-        let k = self.icg * self.kh * self.kw;
-        let (plane_in, plane) = (self.ih * self.iw, self.oh * self.ow);
-        let (in_size, out_size) = (self.groups * self.icg * plane_in, self.groups * self.ocg * plane);
-        let tiles = self.ocg.div_ceil(mr);
-        let block = ((PANEL_BYTES / (4 * k * nr)).max(1) * nr).min(plane.div_ceil(nr) * nr);
-        let identity = self.is_identity();
-        SCRATCH.with_borrow_mut(|scratch| {
-            // 64-byte aligned, so no vector load of the panel straddles two cache lines.
-            if scratch.len() < k * block + 16 {
-                scratch.resize(k * block + 16, 0.0);
-            }
-            let skip = scratch.as_ptr().align_offset(64).min(16);
-            let panel = &mut scratch[skip..];
-            for n in 0..nb {
-                for g in 0..self.groups {
-                    let xg = &x[n * in_size + g * self.icg * plane_in..][..self.icg * plane_in];
-                    let yg = &mut y[n * out_size + g * self.ocg * plane..][..self.ocg * plane];
-                    let wg = &self.w[g * tiles * k * mr..][..tiles * k * mr];
-                    let mut p0 = 0;
-                    while p0 < plane {
-                        let len = block.min(plane - p0);
-                        self.pack(xg, p0, len, panel, identity);
-                        for t in 0..tiles {
-                            let vr = (self.ocg - t * mr).min(mr);
-                            let wt = &wg[t * k * mr..][..k * mr];
-                            for s in 0..len.div_ceil(nr) {
-                                let vc = (len - s * nr).min(nr);
-                                let sub = &panel[s * k * nr..][..k * nr];
-                                let out = &mut yg[t * mr * plane + p0 + s * nr..];
-                                // In bounds: rows `t·mr + i < ocg` of the group's planes,
-                                // columns `< plane`.
-                                debug_assert!(out.len() >= (vr - 1) * plane + vc);
-                                // SAFETY: the ISA was detected; `wt` holds `k·mr`, `sub`
-                                // `k·nr`; `out` has `vr` rows of `vc` floats at stride `plane`.
-                                unsafe {
-                                    tile_clipped(
-                                        self.isa,
-                                        mr,
-                                        vc.div_ceil(self.isa.lanes()),
-                                        k,
-                                        wt.as_ptr(),
-                                        mr,
-                                        sub.as_ptr(),
-                                        out.as_mut_ptr(),
-                                        plane,
-                                        vr,
-                                        vc,
-                                    )
-                                };
-                            }
-                        }
-                        p0 += len;
-                    }
-                }
-            }
-        });
-    }
-}
-
-/// Entry point the conv kernel calls: `desc` is a live [`ConvDesc`], `x` and `y` the
-/// operand and result of `nb` samples.
-///
-/// # Safety
-/// As promised by the code generator: `desc` points to a descriptor owned by the constant
-/// pool, `x` holds `nb` input samples and `y` `nb` output samples, disjoint.
-pub(super) unsafe extern "C" fn conv_entry(desc: *const ConvDesc, x: *const f32, y: *mut f32, nb: i64) {
-    let d = unsafe { &*desc };
-    let nb = nb.max(0) as usize;
-    let in_len = nb * d.groups * d.icg * d.ih * d.iw;
-    let out_len = nb * d.groups * d.ocg * d.oh * d.ow;
-    let (x, y) = unsafe { (std::slice::from_raw_parts(x, in_len), std::slice::from_raw_parts_mut(y, out_len)) };
-    d.run(x, y, nb);
-}
-
-/// Everything a Linear call needs.
-#[derive(Debug)]
-pub(super) struct LinearDesc {
-    pub isa: Isa,
-    pub k: usize,
-    pub o: usize,
-    /// Weights `[⌈O/NR⌉][K][NR]`, zero-padded, from element `skip` on (64-byte aligned).
-    w: Vec<f32>,
-    skip: usize,
-}
-
-impl LinearDesc {
-    /// Packs PyTorch `[O][K]` weights for `isa`.
-    pub fn new(isa: Isa, weight: &[f32], k: usize, o: usize) -> LinearDesc {
-        let nr = isa.nr();
-        let tiles = o.div_ceil(nr);
-        let mut w = vec![0f32; tiles * k * nr + 16];
-        let skip = w.as_ptr().align_offset(64).min(16);
-        for (oi, row) in weight.chunks(k.max(1)).enumerate().take(o) {
-            let (t, j) = (oi / nr, oi % nr);
-            for (ki, v) in row.iter().enumerate() {
-                w[skip + (t * k + ki) * nr + j] = *v;
-            }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run512(n: usize) -> f32 {
+            unsafe { body::<x86::Zmm>(n) }
         }
-        LinearDesc { isa, k, o, w, skip }
-    }
-
-    /// Floats the packed weights hold.
-    pub fn bytes(&self) -> usize {
-        4 * self.w.len()
-    }
-
-    /// `y = x·Wᵀ` for `m` rows.
-    fn run(&self, x: &[f32], y: &mut [f32], m: usize) {
-        let (mr, nr, k, o) = (self.isa.mr(), self.isa.nr(), self.k, self.o);
-        let tiles = o.div_ceil(nr);
-        let full = if m >= 2 { m / mr } else { 0 };
-        SCRATCH.with_borrow_mut(|a| {
-            if a.len() < k * mr {
-                a.resize(k * mr, 0.0);
-            }
-            for blk in 0..full {
-                for (kk, dst) in a.chunks_mut(mr).take(k).enumerate() {
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = x[(blk * mr + i) * k + kk];
-                    }
-                }
-                for t in 0..tiles {
-                    let vc = (o - t * nr).min(nr);
-                    let out = &mut y[blk * mr * o + t * nr..];
-                    debug_assert!(out.len() >= (mr - 1) * o + vc);
-                    // SAFETY: ISA detected; `a` holds `k·mr`, the weight tile `k·nr`; `out`
-                    // has `mr` rows of `vc` floats at stride `o`.
-                    unsafe {
-                        tile_clipped(
-                            self.isa,
-                            mr,
-                            nr / self.isa.lanes(),
-                            k,
-                            a.as_ptr(),
-                            mr,
-                            self.w[self.skip + t * k * nr..][..k * nr].as_ptr(),
-                            out.as_mut_ptr(),
-                            o,
-                            mr,
-                            vc,
-                        )
-                    };
-                }
-            }
-        });
-        for row in full * mr..m {
-            let xr = &x[row * k..][..k];
-            for t in 0..tiles {
-                let vc = (o - t * nr).min(nr);
-                let out = &mut y[row * o + t * nr..][..vc];
-                // SAFETY: as above with one row read in place (`lda = 1`).
-                unsafe {
-                    tile_clipped(
-                        self.isa,
-                        1,
-                        nr / self.isa.lanes(),
-                        k,
-                        xr.as_ptr(),
-                        1,
-                        self.w[self.skip + t * k * nr..][..k * nr].as_ptr(),
-                        out.as_mut_ptr(),
-                        o,
-                        1,
-                        vc,
-                    )
-                };
-            }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run256(n: usize) -> f32 {
+            unsafe { body::<x86::Ymm>(n) }
         }
-    }
-}
-
-/// Entry point the Linear kernel calls: `m` rows of `x` (`[m][K]`) into `y` (`[m][O]`).
-///
-/// # Safety
-/// `desc` is a live [`LinearDesc`]; `x` holds `m·K` floats and `y` `m·O`, disjoint.
-pub(super) unsafe extern "C" fn linear_entry(desc: *const LinearDesc, x: *const f32, y: *mut f32, m: i64) {
-    let d = unsafe { &*desc };
-    let m = m.max(0) as usize;
-    let (x, y) = unsafe { (std::slice::from_raw_parts(x, m * d.k), std::slice::from_raw_parts_mut(y, m * d.o)) };
-    d.run(x, y, m);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        let mut c = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                c[i * n + j] = (0..k).map(|kk| a[i * k + kk] * b[j * k + kk]).sum();
-            }
-        }
-        c
-    }
-
-    #[test]
-    fn linear_matches_a_scalar_gemm_on_every_host_isa() {
-        for kernels in [Kernels::Avx512, Kernels::Avx2] {
-            let Ok(Some(isa)) = Isa::detect(kernels) else { continue };
-            for (m, k, o) in [(1, 7, 5), (9, 33, 50), (17, 3, 97), (8, 64, 48)] {
-                let x: Vec<f32> = (0..m * k).map(|i| ((i * 37) % 17) as f32 / 8.0 - 1.0).collect();
-                let w: Vec<f32> = (0..o * k).map(|i| ((i * 11) % 13) as f32 / 6.0 - 1.0).collect();
-                let d = LinearDesc::new(isa, &w, k, o);
-                let mut y = vec![0f32; m * o];
-                d.run(&x, &mut y, m);
-                let want = reference(&x, &w, m, k, o);
-                for (g, w) in y.iter().zip(&want) {
-                    assert!((g - w).abs() < 1e-4, "{isa:?} {m}x{k}x{o}: {g} vs {w}");
+        let lanes = match isa {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+        };
+        let run = |n: usize| {
+            let t = std::time::Instant::now();
+            // SAFETY: the ISA was detected on this host.
+            let r = unsafe {
+                match isa {
+                    Isa::Avx512 => run512(n),
+                    Isa::Avx2 => run256(n),
                 }
-            }
-        }
+            };
+            std::hint::black_box(r);
+            t.elapsed().as_secs_f64()
+        };
+        let n = 200_000;
+        let best = (0..3).map(|_| run(n)).fold(f64::INFINITY, f64::min);
+        Some((n * 24 * lanes * 2) as f64 / best / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
     }
 }

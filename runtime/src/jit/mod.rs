@@ -37,8 +37,10 @@
 //! slot — and on what [`Compiled::run`] checks before calling: input lengths and layout,
 //! output and arena sizes, and exclusive use of each arena and of each thread's output range.
 
+mod blocked;
 mod codegen;
 mod conv;
+mod conv_tiles;
 mod eltwise;
 mod epilogue;
 mod linear;
@@ -47,6 +49,7 @@ mod math;
 mod microkernel;
 mod plan;
 mod pool;
+mod team;
 
 use crate::error::{Error, Result};
 use crate::interp;
@@ -80,8 +83,17 @@ const MAX_CHUNK: usize = 64;
 struct Code {
     /// `Some` until dropped.
     module: Option<JITModule>,
-    /// Kernel entry points, in execution order.
-    entries: Vec<*const u8>,
+    /// Kernels in execution order.
+    entries: Vec<Entry>,
+}
+
+/// One kernel's entry point.
+struct Entry {
+    code: *const u8,
+    /// The node (or step) it computes.
+    name: String,
+    /// Floating-point operations per sample, for a kernel that can split its work.
+    work: Option<u64>,
 }
 
 // SAFETY: `Code` holds the finalised module only to keep its executable memory alive and to
@@ -89,7 +101,8 @@ struct Code {
 // `free_memory` in `drop`, which has exclusive access. The entry points are addresses of
 // immutable code. Kernels keep no state of their own (all memory they touch is passed in
 // per call), so running them from several threads at once, each with its own buffers, is
-// as safe as calling a pure function concurrently.
+// as safe as calling a pure function concurrently; parallel kernels called with the same
+// buffers and different parts write disjoint parts of their result.
 unsafe impl Send for Code {}
 // SAFETY: as above — shared access only ever reads `entries` and executes the code.
 unsafe impl Sync for Code {}
@@ -104,28 +117,61 @@ impl Drop for Code {
     }
 }
 
+/// Operations a kernel call must do before it is split between threads (below this the
+/// hand-off costs more than it saves).
+const PARALLEL_MIN_WORK: u64 = 400_000;
+
 impl Code {
-    /// Runs every kernel, in order, on one chunk.
+    /// Calls kernel `k` on one chunk, doing part `part` of `parts` of its work.
     ///
     /// `table[s]` must be the address of slot `s`'s buffer for a chunk of `nb ≥ 1` samples:
     /// at least `nb · size(s)` floats, inputs not written by anyone during the call,
-    /// outputs and the arena used by this call only.
-    fn run(&self, table: &[usize], nb: usize) {
-        for &entry in &self.entries {
-            // SAFETY: `entry` is a finalised function of `self.module` (alive while `self`
-            // is) with the Cranelift signature `fn(i64, i64)` in the platform's C calling
-            // convention, i.e. `extern "C" fn(*const usize, i64)`. The kernel reads
-            // `table[..slots]` (the caller passes the whole table) and, through it, only the
-            // buffers of its own operand and result slots, within `nb · size` floats each:
-            // every loop bound and offset is a compile-time constant derived from the
-            // verified shapes or read from index tables built (and range-checked) at compile
-            // time, and padding taps are either skipped by those bounds or redirected to an
-            // in-bounds neutral row — never read outside. It writes only its result slot, which the plan keeps disjoint
-            // from its operands. `Compiled::run` sizes every buffer for `nb` and gives each
-            // thread its own arena and output range.
-            unsafe {
-                let kernel = std::mem::transmute::<*const u8, extern "C" fn(*const usize, i64)>(entry);
-                kernel(table.as_ptr(), nb as i64);
+    /// outputs and the arena used by this call only (or, for a parallel kernel, by calls
+    /// with the same table and the other parts). `parts > 1` only for a kernel with `work`.
+    fn call(&self, k: usize, table: &[usize], nb: usize, part: usize, parts: usize) {
+        let entry = &self.entries[k];
+        debug_assert!(parts == 1 || entry.work.is_some());
+        // SAFETY: `entry.code` is a finalised function of `self.module` (alive while `self`
+        // is) with the Cranelift signature `fn(i64, i64, i64, i64)` in the platform's C
+        // calling convention, i.e. `extern "C" fn(*const usize, i64, i64, i64)`. The kernel
+        // reads `table[..slots]` (the caller passes the whole table) and, through it, only the
+        // buffers of its own operand and result slots, within `nb · size` floats each:
+        // every loop bound and offset is a compile-time constant derived from the verified
+        // shapes or read from index tables built (and range-checked) at compile time, and
+        // padding taps are either skipped by those bounds or redirected to an in-bounds
+        // neutral row — never read outside. It writes only its result slot, which the plan
+        // keeps disjoint from its operands; a parallel kernel writes only the part of it
+        // that `part` owns (`part < parts`, both passed as given here). `Compiled::run`
+        // sizes every buffer for `nb` and gives each thread its own arena and output range,
+        // or, when threads share a kernel, waits for every part before the next kernel.
+        unsafe {
+            let kernel = std::mem::transmute::<*const u8, extern "C" fn(*const usize, i64, i64, i64)>(entry.code);
+            kernel(table.as_ptr(), nb as i64, part as i64, parts as i64);
+        }
+    }
+
+    /// Runs every kernel, in order, on one chunk, splitting the kernels worth it between
+    /// the threads of `team` (if any). With `times`, adds each kernel's wall time to its
+    /// entry.
+    fn run(
+        &self,
+        table: &[usize],
+        nb: usize,
+        team: Option<&team::Team>,
+        min_work: u64,
+        mut times: Option<&mut [Duration]>,
+    ) {
+        for (k, e) in self.entries.iter().enumerate() {
+            let start = times.is_some().then(Instant::now);
+            match (team, e.work) {
+                (Some(t), Some(w)) if w.saturating_mul(nb as u64) >= min_work => {
+                    let parts = t.threads();
+                    t.run(parts, &|p| self.call(k, table, nb, p, parts));
+                }
+                _ => self.call(k, table, nb, 0, 1),
+            }
+            if let (Some(t), Some(start)) = (times.as_deref_mut(), start) {
+                t[k] += start.elapsed();
             }
         }
     }
@@ -136,6 +182,18 @@ impl Code {
 struct Scratch {
     arena: Vec<f32>,
     table: Vec<usize>,
+}
+
+/// One kernel's time in [`Compiled::profile`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    /// The node it computes (`<reorder>`, `<output copy>` for the planner's own steps).
+    pub name: String,
+    /// Floating-point operations of the batch, for the kernels that count them (Conv2d,
+    /// Linear, pooling, BatchNorm).
+    pub flops: Option<u64>,
+    /// Median wall time of one run of the kernel on the whole batch.
+    pub median: Duration,
 }
 
 /// A net compiled to native code: build once, run many times, from many threads.
@@ -157,9 +215,14 @@ pub struct Compiled {
     arena: usize,
     chunk: usize,
     threads: usize,
+    /// The worker threads (none for a single-threaded model); one run uses them at a time.
+    team: Option<Mutex<team::Team>>,
+    /// Floating-point operations below which a kernel call is not split between threads.
+    parallel_min_work: u64,
     pool: Mutex<Vec<Scratch>>,
     compile_time: Duration,
     kernels: usize,
+    reorders: usize,
     const_bytes: usize,
 }
 
@@ -197,14 +260,18 @@ impl Compiled {
         let start = Instant::now();
         graph.verify()?;
         weights.check(graph)?;
-        let plan = plan::plan(graph)?;
         let kernels = if options.portable { Kernels::Portable } else { kernels };
         let isa = microkernel::Isa::detect(kernels).map_err(Error::Unsupported)?;
+        let plan = plan::plan(graph, isa.is_some())?;
+        let reorders = plan.steps.iter().filter(|s| matches!(s, plan::Step::Reorder { .. })).count();
         let mut jit = codegen::Jit::new(!options.portable, isa)?;
         lower::lower(&mut jit, graph, weights, &plan)?;
         let codegen::Jit { mut module, funcs, consts, .. } = jit;
         module.finalize_definitions().map_err(|e| Error::Jit { node: graph.name.clone(), message: e.to_string() })?;
-        let entries = funcs.iter().map(|f| module.get_finalized_function(*f)).collect();
+        let entries = funcs
+            .iter()
+            .map(|f| Entry { code: module.get_finalized_function(f.id), name: f.name.clone(), work: f.work })
+            .collect();
         let code = Code { module: Some(module), entries };
         let threads = match options.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -214,6 +281,7 @@ impl Compiled {
         Ok(Compiled {
             graph: graph.clone(),
             kernels: funcs.len(),
+            reorders,
             const_bytes: consts.bytes(),
             code,
             _consts: consts,
@@ -221,6 +289,8 @@ impl Compiled {
             arena: plan.arena,
             chunk,
             threads,
+            team: (threads > 1).then(|| Mutex::new(team::Team::new(threads))),
+            parallel_min_work: PARALLEL_MIN_WORK,
             pool: Mutex::new(vec![]),
             compile_time: start.elapsed(),
         })
@@ -232,6 +302,44 @@ impl Compiled {
     /// Errors: those of [`interp::check_inputs`], and [`Error::Batch`] for a batch whose
     /// outputs would not fit in memory's address range.
     pub fn run(&self, inputs: &[ArrayViewD<'_, f32>]) -> Result<Vec<ArrayD<f32>>> {
+        let (n, in_addrs, mut outputs) = self.prepare(inputs)?;
+        let out_addrs: Vec<usize> = outputs.iter_mut().map(|(_, v)| v.as_mut_ptr().expose_provenance()).collect();
+        // The team, unless another run has it (then this run is single-threaded).
+        let team = self.team.as_ref().and_then(|t| t.try_lock().ok());
+        match team.as_deref() {
+            None => self.run_range(&in_addrs, &out_addrs, 0, n, None, None)?,
+            Some(team) if batch_split(n, team.threads()) => {
+                // Whole samples per thread: no synchronisation between kernels.
+                let parts = team.threads();
+                let per = n.div_ceil(parts);
+                let failed = Mutex::new(None);
+                team.run(parts, &|p| {
+                    let (a, b) = ((p * per).min(n), ((p + 1) * per).min(n));
+                    if let Err(e) = self.run_range(&in_addrs, &out_addrs, a, b, None, None) {
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
+                });
+                if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    return Err(e);
+                }
+            }
+            // Few samples: the threads share each big kernel instead.
+            Some(team) => self.run_range(&in_addrs, &out_addrs, 0, n, Some(team), None)?,
+        }
+        drop(team);
+        outputs
+            .into_iter()
+            .map(|(shape, data)| {
+                ArrayD::from_shape_vec(IxDyn(&shape), data)
+                    .map_err(|e| Error::Unsupported(format!("output shape {shape:?}: {e}")))
+            })
+            .collect()
+    }
+
+    /// Checks the inputs of a run and allocates its outputs: the batch, the inputs'
+    /// addresses, and each output's shape and zeroed storage.
+    #[allow(clippy::type_complexity)]
+    fn prepare(&self, inputs: &[ArrayViewD<'_, f32>]) -> Result<(usize, Vec<usize>, Vec<(Vec<usize>, Vec<f32>)>)> {
         let n = interp::check_inputs(&self.graph, inputs)?;
         // Checked again here, whatever `check_inputs` does: the native code relies on it.
         let mut in_addrs = Vec::with_capacity(inputs.len());
@@ -267,36 +375,50 @@ impl Compiled {
                 }
             }
         }
-        let out_addrs: Vec<usize> = outputs.iter_mut().map(|(_, v)| v.as_mut_ptr().expose_provenance()).collect();
-        let threads = self.threads.min(n).max(1);
-        if threads == 1 {
-            self.run_range(&in_addrs, &out_addrs, 0, n)?;
-        } else {
-            let per = n.div_ceil(threads);
-            std::thread::scope(|s| -> Result<()> {
-                let (in_addrs, out_addrs) = (&in_addrs, &out_addrs);
-                let handles: Vec<_> = (1..threads)
-                    .filter(|t| t * per < n)
-                    .map(|t| s.spawn(move || self.run_range(in_addrs, out_addrs, t * per, ((t + 1) * per).min(n))))
-                    .collect();
-                let mine = self.run_range(in_addrs, out_addrs, 0, per.min(n));
-                for h in handles {
-                    h.join().map_err(|_| Error::Unsupported("a worker thread panicked".into()))??;
-                }
-                mine
-            })?;
-        }
-        outputs
-            .into_iter()
-            .map(|(shape, data)| {
-                ArrayD::from_shape_vec(IxDyn(&shape), data)
-                    .map_err(|e| Error::Unsupported(format!("output shape {shape:?}: {e}")))
-            })
-            .collect()
+        Ok((n, in_addrs, outputs))
     }
 
-    /// Runs samples `a..b` in chunks, on the calling thread, with a pooled arena.
-    fn run_range(&self, in_addrs: &[usize], out_addrs: &[usize], a: usize, b: usize) -> Result<()> {
+    /// Times each kernel on `runs` runs of this batch (threads sharing kernels as in
+    /// [`Compiled::run`] at batch 1, whatever the batch): the median wall time per kernel,
+    /// in execution order.
+    ///
+    /// Errors: as [`Compiled::run`].
+    pub fn profile(&self, inputs: &[ArrayViewD<'_, f32>], runs: usize) -> Result<Vec<KernelTime>> {
+        let (n, in_addrs, mut outputs) = self.prepare(inputs)?;
+        let out_addrs: Vec<usize> = outputs.iter_mut().map(|(_, v)| v.as_mut_ptr().expose_provenance()).collect();
+        let team = self.team.as_ref().and_then(|t| t.try_lock().ok());
+        let k = self.code.entries.len();
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(runs); k];
+        for _ in 0..runs.max(1) {
+            let mut t = vec![Duration::ZERO; k];
+            self.run_range(&in_addrs, &out_addrs, 0, n, team.as_deref(), Some(&mut t))?;
+            for (s, d) in samples.iter_mut().zip(t) {
+                s.push(d);
+            }
+        }
+        Ok(self
+            .code
+            .entries
+            .iter()
+            .zip(samples)
+            .map(|(e, mut s)| {
+                s.sort();
+                KernelTime { name: e.name.clone(), flops: e.work.map(|w| w * n as u64), median: s[s.len() / 2] }
+            })
+            .collect())
+    }
+
+    /// Runs samples `a..b` in chunks, on the calling thread, with a pooled arena; kernels
+    /// worth it are split between the threads of `team`, if given.
+    fn run_range(
+        &self,
+        in_addrs: &[usize],
+        out_addrs: &[usize],
+        a: usize,
+        b: usize,
+        team: Option<&team::Team>,
+        mut times: Option<&mut [Duration]>,
+    ) -> Result<()> {
         if a >= b {
             return Ok(());
         }
@@ -317,11 +439,20 @@ impl Compiled {
                     SlotKind::Arena(o) => arena + 4 * o * nb,
                 };
             }
-            self.code.run(&scratch.table, nb);
+            self.code.run(&scratch.table, nb, team, self.parallel_min_work, times.as_deref_mut());
             start += nb;
         }
         self.pool.lock().map_err(|_| poisoned())?.push(scratch);
         Ok(())
+    }
+
+    /// Sets the floating-point operations a kernel call must do before the threads share it
+    /// (batches too small to give every thread whole samples); the default is 400 000,
+    /// below which the hand-off costs more than it saves. 0 splits every kernel that can
+    /// be split (useful to test the split itself).
+    pub fn with_parallel_threshold(mut self, flops: u64) -> Compiled {
+        self.parallel_min_work = flops;
+        self
     }
 
     /// Wall time `new` took (verification, planning, packing, code generation).
@@ -329,9 +460,16 @@ impl Compiled {
         self.compile_time
     }
 
-    /// Number of generated kernels (one per op that is not an alias, plus output copies).
+    /// Number of generated kernels (one per op that is not an alias, plus output copies
+    /// and layout reorders).
     pub fn kernel_count(&self) -> usize {
         self.kernels
+    }
+
+    /// How many of the kernels only convert a value between the plain and the blocked
+    /// layout (see the module documentation).
+    pub fn reorder_count(&self) -> usize {
+        self.reorders
     }
 
     /// Arena floats per sample (the memory plan's peak of simultaneously live
@@ -344,6 +482,20 @@ impl Compiled {
     pub fn chunk(&self) -> usize {
         self.chunk
     }
+}
+
+/// Whether `n` samples on `threads` threads run best as whole samples per thread: when
+/// every thread gets a share within one sample of the others' and at least one each.
+fn batch_split(n: usize, threads: usize) -> bool {
+    n >= threads && (n % threads == 0 || n >= 4 * threads)
+}
+
+/// One core's peak f32 throughput in GFLOP/s with the micro-kernels' widest vectors,
+/// measured (once per process, ~60 ms) with a register-only FMA loop; `None` on a host
+/// without AVX2+FMA. The "% of peak" figures of the benchmarks divide by it.
+pub fn peak_gflops() -> Option<f64> {
+    static PEAK: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    *PEAK.get_or_init(microkernel::measure_peak)
 }
 
 fn poisoned() -> Error {

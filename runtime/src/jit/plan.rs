@@ -15,12 +15,21 @@
 //!
 //! The batch scales the plan: for a chunk of `nb` samples, slot `s` at per-sample offset
 //! `o` starts at `arena + o·nb` and holds `nb` consecutive samples, so every buffer is one
-//! contiguous `[nb, …]` tensor in NCHW order, like the inputs and outputs.
+//! contiguous `[nb, …]` tensor.
+//!
+//! **Layouts.** When the Conv2d micro-kernels are in use, a `[C, H, W]` value may live in
+//! the *blocked* layout `[⌈C/16⌉, H, W, 16]` (NCHW16c: sixteen consecutive channels of one
+//! pixel are one 64-byte line), which is what those kernels read and write; the planner
+//! picks each value's layout ([`Layout`]) from what produces and consumes it, and inserts a
+//! [`Step::Reorder`] where a consumer needs the other one. Inputs and outputs are always
+//! plain (row-major, as the caller's arrays). The lanes of the last block past `C` are
+//! padding: every kernel that writes a blocked value keeps them finite (zero, or a finite
+//! function of zero), and no kernel lets them reach a real channel.
 
 use crate::error::{Error, Result};
 use cnnc_compiler::graph::{Graph, NodeId};
-use cnnc_compiler::ops::Op;
-use cnnc_compiler::shape::Batch;
+use cnnc_compiler::ops::{Conv2d, Op};
+use cnnc_compiler::shape::{Batch, TensorType};
 use std::collections::HashMap;
 
 /// Where a slot's memory comes from.
@@ -34,13 +43,49 @@ pub(super) enum SlotKind {
     Arena(usize),
 }
 
-/// A buffer: its kind and its per-sample size in floats.
+/// How a value's elements are arranged in its buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Layout {
+    /// Row-major over the value's own dims (NCHW for images).
+    Plain,
+    /// `[⌈c/16⌉, h, w, 16]`: the value is `[c, h, w]`, or its flattening `[c·h·w]`.
+    Blocked {
+        /// Channels (the lanes past `c` in the last block are padding).
+        c: usize,
+        /// Height.
+        h: usize,
+        /// Width.
+        w: usize,
+    },
+}
+
+/// Channels per block of [`Layout::Blocked`].
+pub(super) const BLOCK: usize = 16;
+
+impl Layout {
+    /// Floats per sample of a value of `numel` elements in this layout.
+    pub fn size(self, numel: usize) -> usize {
+        match self {
+            Layout::Plain => numel,
+            Layout::Blocked { c, h, w } => c.div_ceil(BLOCK) * BLOCK * h * w,
+        }
+    }
+
+    /// Whether this is [`Layout::Blocked`].
+    pub fn is_blocked(self) -> bool {
+        matches!(self, Layout::Blocked { .. })
+    }
+}
+
+/// A buffer: its kind, its per-sample size in floats and its layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Slot {
     /// Where it lives.
     pub kind: SlotKind,
     /// Floats per sample.
     pub size: usize,
+    /// Arrangement of the elements.
+    pub layout: Layout,
 }
 
 /// One step of a run.
@@ -63,6 +108,14 @@ pub(super) enum Step {
         /// Destination slot.
         to: usize,
     },
+    /// Rewrite slot `from` in slot `to`'s layout (one is plain, the other blocked; both
+    /// hold the same `[c, h, w]` value, or its flattening).
+    Reorder {
+        /// Source slot.
+        from: usize,
+        /// Destination slot.
+        to: usize,
+    },
 }
 
 /// The memory plan of a graph.
@@ -78,12 +131,101 @@ pub(super) struct Plan {
 
 const ALIGN: usize = 16;
 
+/// Arena slots not yet given an offset.
+const UNPLACED: SlotKind = SlotKind::Arena(usize::MAX);
+
+/// Slots and steps under construction.
+struct Builder {
+    slots: Vec<Slot>,
+    steps: Vec<Step>,
+    /// `(slot, layout)` → the slot holding the same value in that layout.
+    converted: HashMap<(usize, Layout), usize>,
+}
+
+impl Builder {
+    /// The slot holding slot `s`'s value in layout `want` (a reorder step the first time).
+    fn convert(&mut self, s: usize, want: Layout) -> usize {
+        let have = self.slots[s].layout;
+        if have == want {
+            return s;
+        }
+        if let Some(&t) = self.converted.get(&(s, want)) {
+            return t;
+        }
+        let numel = match (have, want) {
+            (Layout::Blocked { c, h, w }, _) | (_, Layout::Blocked { c, h, w }) => c * h * w,
+            (Layout::Plain, Layout::Plain) => self.slots[s].size,
+        };
+        self.slots.push(Slot { kind: UNPLACED, size: want.size(numel), layout: want });
+        let t = self.slots.len() - 1;
+        self.steps.push(Step::Reorder { from: s, to: t });
+        self.converted.insert((s, want), t);
+        t
+    }
+}
+
+/// Whether a convolution runs on the blocked micro-kernels: every group's input and output
+/// channels are whole blocks, or there is one group.
+pub(super) fn conv_blocked(conv: &Conv2d) -> bool {
+    let (icg, ocg) = (conv.in_channels / conv.groups, conv.out_channels / conv.groups);
+    conv.groups == 1 || (icg % BLOCK == 0 && ocg % BLOCK == 0)
+}
+
+/// The layout of a node's result and the layouts it needs its operands in, given the
+/// layouts they have.
+fn choose(op: &Op, ty: &TensorType, in_tys: &[&TensorType], have: &[Layout], blocked: bool) -> (Layout, Vec<Layout>) {
+    let plain = (Layout::Plain, vec![Layout::Plain; have.len()]);
+    let out_blocked = || ty.chw().map(|(c, h, w)| Layout::Blocked { c, h, w });
+    // `have[0]` is blocked and is the operand's own `[c, h, w]` (not a flattening).
+    let blocked_image = |i: usize| match have[i] {
+        Layout::Blocked { c, h, w } => in_tys[i].dims == [c, h, w],
+        Layout::Plain => false,
+    };
+    match op {
+        Op::Conv2d(conv) if blocked && conv_blocked(conv) => match (out_blocked(), have[0]) {
+            // A plain operand with few channels (a net's first layer) is read as it is;
+            // with whole blocks of them it is worth a reorder.
+            (Some(out), Layout::Plain) if conv.in_channels / conv.groups < BLOCK => (out, vec![Layout::Plain]),
+            (Some(out), Layout::Plain) => match in_tys[0].chw() {
+                Some((c, h, w)) => (out, vec![Layout::Blocked { c, h, w }]),
+                None => plain,
+            },
+            (Some(out), _) if blocked_image(0) => (out, vec![have[0]]),
+            _ => plain,
+        },
+        Op::Activation(_) if have[0].is_blocked() => (have[0], vec![have[0]]),
+        Op::BatchNorm2d(_) | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::AdaptiveAvgPool2d(_) if blocked_image(0) => {
+            match out_blocked() {
+                Some(out) => (out, vec![have[0]]),
+                None => plain,
+            }
+        }
+        Op::Add(_) if have[0].is_blocked() && have.iter().all(|l| *l == have[0]) => (have[0], have.to_vec()),
+        Op::Concat(cat) if cat.dim == 1 && (0..have.len()).all(blocked_image) => {
+            let aligned =
+                have[..have.len() - 1].iter().all(|l| matches!(l, Layout::Blocked { c, .. } if c % BLOCK == 0));
+            match out_blocked() {
+                Some(out) if aligned => (out, have.to_vec()),
+                _ => plain,
+            }
+        }
+        Op::Linear(lin) => match have[0] {
+            Layout::Blocked { c, h, w } if in_tys[0].dims == [c * h * w] && lin.in_features == c * h * w => {
+                (Layout::Plain, vec![have[0]])
+            }
+            _ => plain,
+        },
+        _ => plain,
+    }
+}
+
 fn align(x: usize) -> usize {
     x.div_ceil(ALIGN) * ALIGN
 }
 
-/// Plans a verified graph.
-pub(super) fn plan(graph: &Graph) -> Result<Plan> {
+/// Plans a verified graph. `blocked`: whether the blocked layout may be used (the Conv2d
+/// micro-kernels are available).
+pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
     let order = graph.topo_order()?;
     // Only what some output depends on is computed.
     let mut needed: HashMap<NodeId, bool> = HashMap::new();
@@ -110,54 +252,72 @@ pub(super) fn plan(graph: &Graph) -> Result<Plan> {
         )));
     }
 
-    let mut slots: Vec<Slot> = vec![];
-    // Arena slots not yet given an offset are marked with `usize::MAX`.
-    let unplaced = SlotKind::Arena(usize::MAX);
+    let mut b = Builder { slots: vec![], steps: vec![], converted: HashMap::new() };
     let mut value: HashMap<NodeId, usize> = HashMap::new();
-    let mut steps = vec![];
     for id in order {
         if !needed.contains_key(&id) {
             continue;
         }
         let node = graph.node(id);
-        let size = node.ty.numel_per_sample();
+        let numel = node.ty.numel_per_sample();
         match &node.op {
             Op::Input => {
                 let i = graph.inputs.iter().position(|(_, n)| *n == id).ok_or_else(|| {
                     Error::Unsupported(format!("input node `{}` is not among the graph's inputs", node.name))
                 })?;
-                slots.push(Slot { kind: SlotKind::Input(i), size });
-                value.insert(id, slots.len() - 1);
+                b.slots.push(Slot { kind: SlotKind::Input(i), size: numel, layout: Layout::Plain });
+                value.insert(id, b.slots.len() - 1);
             }
             Op::Flatten(_) | Op::Dropout(_) => {
-                let src = graph.operands(id)[0];
-                value.insert(id, value[&src]);
+                let src = value[&graph.operands(id)[0]];
+                // A blocked value stays blocked through Dropout, and through a Flatten of all
+                // its dims (a Linear reads it with its weights permuted to match); any other
+                // reshape needs the plain layout.
+                let keep = match b.slots[src].layout {
+                    Layout::Blocked { c, h, w } => node.ty.dims == [c, h, w] || node.ty.dims == [c * h * w],
+                    Layout::Plain => true,
+                };
+                let s = if keep { src } else { b.convert(src, Layout::Plain) };
+                value.insert(id, s);
             }
             _ => {
-                let inputs = graph.operands(id).iter().map(|o| value[o]).collect();
-                slots.push(Slot { kind: unplaced, size });
-                let output = slots.len() - 1;
+                let operands = graph.operands(id);
+                let have: Vec<Layout> = operands.iter().map(|o| b.slots[value[o]].layout).collect();
+                let in_tys: Vec<&TensorType> = operands.iter().map(|o| &graph.node(*o).ty).collect();
+                let (out, mut want) = choose(&node.op, &node.ty, &in_tys, &have, blocked);
+                // A fused residual operand has the result's layout.
+                want.resize(have.len(), out);
+                let inputs = operands.iter().zip(want).map(|(o, l)| b.convert(value[o], l)).collect();
+                b.slots.push(Slot { kind: UNPLACED, size: out.size(numel), layout: out });
+                let output = b.slots.len() - 1;
                 value.insert(id, output);
-                steps.push(Step::Node { id, inputs, output });
+                b.steps.push(Step::Node { id, inputs, output });
             }
         }
     }
     for (j, (_, id)) in graph.outputs.iter().enumerate() {
         let s = value[id];
-        if slots[s].kind == unplaced {
-            slots[s].kind = SlotKind::Output(j);
+        let numel = graph.node(*id).ty.numel_per_sample();
+        let out = Slot { kind: SlotKind::Output(j), size: numel, layout: Layout::Plain };
+        if b.slots[s].layout.is_blocked() {
+            b.slots.push(out);
+            b.steps.push(Step::Reorder { from: s, to: b.slots.len() - 1 });
+        } else if b.slots[s].kind == UNPLACED {
+            b.slots[s].kind = SlotKind::Output(j);
         } else {
-            slots.push(Slot { kind: SlotKind::Output(j), size: slots[s].size });
-            steps.push(Step::Copy { from: s, to: slots.len() - 1 });
+            b.slots.push(out);
+            b.steps.push(Step::Copy { from: s, to: b.slots.len() - 1 });
         }
     }
+    let Builder { mut slots, steps, .. } = b;
+    let unplaced = UNPLACED;
 
     // Live ranges of arena slots: [producing step, last reading step].
     let mut live: HashMap<usize, (usize, usize)> = HashMap::new();
     for (i, step) in steps.iter().enumerate() {
         let (reads, writes): (Vec<usize>, usize) = match step {
             Step::Node { inputs, output, .. } => (inputs.clone(), *output),
-            Step::Copy { from, to } => (vec![*from], *to),
+            Step::Copy { from, to } | Step::Reorder { from, to } => (vec![*from], *to),
         };
         if slots[writes].kind == unplaced {
             live.insert(writes, (i, i));
@@ -225,7 +385,7 @@ mod tests {
 
     #[test]
     fn a_chain_ping_pongs_between_two_buffers() {
-        let p = plan(&chain(5)).unwrap();
+        let p = plan(&chain(5), false).unwrap();
         let offsets: Vec<usize> = p
             .slots
             .iter()
@@ -247,7 +407,7 @@ mod tests {
         b.output("a", r);
         b.output("b", r);
         b.output("c", x);
-        let p = plan(&b.finish()).unwrap();
+        let p = plan(&b.finish(), false).unwrap();
         assert_eq!(p.slots[1].kind, SlotKind::Output(0));
         assert_eq!(p.steps[1], Step::Copy { from: 1, to: 2 });
         assert_eq!(p.steps[2], Step::Copy { from: 0, to: 3 });

@@ -66,7 +66,7 @@ struct Consts {
 }
 
 /// ATen's average-pool divisor factor along one axis for output `o`.
-fn avg_factor(o: usize, k: usize, s: usize, p: usize, input: usize, count_include_pad: bool) -> f32 {
+pub(super) fn avg_factor(o: usize, k: usize, s: usize, p: usize, input: usize, count_include_pad: bool) -> f32 {
     let start = (o * s) as i64 - p as i64;
     let end = (start + k as i64).min((input + p) as i64);
     let pool = end - start;
