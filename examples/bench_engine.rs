@@ -16,6 +16,8 @@
 //! - `--batch B` (default 1), `--threads T` (default 1; 0 = all cores), `--portable`;
 //! - `--fused` runs the compiler's fusion passes (`fusion_check::optimize`, as `cnnc run
 //!   --fused`) on the net and its weights before compiling;
+//! - `--profile` prints each kernel's median time (`Compiled::profile`) instead of timing
+//!   whole runs;
 //! - `--iters N` timed runs (default 20), `--warmup W` untimed runs first (default 3);
 //! - `--values K` how many leading output values to print (default 8);
 //! - `--save-output FILE` writes every output to a safetensors file (`output`, `output1`, …);
@@ -50,6 +52,7 @@ struct Args {
     threads: usize,
     portable: bool,
     fused: bool,
+    profile: bool,
     iters: usize,
     warmup: usize,
     seed: u64,
@@ -60,7 +63,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench_engine --net FILE.cnn [--name NET] [--weights W.safetensors] \
-[--input X.safetensors] [--batch B] [--threads T] [--portable] [--fused] [--iters N] [--warmup W] [--seed S] \
+[--input X.safetensors] [--batch B] [--threads T] [--portable] [--fused] [--profile] [--iters N] [--warmup W] [--seed S] \
 [--values K] [--save-output OUT.safetensors] [--json] [--serve]";
 
 fn parse_args() -> Res<Args> {
@@ -73,6 +76,7 @@ fn parse_args() -> Res<Args> {
         threads: 1,
         portable: false,
         fused: false,
+        profile: false,
         iters: 20,
         warmup: 3,
         seed: 0,
@@ -99,6 +103,7 @@ fn parse_args() -> Res<Args> {
             "--save-output" => a.save_output = Some(PathBuf::from(value()?)),
             "--portable" => a.portable = true,
             "--fused" => a.fused = true,
+            "--profile" => a.profile = true,
             "--json" => a.json = true,
             "--serve" => a.serve = true,
             "-h" | "--help" => {
@@ -293,6 +298,28 @@ fn main() -> Res<()> {
         num(compile_ms),
         model.kernel_count(),
     );
+
+    if args.profile {
+        let prof = model.profile(&[x.view()], args.iters.max(1))?;
+        let total: f64 = prof.iter().map(|k| k.median.as_secs_f64()).sum();
+        let peak = cnnc::runtime::jit::peak_gflops();
+        println!("{:<28} {:>10} {:>7} {:>9} {:>7}", "kernel", "median µs", "share", "GFLOP/s", "% peak");
+        for k in &prof {
+            let t = k.median.as_secs_f64();
+            let gf = k.flops.map(|f| f as f64 / t / 1e9);
+            let cell = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.1}"));
+            println!(
+                "{:<28} {:>10.1} {:>6.1}% {:>9} {:>7}",
+                k.name,
+                t * 1e6,
+                100.0 * t / total,
+                cell(gf),
+                cell(gf.zip(peak).map(|(g, p)| 100.0 * g / (p * args.threads.max(1) as f64))),
+            );
+        }
+        println!("{:<28} {:>10.1}   (compile {compile_ms:.1} ms)", "total", total * 1e6);
+        return Ok(());
+    }
 
     if args.serve {
         // First run doubles as the correctness sample.

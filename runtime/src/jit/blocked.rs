@@ -14,19 +14,18 @@
 //! per-pixel divisor computed by ATen's rules (see [`super::pool`]). Pooling and BatchNorm
 //! split their work between threads by output rows.
 
-use super::codegen::{Count, Jit, LANES, V, c};
+use super::codegen::{Count, Jit, LANES, c};
 use super::conv::axis_table;
 use super::conv_tiles::part_range;
 use super::eltwise::{batchnorm_affine, copy_run};
 use super::lower::NodeCx;
-use super::math::nan_max;
+use super::microkernel::{self, PoolRow};
 use super::plan::{BLOCK, Layout};
 use super::pool::avg_factor;
 use crate::error::{Error, Result};
 use cnnc_compiler::ops::{AvgPool2d, BatchNorm2d, MaxPool2d, PaddingMode};
 use cnnc_compiler::shape::adaptive_window;
-use cranelift_codegen::ir::{InstBuilder, Value, types};
-use cranelift_frontend::Variable;
+use cranelift_codegen::ir::{InstBuilder, Value};
 
 /// Vectors per block.
 const VB: usize = BLOCK / LANES;
@@ -37,25 +36,26 @@ enum Kind {
     Avg,
 }
 
-/// Tap lists of one axis: for each output position, `[count, offset…]` (byte offsets of the
-/// input positions inside the input), `1 + taps` entries each.
-fn tap_lists(windows: &[Vec<usize>], taps: usize, unit: usize) -> Vec<i64> {
-    let mut t = Vec::with_capacity(windows.len() * (1 + taps));
-    for w in windows {
-        t.push(w.len() as i64);
-        t.extend(w.iter().map(|&i| c(4 * i * unit)));
-        t.resize(t.len() + taps - w.len(), 0);
-    }
-    t
-}
-
 /// Input positions of each output position's taps that lie inside `[0, n)`.
 fn clipped(table: &[i32], taps: usize) -> Vec<Vec<usize>> {
     table.chunks(taps.max(1)).map(|r| r.iter().filter(|&&i| i >= 0).map(|&i| i as usize).collect()).collect()
 }
 
-/// The pooling kernel: `rows`/`cols` list each output position's input rows and columns,
-/// `div` (average only) is the divisor of each output pixel, row-major.
+/// `[count, offset…]` per window, `1 + taps` entries each, offsets in elements.
+fn tap_lists(windows: &[Vec<usize>], taps: usize, unit: usize) -> Vec<i64> {
+    let mut t = Vec::with_capacity(windows.len() * (1 + taps));
+    for w in windows {
+        t.push(w.len() as i64);
+        t.extend(w.iter().map(|&i| c(i * unit)));
+        t.resize(t.len() + taps - w.len(), 0);
+    }
+    t
+}
+
+/// The pooling kernel: `rows`/`cols` list each output position's input rows and columns
+/// (inside the input), `div` (average only) is the divisor of each output pixel,
+/// row-major. `affine` is `(stride, dilation, pad)` of the columns, if the windows are
+/// strided (not adaptive): columns whose whole window is inside then skip the table.
 fn pool(
     jit: &mut Jit,
     cx: &NodeCx<'_>,
@@ -63,14 +63,39 @@ fn pool(
     rows: Vec<Vec<usize>>,
     cols: Vec<Vec<usize>>,
     div: Option<Vec<f32>>,
+    affine: Option<(usize, usize, usize, usize)>,
 ) -> Result<()> {
+    let isa = jit.isa.ok_or_else(|| Error::Unsupported("blocked pooling without a micro-kernel ISA".into()))?;
     let (ch, ih, iw) = cx.in_chw(0)?;
     let (_, oh, ow) = cx.out_chw()?;
     let cb = ch.div_ceil(BLOCK);
     let kh = rows.iter().map(Vec::len).max().unwrap_or(0);
     let kw = cols.iter().map(Vec::len).max().unwrap_or(0);
-    let rt = jit.consts.i64s(tap_lists(&rows, kh, iw * BLOCK));
-    let ct = jit.consts.i64s(tap_lists(&cols, kw, BLOCK));
+    // Interior columns: the full window of `k` taps, all inside.
+    let (lo, hi, step, pad, tap) = match affine {
+        Some((k, s, d, p)) => {
+            let inside = |o: usize| cols[o].len() == k && cols[o].first() == Some(&(o * s).wrapping_sub(p));
+            let lo = (0..ow).find(|&o| inside(o)).unwrap_or(ow);
+            let hi = (lo..ow).find(|&o| !inside(o)).unwrap_or(ow);
+            (lo, hi, s, p, d)
+        }
+        None => (0, 0, 1, 0, 1),
+    };
+    let row_tab = jit.consts.i64s(tap_lists(&rows, kh, iw * BLOCK));
+    let col_tab = jit.consts.i64s(tap_lists(&cols, kw, BLOCK));
+    let desc = PoolRow {
+        isa,
+        max: kind == Kind::Max,
+        ow,
+        kw,
+        cols: col_tab as usize as *const isize,
+        lo,
+        hi,
+        step: (step * BLOCK) as isize,
+        pad: (pad * BLOCK) as isize,
+        tap: (tap * BLOCK) as isize,
+    };
+    let desc = jit.consts.keep(desc, 0);
     let dt = div.map(|d| jit.consts.f32s(d));
     let (xs, ys) = (cx.inputs[0], cx.output);
     let (in_size, out_size) = (cx.in_lens[0], cx.out_len);
@@ -78,10 +103,11 @@ fn pool(
     jit.parallel_kernel(&cx.node.name, work, |fx| {
         let x = fx.slot(xs);
         let y = fx.slot(ys);
+        let d = fx.i(desc);
         let units = fx.muli(fx.nb, c(cb * oh));
-        let (lo, hi) = part_range(fx, units);
-        fx.for_range(lo, hi, 1, |fx, u| {
-            // u = (n·cb + block)·oh + row
+        let (lo_u, hi_u) = part_range(fx, units);
+        fx.for_range(lo_u, hi_u, 1, |fx, u| {
+            // u = (n·cb + block)·oh + row; blocks of all samples are consecutive.
             let nbk = fx.b.ins().udiv_imm_u(u, c(oh));
             let row = fx.b.ins().urem_imm_u(u, c(oh));
             let n = fx.b.ins().udiv_imm_u(nbk, c(cb));
@@ -91,64 +117,19 @@ fn pool(
             let yn = fx.elem_scaled(y, n, c(out_size));
             let yb = fx.elem_scaled(yn, blk, c(oh * ow * BLOCK));
             let yr = fx.elem_scaled(yb, row, c(ow * BLOCK));
-            let rt0 = fx.i(rt);
-            let rtab = fx.elem_scaled(rt0, row, c(2 * (1 + kh)));
-            let nrows = fx.b.ins().load(types::I64, flags(), rtab, 0);
-            let dtab = dt.map(|d| {
-                let d0 = fx.i(d);
-                fx.elem_scaled(d0, row, c(ow))
-            });
-            let ct0 = fx.i(ct);
-            let zero = fx.i(0);
-            let dv = dtab.unwrap_or(zero);
-            fx.loop_n(Count::Const(ow), [yr, ct0, dv], [c(4 * BLOCK), c(8 * (1 + kw)), 4], |fx, [yp, ctab, dp]| {
-                let ncols = fx.b.ins().load(types::I64, flags(), ctab, 0);
-                let init = fx.vf(if kind == Kind::Max { f32::NEG_INFINITY } else { 0.0 });
-                let acc: Vec<Variable> = (0..VB).map(|_| fx.var(V, init)).collect();
-                let one = fx.i(1);
-                let r_end = fx.b.ins().iadd_imm_s(nrows, 1);
-                fx.for_range(one, r_end, 1, |fx, i| {
-                    let rp = fx.b.ins().ishl_imm_u(i, 3);
-                    let ra = fx.add(rtab, rp);
-                    let roff = fx.b.ins().load(types::I64, flags(), ra, 0);
-                    let xr = fx.add(xb, roff);
-                    let c_end = fx.b.ins().iadd_imm_s(ncols, 1);
-                    let one = fx.i(1);
-                    fx.for_range(one, c_end, 1, |fx, j| {
-                        let cp = fx.b.ins().ishl_imm_u(j, 3);
-                        let ca = fx.add(ctab, cp);
-                        let coff = fx.b.ins().load(types::I64, flags(), ca, 0);
-                        let p = fx.add(xr, coff);
-                        for (k, a) in acc.iter().enumerate() {
-                            let v = fx.load_v(p, c(k * LANES));
-                            let cur = fx.b.use_var(*a);
-                            let nv = match kind {
-                                Kind::Max => nan_max(fx, cur, v),
-                                Kind::Avg => fx.b.ins().fadd(cur, v),
-                            };
-                            fx.b.def_var(*a, nv);
-                        }
-                    });
-                });
-                let d = dtab.map(|_| {
-                    let s = fx.load_f(dp, 0);
-                    fx.b.ins().splat(V, s)
-                });
-                for (k, a) in acc.iter().enumerate() {
-                    let mut v = fx.b.use_var(*a);
-                    if let Some(d) = d {
-                        v = fx.b.ins().fdiv(v, d);
-                    }
-                    fx.store_v(v, yp, c(k * LANES));
+            let r0 = fx.i(row_tab);
+            let rtab = fx.elem_scaled(r0, row, c(2 * (1 + kh)));
+            let dp = match dt {
+                Some(a) => {
+                    let d0 = fx.i(a);
+                    fx.elem_scaled(d0, row, c(ow))
                 }
-            });
+                None => fx.i(0),
+            };
+            fx.call(microkernel::pool_row as *const () as usize, &[d, xb, yr, rtab, dp]);
         });
     })?;
     Ok(())
-}
-
-fn flags() -> cranelift_codegen::ir::MemFlagsData {
-    cranelift_codegen::ir::MemFlagsData::new().with_notrap().with_readonly().with_can_move()
 }
 
 /// Lowers a MaxPool2d node on blocked tensors.
@@ -157,7 +138,8 @@ pub(super) fn max_pool(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> Result<
     let (_, oh, ow) = cx.out_chw()?;
     let r = axis_table(oh, p.kernel.0, p.stride.0, p.dilation.0, p.padding.0, ih, PaddingMode::Zeros)?;
     let cl = axis_table(ow, p.kernel.1, p.stride.1, p.dilation.1, p.padding.1, iw, PaddingMode::Zeros)?;
-    pool(jit, cx, Kind::Max, clipped(&r, p.kernel.0), clipped(&cl, p.kernel.1), None)
+    let affine = Some((p.kernel.1, p.stride.1, p.dilation.1, p.padding.1));
+    pool(jit, cx, Kind::Max, clipped(&r, p.kernel.0), clipped(&cl, p.kernel.1), None, affine)
 }
 
 /// Lowers an AvgPool2d node on blocked tensors.
@@ -177,7 +159,8 @@ pub(super) fn avg_pool(jit: &mut Jit, cx: &NodeCx<'_>, p: &AvgPool2d) -> Result<
             }
         })
         .collect();
-    pool(jit, cx, Kind::Avg, clipped(&r, p.kernel.0), clipped(&cl, p.kernel.1), Some(div))
+    let affine = Some((p.kernel.1, p.stride.1, 1, p.padding.1));
+    pool(jit, cx, Kind::Avg, clipped(&r, p.kernel.0), clipped(&cl, p.kernel.1), Some(div), affine)
 }
 
 /// Lowers an AdaptiveAvgPool2d node on blocked tensors.
@@ -197,7 +180,7 @@ pub(super) fn adaptive_avg_pool(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
         .flat_map(|o| (0..ow).map(move |q| (o, q)))
         .map(|(o, q)| (rows[o].len() * cols[q].len()) as f32)
         .collect();
-    pool(jit, cx, Kind::Avg, rows, cols, Some(div))
+    pool(jit, cx, Kind::Avg, rows, cols, Some(div), None)
 }
 
 /// BatchNorm2d on a blocked tensor: `y = x·scale[c] + shift[c]`, the parameters four

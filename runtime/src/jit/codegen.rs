@@ -408,21 +408,6 @@ impl Fx<'_> {
         self.b.ins().bitcast(ty, MemFlagsData::new().with_endianness(Endianness::Little), v)
     }
 
-    /// Loads `n ≤ 4` consecutive floats into the low lanes (the rest zero) from memory this
-    /// kernel wrote (e.g. through a call): unlike the other loads, not movable.
-    pub fn load_partial_mut(&mut self, addr: Value, elems: i64, n: usize) -> Value {
-        let (a, o) = self.split_off(addr, 4 * elems);
-        if n == LANES {
-            return self.b.ins().load(V, store_flags(), a, o);
-        }
-        let mut v = self.vf(0.0);
-        for j in 0..n {
-            let s = self.b.ins().load(types::F32, store_flags(), a, o + 4 * j as i32);
-            v = self.b.ins().insertlane(v, s, j as u8);
-        }
-        v
-    }
-
     /// Calls the Rust function at `f` (an `extern "C" fn(i64, …)` with `args.len()` integer
     /// or pointer arguments, in the platform's C convention) with `args`.
     pub fn call(&mut self, f: usize, args: &[Value]) {

@@ -12,8 +12,8 @@
 //! go `MR` pixels at a time with one shared column table; the border columns one pixel at
 //! a time, each with its own table (zero padding drops taps, the other modes remap them).
 //! Each output row's table lists the kernel rows it reads the same way. So there is no
-//! padded copy of the input for any padding mode. Sigmoid and Tanh run over the unit's
-//! outputs right after its tiles (the rest of the epilogue is in the tile).
+//! padded copy of the input for any padding mode. The whole epilogue — bias, BatchNorm's
+//! scale and shift, the residual, the activation — runs in the tile, on the accumulators.
 //!
 //! **Linear**. Weights are packed once per tile of `isa.gemm_nr()` output features as
 //! `[K][width]` (the last tile only as wide as it needs), with the columns permuted when the
@@ -24,26 +24,21 @@
 
 use super::codegen::{Count, Fx, Jit, c};
 use super::conv::axis_table;
-use super::eltwise::for_vectors;
 use super::lower::NodeCx;
-use super::math::act_v;
-use super::microkernel::{self, ConvTile, GemmTile, Isa};
+use super::microkernel::{self, Act, ConvTile, GemmTile, Isa};
 use super::plan::{BLOCK, Layout};
 use crate::error::{Error, Result};
-use cnnc_compiler::ops::{Activation, Conv2d, Epilogue, Linear, PaddingMode};
+use cnnc_compiler::ops::{Conv2d, Epilogue, Linear, PaddingMode};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{InstBuilder, Value};
+
+/// Optional per-channel scale and shift.
+type ScaleShift = (Option<Vec<f32>>, Option<Vec<f32>>);
 
 /// Per-channel `(scale, shift)` of an epilogue with the bias folded in (`(acc + b)·s + t =
 /// acc·s + (b·s + t)`, in f64), each padded with zeros to `padded` channels; `None` where
 /// the factor is absent.
-fn affine(
-    cx: &NodeCx<'_>,
-    bias: bool,
-    e: &Epilogue,
-    channels: usize,
-    padded: usize,
-) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
+fn affine(cx: &NodeCx<'_>, bias: bool, e: &Epilogue, channels: usize, padded: usize) -> Result<ScaleShift> {
     let b = if bias { Some(cx.param("bias")?) } else { None };
     let pad = |mut v: Vec<f32>| {
         v.resize(padded, 0.0);
@@ -61,11 +56,6 @@ fn affine(
     } else {
         Ok((None, b.map(pad)))
     }
-}
-
-/// The activation the generated code applies after the tiles (ReLU is in the tile).
-fn post_activation(e: &Epilogue) -> Option<Activation> {
-    e.act.filter(|a| *a != Activation::Relu)
 }
 
 /// One channel group of a conv: first block (global), blocks, and where its weights and
@@ -208,14 +198,13 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
         channels: cout,
         scale: scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
         shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
-        relu: conv.epilogue.act == Some(Activation::Relu),
+        act: Act::of(conv.epilogue.act),
     };
     let bytes = 4 * packed.len() + 8 * (row_tab.len() + col_tab.len());
     let w_addr = jit.consts.f32s_aligned(&packed);
     let desc = jit.consts.keep(tile, bytes);
     let rows_addr = jit.consts.i64s(row_tab);
     let cols_addr = jit.consts.i64s(col_tab);
-    let post = post_activation(&conv.epilogue);
     let (xs, ys) = (cx.inputs[0], cx.output);
     let res = conv.epilogue.residual.then(|| cx.inputs[1]);
     let (in_size, out_size) = (cx.in_lens[0], cx.out_len);
@@ -294,12 +283,6 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
                     let (yp, rp) = (at(fx, yu, o), if res.is_some() { at(fx, ru, o) } else { ru });
                     call(fx, xn, yp, rp, entry, 1);
                 }
-                if let Some(act) = post {
-                    for j in 0..g.nb {
-                        let base = fx.addi(yu, c(4 * j * oh * ow * BLOCK));
-                        act_in_place(fx, act, base, ow * BLOCK);
-                    }
-                }
             });
         }
     })?;
@@ -325,16 +308,6 @@ fn max(fx: &mut Fx<'_>, a: Value, b: Value) -> Value {
 fn min(fx: &mut Fx<'_>, a: Value, b: Value) -> Value {
     let lt = fx.b.ins().icmp(IntCC::SignedLessThan, a, b);
     fx.b.ins().select(lt, a, b)
-}
-
-/// Applies `act` in place to `len` floats at `p` (memory this kernel just wrote).
-fn act_in_place(fx: &mut Fx<'_>, act: Activation, p: Value, len: usize) {
-    for_vectors(fx, len, |fx, i, lanes| {
-        let a = fx.elem(p, i);
-        let v = fx.load_partial_mut(a, 0, lanes);
-        let r = act_v(fx, act, v);
-        fx.store_partial(r, a, 0, lanes);
-    });
 }
 
 /// Lowers a Linear node onto the GEMM tiles.
@@ -384,11 +357,10 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
         ldc: o,
         scale: scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
         shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
-        relu: lin.epilogue.act == Some(Activation::Relu),
+        act: Act::of(lin.epilogue.act),
     };
     let w_addr = jit.consts.f32s_aligned(&packed);
     let desc = jit.consts.keep(tile, 4 * packed.len());
-    let post = post_activation(&lin.epilogue);
     let (xs, ys) = (cx.inputs[0], cx.output);
     let res = lin.epilogue.residual.then(|| cx.inputs[1]);
     let mr = isa.gemm_mr();
@@ -407,7 +379,7 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
         let n_tiles = fx.i(c(tiles));
         let (lo, hi) = part_range(fx, n_tiles);
         // Tiles are unrolled (their widths and offsets are constants); each runs if in range.
-        for t in 0..tiles {
+        for (t, &off) in tile_off.iter().enumerate() {
             let valid = (o - t * nr).min(nr);
             let ti = fx.i(c(t));
             let ge = fx.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, ti, lo);
@@ -417,7 +389,7 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
             let next = fx.b.create_block();
             fx.b.ins().brif(mine, body, &[], next, &[]);
             fx.b.switch_to_block(body);
-            let bt = fx.i(w_addr + c(4 * tile_off[t]));
+            let bt = fx.i(w_addr + c(4 * off));
             let yt = fx.addi(y, c(4 * t * nr));
             let rt = if res.is_some() { fx.addi(r, c(4 * t * nr)) } else { r };
             let call = |fx: &mut Fx<'_>, xp: Value, yp: Value, rp: Value, shape: Value| {
@@ -452,9 +424,6 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
             call(fx, after.0, after.1, after.2, shape);
             fx.b.ins().jump(done, &[]);
             fx.b.switch_to_block(done);
-            if let Some(act) = post {
-                fx.loop_n(Count::Dyn(m), [yt], [c(4 * o)], |fx, [yr]| act_in_place(fx, act, yr, valid));
-            }
             fx.b.ins().jump(next, &[]);
             fx.b.switch_to_block(next);
         }

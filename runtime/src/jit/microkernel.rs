@@ -18,9 +18,10 @@
 //!   row-major read in place (a row is one sample), `B` packed once as `[⌈O/NR⌉][K][NR]`.
 //!
 //! Both apply the fused epilogue while the accumulators are still in registers:
-//! `y = acc·scale[c] + shift[c]` (either optional; a bias is a shift), `+ residual`, ReLU,
-//! and, for blocked outputs, zero in the padding lanes past the last channel. Sigmoid and
-//! Tanh are applied by the generated code right after the call, on the tile it just wrote.
+//! `y = acc·scale[c] + shift[c]` (either optional; a bias is a shift), `+ residual`, the
+//! activation, and, for blocked outputs, zero in the padding lanes past the last channel.
+//! Sigmoid and Tanh use the same algorithm and constants as the generated code's
+//! ([`super::math`]), on the wide vectors.
 //!
 //! The ISA is chosen when the net is compiled ([`Isa::detect`]), and a descriptor is only
 //! ever built for an ISA the CPU has, which is what makes calling the `target_feature`
@@ -143,8 +144,8 @@ pub(super) struct ConvTile {
     /// Per-channel `scale` and `shift` (padded to whole blocks), or null.
     pub scale: *const f32,
     pub shift: *const f32,
-    /// Apply ReLU last.
-    pub relu: bool,
+    /// The activation applied last.
+    pub act: Act,
 }
 
 // SAFETY: the pointers are addresses of constant-pool data that lives as long as the model
@@ -166,7 +167,7 @@ pub(super) struct GemmTile {
     /// Per-column `scale` and `shift` (padded to whole tiles), or null.
     pub scale: *const f32,
     pub shift: *const f32,
-    pub relu: bool,
+    pub act: Act,
 }
 
 // SAFETY: as for `ConvTile`.
@@ -189,6 +190,28 @@ trait Simd: Copy {
     unsafe fn relu(self) -> Self;
     /// Lanes `n..` set to zero.
     unsafe fn keep_first(self, n: usize) -> Self;
+    /// `maxps`: the second operand where either is NaN (pooling tracks NaNs separately).
+    unsafe fn max(a: Self, b: Self) -> Self;
+    unsafe fn div(a: Self, b: Self) -> Self;
+    /// Lanes that are NaN, as a mask.
+    type Mask: Copy;
+    unsafe fn no_lanes() -> Self::Mask;
+    unsafe fn nan_lanes(v: Self, or: Self::Mask) -> Self::Mask;
+    /// `v` with NaN in the lanes of `m`.
+    unsafe fn with_nan(v: Self, m: Self::Mask) -> Self;
+    unsafe fn constant(v: f32) -> Self;
+    unsafe fn mul(a: Self, b: Self) -> Self;
+    unsafe fn sub(a: Self, b: Self) -> Self;
+    unsafe fn abs(self) -> Self;
+    /// `x < y ? a : b` lane by lane (false for NaN).
+    unsafe fn select_lt(x: Self, y: Self, a: Self, b: Self) -> Self;
+    /// `x > y ? a : b` lane by lane (false for NaN).
+    unsafe fn select_gt(x: Self, y: Self, a: Self, b: Self) -> Self;
+    /// For `t = n + 1.5·2²³` (an integer `n` in the low mantissa bits): `(2^⌊n/2⌋, 2^(n −
+    /// ⌊n/2⌋))`, built in the exponent bits.
+    unsafe fn pow2_halves(t: Self) -> (Self, Self);
+    /// `t` with the sign bit of `x`.
+    unsafe fn with_sign_of(t: Self, x: Self) -> Self;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -243,6 +266,71 @@ mod x86 {
         unsafe fn keep_first(self, n: usize) -> Self {
             unsafe { Zmm(_mm512_maskz_mov_ps(((1u32 << n) - 1) as u16, self.0)) }
         }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            unsafe { Zmm(_mm512_max_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            unsafe { Zmm(_mm512_div_ps(a.0, b.0)) }
+        }
+        type Mask = u16;
+        #[inline(always)]
+        unsafe fn no_lanes() -> u16 {
+            0
+        }
+        #[inline(always)]
+        unsafe fn nan_lanes(v: Self, or: u16) -> u16 {
+            unsafe { or | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v.0, v.0) }
+        }
+        #[inline(always)]
+        unsafe fn with_nan(v: Self, m: u16) -> Self {
+            unsafe { Zmm(_mm512_mask_mov_ps(v.0, m, _mm512_set1_ps(f32::NAN))) }
+        }
+        #[inline(always)]
+        unsafe fn constant(v: f32) -> Self {
+            unsafe { Zmm(_mm512_set1_ps(v)) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            unsafe { Zmm(_mm512_mul_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            unsafe { Zmm(_mm512_sub_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn abs(self) -> Self {
+            unsafe {
+                Zmm(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(self.0), _mm512_set1_epi32(i32::MAX))))
+            }
+        }
+        #[inline(always)]
+        unsafe fn select_lt(x: Self, y: Self, a: Self, b: Self) -> Self {
+            unsafe { Zmm(_mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x.0, y.0), b.0, a.0)) }
+        }
+        #[inline(always)]
+        unsafe fn select_gt(x: Self, y: Self, a: Self, b: Self) -> Self {
+            unsafe { Zmm(_mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x.0, y.0), b.0, a.0)) }
+        }
+        #[inline(always)]
+        unsafe fn pow2_halves(t: Self) -> (Self, Self) {
+            unsafe {
+                let n = _mm512_sub_epi32(_mm512_castps_si512(t.0), _mm512_set1_epi32(super::MAGIC.to_bits() as i32));
+                let n1 = _mm512_srai_epi32::<1>(n);
+                let n2 = _mm512_sub_epi32(n, n1);
+                let bias = _mm512_set1_epi32(127);
+                let p = |k| _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(k, bias)));
+                (Zmm(p(n1)), Zmm(p(n2)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn with_sign_of(t: Self, x: Self) -> Self {
+            unsafe {
+                let sign = _mm512_and_si512(_mm512_castps_si512(x.0), _mm512_set1_epi32(i32::MIN));
+                Zmm(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t.0), sign)))
+            }
+        }
     }
 
     impl Simd for Ymm {
@@ -282,6 +370,69 @@ mod x86 {
         #[inline(always)]
         unsafe fn keep_first(self, n: usize) -> Self {
             unsafe { Ymm(_mm256_and_ps(self.0, _mm256_castsi256_ps(lane_mask(n)))) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            unsafe { Ymm(_mm256_max_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            unsafe { Ymm(_mm256_div_ps(a.0, b.0)) }
+        }
+        type Mask = __m256;
+        #[inline(always)]
+        unsafe fn no_lanes() -> __m256 {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn nan_lanes(v: Self, or: __m256) -> __m256 {
+            unsafe { _mm256_or_ps(or, _mm256_cmp_ps::<_CMP_UNORD_Q>(v.0, v.0)) }
+        }
+        #[inline(always)]
+        unsafe fn with_nan(v: Self, m: __m256) -> Self {
+            unsafe { Ymm(_mm256_blendv_ps(v.0, _mm256_set1_ps(f32::NAN), m)) }
+        }
+        #[inline(always)]
+        unsafe fn constant(v: f32) -> Self {
+            unsafe { Ymm(_mm256_set1_ps(v)) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            unsafe { Ymm(_mm256_mul_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            unsafe { Ymm(_mm256_sub_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn abs(self) -> Self {
+            unsafe { Ymm(_mm256_and_ps(self.0, _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX)))) }
+        }
+        #[inline(always)]
+        unsafe fn select_lt(x: Self, y: Self, a: Self, b: Self) -> Self {
+            unsafe { Ymm(_mm256_blendv_ps(b.0, a.0, _mm256_cmp_ps::<_CMP_LT_OQ>(x.0, y.0))) }
+        }
+        #[inline(always)]
+        unsafe fn select_gt(x: Self, y: Self, a: Self, b: Self) -> Self {
+            unsafe { Ymm(_mm256_blendv_ps(b.0, a.0, _mm256_cmp_ps::<_CMP_GT_OQ>(x.0, y.0))) }
+        }
+        #[inline(always)]
+        unsafe fn pow2_halves(t: Self) -> (Self, Self) {
+            unsafe {
+                let n = _mm256_sub_epi32(_mm256_castps_si256(t.0), _mm256_set1_epi32(super::MAGIC.to_bits() as i32));
+                let n1 = _mm256_srai_epi32::<1>(n);
+                let n2 = _mm256_sub_epi32(n, n1);
+                let bias = _mm256_set1_epi32(127);
+                let p = |k| _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(k, bias)));
+                (Ymm(p(n1)), Ymm(p(n2)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn with_sign_of(t: Self, x: Self) -> Self {
+            unsafe {
+                let sign = _mm256_and_ps(x.0, _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN)));
+                Ymm(_mm256_or_ps(t.0, sign))
+            }
         }
     }
 
@@ -334,6 +485,115 @@ mod x86 {
 
     entry_points!("avx512f", Zmm, conv512, gemm512);
     entry_points!("avx2,fma", Ymm, conv256, gemm256);
+
+    /// # Safety
+    /// The CPU has AVX-512F; arguments as for [`super::pool_row`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pool512(d: &super::PoolRow, x: *const f32, y: *mut f32, rows: *const isize, div: *const f32) {
+        unsafe { super::pool_body::<Zmm, 1>(d, x, y, rows, div) }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2; arguments as for [`super::pool_row`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn pool256(d: &super::PoolRow, x: *const f32, y: *mut f32, rows: *const isize, div: *const f32) {
+        unsafe { super::pool_body::<Ymm, 2>(d, x, y, rows, div) }
+    }
+}
+
+/// `1.5·2²³`: adding it to a float of magnitude below 2²² rounds it to an integer, which
+/// then sits in the low mantissa bits.
+const MAGIC: f32 = 12_582_912.0;
+
+/// The activation of a tile's epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Act {
+    None,
+    Relu,
+    Sigmoid,
+    Tanh,
+}
+
+impl Act {
+    /// The tile activation for a fused one.
+    pub fn of(a: Option<cnnc_compiler::ops::Activation>) -> Act {
+        use cnnc_compiler::ops::Activation as A;
+        match a {
+            None => Act::None,
+            Some(A::Relu) => Act::Relu,
+            Some(A::Sigmoid) => Act::Sigmoid,
+            Some(A::Tanh) => Act::Tanh,
+        }
+    }
+}
+
+/// `e^x`: the algorithm (and constants) of the generated code's `exp` ([`super::math`]):
+/// clamp to `[−104, 88]`, Cody–Waite reduction by `ln2`, Cephes' degree-7 polynomial, and
+/// `2^n` applied in two halves so subnormal results come out right.
+#[inline(always)]
+unsafe fn exp_v<V: Simd>(x: V) -> V {
+    unsafe {
+        let x = V::select_gt(x, V::constant(88.0), V::constant(88.0), x);
+        let x = V::select_lt(x, V::constant(-104.0), V::constant(-104.0), x);
+        let t = V::fma(x, V::constant(std::f32::consts::LOG2_E), V::constant(MAGIC));
+        let n = V::sub(t, V::constant(MAGIC));
+        let r = V::fma(n, V::constant(-0.693_359_4), x);
+        let r = V::fma(n, V::constant(2.121_944_4e-4), r);
+        let mut p = V::constant(1.987_569_2e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = V::fma(p, r, V::constant(c));
+        }
+        let y = V::fma(p, V::mul(r, r), r);
+        let y = V::add(y, V::constant(1.0));
+        let (s1, s2) = V::pow2_halves(t);
+        V::mul(V::mul(y, s1), s2)
+    }
+}
+
+/// `1 / (1 + e^−x)` as [`super::math`] computes it: `num / (1 + e^−|x|)`, `num = 1` for
+/// `x ≥ 0` and `e^−|x|` below.
+#[inline(always)]
+unsafe fn sigmoid_v<V: Simd>(x: V) -> V {
+    unsafe {
+        let e = exp_v(V::sub(V::zero(), x.abs()));
+        let d = V::add(V::constant(1.0), e);
+        let num = V::select_lt(x, V::zero(), e, V::constant(1.0));
+        V::div(num, d)
+    }
+}
+
+/// `tanh(x)` as [`super::math`] computes it.
+#[inline(always)]
+unsafe fn tanh_v<V: Simd>(x: V) -> V {
+    unsafe {
+        let a = x.abs();
+        let z = V::mul(a, a);
+        let mut p = V::constant(-5.704_988_7e-3);
+        for c in [2.063_909e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328e-1] {
+            p = V::fma(p, z, V::constant(c));
+        }
+        let small = V::fma(V::mul(p, z), a, a);
+        let capped = V::select_gt(a, V::constant(10.0), V::constant(10.0), a);
+        let e = exp_v(V::add(capped, capped));
+        let q = V::div(V::constant(2.0), V::add(e, V::constant(1.0)));
+        let big = V::sub(V::constant(1.0), q);
+        let t = V::select_lt(a, V::constant(0.625), small, big);
+        V::with_sign_of(t, x)
+    }
+}
+
+/// Applies a tile activation.
+#[inline(always)]
+unsafe fn activate<V: Simd>(v: V, act: Act) -> V {
+    unsafe {
+        match act {
+            Act::None => v,
+            Act::Relu => v.relu(),
+            Act::Sigmoid => sigmoid_v(v),
+            Act::Tanh => tanh_v(v),
+        }
+    }
 }
 
 /// The reduction and epilogue of one conv tile (see [`conv_tile`]); `NV` vectors per pixel
@@ -430,9 +690,7 @@ unsafe fn conv_body<V: Simd, const MR: usize, const NV: usize>(
                 if !r.is_null() {
                     v = V::add(v, V::load(r.offset(o)));
                 }
-                if d.relu {
-                    v = v.relu();
-                }
+                v = activate(v, d.act);
                 if valid < V::L {
                     v = v.keep_first(valid);
                 }
@@ -464,7 +722,26 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
             rows[i] = rows[i - 1].add(d.lda);
         }
         let mut bp = b;
-        for k in 0..d.k {
+        let mut k0 = 0;
+        if MR == 1 {
+            // A single row (a GEMV, streaming the weights): two sets of accumulators for
+            // alternate k keep twice as many FMAs (and loads) in flight.
+            let mut odd = [V::zero(); NV];
+            while k0 + 2 <= d.k {
+                let a0 = V::splat(a.add(k0));
+                let a1 = V::splat(a.add(k0 + 1));
+                for j in 0..NV {
+                    acc[0][j] = V::fma(a0, V::load(bp.add(j * V::L)), acc[0][j]);
+                    odd[j] = V::fma(a1, V::load(bp.add((NV + j) * V::L)), odd[j]);
+                }
+                bp = bp.add(2 * NV * V::L);
+                k0 += 2;
+            }
+            for j in 0..NV {
+                acc[0][j] = V::add(acc[0][j], odd[j]);
+            }
+        }
+        for k in k0..d.k {
             let mut bv = [V::zero(); NV];
             for j in 0..NV {
                 bv[j] = V::load(bp.add(j * V::L));
@@ -505,9 +782,7 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
                     };
                     v = V::add(v, res);
                 }
-                if d.relu {
-                    v = v.relu();
-                }
+                v = activate(v, d.act);
                 if n == V::L {
                     v.store(c.add(o));
                 } else {
@@ -515,6 +790,122 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
                 }
             }
         }
+    }
+}
+
+/// Constants of one pooling layer on blocked tensors (see [`pool_row`]).
+#[derive(Debug)]
+#[repr(C)]
+pub(super) struct PoolRow {
+    pub isa: Isa,
+    /// Max (else sum, then divide).
+    pub max: bool,
+    /// Output columns.
+    pub ow: usize,
+    /// Most taps per column window; per output column, `[count, offset…]` (`1 + kw`
+    /// entries each): element offsets of the window's columns from the row start.
+    pub kw: usize,
+    pub cols: *const isize,
+    /// Interior columns `[lo, hi)`, whose window is the full `kw` taps starting at element
+    /// `o·step − pad`, `tap` apart.
+    pub lo: usize,
+    pub hi: usize,
+    pub step: isize,
+    pub pad: isize,
+    pub tap: isize,
+}
+
+// SAFETY: as for `ConvTile`.
+unsafe impl Send for PoolRow {}
+// SAFETY: as for `ConvTile`.
+unsafe impl Sync for PoolRow {}
+
+/// One output row of a blocked pooling layer (see [`pool_row`]).
+///
+/// # Safety
+/// As [`pool_row`]; inlined only into a function with `V`'s target feature. `NV = 16 / L`.
+#[inline(always)]
+unsafe fn pool_body<V: Simd, const NV: usize>(
+    d: &PoolRow,
+    x: *const f32,
+    y: *mut f32,
+    rows: *const isize,
+    div: *const f32,
+) {
+    unsafe {
+        let nrows = *rows as usize;
+        let roff = rows.add(1);
+        let init = V::splat(&if d.max { f32::NEG_INFINITY } else { 0.0 });
+        let out = |o: usize, acc: [V; NV], nan: [V::Mask; NV]| {
+            let yp = y.add(o * 16);
+            for j in 0..NV {
+                let mut v = acc[j];
+                if d.max {
+                    v = V::with_nan(v, nan[j]);
+                } else {
+                    v = V::div(v, V::splat(div.add(o)));
+                }
+                v.store(yp.add(j * V::L));
+            }
+        };
+        let mut o = 0;
+        while o < d.ow {
+            let (taps, base, stride, offs): (usize, isize, isize, *const isize) = if o >= d.lo && o < d.hi {
+                (d.kw, o as isize * d.step - d.pad, d.tap, std::ptr::null())
+            } else {
+                let e = d.cols.add(o * (1 + d.kw));
+                (*e as usize, 0, 0, e.add(1))
+            };
+            let mut acc = [init; NV];
+            let mut nan = [V::no_lanes(); NV];
+            for r in 0..nrows {
+                let xr = x.offset(*roff.add(r));
+                for t in 0..taps {
+                    let off = if offs.is_null() { base + t as isize * stride } else { *offs.add(t) };
+                    let p = xr.offset(off);
+                    for j in 0..NV {
+                        let v = V::load(p.add(j * V::L));
+                        if d.max {
+                            nan[j] = V::nan_lanes(v, nan[j]);
+                            acc[j] = V::max(acc[j], v);
+                        } else {
+                            acc[j] = V::add(acc[j], v);
+                        }
+                    }
+                }
+            }
+            out(o, acc, nan);
+            o += 1;
+        }
+    }
+}
+
+/// Computes one output row of a pooling layer on blocked tensors: `x` is the input block
+/// (`[h][w][16]`), `y` the output row (`[ow][16]`), `rows` `[count, offset…]` the element
+/// offsets of the window's input rows, `div` (average only) the row's per-column divisors.
+/// Max propagates NaN as PyTorch does.
+///
+/// # Safety
+/// `d.isa` is available; every offset the tables name is inside the input block.
+pub(super) unsafe extern "C" fn pool_row(
+    d: *const PoolRow,
+    x: *const f32,
+    y: *mut f32,
+    rows: *const isize,
+    div: *const f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        let d = &*d;
+        match d.isa {
+            Isa::Avx512 => x86::pool512(d, x, y, rows, div),
+            Isa::Avx2 => x86::pool256(d, x, y, rows, div),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (d, x, y, rows, div);
+        unreachable!("no micro-kernel ISA is detected off x86-64")
     }
 }
 

@@ -487,7 +487,7 @@ impl Compiled {
 /// Whether `n` samples on `threads` threads run best as whole samples per thread: when
 /// every thread gets a share within one sample of the others' and at least one each.
 fn batch_split(n: usize, threads: usize) -> bool {
-    n >= threads && (n % threads == 0 || n >= 4 * threads)
+    n >= threads && (n.is_multiple_of(threads) || n >= 4 * threads)
 }
 
 /// One core's peak f32 throughput in GFLOP/s with the micro-kernels' widest vectors,

@@ -112,7 +112,7 @@ impl Team {
         let mut spins = 0u32;
         while s.done.load(Ordering::Acquire) < want {
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -137,7 +137,7 @@ fn worker(s: &Shared, index: usize) {
                 break;
             }
             n = n.wrapping_add(1);
-            if n % 256 == 0 && start.elapsed() > SPIN {
+            if n.is_multiple_of(256) && start.elapsed() > SPIN {
                 let g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
                 // Re-check under the lock: `run` notifies under it after bumping the epoch.
