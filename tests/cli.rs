@@ -1,6 +1,10 @@
 //! End-to-end tests of the `cnnc` binary: every command on the example nets, the digits
-//! LeNet reproducing PyTorch's predictions, and broken inputs (written into a temp dir)
-//! giving one `error: …` line and the documented exit status, never a panic.
+//! LeNet reproducing the `digits` example's and PyTorch's predictions, and broken or hostile
+//! inputs (written into a temp dir) giving one `error: …` line and the documented exit
+//! status, never a panic.
+
+#[path = "../examples/zoo/mod.rs"]
+mod zoo;
 
 use ndarray::{Array, ArrayD, Axis, IxDyn};
 use ndarray_npy::{read_npy, write_npy};
@@ -306,6 +310,27 @@ fn run_lenet_reproduces_pytorch_on_heldout_digits() {
         let (a, b) = (a.into_dimensionality().unwrap(), b.into_dimensionality().unwrap());
         assert_eq!(argmax(a), argmax(b), "sample {i}");
     }
+    // The `digits` example's own path: the `cnn!` LeNet, the same weights, the JIT in-process.
+    let graph = zoo::LeNet::graph();
+    let w = cnnc::runtime::weights::Weights::load(&graph, &weights).unwrap();
+    let model = cnnc::runtime::Compiled::new(&graph, &w, &cnnc::runtime::Options::default()).unwrap();
+    let example = model.run(&[images.view()]).unwrap().remove(0);
+    let predictions = |y: &ArrayD<f32>| -> Vec<usize> {
+        y.axis_iter(Axis(0)).map(|r| argmax(r.into_dimensionality().unwrap())).collect()
+    };
+    assert_eq!(predictions(&ours), predictions(&example), "cnnc run and the digits example disagree");
+    // …and the accuracy the fixtures record (97.22 %, 350 of 360).
+    let bytes = std::fs::read(fixture("heldout.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let labels: Vec<usize> = st
+        .tensor("labels")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
+        .collect();
+    let correct = predictions(&ours).iter().zip(&labels).filter(|(p, l)| p == l).count();
+    assert_eq!(correct, 350, "held-out accuracy");
 }
 
 #[test]
@@ -461,4 +486,78 @@ fn bench_measures_a_tiny_run() {
     assert!(out.contains("Conv1x2 (fused)") && out.contains("peak 10 GFLOP/s per core"), "{out}");
     assert!(out.contains("p50 ms") && out.contains("% peak"), "{out}");
     fails(&cnnc(&["bench", "examples/nets/lenet.cnn", "--batch", "0"]), 2, "at least 1");
+}
+
+/// Sources a fuzzer would try: each is one clean error (status 1), never a panic, an
+/// overflow, a stack overflow or a hang.
+#[test]
+fn check_survives_hostile_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, text: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        cnnc(&["check", path_str(&path)])
+    };
+    // An empty file declares nothing: clean for `check`, an input error for `summary`.
+    let o = check("empty.cnn", b"");
+    status(&o, 0);
+    assert!(stdout(&o).contains("ok (no nets"), "{}", stdout(&o));
+    let empty = dir.path().join("empty.cnn");
+    fails(&cnnc(&["summary", path_str(&empty)]), 1, "declares no net");
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    fails(&check("garbage.cnn", &garbage), 1, "valid UTF-8");
+    fails(&check("ascii.cnn", b"@@@ ### $$$ \\ ``"), 1, "cannot tokenize");
+    fails(
+        &check("huge.cnn", b"net A(x: [N, 1, 99999999999, 99999999999]) = Sequential(Conv2d(1, 6, 5));"),
+        1,
+        "dimension 99999999999 is too large (the limit is 4,294,967,295)",
+    );
+    fails(
+        &check("zero.cnn", b"net A(x: [N, 1, 8, 8]) = Sequential(Conv2d(0, 0, 0));"),
+        1,
+        "aborting due to 3 previous errors",
+    );
+    fails(
+        &check("negative.cnn", b"net A(x: [N, 1, 8, 8]) = Sequential(Conv2d(-1, 6, 3, stride = -2));"),
+        1,
+        "`stride` must be positive, found -2",
+    );
+    fails(&check("negdim.cnn", b"net A(x: [N, -1, 8, 8]) = Sequential(ReLU);"), 1, "invalid digit");
+    let deep = format!("net A(x: [N, 4]) = Sequential(Linear(4, {}2{}));", "(".repeat(20_000), ")".repeat(20_000));
+    fails(&check("deep.cnn", deep.as_bytes()), 1, "nests too deeply");
+    let chain = format!("net A(x: [N, 4]) {{ fn forward(self, x) {{ x{} }} }}", ".relu()".repeat(20_000));
+    fails(&check("chain.cnn", chain.as_bytes()), 1, "nests too deeply");
+    fails(
+        &check("overflow.cnn", b"net A(x: [N, 4]) = Sequential(Linear(4, 9223372036854775807 * 2));"),
+        1,
+        "integer overflow",
+    );
+    fails(
+        &check("loops.cnn", b"block b() { for i in 0..4096 { for j in 0..4096 { ReLU(); } } } net A(x: [N, 4]) = b();"),
+        1,
+        "expands to more than 100,000",
+    );
+    fails(
+        &check("inside.cnn", b"net A(x: [N, 4]) { fn forward(self, x) { Linear(4, 2)(x) } }"),
+        1,
+        "is created inside forward",
+    );
+}
+
+/// A batch whose largest tensor alone exceeds the machine's memory is refused up front
+/// (Linux: the limit is read from /proc/meminfo), instead of an allocation abort.
+#[cfg(target_os = "linux")]
+#[test]
+fn batches_that_cannot_fit_in_memory_are_refused() {
+    let o = cnnc(&["bench", "examples/nets/lenet.cnn", "--batch", "99999999999", "--iters", "1", "--warmup", "0"]);
+    fails(&o, 2, "a batch of 99999999999 does not fit in memory: `1` (Sigmoid) alone is 4704 f32 values per sample");
+    // `run`: a 4 KB input whose 1024 outputs of 2^32 − 1 values each need 16 TiB.
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("wide.cnn");
+    std::fs::write(&net, "net Wide(x: [N, 1]) = Sequential(Linear(1, 4294967295));\n").unwrap();
+    let x = dir.path().join("x.npy");
+    write_npy(&x, &Array::<f32, _>::zeros((1024, 1))).unwrap();
+    let o = cnnc(&["run", path_str(&net), "--input", path_str(&x)]);
+    fails(&o, 1, "a batch of 1024 does not fit in memory: `0` (Linear) alone is 4294967295 f32 values per sample");
+    assert!(stderr(&o).contains("16.0 TiB for the batch"), "{}", stderr(&o));
 }

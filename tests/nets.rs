@@ -15,6 +15,8 @@ const _: () = assert!(Cifar10::PARAMS == 145_578);
 const _: () = assert!(AlexNet::PARAMS == 46_764_746);
 const _: () = assert!(Vgg11::PARAMS == 128_806_154);
 const _: () = assert!(ResNet18::PARAMS == 11_689_512);
+const _: () = assert!(SeedResNet::PARAMS == 11_173_761);
+const _: () = assert!(NoneLinearModel::PARAMS == 76_938);
 const _: () = assert!(Conv1x2::PARAMS == 2);
 
 fn fixture(path: &str) -> String {

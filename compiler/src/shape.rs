@@ -7,6 +7,18 @@
 
 use std::fmt;
 
+/// The largest size the compiler accepts for one dimension, one layer argument (channels,
+/// features, kernel, stride, padding, dilation) and one tensor (elements per sample, and
+/// elements of a parameter): `u32::MAX`. Within it, every count the compiler derives — window
+/// extents, element counts, a layer's MACs (at most two such factors) — fits in 64 bits, so
+/// an absurd declaration is an error rather than an overflow.
+pub const MAX_SIZE: usize = u32::MAX as usize;
+
+/// The product of `dims` if it is at most [`MAX_SIZE`].
+pub fn checked_numel(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).filter(|n| *n <= MAX_SIZE)
+}
+
 /// The batch dimension of a tensor type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Batch {
@@ -127,7 +139,7 @@ pub struct WindowError {
     /// Effective kernel extent `dilation×(kernel-1)+1`.
     pub effective_kernel: usize,
     /// The (non-positive) output size the formula gives.
-    pub value: i64,
+    pub value: i128,
 }
 
 impl Window {
@@ -158,7 +170,8 @@ impl Window {
         let ek = self.effective_kernel();
         let arithmetic = || self.formula(input);
         if ek > padded {
-            let value = (padded as i64 - ek as i64).div_euclid(self.stride as i64) + 1;
+            // In i128: with sizes up to MAX_SIZE, `ek` may exceed i64::MAX.
+            let value = (padded as i128 - ek as i128).div_euclid(self.stride as i128) + 1;
             return Err(WindowError { arithmetic: arithmetic(), padded, effective_kernel: ek, value });
         }
         let span = padded - ek;

@@ -91,7 +91,8 @@ impl Summary {
             inputs: graph.inputs.iter().map(|(n, id)| format!("{n}: {}", graph.node(*id).ty)).collect(),
             total_params: graph.param_count(),
             total_buffers: graph.buffer_count(),
-            total_macs: rows.iter().map(|r| r.macs).sum(),
+            // One layer's MACs fit in u64 (see `shape::MAX_SIZE`); a sum of many may not.
+            total_macs: rows.iter().fold(0u64, |t, r| t.saturating_add(r.macs)),
             activation_bytes: rows.iter().map(|r| r.activation_bytes).sum(),
             input_bytes,
             rows,

@@ -269,9 +269,66 @@ impl Parse for Body {
     }
 }
 
-/// Parses DSL text (a `.cnn` file or the string form of a `cnn!` body).
+/// Parses DSL text (a `.cnn` file or the string form of a `cnn!` body). Sources that nest
+/// deeper than [`MAX_NESTING`] are rejected before `syn` sees them (see [`check_nesting`]).
 pub fn parse_file(tokens: TokenStream) -> syn::Result<File> {
+    check_nesting(&tokens)?;
     syn::parse2(tokens)
+}
+
+/// How deeply a source may nest: brackets inside brackets, plus the operators, method calls
+/// and prefixes chained between two commas or semicolons. The seed nets stay below 50.
+pub const MAX_NESTING: usize = 256;
+
+/// Rejects a token stream whose expressions would nest deeper than [`MAX_NESTING`].
+///
+/// Parsing, evaluating and dropping an expression all recurse once per level of nesting, so
+/// `((((…))))`, `- - - … 1`, `1 + 1 + … + 1` or `x.relu().relu()…` of a few thousand levels
+/// would overflow the stack — an abort, not an error. The bound is taken on tokens, without
+/// recursion: the cost of a token is the number of tokens before it since the last `,`, `;`
+/// or `#` in its group, plus the cost of the group it sits in. Expression depth never
+/// exceeds that cost.
+pub fn check_nesting(tokens: &TokenStream) -> syn::Result<()> {
+    use proc_macro2::{Delimiter, TokenTree};
+    struct Level {
+        tokens: proc_macro2::token_stream::IntoIter,
+        base: usize,
+        run: usize,
+    }
+    let mut stack = vec![Level { tokens: tokens.clone().into_iter(), base: 0, run: 0 }];
+    loop {
+        let top_level = stack.len() == 1;
+        let Some(level) = stack.last_mut() else { break };
+        let Some(tt) = level.tokens.next() else {
+            stack.pop();
+            continue;
+        };
+        if let TokenTree::Punct(p) = &tt
+            && matches!(p.as_char(), ',' | ';' | '#')
+        {
+            level.run = 0;
+            continue;
+        }
+        level.run += 1;
+        let cost = level.base + level.run;
+        if cost > MAX_NESTING {
+            return Err(syn::Error::new(
+                tt.span(),
+                format!(
+                    "this nests too deeply (more than {MAX_NESTING} levels of brackets, operators and calls); \
+                     split it with `let` or a `block`"
+                ),
+            ));
+        }
+        if let TokenTree::Group(g) = tt {
+            // A `{ … }` at the top level ends an item.
+            if top_level && g.delimiter() == Delimiter::Brace {
+                level.run = 0;
+            }
+            stack.push(Level { tokens: g.stream().into_iter(), base: cost, run: 0 });
+        }
+    }
+    Ok(())
 }
 
 /// The span of any syntax node.

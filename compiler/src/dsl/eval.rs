@@ -14,7 +14,8 @@ use crate::diag::{Diagnostic, Src, SrcSpan as Span, suggest};
 use crate::graph::{Graph, NodeId, ParamId};
 use crate::ops::args::{Arg, ArgValue};
 use crate::ops::{self, Activation, Concat, Flatten, Op, Reduce, ReduceKind};
-use crate::shape::{Batch, TensorType};
+use crate::shape::{Batch, MAX_SIZE, TensorType, checked_numel};
+use crate::summary::thousands;
 use std::collections::HashMap;
 use std::rc::Rc;
 use syn::{BinOp, Expr, Lit, Pat, Stmt, UnOp};
@@ -116,6 +117,25 @@ struct Registered {
     params: Vec<ParamId>,
 }
 
+/// A `dim` argument as written (`-5`, `(2, -9)`), for messages.
+fn dim_text(v: &Value) -> String {
+    match v {
+        Value::Int(i) => i.to_string(),
+        Value::Tuple(vs) => format!("({})", vs.iter().map(dim_text).collect::<Vec<_>>().join(", ")),
+        other => other.type_name().to_string(),
+    }
+}
+
+/// The expansion budget of one file: loop iterations, block expansions and layer
+/// applications together. The largest seed net (ResNet-18) uses a few hundred.
+const MAX_STEPS: usize = 100_000;
+
+/// "has A×B×C elements, more than the limit of …".
+fn too_many_elements(dims: &[usize]) -> String {
+    let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    format!("has {} elements per sample, more than the limit of {}", dims.join("×"), thousands(MAX_SIZE as u64))
+}
+
 const FUNCTIONAL: &[&str] =
     &["relu", "sigmoid", "tanh", "flatten", "cat", "concat", "mean", "amax", "max", "dropout", "range", "len"];
 
@@ -161,6 +181,8 @@ struct Evaluator {
     gb: Option<GraphBuilder>,
     registry: HashMap<*const Module, Registered>,
     fn_counter: usize,
+    /// Expansion work done so far (see [`Evaluator::spend`]).
+    steps: usize,
 }
 
 /// Where declaration statements put the layers they create.
@@ -202,6 +224,28 @@ impl Evaluator {
     fn error(&mut self, span: impl Into<Span>, msg: impl Into<String>) -> Value {
         self.diags.push(Diagnostic::error(span, msg));
         Value::Poison
+    }
+
+    /// Charges `steps` (loop iterations, block expansions, layer applications) to the
+    /// expansion budget; past [`MAX_STEPS`], reports once and returns false, so a source
+    /// that would unroll without end (nested loops, blocks that double at each level) fails
+    /// in bounded time.
+    fn spend(&mut self, steps: usize, span: Span) -> bool {
+        if self.steps > MAX_STEPS {
+            return false;
+        }
+        self.steps += steps;
+        if self.steps > MAX_STEPS {
+            self.error(
+                span,
+                format!(
+                    "the file expands to more than {} loop iterations, blocks and layer calls",
+                    thousands(MAX_STEPS as u64)
+                ),
+            );
+            return false;
+        }
+        true
     }
 
     // ---------------------------------------------------------------- nets
@@ -250,6 +294,11 @@ impl Evaluator {
                     (_, DimDecl::Fixed(v, s)) => {
                         if *v == 0 {
                             self.error(*s, "dimensions must be positive");
+                        } else if *v > MAX_SIZE {
+                            self.error(
+                                *s,
+                                format!("dimension {v} is too large (the limit is {})", thousands(MAX_SIZE as u64)),
+                            );
                         }
                         dims.push(*v)
                     }
@@ -257,6 +306,8 @@ impl Evaluator {
             }
             if inp.dims.is_empty() {
                 self.error(inp.span, "an input needs at least a batch dimension, e.g. [N, 3, 32, 32]");
+            } else if self.diags.len() == errors_before_input && checked_numel(&dims).is_none() {
+                self.error(inp.span, format!("input `{}` {}", inp.name, too_many_elements(&dims)));
             }
             let id = gb.input(&inp.name.to_string(), TensorType { batch, dims });
             if self.diags.len() > errors_before_input {
@@ -433,12 +484,19 @@ impl Evaluator {
             ops::Arity::AtLeast(n) => ids.len() >= n,
         };
         if !arity_ok {
-            return self.error(
-                span,
-                format!("{} takes {:?} tensor input(s), got {}", op.def().describe(), op.def().arity(), ids.len()),
-            );
+            let want = match op.def().arity() {
+                ops::Arity::Exactly(n) => n.to_string(),
+                ops::Arity::AtLeast(n) => format!("at least {n}"),
+            };
+            return self
+                .error(span, format!("{} takes {want} tensor input(s), got {}", op.def().describe(), ids.len()));
         }
-        let result = op.def().infer(&operands);
+        let result = op.def().infer(&operands).and_then(|inf| match checked_numel(&inf.ty.dims) {
+            Some(_) => Ok(inf),
+            None => {
+                Err(ops::OpError::new(format!("{}: output {}", op.def().describe(), too_many_elements(&inf.ty.dims))))
+            }
+        });
         let carries_flat = matches!(op, Op::Activation(_) | Op::Dropout(_));
         let flat = if carries_flat { ts.first().and_then(|t| t.flat.clone()) } else { None };
         match result {
@@ -467,7 +525,7 @@ impl Evaluator {
                     d = d.note(n);
                 }
                 self.diags.push(d);
-                match e.recovered {
+                match e.recovered.filter(|ty| checked_numel(&ty.dims).is_some()) {
                     Some(ty) => {
                         let gb = self.gb.as_mut().expect("builder set");
                         let id = gb.push(name, op, ty, params, &ids);
@@ -480,13 +538,25 @@ impl Evaluator {
     }
 
     fn apply(&mut self, m: &Rc<Module>, inputs: Vec<Value>, span: Span, _caller: &str) -> Value {
-        if inputs.iter().any(|v| matches!(v, Value::Poison)) {
+        if inputs.iter().any(|v| matches!(v, Value::Poison)) || !self.spend(1, span) {
             return Value::Poison;
         }
         let (path, params) = match self.registry.get(&Rc::as_ptr(m)) {
             Some(r) => (r.path.clone(), r.params.clone()),
+            // Only layers declared before forward are registered (they own the parameters).
             None => {
-                return self.error(span, format!("internal error: `{}` was not registered", m.label));
+                let decl = match m.kind {
+                    ModKind::Leaf(_) => format!("`layer = {};`", m.label),
+                    _ => "`layer = …;`".to_string(),
+                };
+                return self.error(
+                    span,
+                    format!(
+                        "`{}` is created inside forward; declare it before `fn forward` ({decl}) and apply it \
+                         as `self.layer(x)`",
+                        m.label
+                    ),
+                );
             }
         };
         match &m.kind {
@@ -767,12 +837,17 @@ impl Evaluator {
     fn iterate(&mut self, v: Value, span: Span) -> Option<Vec<Value>> {
         match v {
             Value::Range(a, b) => {
-                if b - a > 4096 {
-                    self.error(span, format!("loop of {} iterations is too long to unroll", b - a));
+                let len = (i128::from(b) - i128::from(a)).max(0);
+                if len > 4096 {
+                    self.error(span, format!("loop of {len} iterations is too long to unroll"));
+                    return None;
+                }
+                if !self.spend(len as usize, span) {
                     return None;
                 }
                 Some((a..b.max(a)).map(Value::Int).collect())
             }
+            Value::Tuple(vs) if !self.spend(vs.len(), span) => None,
             Value::Tuple(vs) => Some(vs),
             Value::Poison => None,
             other => {
@@ -856,7 +931,10 @@ impl Evaluator {
             Expr::Unary(u) => {
                 let v = self.eval(&u.expr, env, fwd);
                 match (&u.op, v) {
-                    (UnOp::Neg(_), Value::Int(i)) => Value::Int(-i),
+                    (UnOp::Neg(_), Value::Int(i)) => match i.checked_neg() {
+                        Some(v) => Value::Int(v),
+                        None => self.error(u.src(), format!("integer overflow: -({i}) does not fit in 64 bits")),
+                    },
                     (UnOp::Neg(_), Value::Float(f)) => Value::Float(-f),
                     (UnOp::Not(_), Value::Bool(b)) => Value::Bool(!b),
                     (_, Value::Poison) => Value::Poison,
@@ -900,9 +978,13 @@ impl Evaluator {
                     None => return self.error(r.src(), "a range needs an end"),
                 };
                 match (start, end) {
-                    (Value::Int(a), Value::Int(b)) => {
-                        Value::Range(a, if matches!(r.limits, syn::RangeLimits::Closed(_)) { b + 1 } else { b })
-                    }
+                    (Value::Int(a), Value::Int(b)) => match r.limits {
+                        syn::RangeLimits::HalfOpen(_) => Value::Range(a, b),
+                        syn::RangeLimits::Closed(_) => match b.checked_add(1) {
+                            Some(end) => Value::Range(a, end),
+                            None => self.error(r.src(), format!("the range {a}..={b} is too long to unroll")),
+                        },
+                    },
                     _ => self.error(r.src(), "range bounds must be integers"),
                 }
             }
@@ -1035,12 +1117,20 @@ impl Evaluator {
                 let name = self.fn_name(fwd, "add");
                 self.add_op(&name, Op::Add(ops::Add), vec![], &[Tensor(a), Tensor(b)], span)
             }
-            ("+", Int(a), Int(b)) => Int(a + b),
-            ("-", Int(a), Int(b)) => Int(a - b),
-            ("*", Int(a), Int(b)) => Int(a * b),
             ("/", Int(_), Int(0)) | ("%", Int(_), Int(0)) => self.error(span, "division by zero"),
-            ("/", Int(a), Int(b)) => Int(a.div_euclid(b)),
-            ("%", Int(a), Int(b)) => Int(a.rem_euclid(b)),
+            (op @ ("+" | "-" | "*" | "/" | "%"), Int(a), Int(b)) => {
+                let v = match op {
+                    "+" => a.checked_add(b),
+                    "-" => a.checked_sub(b),
+                    "*" => a.checked_mul(b),
+                    "/" => a.checked_div_euclid(b),
+                    _ => a.checked_rem_euclid(b),
+                };
+                match v {
+                    Some(v) => Int(v),
+                    Option::None => self.error(span, format!("integer overflow: {a} {op} {b} does not fit in 64 bits")),
+                }
+            }
             ("+", Float(a), Float(b)) => Float(a + b),
             ("-", Float(a), Float(b)) => Float(a - b),
             ("*", Float(a), Float(b)) => Float(a * b),
@@ -1061,6 +1151,14 @@ impl Evaluator {
                 Tuple(a)
             }
             (op, l, r) => self.error(span, format!("cannot apply `{op}` to {} and {}", l.type_name(), r.type_name())),
+        }
+    }
+
+    /// The rank (batch included) of a tensor value.
+    fn rank_of(&self, v: &Value) -> Option<usize> {
+        match v {
+            Value::Tensor(t) => self.gb.as_ref().map(|gb| gb.graph().node(t.id).ty.rank()),
+            _ => None,
         }
     }
 
@@ -1235,6 +1333,9 @@ impl Evaluator {
         if self.depth > 64 {
             return self.error(span, format!("block `{}` expands too deeply (recursive?)", block.name));
         }
+        if !self.spend(1, span) {
+            return Value::Poison;
+        }
         let bname = block.name.to_string();
         let mut benv = self.consts.clone();
         let mut given: Vec<Option<Value>> = vec![None; block.params.len()];
@@ -1353,17 +1454,36 @@ impl Evaluator {
         if fwd.is_none() {
             return self.error(name_span, format!("`{name}` applies to tensors and can only be used inside forward"));
         }
+        // The rank of the first tensor argument (of the first tensor in cat's list), for
+        // PyTorch's negative dims: -1 is the last dim.
+        let rank = match pos.first() {
+            Some(Value::Tuple(xs)) => xs.first().and_then(|x| self.rank_of(x)),
+            Some(x) => self.rank_of(x),
+            None => None,
+        };
+        let normalize = |d: i64| -> i64 {
+            match rank {
+                Some(r) if d < 0 => d + r as i64,
+                _ => d,
+            }
+        };
         let dims_of = |ev: &mut Self, v: &Value, s: Span| -> Option<Vec<usize>> {
+            let one = |x: &Value| match x {
+                Value::Int(i) => usize::try_from(normalize(*i)).ok(),
+                _ => None,
+            };
             match v {
-                Value::Int(i) if *i >= 0 => Some(vec![*i as usize]),
-                Value::Tuple(vs) => vs
-                    .iter()
-                    .map(|x| if let Value::Int(i) = x { (*i >= 0).then_some(*i as usize) } else { None })
-                    .collect::<Option<Vec<_>>>()
-                    .or_else(|| {
-                        ev.error(s, "dims must be non-negative integers");
-                        None
-                    }),
+                Value::Int(_) => one(v).map(|d| vec![d]).or_else(|| {
+                    ev.error(s, format!("dim {} is out of range for a rank-{} tensor", dim_text(v), rank.unwrap_or(0)));
+                    None
+                }),
+                Value::Tuple(vs) => vs.iter().map(one).collect::<Option<Vec<_>>>().or_else(|| {
+                    ev.error(
+                        s,
+                        format!("dims must be integers within the rank ({}), found {}", rank.unwrap_or(0), dim_text(v)),
+                    );
+                    None
+                }),
                 other => {
                     ev.error(s, format!("`dim` must be an int or a list of ints, found {}", other.type_name()));
                     None
@@ -1398,16 +1518,20 @@ impl Evaluator {
                 self.add_op(&fname, Op::Flatten(Flatten { start_dim: start, end_dim: end }), vec![], &[x], span)
             }
             "cat" | "concat" => {
-                let dim = match (pos.get(1), kw.get("dim")) {
+                let raw = match (pos.get(1), kw.get("dim")) {
                     (Some(Value::Int(i)), _) | (_, Some((Value::Int(i), _))) => *i,
                     _ => 0,
                 };
+                let dim = normalize(raw);
                 let xs = match pos.into_iter().next() {
                     Some(Value::Tuple(xs)) => xs,
                     _ => return self.error(span, "cat takes a list of tensors: cat([a, b], dim=1)"),
                 };
                 if dim < 1 {
-                    return self.error(span, format!("cat: dim must be ≥ 1 (dim 0 is the batch), found {dim}"));
+                    return self.error(
+                        span,
+                        format!("cat: dim {raw} is the batch or out of range (dim 0 is the batch; -1 the last dim)"),
+                    );
                 }
                 self.add_op(&fname, Op::Concat(Concat { dim: dim as usize }), vec![], &xs, span)
             }

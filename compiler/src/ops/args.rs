@@ -5,6 +5,8 @@
 //! ill-typed values, each spanned on the offending argument.
 
 use crate::diag::{Diagnostic, SrcSpan as Span, suggest};
+use crate::shape::MAX_SIZE;
+use crate::summary::thousands;
 use std::fmt;
 
 /// A compile-time argument value.
@@ -160,6 +162,21 @@ impl Bound {
         self.values[i].as_ref()
     }
 
+    /// A non-negative `value` as a size, if it is at most [`MAX_SIZE`].
+    fn at_most_max(&self, name: &str, value: i64, span: Span) -> Result<usize, Diagnostic> {
+        match usize::try_from(value) {
+            Ok(v) if v <= MAX_SIZE => Ok(v),
+            _ => Err(Diagnostic::error(
+                span,
+                format!(
+                    "{}: `{name}` = {value} is too large (the limit is {})",
+                    self.layer,
+                    thousands(MAX_SIZE as u64)
+                ),
+            )),
+        }
+    }
+
     fn type_error(&self, name: &str, want: &str, got: &ArgValue, span: Span) -> Diagnostic {
         Diagnostic::error(span, format!("{}: `{name}` must be {want}, found {} `{got}`", self.layer, got.kind()))
     }
@@ -173,7 +190,7 @@ impl Bound {
     pub fn positive(&self, name: &str, default: usize) -> Result<usize, Diagnostic> {
         match self.get(name) {
             None => Ok(default),
-            Some((ArgValue::Int(i), _)) if *i > 0 => Ok(*i as usize),
+            Some((ArgValue::Int(i), s)) if *i > 0 => self.at_most_max(name, *i, *s),
             Some((ArgValue::Int(i), s)) => {
                 Err(Diagnostic::error(*s, format!("{}: `{name}` must be positive, found {i}", self.layer)))
             }
@@ -185,7 +202,7 @@ impl Bound {
     pub fn non_negative(&self, name: &str, default: usize) -> Result<usize, Diagnostic> {
         match self.get(name) {
             None => Ok(default),
-            Some((ArgValue::Int(i), _)) if *i >= 0 => Ok(*i as usize),
+            Some((ArgValue::Int(i), s)) if *i >= 0 => self.at_most_max(name, *i, *s),
             Some((ArgValue::Int(i), s)) => {
                 Err(Diagnostic::error(*s, format!("{}: `{name}` must be non-negative, found {i}", self.layer)))
             }
@@ -206,7 +223,7 @@ impl Bound {
     pub fn pair(&self, name: &str, default: (usize, usize), min: i64) -> Result<(usize, usize), Diagnostic> {
         let check = |i: i64, s: Span| {
             if i >= min {
-                Ok(i as usize)
+                self.at_most_max(name, i, s)
             } else {
                 let what = if min > 0 { "positive" } else { "non-negative" };
                 Err(Diagnostic::error(s, format!("{}: `{name}` must be {what}, found {i}", self.layer)))

@@ -318,7 +318,28 @@ pub fn layer_ctor(name: &str) -> Option<&'static LayerCtor> {
 /// Constructs a layer from DSL arguments.
 pub fn construct(ctor: &'static LayerCtor, args: &[Arg], span: Span) -> Result<Op, Vec<Diagnostic>> {
     let bound = Bound::bind(ctor.name, ctor.sig, args, span)?;
-    (ctor.build)(&bound)
+    let op = (ctor.build)(&bound)?;
+    // Each argument is within MAX_SIZE, but a weight multiplies several of them.
+    let too_large: Vec<Diagnostic> = op
+        .def()
+        .params()
+        .iter()
+        .filter(|p| crate::shape::checked_numel(&p.shape).is_none())
+        .map(|p| {
+            let dims: Vec<String> = p.shape.iter().map(|d| d.to_string()).collect();
+            Diagnostic::error(
+                span,
+                format!(
+                    "{}: its `{}` of {} elements is too large (the limit is {})",
+                    op.def().describe(),
+                    p.suffix,
+                    dims.join("×"),
+                    crate::summary::thousands(crate::shape::MAX_SIZE as u64)
+                ),
+            )
+        })
+        .collect();
+    if too_large.is_empty() { Ok(op) } else { Err(too_large) }
 }
 
 /// Collects single-argument results into one list of diagnostics.

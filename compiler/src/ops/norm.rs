@@ -1,6 +1,6 @@
 //! `nn.BatchNorm2d` in inference mode: `y = (x − running_mean) / sqrt(running_var + eps) · weight + bias`.
 
-use super::args::{Bound, opt, req};
+use super::args::{ArgValue, Bound, opt, req};
 use super::{DType, Inferred, LayerCtor, Op, OpDef, OpError, Operand, ParamKind, ParamSpec, collect, need_nchw};
 use crate::diag::Diagnostic;
 use crate::shape::TensorType;
@@ -12,7 +12,8 @@ pub struct BatchNorm2d {
     pub num_features: usize,
     /// Added to the variance.
     pub eps: f64,
-    /// Running-average momentum (training only; kept for the repr).
+    /// Running-average momentum (training only, so inference ignores it); `NaN` stands for
+    /// PyTorch's `momentum=None` (a cumulative average).
     pub momentum: f64,
     /// Whether there are `weight` and `bias`.
     pub affine: bool,
@@ -22,7 +23,10 @@ fn build(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     let mut errs = vec![];
     let num_features = collect(b.positive("num_features", 1), &mut errs);
     let eps = collect(b.float("eps", 1e-5), &mut errs);
-    let momentum = collect(b.float("momentum", 0.1), &mut errs);
+    let momentum = match b.raw("momentum") {
+        Some((ArgValue::None, _)) => Some(f64::NAN),
+        _ => collect(b.float("momentum", 0.1), &mut errs),
+    };
     let affine = collect(b.bool("affine", true), &mut errs);
     if let Some(false) = collect(b.bool("track_running_stats", true), &mut errs) {
         errs.push(Diagnostic::error(

@@ -5,7 +5,8 @@
 use super::args::{ArgValue, Bound, opt, req};
 use super::{Inferred, LayerCtor, Op, OpDef, OpError, Operand, collect, need_nchw, pair_text};
 use crate::diag::Diagnostic;
-use crate::shape::Window;
+use crate::shape::{MAX_SIZE, Window};
+use crate::summary::thousands;
 
 /// `nn.MaxPool2d`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -187,7 +188,14 @@ fn build_adaptive(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     let span = b.span_of("output_size");
     let one = |v: &ArgValue| -> Result<Option<usize>, Diagnostic> {
         match v {
-            ArgValue::Int(i) if *i > 0 => Ok(Some(*i as usize)),
+            ArgValue::Int(i) if *i > 0 && *i as u64 <= MAX_SIZE as u64 => Ok(Some(*i as usize)),
+            ArgValue::Int(i) if *i > 0 => Err(Diagnostic::error(
+                span,
+                format!(
+                    "AdaptiveAvgPool2d: output size {i} is too large (the limit is {})",
+                    thousands(MAX_SIZE as u64)
+                ),
+            )),
             ArgValue::None => Ok(None),
             other => Err(Diagnostic::error(
                 span,

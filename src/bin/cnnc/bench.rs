@@ -137,6 +137,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
     {
         return Err(usage(format!("net `{}` has a fixed batch of {b}; it cannot run --batch {other}", graph.name)));
     }
+    for &b in &batches {
+        crate::run::check_memory(&graph, b, usage)?;
+    }
     let threads: Vec<usize> = args
         .threads
         .iter()

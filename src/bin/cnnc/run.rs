@@ -116,6 +116,53 @@ fn check_inputs(graph: &Graph, files: &[PathBuf], arrays: &[ArrayD<f32>]) -> Res
     Ok(())
 }
 
+/// Refuses a batch whose largest tensor alone needs more memory than the machine has, so an
+/// absurd `--batch` or `.npy` fails with a message instead of an allocation abort. It is a
+/// lower bound: a batch that passes may still be too large for the inputs, weights and
+/// every live activation together.
+pub fn check_memory(graph: &Graph, batch: usize, fail: fn(String) -> Fail) -> Result<(), Fail> {
+    let Some(total) = physical_memory() else { return Ok(()) };
+    let Some(largest) = graph.node_ids().into_iter().max_by_key(|id| graph.node(*id).ty.numel_per_sample()) else {
+        return Ok(());
+    };
+    let node = graph.node(largest);
+    let need = node.ty.numel_per_sample() as u128 * batch as u128 * 4;
+    if need <= u128::from(total) {
+        return Ok(());
+    }
+    let what = match node.op {
+        cnnc::compiler::ops::Op::Input => format!("input `{}`", node.name),
+        _ => format!("`{}` ({})", node.name, node.op.kind()),
+    };
+    Err(fail(format!(
+        "a batch of {batch} does not fit in memory: {what} alone is {} f32 values per sample, {} for the batch, \
+         and this machine has {}",
+        node.ty.numel_per_sample(),
+        bytes_text(need),
+        bytes_text(u128::from(total))
+    )))
+}
+
+/// Total physical memory in bytes (Linux `/proc/meminfo`), if known.
+fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.trim_start_matches("MemTotal:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// `23.5 GiB`, `2.9 PiB`.
+fn bytes_text(bytes: u128) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", units[unit])
+}
+
 /// `y.npy` for the first output, `y.NAME.npy` for the others.
 pub fn output_path(base: &Path, index: usize, name: &str) -> PathBuf {
     if index == 0 {
@@ -131,13 +178,14 @@ pub fn run(args: &RunArgs) -> Result<(), Fail> {
     let (_, mut graph) = source::load_net(&args.net, &[])?;
     let arrays: Vec<ArrayD<f32>> = args.inputs.iter().map(|p| npy::read(p)).collect::<Result<_, _>>()?;
     check_inputs(&graph, &args.inputs, &arrays)?;
+    let batch = arrays.first().map_or(1, |a| a.shape()[0]);
+    check_memory(&graph, batch, input)?;
     let mut weights = weights(&graph, args.weights.as_deref(), args.seed)?;
     if args.fused {
         let fused = crate::fusion::optimize(&graph, &weights)?;
         (graph, weights) = (fused.graph, fused.weights);
     }
     let views: Vec<ArrayViewD<'_, f32>> = arrays.iter().map(|a| a.view()).collect();
-    let batch = arrays.first().map_or(1, |a| a.shape()[0]);
     let outputs = if args.interp {
         let start = Instant::now();
         let out = interp::run(&graph, &weights, &views)?;
