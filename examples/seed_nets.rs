@@ -1,6 +1,7 @@
 //! Every seed network of the study notes, compiled by the JIT and checked against the
-//! reference interpreter, with compile time and batch-1 latency for both, measured in the
-//! same run (random weights; PyTorch-made weights are checked in `tests/parity.rs`).
+//! reference interpreter (the program fails if any output differs by more than 1e-4 of its
+//! max |y|), with compile time and batch-1 latency for both, measured in the same run
+//! (random weights; PyTorch-made weights are checked in `tests/parity.rs`).
 //!
 //! ```text
 //! cargo run --release --example seed_nets
@@ -74,6 +75,9 @@ fn bench<N: Net>() -> Result<(), Box<dyn Error>> {
         2.0 * macs as f64 / jit.as_secs_f64() / 1e9,
         err
     );
+    if !err.is_finite() || err > 1e-4 {
+        return Err(format!("{}: the JIT differs from the interpreter by {err:e} of max |y|", N::NAME).into());
+    }
     Ok(())
 }
 

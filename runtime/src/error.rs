@@ -27,7 +27,8 @@ pub enum Error {
     },
     /// An input is not in standard (C-contiguous) layout.
     #[error(
-        "input `{name}` with shape {shape:?} is not C-contiguous (strides {strides:?}); use `.as_standard_layout()`"
+        "input `{name}` with shape {shape:?} is not C-contiguous: expected strides {:?}, found {strides:?}; use `.as_standard_layout()`",
+        standard_strides(.shape)
     )]
     NonContiguous {
         /// Input name.
@@ -107,6 +108,15 @@ pub enum WeightsError {
         /// OS error.
         source: std::io::Error,
     },
+}
+
+/// The strides (in elements) of a C-contiguous array of this shape.
+fn standard_strides(shape: &[usize]) -> Vec<isize> {
+    let mut strides = vec![1isize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1] as isize;
+    }
+    strides
 }
 
 fn list_mismatch(missing: &[String], unexpected: &[String], misshaped: &[(String, Vec<usize>, Vec<usize>)]) -> String {

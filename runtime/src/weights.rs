@@ -780,6 +780,35 @@ mod tests {
     }
 
     #[test]
+    fn random_uses_pytorchs_fan_in_for_grouped_convs_and_linears() {
+        let out = cnnc_compiler::dsl::compile_str(
+            "net C(x: [N, 4, 5, 5]) = Sequential(Conv2d(4, 8, 3, groups = 2), BatchNorm2d(8), Flatten(), Linear(72, 3));",
+        );
+        let g = out.net("C").expect("compiles").clone();
+        let w = Weights::random(&g, 7);
+        // kaiming_uniform_(a=√5) and the bias rule both give U(−1/√fan_in, 1/√fan_in), with
+        // fan_in = in_channels / groups · kh · kw = 2 · 3 · 3 for the conv.
+        for (key, fan_in) in [("0.weight", 18), ("0.bias", 18), ("3.weight", 72), ("3.bias", 72)] {
+            let a = w.by_name(&g, key).and_then(ParamData::as_f32).unwrap();
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            assert!(a.iter().all(|v| v.abs() <= bound), "{key}: outside ±{bound}");
+            if key.ends_with("weight") {
+                // Uniform over the whole interval: the extremes are reached and the mean
+                // square is bound²/3 (to sampling error, 144 and 216 values).
+                let max = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(max > 0.9 * bound, "{key}: largest |w| {max}, bound {bound}");
+                let ms = a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32;
+                let want = bound * bound / 3.0;
+                assert!((ms / want - 1.0).abs() < 0.25, "{key}: mean square {ms}, uniform gives {want}");
+            }
+        }
+        for (key, value) in [("1.weight", 1.0), ("1.bias", 0.0), ("1.running_mean", 0.0), ("1.running_var", 1.0)] {
+            let a = w.by_name(&g, key).and_then(ParamData::as_f32).unwrap();
+            assert!(a.iter().all(|v| *v == value), "{key}");
+        }
+    }
+
+    #[test]
     fn random_uniform_fills_the_interval() {
         let mut r = SplitMix64(7);
         let v: Vec<f32> = (0..10_000).map(|_| r.uniform(-1.0, 1.0)).collect();

@@ -1,12 +1,13 @@
 //! Property tests: random Conv2d, pooling and Linear configurations (kernel 1–5, stride 1–3,
 //! padding 0–2, dilation 1–2, groups dividing the channels, every padding mode, sizes 1–12,
-//! batch 1–3) and random inputs; the JIT must match the interpreter. Configurations the
-//! layer or its shape rule rejects are skipped.
+//! batch 1–3), AdaptiveAvgPool2d output sizes (smaller, equal, larger than the input, or
+//! `None`) and mean/max reductions over random dims, with random inputs; the JIT must match
+//! the interpreter. Configurations the layer or its shape rule rejects are skipped.
 
 mod jit_common;
 
 use cnnc_compiler::ops::args::ArgValue;
-use cnnc_compiler::ops::{Activation, Epilogue};
+use cnnc_compiler::ops::{Activation, Epilogue, Op, Reduce, ReduceKind};
 use cnnc_runtime::Options;
 use jit_common::*;
 use proptest::prelude::*;
@@ -82,6 +83,32 @@ proptest! {
         let g = try_one_layer(&[c, h, w], op.unwrap());
         prop_assume!(g.is_some());
         compare(&g.unwrap(), n, seed, false, 1)?;
+    }
+
+    #[test]
+    fn adaptive_avg_pool_matches_interpreter(
+        c in 1usize..=3, h in 1usize..=12, w in 1usize..=12,
+        oh in prop::option::of(1usize..=9), ow in prop::option::of(1usize..=9),
+        n in 1usize..=3, seed in any::<u64>(),
+    ) {
+        let size = |v: Option<usize>| v.map_or(ArgValue::None, |v| int(v as i64));
+        let op = try_layer("AdaptiveAvgPool2d", &[ArgValue::Tuple(vec![size(oh), size(ow)])], &[]);
+        prop_assume!(op.is_some());
+        let g = try_one_layer(&[c, h, w], op.unwrap());
+        prop_assume!(g.is_some());
+        compare(&g.unwrap(), n, seed, seed % 2 == 0, 1 + n % 2)?;
+    }
+
+    #[test]
+    fn reductions_match_interpreter(
+        dims in prop::collection::btree_set(1usize..=3, 1..=3), keepdim in any::<bool>(), max in any::<bool>(),
+        c in 1usize..=5, h in 1usize..=9, w in 1usize..=9, n in 1usize..=3, seed in any::<u64>(),
+    ) {
+        let kind = if max { ReduceKind::Max } else { ReduceKind::Mean };
+        let op = Op::Reduce(Reduce { kind, dims: dims.into_iter().collect(), keepdim });
+        let g = try_one_layer(&[c, h, w], op);
+        prop_assume!(g.is_some());
+        compare(&g.unwrap(), n, seed, seed % 2 == 0, 1)?;
     }
 
     #[test]

@@ -599,6 +599,8 @@ fn non_contiguous_input_is_rejected() {
     let x = Array::from_shape_vec((3, 2).f(), vec![1f32; 6]).unwrap().into_dyn();
     let err = run(&g, &w, &[x.view()]).unwrap_err();
     assert!(matches!(&err, Error::NonContiguous { name, shape, .. } if name == "x" && shape == &[3, 2]), "{err}");
+    // The message names the strides a standard layout has and the ones it found.
+    assert!(err.to_string().contains("expected strides [2, 1], found [1, 3]"), "{err}");
     let std = x.as_standard_layout();
     assert!(run(&g, &w, &[std.view()]).is_ok());
     // A strided slice is not contiguous either.

@@ -722,26 +722,7 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
             rows[i] = rows[i - 1].add(d.lda);
         }
         let mut bp = b;
-        let mut k0 = 0;
-        if MR == 1 {
-            // A single row (a GEMV, streaming the weights): two sets of accumulators for
-            // alternate k keep twice as many FMAs (and loads) in flight.
-            let mut odd = [V::zero(); NV];
-            while k0 + 2 <= d.k {
-                let a0 = V::splat(a.add(k0));
-                let a1 = V::splat(a.add(k0 + 1));
-                for j in 0..NV {
-                    acc[0][j] = V::fma(a0, V::load(bp.add(j * V::L)), acc[0][j]);
-                    odd[j] = V::fma(a1, V::load(bp.add((NV + j) * V::L)), odd[j]);
-                }
-                bp = bp.add(2 * NV * V::L);
-                k0 += 2;
-            }
-            for j in 0..NV {
-                acc[0][j] = V::add(acc[0][j], odd[j]);
-            }
-        }
-        for k in k0..d.k {
+        for k in 0..d.k {
             let mut bv = [V::zero(); NV];
             for j in 0..NV {
                 bv[j] = V::load(bp.add(j * V::L));

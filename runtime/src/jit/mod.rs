@@ -3,39 +3,54 @@
 //!
 //! # Pipeline (files of this module)
 //!
-//! 1. [`Graph::verify`], [`Weights::check`];
-//! 2. `plan.rs`: a slot for every value, Flatten/Dropout aliased away, arena offsets by
+//! 1. [`Graph::verify`], [`Weights::check`]; the micro-kernel ISA is picked
+//!    (`microkernel.rs`: AVX-512F, else AVX2+FMA, else none — or as [`Kernels`] forces);
+//! 2. `plan.rs`: a slot for every value, Flatten/Dropout aliased away, each image value's
+//!    layout chosen (plain NCHW, or blocked NCHW16c where the micro-kernels read and write
+//!    it) with reorder steps where producer and consumer disagree, arena offsets by
 //!    liveness;
-//! 3. `lower.rs`: one kernel per planned step — `conv.rs`, `linear.rs`, `pool.rs`,
-//!    `eltwise.rs`, with `epilogue.rs` fused into Conv2d/Linear and `math.rs` for the
-//!    activations — all emitted through `codegen.rs`; Conv2d and Linear call the per-ISA
-//!    micro-kernels of `microkernel.rs` when the host has AVX-512F or AVX2+FMA. Weights are packed into the layout
-//!    each kernel reads and, with the index tables, owned by the compiled model; their
-//!    addresses are constants in the code;
+//! 3. `lower.rs`: one kernel per planned step. With a micro-kernel ISA, Conv2d and Linear
+//!    are loop nests over the hand-written register tiles of `microkernel.rs`
+//!    (`conv_tiles.rs`: packing, tap tables, thread split, all generated per layer), and
+//!    pooling and BatchNorm on blocked tensors are in `blocked.rs`; the portable code for
+//!    plain tensors is `conv.rs`, `linear.rs`, `pool.rs`, `eltwise.rs`, with `epilogue.rs`
+//!    fused into Conv2d/Linear and `math.rs` for the activations. Everything is emitted
+//!    through `codegen.rs`. Weights are packed into the layout each kernel reads and, with
+//!    the index tables and tile descriptors, owned by the compiled model; their addresses
+//!    are constants in the code;
 //! 4. the module is finalised and the kernels' entry points kept, in execution order.
 //!
 //! # Running
 //!
 //! The plan is **per sample and scales with the batch**: a chunk of `nb` samples puts value
-//! `v` at `arena + offset(v)·nb`, so each buffer is a contiguous `[nb, …]` NCHW tensor and
+//! `v` at `arena + offset(v)·nb`, so each buffer is a contiguous `[nb, …]` tensor and
 //! kernels loop over the samples of the chunk themselves (Linear folds them into its GEMM's
-//! rows). The batch is cut into one contiguous range per thread (`std::thread::scope`; a
-//! single thread never spawns, so a batch of 1 runs on the caller's thread), and each range
-//! into chunks of at most [`Compiled::chunk`] samples so the arena stays near the cache.
-//! Inputs are read in place and each output is written in place by the kernel that produces
-//! it. Arenas (with their slot tables) live in a pool that grows on the first run needing a
-//! bigger chunk or more threads, so a steady-state run allocates only its outputs (plus the
-//! thread handles when it spawns).
+//! rows). Each range of samples runs in chunks of at most [`Compiled::chunk`] samples so
+//! the arena stays near the cache. Inputs are read in place and each output is written in
+//! place by the kernel that produces it (or by the reorder into the plain layout).
+//!
+//! **Threads.** A model compiled for `t > 1` threads owns a team of `t − 1` persistent
+//! workers (`team.rs`). A batch that gives every thread whole samples (a multiple of `t`,
+//! or at least `4t`) is cut into one contiguous range per thread, each running the whole
+//! net on its own arena, without synchronisation. A smaller batch (a batch of 1) runs on
+//! one arena, and every kernel that can split its work (Conv2d, Linear, pooling,
+//! BatchNorm: by output rows or column tiles) and has enough of it is run by all threads
+//! at once, each doing its part; the others run on the caller's thread. A run that finds
+//! the team busy with another run goes single-threaded. Arenas (with their slot tables)
+//! live in a pool that grows on the first run needing a bigger chunk or more of them, so a
+//! steady-state run allocates only its outputs.
 //!
 //! # Safety
 //!
-//! Native code is entered in exactly one place, `Code::run`. (Generated code in turn calls
-//! the Rust micro-kernel drivers of `microkernel.rs`, with a descriptor the constant pool
-//! owns and the same operand and result buffers; their own `unsafe` is documented there.) Its soundness rests on what
-//! the code generator guarantees — every address a kernel computes lies inside the buffers
-//! the slot table describes for the `nb` it is given, and a kernel writes only its result
-//! slot — and on what [`Compiled::run`] checks before calling: input lengths and layout,
-//! output and arena sizes, and exclusive use of each arena and of each thread's output range.
+//! Native code is entered in exactly one place, `Code::call`. (Generated code in turn calls
+//! the micro-kernels of `microkernel.rs`, with descriptors and tables the constant pool
+//! owns and pointers into the same operand and result buffers; their own `unsafe` is
+//! documented there.) Its soundness rests on what the code generator guarantees — every
+//! address a kernel computes lies inside the buffers the slot table describes for the `nb`
+//! it is given, and a kernel writes only its result slot (a parallel kernel only its part
+//! of it) — and on what [`Compiled::run`] checks before calling: input lengths and layout,
+//! output and arena sizes, and exclusive use of each arena and of each thread's output
+//! range.
 
 mod blocked;
 mod codegen;
