@@ -140,16 +140,18 @@ fn reports_kernels_and_compile_time() {
     let net = Compiled::new(&g, &w, &Options { threads: 1, portable: true }).unwrap();
     // conv, bn, relu, fused conv, pool, linear (Flatten is an alias).
     assert_eq!(net.kernel_count(), 6);
-    assert_eq!(net.reorder_count(), 0, "the portable code is all plain NCHW");
+    assert_eq!(net.data_movement_count(), 0, "the portable code is all plain NCHW");
     assert!(net.compile_time() > std::time::Duration::ZERO);
     // Peak of two live 8×12×12 buffers, reused down the chain.
     assert_eq!(net.arena_per_sample(), 2 * 8 * 12 * 12);
     // With micro-kernels the images are blocked (8 channels padded to a block of 16); the
     // first conv reads the plain input and the Linear the flattened blocked pool, so no
-    // reorder is needed.
+    // reorder is needed, but both convs first make a zero-padded copy of their operand.
     if let Ok(net) = Compiled::with_kernels(&g, &w, &Options::default(), cnnc_runtime::Kernels::Avx2) {
-        assert_eq!((net.kernel_count(), net.reorder_count()), (6, 0));
-        assert_eq!(net.arena_per_sample(), 2 * 16 * 12 * 12);
+        assert_eq!((net.kernel_count(), net.data_movement_count()), (6, 2));
+        // Peak at the fused conv: its operand (16×12×12), its padded copy (16×14×14) and
+        // its result (16×12×12).
+        assert_eq!(net.arena_per_sample(), 16 * 12 * 12 + 16 * 14 * 14 + 16 * 12 * 12);
     }
 }
 

@@ -267,7 +267,7 @@ pub(super) fn reorder(jit: &mut Jit, (from, lf): (usize, Layout), (to, lt): (usi
     let plane = h * w;
     let cb = ch.div_ceil(BLOCK);
     let (plain, blocked) = (ch * plane, cb * BLOCK * plane);
-    jit.kernel("<reorder>", |fx| {
+    jit.data_kernel("<reorder>", |fx| {
         let x = fx.slot(from);
         let y = fx.slot(to);
         fx.for_samples(|fx, n| {

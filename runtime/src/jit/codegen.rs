@@ -186,17 +186,27 @@ impl Jit {
     /// Defines one kernel `fn(table, nb, part, parts)` that does all of its work whatever
     /// `part`; `body` emits its code after the entry block.
     pub fn kernel(&mut self, node: &str, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
-        self.define(node, None, body)
+        self.define(node, None, false, body)
+    }
+
+    /// As [`Jit::kernel`], for a kernel that only moves data (a layout reorder).
+    pub fn data_kernel(&mut self, node: &str, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
+        self.define(node, None, true, body)
+    }
+
+    /// As [`Jit::parallel_kernel`], for a kernel that only moves data (a padded copy).
+    pub fn parallel_data_kernel(&mut self, node: &str, work: u64, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
+        self.define(node, Some(work), true, body)
     }
 
     /// Defines a kernel whose `body` does only part `fx.part` of `fx.parts` of the work, so
     /// that threads can share it; `work` is the floating-point operations per sample it
     /// splits (the runtime splits only kernels worth the synchronisation).
     pub fn parallel_kernel(&mut self, node: &str, work: u64, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
-        self.define(node, Some(work), body)
+        self.define(node, Some(work), false, body)
     }
 
-    fn define(&mut self, node: &str, work: Option<u64>, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
+    fn define(&mut self, node: &str, work: Option<u64>, moves: bool, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
         let ptr = self.module.target_config().pointer_type();
         let mut sig = self.module.make_signature();
         sig.params.push(AbiParam::new(ptr));
@@ -219,7 +229,7 @@ impl Jit {
         let r = self.module.define_function(id, &mut self.ctx);
         self.module.clear_context(&mut self.ctx);
         r.map_err(|e| jit_err(node, format!("{e:?}")))?;
-        self.funcs.push(KernelInfo { id, name: node.to_string(), work });
+        self.funcs.push(KernelInfo { id, name: node.to_string(), work, data_movement: moves });
         Ok(id)
     }
 }
@@ -233,6 +243,8 @@ pub(super) struct KernelInfo {
     pub name: String,
     /// For a kernel that splits its work into parts: floating-point operations per sample.
     pub work: Option<u64>,
+    /// Whether it only moves data (a reorder or a padded copy).
+    pub data_movement: bool,
 }
 
 /// A function being emitted.

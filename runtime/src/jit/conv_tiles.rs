@@ -24,6 +24,7 @@
 
 use super::codegen::{Count, Fx, Jit, c};
 use super::conv::axis_table;
+use super::eltwise::copy_run;
 use super::lower::NodeCx;
 use super::microkernel::{self, Act, ConvTile, GemmTile, Isa};
 use super::plan::{BLOCK, Layout};
@@ -106,32 +107,177 @@ fn push_entry(t: &mut Vec<i64>, len: usize, first: usize, offs: impl Iterator<It
     start / (2 + len)
 }
 
+/// The interior output columns `[lo, hi)`: every tap's column `o·sw + t·dw − pl` lies in
+/// `[0, iw)` (`(ow, ow)` if there are none).
+fn interior_columns(ow: usize, iw: usize, kw: usize, sw: usize, dw: usize, pl: usize) -> (usize, usize) {
+    let lo = pl.div_ceil(sw);
+    let reach = (iw + pl) as i64 - 1 - ((kw - 1) * dw) as i64;
+    let hi = if reach < 0 { 0 } else { (reach as usize / sw + 1).min(ow) };
+    if lo < hi { (lo, hi) } else { (ow, ow) }
+}
+
+/// Estimated cycles of one reduction step (one input channel of one tap) of a conv tile of
+/// `mr` pixels × `nb` blocks: the most of the FMA ports' time, the load ports' (weights and
+/// broadcasts), the FMA latency that every accumulator chain waits once per step, and —
+/// when a group's weights do not stay in L1 — streaming them from L2 (~32 bytes a cycle);
+/// plus a quarter cycle per pixel, which is what each broadcast costs beyond its load in
+/// measurements (at equal estimates, 6 × 4 beats 12 × 2 by ~6%).
+fn step_cycles(isa: Isa, mr: usize, nb: usize, l2: bool) -> f64 {
+    let vecs = match isa {
+        Isa::Avx512 => nb,
+        Isa::Avx2 => 2 * nb,
+    } as f64;
+    let fma = mr as f64 * vecs / 2.0;
+    let loads = (mr as f64 + vecs) / 2.0;
+    let stream = if l2 { 2.0 * nb as f64 } else { 0.0 };
+    fma.max(loads).max(4.0).max(stream) + mr as f64 / 4.0
+}
+
+/// Picks the channel-group size (most blocks per group) and, for each group size, the
+/// tile width in pixels that make a row of `width` interior pixels cheapest by
+/// [`step_cycles`] (a row is whole tiles plus one narrower for the rest). Returns the
+/// group size and `mr[nb]` for `nb ≤` it.
+fn choose_tiles(isa: Isa, blocks: usize, width: usize, group_bytes: impl Fn(usize) -> usize) -> (usize, Vec<usize>) {
+    const L1_WEIGHTS: usize = 32 << 10;
+    let row_cost = |mr: usize, nb: usize| {
+        let l2 = group_bytes(nb) > L1_WEIGHTS;
+        let (full, rest) = (width / mr, width % mr);
+        let mut c = full as f64 * step_cycles(isa, mr, nb, l2);
+        if rest > 0 {
+            c += step_cycles(isa, rest, nb, l2);
+        }
+        c
+    };
+    let best_mr =
+        |nb: usize| (1..=isa.conv_mr(nb)).min_by(|&a, &b| row_cost(a, nb).total_cmp(&row_cost(b, nb))).unwrap_or(1);
+    let mrs: Vec<usize> = (0..=isa.conv_nb()).map(|nb| if nb == 0 { 1 } else { best_mr(nb) }).collect();
+    // Cycles of one output row of every channel group.
+    let cost = |nb_max: usize| -> f64 { split_even(blocks, nb_max).iter().map(|&nb| row_cost(mrs[nb], nb)).sum() };
+    let nb_max = (1..=isa.conv_nb().min(blocks.max(1))).min_by(|&a, &b| cost(a).total_cmp(&cost(b))).unwrap_or(1);
+    (nb_max, mrs)
+}
+
+/// Emits the kernel that writes the copy of a conv's operand its tiles read (see
+/// [`super::plan::staged_input`]) into slot `to`, with `(pt, pb, pl, pr)` rows and columns
+/// of zeros around it: blocked `[c/16][h′][w′][16]` from a blocked operand, pixel-major
+/// `[h′][w′][c]` from a plain one. Threads split it by rows.
+fn stage(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    to: usize,
+    (cin, ih, iw): (usize, usize, usize),
+    (pt, pb, pl, pr): (usize, usize, usize, usize),
+    blocked: bool,
+) -> Result<()> {
+    let (ph, pw) = (ih + pt + pb, iw + pl + pr);
+    // Rows of the copy per sample, and floats per pixel.
+    let (rows, lane) = if blocked { (cin.div_ceil(BLOCK) * ph, BLOCK) } else { (ph, cin) };
+    let from = cx.inputs[0];
+    let in_size = cx.in_lens[0];
+    let zeros = jit.consts.f32s(vec![0.0; pw * lane]);
+    let name = format!("{}.stage", cx.node.name);
+    jit.parallel_data_kernel(&name, (rows * pw * lane) as u64, |fx| {
+        let x = fx.slot(from);
+        let y = fx.slot(to);
+        let units = fx.muli(fx.nb, c(rows));
+        let (lo, hi) = part_range(fx, units);
+        fx.for_range(lo, hi, 1, |fx, u| {
+            // u = n·rows + (plane·ph) + row: a blocked copy's rows of all blocks of all
+            // samples follow each other in both buffers; a plain operand's samples do.
+            let plane_g = fx.b.ins().udiv_imm_u(u, c(ph));
+            let r = fx.b.ins().urem_imm_u(u, c(ph));
+            let yr = fx.elem_scaled(y, u, c(pw * lane));
+            let src_row = fx.b.ins().iadd_imm_s(r, -(pt as i64));
+            let inside_lo = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, src_row, 0);
+            let inside_hi = fx.b.ins().icmp_imm_s(IntCC::SignedLessThan, src_row, c(ih));
+            let inside = fx.b.ins().band(inside_lo, inside_hi);
+            let zero = fx.i(0);
+            let sr = fx.b.ins().select(inside, src_row, zero);
+            let z = fx.i(zeros);
+            copy_run(fx, z, yr, pl * lane);
+            let right = fx.addi(yr, c(4 * (pl + iw) * lane));
+            copy_run(fx, z, right, pr * lane);
+            let mid = fx.addi(yr, c(4 * pl * lane));
+            let body = fx.b.create_block();
+            let outside = fx.b.create_block();
+            let done = fx.b.create_block();
+            fx.b.ins().brif(inside, body, &[], outside, &[]);
+            fx.b.switch_to_block(outside);
+            copy_run(fx, z, mid, iw * lane);
+            fx.b.ins().jump(done, &[]);
+            fx.b.switch_to_block(body);
+            if blocked {
+                // Row `sr` of block `plane_g` (counted over all samples).
+                let xp = fx.elem_scaled(x, plane_g, c(ih * iw * BLOCK));
+                let xr = fx.elem_scaled(xp, sr, c(iw * BLOCK));
+                copy_run(fx, xr, mid, iw * BLOCK);
+            } else {
+                // Pixel-major from planes: sample `plane_g`, row `sr`; `cin` strided loads
+                // per pixel.
+                let xn = fx.elem_scaled(x, plane_g, c(in_size));
+                let xr = fx.elem_scaled(xn, sr, c(iw));
+                fx.loop_n(Count::Const(iw), [xr, mid], [4, c(4 * cin)], |fx, [xp, yp]| {
+                    for ch in 0..cin {
+                        let v = fx.load_f(xp, c(ch * ih * iw));
+                        fx.store_f(v, yp, c(ch));
+                    }
+                });
+            }
+            fx.b.ins().jump(done, &[]);
+            fx.b.switch_to_block(done);
+        });
+    })?;
+    Ok(())
+}
+
 /// Lowers a Conv2d node whose result is blocked.
 pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> {
     let isa = jit.isa.ok_or_else(|| Error::Unsupported("blocked conv without a micro-kernel ISA".into()))?;
-    let (cin, ih, iw) = cx.in_chw(0)?;
+    let (cin, ih0, iw0) = cx.in_chw(0)?;
     let (cout, oh, ow) = cx.out_chw()?;
     let (kh, kw) = conv.kernel;
     let (sh, sw) = conv.stride;
     let (dh, dw) = conv.dilation;
-    let (pt, _, pl, _) = conv.pads();
+    let (pt0, pb0, pl0, pr0) = conv.pads();
     let groups = conv.groups;
-    let (icg, ocg) = (cin / groups, cout / groups);
     let blocked_in = cx.in_layouts[0].is_blocked();
-    // Element strides of the operand: a column, a row, a channel block, a channel.
-    let (col, row, x_icb, x_c) = if blocked_in { (BLOCK, iw * BLOCK, ih * iw * BLOCK, 1) } else { (1, iw, 0, ih * iw) };
+    let zeros = conv.padding_mode == PaddingMode::Zeros;
+    // The operand as the tiles read it (see `plan::staged_input`): a zero-padded copy of a
+    // blocked operand, a pixel-major copy of a plain one, or the operand itself. `col`,
+    // `row`, `x_icb` and `x_c` are its element strides between columns, rows, channel
+    // blocks and channels.
+    let (xs, in_size, ih, iw, pt, pl) = match cx.scratch {
+        Some(t) => {
+            let (pt, pb, pl, pr) = if zeros { (pt0, pb0, pl0, pr0) } else { (0, 0, 0, 0) };
+            stage(jit, cx, t, (cin, ih0, iw0), (pt, pb, pl, pr), blocked_in)?;
+            let (ih, iw) = (ih0 + pt + pb, iw0 + pl + pr);
+            let c = if blocked_in { cin.div_ceil(BLOCK) * BLOCK } else { cin };
+            (t, c * ih * iw, ih, iw, pt0 - pt, pl0 - pl)
+        }
+        None => (cx.inputs[0], cx.in_lens[0], ih0, iw0, pt0, pl0),
+    };
+    let (icg, ocg) = (cin / groups, cout / groups);
+    let (col, row, x_icb, x_c) = if blocked_in {
+        (BLOCK, iw * BLOCK, ih * iw * BLOCK, 1)
+    } else {
+        // Pixel-major: `cin` channels per pixel (a plain operand has one group).
+        (cin, iw * cin, 0, 1)
+    };
     let (icb, c_full) = if blocked_in { (icg.div_ceil(BLOCK), BLOCK) } else { (1, icg) };
     let c_last = icg - (icb - 1) * c_full;
     let ocbg = ocg.div_ceil(BLOCK);
 
     // Channel groups and their packed weights.
     let w = cx.param("weight")?;
+    let inner = interior_columns(ow, iw, kw, sw, dw, pl);
+    let group_bytes = |nb: usize| 4 * icb * kh * kw * c_full * nb * BLOCK;
+    let (nb_max, mrs) = choose_tiles(isa, ocbg, inner.1 - inner.0, group_bytes);
     let mut packed = vec![];
     let mut gs = vec![];
     for g in 0..groups {
         let x_off = if blocked_in { g * icb * x_icb } else { g * icg * x_c };
         let mut ocb = g * ocbg;
-        for nb in split_even(ocbg, isa.conv_nb()) {
+        for nb in split_even(ocbg, nb_max) {
             let w_off = packed.len();
             let width = nb * BLOCK;
             packed.resize(w_off + icb * kh * kw * c_full * width, 0.0);
@@ -172,11 +318,7 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
     let cols = axis_table(ow, kw, sw, dw, pl, iw, mode)?;
     let mut col_tab = vec![];
     let interior = push_entry(&mut col_tab, kw, 0, (0..kw).map(|t| c(t * dw * col)));
-    // Interior columns: every tap's column `o·sw + t·dw − pl` lies in `[0, iw)`.
-    let lo = pl.div_ceil(sw);
-    let reach = (iw + pl) as i64 - 1 - ((kw - 1) * dw) as i64;
-    let hi = if reach < 0 { 0 } else { (reach as usize / sw + 1).min(ow) };
-    let (lo, hi) = if lo < hi { (lo, hi) } else { (ow, ow) };
+    let (lo, hi) = inner;
     let mut border = vec![];
     for o in (0..lo).chain(hi..ow) {
         let (first, ins) = taps(&cols[o * kw..(o + 1) * kw], mode)?;
@@ -205,13 +347,13 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
     let desc = jit.consts.keep(tile, bytes);
     let rows_addr = jit.consts.i64s(row_tab);
     let cols_addr = jit.consts.i64s(col_tab);
-    let (xs, ys) = (cx.inputs[0], cx.output);
+    let ys = cx.output;
     let res = conv.epilogue.residual.then(|| cx.inputs[1]);
-    let (in_size, out_size) = (cx.in_lens[0], cx.out_len);
+    let out_size = cx.out_len;
     let row_entry = 8 * (2 + kh);
     let col_entry = 8 * (2 + kw);
     let work = 2 * (cout * oh * ow * icg * kh * kw) as u64;
-    let fmr = |nb: usize| isa.conv_mr(nb);
+    let fmr = |nb: usize| mrs[nb];
     jit.parallel_kernel(&cx.node.name, work, |fx| {
         let x = fx.slot(xs);
         let y = fx.slot(ys);

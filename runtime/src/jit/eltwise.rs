@@ -5,7 +5,7 @@
 //! All of them walk contiguous runs with f32x4 and finish a run's last 1–3 elements with a
 //! partial vector (lane loads and stores), so the vector math serves the tails too.
 
-use super::codegen::{Fx, Jit, LANES, c};
+use super::codegen::{Count, Fx, Jit, LANES, c};
 use super::lower::NodeCx;
 use super::math::act_v;
 use crate::error::Result;
@@ -24,9 +24,22 @@ pub(super) fn for_vectors(fx: &mut Fx<'_>, len: usize, mut body: impl FnMut(&mut
     }
 }
 
-/// `dst[d + k] = src[s + k]` for `k < len` (offsets in elements).
+/// `dst[d + k] = src[s + k]` for `k < len` (offsets in elements). The loop carries its
+/// pointers (see [`Fx::loop_n`]), so whatever computed `src` and `dst` stays outside it.
 pub(super) fn copy_run(fx: &mut Fx<'_>, src: Value, dst: Value, len: usize) {
-    for_vectors(fx, len, |fx, i, lanes| {
+    const UNROLL: usize = 4;
+    let step = UNROLL * LANES;
+    let full = len / step;
+    let (s, d) = (c(4 * step), c(4 * step));
+    fx.loop_n(Count::Const(full), [src, dst], [s, d], |fx, [sp, dp]| {
+        for u in 0..UNROLL {
+            let v = fx.load_v(sp, c(u * LANES));
+            fx.store_v(v, dp, c(u * LANES));
+        }
+    });
+    let done = full * step;
+    let (src, dst) = (fx.addi(src, c(4 * done)), fx.addi(dst, c(4 * done)));
+    for_vectors(fx, len - done, |fx, i, lanes| {
         let s = fx.elem(src, i);
         let v = fx.load_partial(s, 0, lanes);
         let d = fx.elem(dst, i);

@@ -30,6 +30,8 @@ pub(super) struct NodeCx<'a> {
     pub in_lens: Vec<usize>,
     /// Floats per sample of the result buffer.
     pub out_len: usize,
+    /// The step's scratch slot, if the plan gave it one.
+    pub scratch: Option<usize>,
 }
 
 impl NodeCx<'_> {
@@ -66,7 +68,7 @@ impl NodeCx<'_> {
 pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan) -> Result<()> {
     for step in &plan.steps {
         match step {
-            Step::Node { id, inputs, output } => {
+            Step::Node { id, inputs, output, scratch } => {
                 let node = graph.node(*id);
                 let in_tys = graph.operands(*id).into_iter().map(|o| &graph.node(o).ty).collect();
                 let cx = NodeCx {
@@ -79,6 +81,7 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                     out_layout: plan.slots[*output].layout,
                     in_lens: inputs.iter().map(|s| plan.slots[*s].size).collect(),
                     out_len: plan.slots[*output].size,
+                    scratch: *scratch,
                 };
                 let tiled = cx.out_layout.is_blocked();
                 match &node.op {

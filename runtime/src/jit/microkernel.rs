@@ -596,6 +596,37 @@ unsafe fn activate<V: Simd>(v: V, act: Act) -> V {
     }
 }
 
+/// Channels `c0 .. c0 + C` of one tap: `C` reduction steps, weights from `wp` (`w_c` floats
+/// apart), inputs at `px[p] + c0 + ch` (contiguous channels).
+///
+/// # Safety
+/// As [`conv_body`].
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn chans<V: Simd, const MR: usize, const NV: usize, const C: usize>(
+    acc: &mut [[V; NV]; MR],
+    px: &[*const f32; MR],
+    c0: usize,
+    wp: *const f32,
+    w_c: usize,
+) {
+    unsafe {
+        for ch in 0..C {
+            let w = wp.add(ch * w_c);
+            let mut wv = [V::zero(); NV];
+            for j in 0..NV {
+                wv[j] = V::load(w.add(j * V::L));
+            }
+            for p in 0..MR {
+                let xv = V::splat(px[p].add(c0 + ch));
+                for j in 0..NV {
+                    acc[p][j] = V::fma(xv, wv[j], acc[p][j]);
+                }
+            }
+        }
+    }
+}
+
 /// The reduction and epilogue of one conv tile (see [`conv_tile`]); `NV` vectors per pixel
 /// (`NB·16 / V::L`).
 ///
@@ -636,20 +667,25 @@ unsafe fn conv_body<V: Simd, const MR: usize, const NV: usize>(
                     for p in 1..MR {
                         px[p] = px[p - 1].offset(d.x_px);
                     }
-                    if cn == 16 && d.x_c == 1 {
-                        // Blocked input: sixteen contiguous channels, fully unrolled.
-                        for ch in 0..16 {
-                            let mut wv = [V::zero(); NV];
-                            for j in 0..NV {
-                                wv[j] = V::load(wp.add(j * V::L));
-                            }
-                            for p in 0..MR {
-                                let xv = V::splat(px[p].add(ch));
-                                for j in 0..NV {
-                                    acc[p][j] = V::fma(xv, wv[j], acc[p][j]);
+                    if d.x_c == 1 {
+                        // Contiguous channels: unrolled chunks of 16, 8, 4, 2, 1, so every
+                        // broadcast is a fixed offset from a pixel pointer.
+                        let mut c0 = 0;
+                        if cn == 16 {
+                            chans::<V, MR, NV, 16>(&mut acc, &px, 0, wp, w_c);
+                        } else {
+                            for chunk in [8, 4, 2, 1] {
+                                if cn & chunk != 0 {
+                                    let wc = wp.add(c0 * w_c);
+                                    match chunk {
+                                        8 => chans::<V, MR, NV, 8>(&mut acc, &px, c0, wc, w_c),
+                                        4 => chans::<V, MR, NV, 4>(&mut acc, &px, c0, wc, w_c),
+                                        2 => chans::<V, MR, NV, 2>(&mut acc, &px, c0, wc, w_c),
+                                        _ => chans::<V, MR, NV, 1>(&mut acc, &px, c0, wc, w_c),
+                                    }
+                                    c0 += chunk;
                                 }
                             }
-                            wp = wp.add(w_c);
                         }
                     } else {
                         for ch in 0..cn {
@@ -1008,36 +1044,42 @@ pub(super) fn measure_peak() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         let isa = Isa::detect(Kernels::Auto).ok().flatten()?;
-        /// `n` iterations of 24 independent FMAs on `V` vectors.
-        #[inline(always)]
-        unsafe fn body<V: Simd>(n: usize) -> f32 {
-            unsafe {
-                let one = 1.0f32;
-                let k = std::hint::black_box(0.999_999f32);
-                let t = std::hint::black_box(1e-6f32);
-                let (kv, tv) = (V::splat(&k), V::splat(&t));
-                let mut acc = [V::splat(&one); 24];
-                for _ in 0..n {
-                    for a in &mut acc {
-                        *a = V::fma(*a, kv, tv);
-                    }
-                }
-                let mut out = [0f32; 16];
-                let mut s = V::zero();
-                for a in acc {
-                    s = V::add(s, a);
-                }
-                s.store(out.as_mut_ptr());
-                out[0]
-            }
-        }
+        use std::arch::x86_64::*;
+        // 24 independent FMA chains (latency × ports of any current core), in registers.
         #[target_feature(enable = "avx512f")]
         unsafe fn run512(n: usize) -> f32 {
-            unsafe { body::<x86::Zmm>(n) }
+            let mut a = [_mm512_set1_ps(std::hint::black_box(1.0)); 24];
+            let k = _mm512_set1_ps(std::hint::black_box(0.999_999));
+            let t = _mm512_set1_ps(std::hint::black_box(1e-6));
+            for _ in 0..n {
+                for x in a.iter_mut() {
+                    *x = _mm512_fmadd_ps(*x, k, t);
+                }
+            }
+            let mut s = _mm512_setzero_ps();
+            for x in a {
+                s = _mm512_add_ps(s, x);
+            }
+            _mm512_reduce_add_ps(s)
         }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn run256(n: usize) -> f32 {
-            unsafe { body::<x86::Ymm>(n) }
+            let mut a = [_mm256_set1_ps(std::hint::black_box(1.0)); 12];
+            let k = _mm256_set1_ps(std::hint::black_box(0.999_999));
+            let t = _mm256_set1_ps(std::hint::black_box(1e-6));
+            for _ in 0..2 * n {
+                for x in a.iter_mut() {
+                    *x = _mm256_fmadd_ps(*x, k, t);
+                }
+            }
+            let mut s = _mm256_setzero_ps();
+            for x in a {
+                s = _mm256_add_ps(s, x);
+            }
+            let mut out = [0f32; 8];
+            // SAFETY: `out` holds 8 floats.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
+            out[0]
         }
         let lanes = match isa {
             Isa::Avx512 => 16,
@@ -1055,7 +1097,7 @@ pub(super) fn measure_peak() -> Option<f64> {
             std::hint::black_box(r);
             t.elapsed().as_secs_f64()
         };
-        let n = 200_000;
+        let n = 400_000;
         let best = (0..3).map(|_| run(n)).fold(f64::INFINITY, f64::min);
         Some((n * 24 * lanes * 2) as f64 / best / 1e9)
     }

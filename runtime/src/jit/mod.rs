@@ -209,6 +209,8 @@ pub struct KernelTime {
     pub flops: Option<u64>,
     /// Median wall time of one run of the kernel on the whole batch.
     pub median: Duration,
+    /// Shortest wall time (least disturbed by other processes).
+    pub min: Duration,
 }
 
 /// A net compiled to native code: build once, run many times, from many threads.
@@ -237,7 +239,7 @@ pub struct Compiled {
     pool: Mutex<Vec<Scratch>>,
     compile_time: Duration,
     kernels: usize,
-    reorders: usize,
+    moves: usize,
     const_bytes: usize,
 }
 
@@ -246,6 +248,7 @@ impl std::fmt::Debug for Compiled {
         f.debug_struct("Compiled")
             .field("net", &self.graph.name)
             .field("kernels", &self.kernels)
+            .field("data_movement_kernels", &self.moves)
             .field("arena_floats_per_sample", &self.arena)
             .field("chunk", &self.chunk)
             .field("threads", &self.threads)
@@ -278,7 +281,6 @@ impl Compiled {
         let kernels = if options.portable { Kernels::Portable } else { kernels };
         let isa = microkernel::Isa::detect(kernels).map_err(Error::Unsupported)?;
         let plan = plan::plan(graph, isa.is_some())?;
-        let reorders = plan.steps.iter().filter(|s| matches!(s, plan::Step::Reorder { .. })).count();
         let mut jit = codegen::Jit::new(!options.portable, isa)?;
         lower::lower(&mut jit, graph, weights, &plan)?;
         let codegen::Jit { mut module, funcs, consts, .. } = jit;
@@ -295,8 +297,8 @@ impl Compiled {
         let chunk = (CHUNK_BYTES / (4 * plan.arena).max(1)).clamp(1, MAX_CHUNK);
         Ok(Compiled {
             graph: graph.clone(),
-            kernels: funcs.len(),
-            reorders,
+            kernels: funcs.iter().filter(|f| !f.data_movement).count(),
+            moves: funcs.iter().filter(|f| f.data_movement).count(),
             const_bytes: consts.bytes(),
             code,
             _consts: consts,
@@ -418,7 +420,12 @@ impl Compiled {
             .zip(samples)
             .map(|(e, mut s)| {
                 s.sort();
-                KernelTime { name: e.name.clone(), flops: e.work.map(|w| w * n as u64), median: s[s.len() / 2] }
+                KernelTime {
+                    name: e.name.clone(),
+                    flops: e.work.map(|w| w * n as u64),
+                    median: s[s.len() / 2],
+                    min: s[0],
+                }
             })
             .collect())
     }
@@ -475,16 +482,17 @@ impl Compiled {
         self.compile_time
     }
 
-    /// Number of generated kernels (one per op that is not an alias, plus output copies
-    /// and layout reorders).
+    /// Number of kernels that compute the graph's nodes: one per op that is not an alias,
+    /// plus a copy for an output that has no kernel of its own.
     pub fn kernel_count(&self) -> usize {
         self.kernels
     }
 
-    /// How many of the kernels only convert a value between the plain and the blocked
-    /// layout (see the module documentation).
-    pub fn reorder_count(&self) -> usize {
-        self.reorders
+    /// Number of further kernels that only move data: reorders between the plain and the
+    /// blocked layout, and convolutions' zero-padded copies of their operands (see the
+    /// module documentation).
+    pub fn data_movement_count(&self) -> usize {
+        self.moves
     }
 
     /// Arena floats per sample (the memory plan's peak of simultaneously live

@@ -100,6 +100,9 @@ pub(super) enum Step {
         inputs: Vec<usize>,
         /// Result slot.
         output: usize,
+        /// An arena slot the node's kernels may use during this step only (a convolution's
+        /// zero-padded copy of its operand).
+        scratch: Option<usize>,
     },
     /// Copy slot `from` into slot `to` (an output that has no kernel of its own).
     Copy {
@@ -161,6 +164,24 @@ impl Builder {
         self.steps.push(Step::Reorder { from: s, to: t });
         self.converted.insert((s, want), t);
         t
+    }
+}
+
+/// Floats per sample of the copy of its operand that a blocked convolution reads instead
+/// of the operand itself, if it makes one: with zero padding, a zero-padded copy (so that
+/// every output pixel sees a whole window), `[c][h + pt + pb][w + pl + pr]` for a blocked
+/// operand (`c` rounded up to whole blocks); and a plain operand (few channels, a net's
+/// first layer) is always copied pixel-major, `[h′][w′][c]` (padded likewise for zero
+/// padding; the other padding modes read it through their remapping tables).
+pub(super) fn staged_input(conv: &Conv2d, in_ty: &TensorType, layout: Layout) -> Option<usize> {
+    let (c, h, w) = in_ty.chw()?;
+    let zeros = conv.padding_mode == cnnc_compiler::ops::PaddingMode::Zeros;
+    let (pt, pb, pl, pr) = if zeros { conv.pads() } else { (0, 0, 0, 0) };
+    let padded = (h + pt + pb) * (w + pl + pr);
+    match layout {
+        Layout::Plain => Some(c * padded),
+        Layout::Blocked { .. } if zeros && (pt, pb, pl, pr) != (0, 0, 0, 0) => Some(c.div_ceil(BLOCK) * BLOCK * padded),
+        Layout::Blocked { .. } => None,
     }
 }
 
@@ -287,11 +308,19 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                 let (out, mut want) = choose(&node.op, &node.ty, &in_tys, &have, blocked);
                 // A fused residual operand has the result's layout.
                 want.resize(have.len(), out);
-                let inputs = operands.iter().zip(want).map(|(o, l)| b.convert(value[o], l)).collect();
+                let inputs: Vec<usize> = operands.iter().zip(want).map(|(o, l)| b.convert(value[o], l)).collect();
                 b.slots.push(Slot { kind: UNPLACED, size: out.size(numel), layout: out });
                 let output = b.slots.len() - 1;
                 value.insert(id, output);
-                b.steps.push(Step::Node { id, inputs, output });
+                let scratch = match &node.op {
+                    Op::Conv2d(conv) if out.is_blocked() => staged_input(conv, in_tys[0], b.slots[inputs[0]].layout)
+                        .map(|size| {
+                            b.slots.push(Slot { kind: UNPLACED, size, layout: Layout::Plain });
+                            b.slots.len() - 1
+                        }),
+                    _ => None,
+                };
+                b.steps.push(Step::Node { id, inputs, output, scratch });
             }
         }
     }
@@ -315,6 +344,9 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
     // Live ranges of arena slots: [producing step, last reading step].
     let mut live: HashMap<usize, (usize, usize)> = HashMap::new();
     for (i, step) in steps.iter().enumerate() {
+        if let Step::Node { scratch: Some(t), .. } = step {
+            live.insert(*t, (i, i));
+        }
         let (reads, writes): (Vec<usize>, usize) = match step {
             Step::Node { inputs, output, .. } => (inputs.clone(), *output),
             Step::Copy { from, to } | Step::Reorder { from, to } => (vec![*from], *to),
