@@ -98,7 +98,8 @@ fn conv_epilogues() {
 
 #[test]
 fn linear_shapes_and_epilogues() {
-    for (dims, k, o) in [(vec![16], 16, 10), (vec![33], 33, 97), (vec![3, 7], 7, 9), (vec![200], 200, 50)] {
+    // 2100 features: the reduction runs in chunks (partial sums kept in the output).
+    for (dims, k, o) in [(vec![16], 16, 10), (vec![33], 33, 97), (vec![3, 7], 7, 9), (vec![200], 200, 50), (vec![2100], 2100, 70)] {
         for e in epilogues() {
             let op = with_epilogue(layer("Linear", &[int(k), int(o)], &[]), e.clone());
             let g = if e.residual { one_layer_residual(&dims, op) } else { one_layer(&dims, op) };

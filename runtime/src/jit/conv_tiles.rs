@@ -315,9 +315,14 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
         let (first, ins) = taps(r, mode)?;
         push_entry(&mut row_tab, kh, first, ins.iter().map(|&i| c(i as usize * row)));
     }
+    // A pixel-major operand's kernel columns lie side by side (dilation 1): when no column
+    // needs a table of its own they fold into the channel loop, `kw · c` channels of one
+    // tap (same weight order), which saves the per-tap overhead of few-channel inputs.
+    let merge = !blocked_in && dw == 1 && inner == (0, ow);
+    let (c_tile, kw_tile) = if merge { (kw * c_full, 1) } else { (c_full, kw) };
     let cols = axis_table(ow, kw, sw, dw, pl, iw, mode)?;
     let mut col_tab = vec![];
-    let interior = push_entry(&mut col_tab, kw, 0, (0..kw).map(|t| c(t * dw * col)));
+    let interior = push_entry(&mut col_tab, kw_tile, 0, (0..kw_tile).map(|t| c(t * dw * col)));
     let (lo, hi) = inner;
     let mut border = vec![];
     for o in (0..lo).chain(hi..ow) {
@@ -329,13 +334,13 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
     let tile = ConvTile {
         isa,
         icb,
-        c_full,
-        c_last,
+        c_full: c_tile,
+        c_last: if merge { c_tile } else { c_last },
         x_icb: x_icb as isize,
         x_c: x_c as isize,
         x_px: (sw * col) as isize,
         kh,
-        kw,
+        kw: kw_tile,
         y_blk: (oh * ow * BLOCK) as isize,
         channels: cout,
         scale: scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
@@ -351,7 +356,7 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
     let res = conv.epilogue.residual.then(|| cx.inputs[1]);
     let out_size = cx.out_len;
     let row_entry = 8 * (2 + kh);
-    let col_entry = 8 * (2 + kw);
+    let col_entry = 8 * (2 + kw_tile);
     let work = 2 * (cout * oh * ow * icg * kh * kw) as u64;
     let fmr = |nb: usize| mrs[nb];
     jit.parallel_kernel(&cx.node.name, work, |fx| {
@@ -507,6 +512,14 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
     let res = lin.epilogue.residual.then(|| cx.inputs[1]);
     let mr = isa.gemm_mr();
     let work = 2 * (rows * k * o) as u64;
+    // Tiles but the last are `nr` wide and `kk·nr` floats apart; the reduction runs in
+    // chunks of `KC` (a chunk of a tile's weights stays in L2 while every row block uses
+    // it; partial sums wait in the output, so the order of the sums, and the result, do not
+    // depend on the chunking or the batch).
+    const KC: usize = 1024;
+    let chunks = kk.div_ceil(KC).max(1);
+    let full_tiles = o / nr;
+    let last = (o % nr > 0).then(|| (o % nr, tile_off[full_tiles]));
     jit.parallel_kernel(&cx.node.name, work, |fx| {
         let x = fx.slot(xs);
         let y = fx.slot(ys);
@@ -520,52 +533,82 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
         let rem = fx.b.ins().urem_imm_u(m, c(mr));
         let n_tiles = fx.i(c(tiles));
         let (lo, hi) = part_range(fx, n_tiles);
-        // Tiles are unrolled (their widths and offsets are constants); each runs if in range.
-        for (t, &off) in tile_off.iter().enumerate() {
-            let valid = (o - t * nr).min(nr);
-            let ti = fx.i(c(t));
-            let ge = fx.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, ti, lo);
-            let lt = fx.b.ins().icmp(IntCC::SignedLessThan, ti, hi);
+        let rstep = if res.is_some() { c(4 * mr * o) } else { 0 };
+        // One tile: its weights at `bt`, its first output column `col`, `valid` columns.
+        let tile = |fx: &mut Fx<'_>, bt: Value, col: Value, valid: usize| {
+            let width = valid.next_multiple_of(lanes);
+            let yt = fx.elem(y, col);
+            let rt = if res.is_some() { fx.elem(r, col) } else { r };
+            // shape = mr | valid << 8 | col << 16
+            let colsh = fx.b.ins().ishl_imm_u(col, 16);
+            let base = fx.addi(colsh, c(valid << 8));
+            let shape_full = fx.addi(base, c(mr));
+            let shape_rem = fx.b.ins().bor(base, rem);
+            let zero = fx.i(0);
+            fx.loop_n(Count::Const(chunks), [zero, x, bt], [1, c(4 * KC), c(4 * KC * width)], |fx, [ci, xa, bk]| {
+                // kspan = k0 | kn << 32 | first << 62 | last << 63
+                let k0 = fx.muli(ci, c(KC));
+                let first = fx.b.ins().icmp_imm_s(IntCC::Equal, ci, 0);
+                let is_last = fx.b.ins().icmp_imm_s(IntCC::Equal, ci, c(chunks - 1));
+                let kn_full = fx.i(c(KC) << 32);
+                let kn_last = fx.i(c(kk - (chunks - 1) * KC) << 32);
+                let kn = fx.b.ins().select(is_last, kn_last, kn_full);
+                let f = fx.b.ins().uextend(cranelift_codegen::ir::types::I64, first);
+                let l = fx.b.ins().uextend(cranelift_codegen::ir::types::I64, is_last);
+                let f = fx.b.ins().ishl_imm_u(f, 62);
+                let l = fx.b.ins().ishl_imm_u(l, 63);
+                let k1 = fx.b.ins().bor(k0, kn);
+                let k2 = fx.b.ins().bor(k1, f);
+                let kspan = fx.b.ins().bor(k2, l);
+                let call = |fx: &mut Fx<'_>, xp: Value, yp: Value, rp: Value, shape: Value| {
+                    fx.call(microkernel::gemm_tile as *const () as usize, &[d, xp, bk, yp, rp, shape, kspan]);
+                };
+                let (xe, ye) = (c(4 * mr * kk), c(4 * mr * o));
+                fx.loop_n(Count::Dyn(full), [xa, yt, rt], [xe, ye, rstep], |fx, [xp, yp, rp]| {
+                    call(fx, xp, yp, rp, shape_full);
+                });
+                let has_rem = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, rem, 0);
+                let tail = fx.b.create_block();
+                let done = fx.b.create_block();
+                fx.b.ins().brif(has_rem, tail, &[], done, &[]);
+                fx.b.switch_to_block(tail);
+                let xo = fx.b.ins().imul_imm_s(full, xe);
+                let yo = fx.b.ins().imul_imm_s(full, ye);
+                let xp = fx.add(xa, xo);
+                let yp = fx.add(yt, yo);
+                let rp = if res.is_some() {
+                    let ro = fx.b.ins().imul_imm_s(full, rstep);
+                    fx.add(rt, ro)
+                } else {
+                    rt
+                };
+                call(fx, xp, yp, rp, shape_rem);
+                fx.b.ins().jump(done, &[]);
+                fx.b.switch_to_block(done);
+            });
+        };
+        // Full tiles of this part: `[lo, min(hi, full_tiles))`.
+        let ft = fx.i(c(full_tiles));
+        let lt = fx.b.ins().icmp(IntCC::SignedLessThan, hi, ft);
+        let end = fx.b.ins().select(lt, hi, ft);
+        fx.for_range(lo, end, 1, |fx, t| {
+            let b0 = fx.i(w_addr);
+            let bt = fx.elem_scaled(b0, t, c(kk * nr));
+            let col = fx.muli(t, c(nr));
+            tile(fx, bt, col, nr);
+        });
+        if let Some((valid, off)) = last {
+            // The last, narrower tile, if this part has it.
+            let ge = fx.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, ft, lo);
+            let lt = fx.b.ins().icmp(IntCC::SignedLessThan, ft, hi);
             let mine = fx.b.ins().band(ge, lt);
             let body = fx.b.create_block();
             let next = fx.b.create_block();
             fx.b.ins().brif(mine, body, &[], next, &[]);
             fx.b.switch_to_block(body);
             let bt = fx.i(w_addr + c(4 * off));
-            let yt = fx.addi(y, c(4 * t * nr));
-            let rt = if res.is_some() { fx.addi(r, c(4 * t * nr)) } else { r };
-            let call = |fx: &mut Fx<'_>, xp: Value, yp: Value, rp: Value, shape: Value| {
-                fx.call(microkernel::gemm_tile as *const () as usize, &[d, xp, bt, yp, rp, shape]);
-            };
-            let shape_full = fx.i(microkernel::gemm_shape(mr, valid, t * nr));
-            let rstep = if res.is_some() { c(4 * mr * o) } else { 0 };
-            let (xe, ye, re) = (c(4 * mr * kk), c(4 * mr * o), rstep);
-            let after = {
-                let mut out = (x, yt, rt);
-                fx.loop_n(Count::Dyn(full), [x, yt, rt], [xe, ye, re], |fx, [xp, yp, rp]| {
-                    call(fx, xp, yp, rp, shape_full);
-                });
-                // Pointers to the remaining rows.
-                let xo = fx.b.ins().imul_imm_s(full, xe);
-                let yo = fx.b.ins().imul_imm_s(full, ye);
-                out.0 = fx.add(x, xo);
-                out.1 = fx.add(yt, yo);
-                if res.is_some() {
-                    let ro = fx.b.ins().imul_imm_s(full, re);
-                    out.2 = fx.add(rt, ro);
-                }
-                out
-            };
-            let has_rem = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, rem, 0);
-            let tail = fx.b.create_block();
-            let done = fx.b.create_block();
-            fx.b.ins().brif(has_rem, tail, &[], done, &[]);
-            fx.b.switch_to_block(tail);
-            let base = fx.i(microkernel::gemm_shape(0, valid, t * nr));
-            let shape = fx.b.ins().bor(base, rem);
-            call(fx, after.0, after.1, after.2, shape);
-            fx.b.ins().jump(done, &[]);
-            fx.b.switch_to_block(done);
+            let col = fx.i(c(full_tiles * nr));
+            tile(fx, bt, col, valid);
             fx.b.ins().jump(next, &[]);
             fx.b.switch_to_block(next);
         }

@@ -212,6 +212,9 @@ trait Simd: Copy {
     unsafe fn pow2_halves(t: Self) -> (Self, Self);
     /// `t` with the sign bit of `x`.
     unsafe fn with_sign_of(t: Self, x: Self) -> Self;
+    /// `n / d` to within about an ulp, faster than a division where the ISA allows
+    /// (AVX-512: a 14-bit reciprocal refined by one Newton step).
+    unsafe fn quotient(n: Self, d: Self) -> Self;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -331,6 +334,19 @@ mod x86 {
                 Zmm(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t.0), sign)))
             }
         }
+        #[inline(always)]
+        unsafe fn quotient(n: Self, d: Self) -> Self {
+            unsafe {
+                // r ≈ 1/d to 2⁻¹⁴; r' = r + r·(1 − d·r) to ~2⁻²⁸; q = n·r', then one
+                // residual step q' = q + r'·(n − d·q).
+                let r = _mm512_rcp14_ps(d.0);
+                let e = _mm512_fnmadd_ps(d.0, r, _mm512_set1_ps(1.0));
+                let r = _mm512_fmadd_ps(r, e, r);
+                let q = _mm512_mul_ps(n.0, r);
+                let res = _mm512_fnmadd_ps(d.0, q, n.0);
+                Zmm(_mm512_fmadd_ps(res, r, q))
+            }
+        }
     }
 
     impl Simd for Ymm {
@@ -434,6 +450,10 @@ mod x86 {
                 Ymm(_mm256_or_ps(t.0, sign))
             }
         }
+        #[inline(always)]
+        unsafe fn quotient(n: Self, d: Self) -> Self {
+            unsafe { Ymm(_mm256_div_ps(n.0, d.0)) }
+        }
     }
 
     /// All-ones in lanes `0..n`.
@@ -477,8 +497,9 @@ mod x86 {
                 r: *const f32,
                 col0: usize,
                 valid: usize,
+                kspan: u64,
             ) {
-                unsafe { super::gemm_body::<$v, MR, NV>(d, a, b, c, r, col0, valid) }
+                unsafe { super::gemm_body::<$v, MR, NV>(d, a, b, c, r, col0, valid, kspan) }
             }
         };
     }
@@ -559,7 +580,7 @@ unsafe fn sigmoid_v<V: Simd>(x: V) -> V {
         let e = exp_v(V::sub(V::zero(), x.abs()));
         let d = V::add(V::constant(1.0), e);
         let num = V::select_lt(x, V::zero(), e, V::constant(1.0));
-        V::div(num, d)
+        V::quotient(num, d)
     }
 }
 
@@ -576,7 +597,7 @@ unsafe fn tanh_v<V: Simd>(x: V) -> V {
         let small = V::fma(V::mul(p, z), a, a);
         let capped = V::select_gt(a, V::constant(10.0), V::constant(10.0), a);
         let e = exp_v(V::add(capped, capped));
-        let q = V::div(V::constant(2.0), V::add(e, V::constant(1.0)));
+        let q = V::quotient(V::constant(2.0), V::add(e, V::constant(1.0)));
         let big = V::sub(V::constant(1.0), q);
         let t = V::select_lt(a, V::constant(0.625), small, big);
         V::with_sign_of(t, x)
@@ -671,20 +692,21 @@ unsafe fn conv_body<V: Simd, const MR: usize, const NV: usize>(
                         // Contiguous channels: unrolled chunks of 16, 8, 4, 2, 1, so every
                         // broadcast is a fixed offset from a pixel pointer.
                         let mut c0 = 0;
-                        if cn == 16 {
-                            chans::<V, MR, NV, 16>(&mut acc, &px, 0, wp, w_c);
-                        } else {
-                            for chunk in [8, 4, 2, 1] {
-                                if cn & chunk != 0 {
-                                    let wc = wp.add(c0 * w_c);
-                                    match chunk {
-                                        8 => chans::<V, MR, NV, 8>(&mut acc, &px, c0, wc, w_c),
-                                        4 => chans::<V, MR, NV, 4>(&mut acc, &px, c0, wc, w_c),
-                                        2 => chans::<V, MR, NV, 2>(&mut acc, &px, c0, wc, w_c),
-                                        _ => chans::<V, MR, NV, 1>(&mut acc, &px, c0, wc, w_c),
-                                    }
-                                    c0 += chunk;
+                        while cn - c0 >= 16 {
+                            chans::<V, MR, NV, 16>(&mut acc, &px, c0, wp.add(c0 * w_c), w_c);
+                            c0 += 16;
+                        }
+                        let rest = cn - c0;
+                        for chunk in [8, 4, 2, 1] {
+                            if rest & chunk != 0 {
+                                let wc = wp.add(c0 * w_c);
+                                match chunk {
+                                    8 => chans::<V, MR, NV, 8>(&mut acc, &px, c0, wc, w_c),
+                                    4 => chans::<V, MR, NV, 4>(&mut acc, &px, c0, wc, w_c),
+                                    2 => chans::<V, MR, NV, 2>(&mut acc, &px, c0, wc, w_c),
+                                    _ => chans::<V, MR, NV, 1>(&mut acc, &px, c0, wc, w_c),
                                 }
+                                c0 += chunk;
                             }
                         }
                     } else {
@@ -742,6 +764,7 @@ unsafe fn conv_body<V: Simd, const MR: usize, const NV: usize>(
 /// As [`gemm_tile`]; inlined only into a function with `V`'s target feature.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
     d: &GemmTile,
     a: *const f32,
@@ -750,15 +773,33 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
     r: *const f32,
     col0: usize,
     valid: usize,
+    kspan: u64,
 ) {
     unsafe {
+        let kn = ((kspan >> 32) & ((1 << 30) - 1)) as usize;
+        let (first, last) = (kspan & (1 << 62) != 0, kspan & (1 << 63) != 0);
         let mut acc = [[V::zero(); NV]; MR];
+        if !first {
+            // The partial sums of the earlier chunks.
+            for j in 0..NV {
+                let n = valid.saturating_sub(j * V::L).min(V::L);
+                for i in 0..MR {
+                    if n == V::L {
+                        acc[i][j] = V::load(c.add(i * d.ldc + j * V::L));
+                    } else if n > 0 {
+                        let mut tmp = [0f32; 16];
+                        std::ptr::copy_nonoverlapping(c.add(i * d.ldc + j * V::L), tmp.as_mut_ptr(), n);
+                        acc[i][j] = V::load(tmp.as_ptr());
+                    }
+                }
+            }
+        }
         let mut rows = [a; MR];
         for i in 1..MR {
             rows[i] = rows[i - 1].add(d.lda);
         }
         let mut bp = b;
-        for k in 0..d.k {
+        for k in 0..kn {
             let mut bv = [V::zero(); NV];
             for j in 0..NV {
                 bv[j] = V::load(bp.add(j * V::L));
@@ -781,13 +822,21 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
             }
             for i in 0..MR {
                 let mut v = acc[i][j];
+                let o = i * d.ldc + j * V::L;
+                if !last {
+                    if n == V::L {
+                        v.store(c.add(o));
+                    } else {
+                        v.store_first(c.add(o), n);
+                    }
+                    continue;
+                }
                 v = match (s, t) {
                     (Some(s), Some(t)) => V::fma(v, s, t),
                     (None, Some(t)) => V::add(v, t),
                     (Some(s), None) => V::fma(v, s, V::zero()),
                     (None, None) => v,
                 };
-                let o = i * d.ldc + j * V::L;
                 if !r.is_null() {
                     let res = if n == V::L {
                         V::load(r.add(o))
@@ -996,7 +1045,10 @@ pub(super) fn conv_shape(mr: usize, nb: usize, ocb0: usize) -> i64 {
 /// Computes one Linear tile: rows `a .. a + mr·lda` of `A` times the packed column tile `b`
 /// (`K × W`, `W` = `valid` rounded up to whole vectors, at most `isa.gemm_nr()`) into `c`
 /// (stride `ldc`), columns `col0 .. col0 + valid` of the result (lanes past `valid` are
-/// neither read from `r` nor stored).
+/// neither read from `r` nor stored). `kspan` = `k0 | kn << 32 | first << 62 | last <<
+/// 63`: the tile sums reduction steps `k0 .. k0 + kn` (`a` and `b` already point at step
+/// `k0`), starting from zero if `first`, else from the partial sums in `c`; only the
+/// `last` chunk applies the epilogue, the others store their partial sums.
 ///
 /// # Safety
 /// `d.isa` is available on the host; `a` holds `mr` rows of `K` at stride `lda`, `b` a
@@ -1009,6 +1061,7 @@ pub(super) unsafe extern "C" fn gemm_tile(
     c: *mut f32,
     r: *const f32,
     shape: usize,
+    kspan: u64,
 ) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
@@ -1017,25 +1070,21 @@ pub(super) unsafe extern "C" fn gemm_tile(
         let (mr, valid, col0) = (shape & 0xff, (shape >> 8) & 0xff, shape >> 16);
         debug_assert!((1..=d.isa.gemm_mr()).contains(&mr) && (1..=d.isa.gemm_nr()).contains(&valid));
         match (d.isa, valid.div_ceil(16)) {
-            (Isa::Avx512, 1) => by_mr!(gemm512, 1, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
-            (Isa::Avx512, 2) => by_mr!(gemm512, 2, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
-            (Isa::Avx512, 3) => by_mr!(gemm512, 3, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
-            (Isa::Avx512, _) => by_mr!(gemm512, 4, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
-            (Isa::Avx2, _) if valid <= 8 => by_mr!(gemm256, 1, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
-            (Isa::Avx2, _) => by_mr!(gemm256, 2, mr, (d, a, b, c, r, col0, valid); 1 2 3 4 5 6),
+            (Isa::Avx512, 1) => by_mr!(gemm512, 1, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
+            (Isa::Avx512, 2) => by_mr!(gemm512, 2, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
+            (Isa::Avx512, 3) => by_mr!(gemm512, 3, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
+            (Isa::Avx512, _) => by_mr!(gemm512, 4, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
+            (Isa::Avx2, _) if valid <= 8 => by_mr!(gemm256, 1, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
+            (Isa::Avx2, _) => by_mr!(gemm256, 2, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (d, a, b, c, r, shape);
+        let _ = (d, a, b, c, r, shape, kspan);
         unreachable!("no micro-kernel ISA is detected off x86-64")
     }
 }
 
-/// Packs `(mr, valid, col0)` into the `shape` argument of [`gemm_tile`].
-pub(super) fn gemm_shape(mr: usize, valid: usize, col0: usize) -> i64 {
-    (mr | (valid << 8) | (col0 << 16)) as i64
-}
 
 /// Measures one core's f32 FMA throughput with the widest micro-kernel ISA the host has
 /// (GFLOP/s; `None` without one): a register-only loop of independent FMAs, about 20 ms,

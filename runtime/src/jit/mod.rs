@@ -93,6 +93,9 @@ pub struct Options {
 const CHUNK_BYTES: usize = 2 << 20;
 /// Most samples per chunk.
 const MAX_CHUNK: usize = 64;
+/// Most bytes of arena a chunk may take when a sample's intermediates do not fit in
+/// [`CHUNK_BYTES`] anyway.
+const ARENA_MAX_BYTES: usize = 1 << 30;
 
 /// The generated code and the module that owns its memory.
 struct Code {
@@ -294,7 +297,7 @@ impl Compiled {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             t => t,
         };
-        let chunk = (CHUNK_BYTES / (4 * plan.arena).max(1)).clamp(1, MAX_CHUNK);
+        let chunk = chunk_for(4 * plan.arena);
         Ok(Compiled {
             graph: graph.clone(),
             kernels: funcs.iter().filter(|f| !f.data_movement).count(),
@@ -519,6 +522,19 @@ fn batch_split(n: usize, threads: usize) -> bool {
 pub fn peak_gflops() -> Option<f64> {
     static PEAK: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
     *PEAK.get_or_init(microkernel::measure_peak)
+}
+
+/// Samples per chunk for an arena of `bytes` per sample: as many as keep the arena within
+/// [`CHUNK_BYTES`] (near the cache) when one sample fits there; when even one does not, the
+/// cache is lost anyway and more samples per chunk only help (a Linear streams its weights
+/// once per chunk), up to [`MAX_CHUNK`] and [`ARENA_MAX_BYTES`].
+fn chunk_for(bytes: usize) -> usize {
+    let bytes = bytes.max(1);
+    if bytes <= CHUNK_BYTES {
+        (CHUNK_BYTES / bytes).clamp(1, MAX_CHUNK)
+    } else {
+        (ARENA_MAX_BYTES / bytes).clamp(1, MAX_CHUNK)
+    }
 }
 
 fn poisoned() -> Error {
