@@ -284,7 +284,8 @@ fn main() -> Res<()> {
         None => (graph, &weights),
     };
     let t = Instant::now();
-    let model = Compiled::new(graph, weights, &Options { threads: args.threads, portable: args.portable })?;
+    let model =
+        Compiled::new(graph, weights, &Options { threads: args.threads, portable: args.portable, fuse: false })?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
 
     let head = format!(

@@ -46,22 +46,25 @@ fn compile(src: &str, name: &str) -> Graph {
     out.net(name).unwrap_or_else(|| panic!("net {name}")).clone()
 }
 
-/// Runs `graph` with PyTorch weights by interpreter and JIT; returns the worst relative errors.
+/// Runs `graph` with PyTorch weights by interpreter and JIT (the graph as given, and
+/// fused as `Compiled::new` does by default); returns the worst relative errors.
 fn check(what: &str, graph: &Graph, weights: &str, io: &str, outputs: &[&str]) -> (f32, f32) {
     let w = Weights::load(graph, fixture(weights)).unwrap_or_else(|e| panic!("{what}: {e}"));
     let io = tensors(io);
     let x = &io["input"];
     let reference = interp::run(graph, &w, &[x.view()]).unwrap();
-    let jit = Compiled::new(graph, &w, &Options { threads: 1, ..Options::default() }).unwrap();
-    let got = jit.run(&[x.view()]).unwrap();
     let (mut wi, mut wj) = (0f32, 0f32);
-    for (i, name) in outputs.iter().enumerate() {
-        let want = &io[*name];
-        let (ei, ej) = (rel_err(&reference[i], want), rel_err(&got[i], want));
-        assert!(ei <= TOLERANCE, "{what}/{name}: interpreter off by {ei:e} of max |y|");
-        assert!(ej <= TOLERANCE, "{what}/{name}: JIT off by {ej:e} of max |y|");
-        wi = wi.max(ei);
-        wj = wj.max(ej);
+    for fuse in [false, true] {
+        let jit = Compiled::new(graph, &w, &Options { threads: 1, fuse, ..Options::default() }).unwrap();
+        let got = jit.run(&[x.view()]).unwrap();
+        for (i, name) in outputs.iter().enumerate() {
+            let want = &io[*name];
+            let (ei, ej) = (rel_err(&reference[i], want), rel_err(&got[i], want));
+            assert!(ei <= TOLERANCE, "{what}/{name}: interpreter off by {ei:e} of max |y|");
+            assert!(ej <= TOLERANCE, "{what}/{name}: JIT (fuse: {fuse}) off by {ej:e} of max |y|");
+            wi = wi.max(ei);
+            wj = wj.max(ej);
+        }
     }
     (wi, wj)
 }

@@ -38,7 +38,9 @@ fn main() {
         let input = ArrayD::from_shape_fn(IxDyn(&[1, ci, hw, hw]), |i| (i[1] + i[2] * 3 + i[3] * 7) as f32 % 5.0 - 2.0);
         let flops = 2.0 * (ci * co * k * k * hw * hw) as f64;
         for kernels in [Kernels::Avx512, Kernels::Avx2, Kernels::Portable] {
-            let Ok(net) = Compiled::with_kernels(&g, &w, &Options { threads: 1, portable: false }, kernels) else {
+            let Ok(net) =
+                Compiled::with_kernels(&g, &w, &Options { threads: 1, portable: false, fuse: false }, kernels)
+            else {
                 continue;
             };
             // The conv kernel alone (a plain input with whole blocks of channels is first

@@ -65,6 +65,15 @@ pub enum Error {
     /// An op or configuration this backend does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A fusion pass failed (a bug in the pass: the unfused graph still compiles, with
+    /// `Options::fuse` off).
+    #[error("fusion of `{net}` failed: {message}")]
+    Fusion {
+        /// Net name.
+        net: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Errors about weights files and their fit to a net.

@@ -58,7 +58,7 @@ fn run(act: Activation, xs: &[f32], portable: bool) -> Vec<f32> {
     let name = act.kind_name();
     let g = one_layer(&[xs.len()], layer(name, &[], &[]));
     let w = weights(&g, 0);
-    let net = Compiled::new(&g, &w, &Options { threads: 1, portable }).unwrap();
+    let net = Compiled::new(&g, &w, &Options { threads: 1, portable, fuse: false }).unwrap();
     let x = ArrayD::from_shape_vec(IxDyn(&[1, xs.len()]), xs.to_vec()).unwrap();
     net.run(&[x.view()]).unwrap().remove(0).iter().copied().collect()
 }
@@ -73,7 +73,7 @@ fn run_fused(act: Activation, xs: &[f32], kernels: Kernels) -> Option<Vec<f32>> 
     let g = one_layer(&[1], op);
     let ones = g.params.iter().map(|p| ParamData::filled(&p.spec, 1.0)).collect();
     let w = Weights::from_params(&g, ones).unwrap();
-    let net = Compiled::with_kernels(&g, &w, &Options { threads: 1, portable: false }, kernels).ok()?;
+    let net = Compiled::with_kernels(&g, &w, &Options { threads: 1, portable: false, fuse: false }, kernels).ok()?;
     let x = ArrayD::from_shape_vec(IxDyn(&[xs.len(), 1]), xs.to_vec()).unwrap();
     Some(net.run(&[x.view()]).unwrap().remove(0).iter().copied().collect())
 }

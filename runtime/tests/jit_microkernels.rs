@@ -20,7 +20,7 @@ fn check_kernels(what: &str, g: &Graph, n: usize) -> usize {
     let want = interp::run(g, &w, &views).unwrap();
     let mut ran = 0;
     for kernels in [Kernels::Avx512, Kernels::Avx2, Kernels::Portable] {
-        let opts = Options { threads: 1, portable: false };
+        let opts = Options { threads: 1, portable: false, fuse: false };
         let net = match Compiled::with_kernels(g, &w, &opts, kernels) {
             Ok(net) => net,
             Err(Error::Unsupported(why)) if kernels != Kernels::Portable => {
@@ -99,7 +99,9 @@ fn conv_epilogues() {
 #[test]
 fn linear_shapes_and_epilogues() {
     // 2100 features: the reduction runs in chunks (partial sums kept in the output).
-    for (dims, k, o) in [(vec![16], 16, 10), (vec![33], 33, 97), (vec![3, 7], 7, 9), (vec![200], 200, 50), (vec![2100], 2100, 70)] {
+    for (dims, k, o) in
+        [(vec![16], 16, 10), (vec![33], 33, 97), (vec![3, 7], 7, 9), (vec![200], 200, 50), (vec![2100], 2100, 70)]
+    {
         for e in epilogues() {
             let op = with_epilogue(layer("Linear", &[int(k), int(o)], &[]), e.clone());
             let g = if e.residual { one_layer_residual(&dims, op) } else { one_layer(&dims, op) };

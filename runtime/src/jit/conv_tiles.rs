@@ -398,37 +398,35 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
                 let rtab0 = fx.i(rows_addr);
                 let roff = fx.muli(orow, c(row_entry));
                 let rtab = fx.add(rtab0, roff);
-                let call = |fx: &mut Fx<'_>, xp: Value, yp: Value, rp: Value, entry: usize, m: usize| {
+                let call = |fx: &mut Fx<'_>, xp: Value, yp: Value, rp: Value, entry: usize, m: usize, count: usize| {
                     let ctab = fx.i(cols_addr + c(entry * col_entry));
-                    let shape = fx.i(microkernel::conv_shape(m, g.nb, g.ocb0));
+                    let shape = fx.i(microkernel::conv_shape(m, g.nb, count, g.ocb0));
                     fx.call(microkernel::conv_tile as *const () as usize, &[d, xp, wg, yp, rp, rtab, ctab, shape]);
                 };
                 let at = |fx: &mut Fx<'_>, p: Value, o: usize| fx.addi(p, c(4 * o * BLOCK));
                 for &(o, entry) in border.iter().filter(|(o, _)| *o < lo) {
                     let (yp, rp) = (at(fx, yu, o), if res.is_some() { at(fx, ru, o) } else { ru });
-                    call(fx, xn, yp, rp, entry, 1);
+                    call(fx, xn, yp, rp, entry, 1, 1);
                 }
                 if hi > lo {
                     let full = (hi - lo) / mr;
                     let xp = fx.addi(xn, c(4 * (lo * sw - pl) * col));
                     let yp = at(fx, yu, lo);
                     let rp = if res.is_some() { at(fx, ru, lo) } else { ru };
-                    let steps =
-                        [c(4 * mr * sw * col), c(4 * mr * BLOCK), if res.is_some() { c(4 * mr * BLOCK) } else { 0 }];
-                    fx.loop_n(Count::Const(full), [xp, yp, rp], steps, |fx, [xp, yp, rp]| {
-                        call(fx, xp, yp, rp, interior, mr);
-                    });
+                    if full > 0 {
+                        call(fx, xp, yp, rp, interior, mr, full);
+                    }
                     let rem = (hi - lo) % mr;
                     if rem > 0 {
                         let o = lo + full * mr;
                         let xp = fx.addi(xn, c(4 * (o * sw - pl) * col));
                         let (yp, rp) = (at(fx, yu, o), if res.is_some() { at(fx, ru, o) } else { ru });
-                        call(fx, xp, yp, rp, interior, rem);
+                        call(fx, xp, yp, rp, interior, rem, 1);
                     }
                 }
                 for &(o, entry) in border.iter().filter(|(o, _)| *o >= hi) {
                     let (yp, rp) = (at(fx, yu, o), if res.is_some() { at(fx, ru, o) } else { ru });
-                    call(fx, xn, yp, rp, entry, 1);
+                    call(fx, xn, yp, rp, entry, 1, 1);
                 }
             });
         }

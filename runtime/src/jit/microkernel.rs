@@ -481,8 +481,16 @@ mod x86 {
                 rows: *const isize,
                 cols: *const isize,
                 ocb0: usize,
+                count: usize,
             ) {
-                unsafe { super::conv_body::<$v, MR, NV>(d, x, w, y, r, rows, cols, ocb0) }
+                for i in 0..count {
+                    // Tile `i` of a run along the row: `MR` pixels further.
+                    unsafe {
+                        let x = x.offset((i * MR) as isize * d.x_px);
+                        let (y, r) = (y.add(i * MR * 16), if r.is_null() { r } else { r.add(i * MR * 16) });
+                        super::conv_body::<$v, MR, NV>(d, x, w, y, r, rows, cols, ocb0)
+                    }
+                }
             }
 
             /// # Safety
@@ -985,7 +993,8 @@ macro_rules! by_mr {
     };
 }
 
-/// Computes one conv tile: `mr` output pixels × `nb` blocks of 16 output channels.
+/// Computes `count` conv tiles side by side along an output row, each `mr` output pixels ×
+/// `nb` blocks of 16 output channels (tile `i` starts `i·mr` pixels after the first).
 ///
 /// - `x`: the input of this sample, offset to the first pixel's column base (the element a
 ///   table offset of 0 would name for channel 0 of block 0);
@@ -1016,18 +1025,18 @@ pub(super) unsafe extern "C" fn conv_tile(
     unsafe {
         use x86::{conv256, conv512};
         let d = &*d;
-        let (mr, nb, ocb0) = (shape & 0xff, (shape >> 8) & 0xff, shape >> 16);
+        let (mr, nb, count, ocb0) = (shape & 0xff, (shape >> 8) & 0xff, (shape >> 16) & 0xffff, shape >> 32);
         debug_assert!((1..=d.isa.conv_nb()).contains(&nb) && (1..=d.isa.conv_mr(nb)).contains(&mr));
         match (d.isa, nb) {
-            (Isa::Avx512, 4) => by_mr!(conv512, 4, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6),
-            (Isa::Avx512, 3) => by_mr!(conv512, 3, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6 7 8),
+            (Isa::Avx512, 4) => by_mr!(conv512, 4, mr, (d, x, w, y, r, rows, cols, ocb0, count); 1 2 3 4 5 6),
+            (Isa::Avx512, 3) => by_mr!(conv512, 3, mr, (d, x, w, y, r, rows, cols, ocb0, count); 1 2 3 4 5 6 7 8),
             (Isa::Avx512, 2) => {
-                by_mr!(conv512, 2, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6 7 8 9 10 11 12)
+                by_mr!(conv512, 2, mr, (d, x, w, y, r, rows, cols, ocb0, count); 1 2 3 4 5 6 7 8 9 10 11 12)
             }
             (Isa::Avx512, _) => {
-                by_mr!(conv512, 1, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
+                by_mr!(conv512, 1, mr, (d, x, w, y, r, rows, cols, ocb0, count); 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
             }
-            (Isa::Avx2, _) => by_mr!(conv256, 2, mr, (d, x, w, y, r, rows, cols, ocb0); 1 2 3 4 5 6),
+            (Isa::Avx2, _) => by_mr!(conv256, 2, mr, (d, x, w, y, r, rows, cols, ocb0, count); 1 2 3 4 5 6),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -1037,9 +1046,11 @@ pub(super) unsafe extern "C" fn conv_tile(
     }
 }
 
-/// Packs `(mr, nb, ocb0)` into the `shape` argument of [`conv_tile`].
-pub(super) fn conv_shape(mr: usize, nb: usize, ocb0: usize) -> i64 {
-    (mr | (nb << 8) | (ocb0 << 16)) as i64
+/// Packs `(mr, nb, count, ocb0)` into the `shape` argument of [`conv_tile`] (`count <
+/// 2¹⁶`).
+pub(super) fn conv_shape(mr: usize, nb: usize, count: usize, ocb0: usize) -> i64 {
+    debug_assert!(count < 1 << 16);
+    (mr | (nb << 8) | (count << 16) | (ocb0 << 32)) as i64
 }
 
 /// Computes one Linear tile: rows `a .. a + mr·lda` of `A` times the packed column tile `b`
@@ -1084,7 +1095,6 @@ pub(super) unsafe extern "C" fn gemm_tile(
         unreachable!("no micro-kernel ISA is detected off x86-64")
     }
 }
-
 
 /// Measures one core's f32 FMA throughput with the widest micro-kernel ISA the host has
 /// (GFLOP/s; `None` without one): a register-only loop of independent FMAs, about 20 ms,

@@ -78,7 +78,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How to compile.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     /// Threads a run may use; 0 means all cores (`std::thread::available_parallelism`).
     pub threads: usize,
@@ -86,6 +86,18 @@ pub struct Options {
     /// (separate multiply and add instead of `fma`, even where the CPU has FMA, and no
     /// hand-written micro-kernels: see [`Kernels`]).
     pub portable: bool,
+    /// Run the compiler's fusion passes first ([`crate::fusion_check::optimize`]: BatchNorm
+    /// folded into convolutions, activations and residual adds fused into their kernels,
+    /// Dropout removed). Same inputs, outputs and values up to rounding; on by default.
+    /// Off compiles the graph exactly as given.
+    pub fuse: bool,
+}
+
+impl Default for Options {
+    /// All cores, the fastest kernels the CPU has, fused.
+    fn default() -> Options {
+        Options { threads: 0, portable: false, fuse: true }
+    }
 }
 
 /// Target bytes of arena per chunk (a chunk holds this many bytes of intermediates, or one
@@ -281,6 +293,16 @@ impl Compiled {
         let start = Instant::now();
         graph.verify()?;
         weights.check(graph)?;
+        let fused;
+        let (graph, weights) = if options.fuse {
+            fused = crate::fusion_check::optimize(graph, weights).map_err(|e| match e {
+                crate::fusion_check::FusionError::Run(e) => e,
+                e => Error::Fusion { net: graph.name.clone(), message: e.to_string() },
+            })?;
+            (&fused.graph, &fused.weights)
+        } else {
+            (graph, weights)
+        };
         let kernels = if options.portable { Kernels::Portable } else { kernels };
         let isa = microkernel::Isa::detect(kernels).map_err(Error::Unsupported)?;
         let plan = plan::plan(graph, isa.is_some())?;

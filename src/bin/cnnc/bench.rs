@@ -2,7 +2,9 @@
 //! every combination of batch size and thread count, with a progress bar on stderr.
 //!
 //! GFLOP/s counts `2 · MACs` per sample over the median latency; "% of peak" divides it by
-//! [`PEAK_GFLOPS_PER_CORE`] (or `--peak`) times the thread count.
+//! one core's peak times the thread count: `--peak`, or else measured on this machine
+//! (`cnnc::runtime::jit::peak_gflops`, an FMA loop on the widest vectors the micro-kernels
+//! use), or else [`PEAK_GFLOPS_PER_CORE`].
 
 use crate::fail::{Fail, usage};
 use crate::source::{self, NetFile};
@@ -16,8 +18,8 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Peak f32 throughput of one core of an AVX-512 machine with two FMA units:
-/// 2 units × 16 lanes × 2 FLOP × ~1.8 GHz ≈ 116 GFLOP/s. Override with `--peak`.
+/// Peak f32 throughput of one core assumed when it cannot be measured (no AVX2 on the host):
+/// an AVX-512 core with two FMA units at ~1.8 GHz, 2 × 16 lanes × 2 FLOP × 1.8 GHz.
 pub const PEAK_GFLOPS_PER_CORE: f64 = 116.0;
 
 /// Arguments of `cnnc bench`.
@@ -43,18 +45,21 @@ pub struct BenchArgs {
     /// Time budget of the timed runs of one configuration, in seconds (at least one run).
     #[arg(long = "time", default_value_t = 5.0, value_name = "SECONDS")]
     pub budget: f64,
-    /// Peak GFLOP/s of one core, for "% of peak".
-    #[arg(long, default_value_t = PEAK_GFLOPS_PER_CORE, value_name = "GFLOPS")]
-    pub peak: f64,
+    /// Peak GFLOP/s of one core, for "% of peak" [default: measured on this machine].
+    #[arg(long, value_name = "GFLOPS")]
+    pub peak: Option<f64>,
     /// Weights to load [default: random, seeded by --seed]; timing does not depend on them.
     #[arg(long, value_name = "W.safetensors")]
     pub weights: Option<PathBuf>,
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Apply the fusion passes (see `cnnc fuse-report`) before compiling.
-    #[arg(long)]
+    /// Apply the fusion passes (see `cnnc fuse-report`) before compiling: the default.
+    #[arg(long, conflicts_with = "unfused")]
     pub fused: bool,
+    /// Benchmark the net exactly as declared, without the fusion passes.
+    #[arg(long)]
+    pub unfused: bool,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -115,9 +120,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
     if !(args.budget > 0.0 && args.budget.is_finite()) {
         return Err(usage("--time must be a positive number of seconds"));
     }
-    if !(args.peak > 0.0 && args.peak.is_finite()) {
+    if args.peak.is_some_and(|p| !(p > 0.0 && p.is_finite())) {
         return Err(usage("--peak must be a positive number of GFLOP/s"));
     }
+    let peak = args.peak.or_else(cnnc::runtime::jit::peak_gflops).unwrap_or(PEAK_GFLOPS_PER_CORE);
     let (_, mut graph) = source::load_net(&args.net, &args.shapes)?;
     let fixed = graph.inputs.iter().find_map(|(_, id)| match graph.node(*id).ty.batch {
         Batch::Fixed(b) => Some(b),
@@ -148,7 +154,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
     // MACs of the net as written: fusion must not change the work credited to it.
     let macs = Summary::of(&graph).total_macs;
     let mut weights = crate::run::weights(&graph, args.weights.as_deref(), args.seed)?;
-    if args.fused {
+    let fuse = !args.unfused;
+    if fuse {
         let fused = crate::fusion::optimize(&graph, &weights)?;
         (graph, weights) = (fused.graph, fused.weights);
     }
@@ -172,7 +179,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
     let mut rows = vec![];
     for &t in &threads {
         bar.set_message(format!("compiling for {t} thread(s)"));
-        let compiled = Compiled::new(&graph, &weights, &Options { threads: t, ..Options::default() })?;
+        // Fused above unless `--unfused`.
+        let compiled = Compiled::new(&graph, &weights, &Options { threads: t, fuse: false, ..Options::default() })?;
         let compile_ms = compiled.compile_time().as_secs_f64() * 1e3;
         for &b in &batches {
             bar.set_message(format!("batch {b}, {t} thread(s)"));
@@ -213,7 +221,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
                 p99_ms: percentile(&times, 99.0),
                 samples_per_s: b as f64 / (p50 / 1e3),
                 gflops,
-                percent_of_peak: 100.0 * gflops / (args.peak * t as f64),
+                percent_of_peak: 100.0 * gflops / (peak * t as f64),
             });
         }
     }
@@ -222,22 +230,22 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
     if args.json {
         return crate::print_json(&Report {
             net: &graph.name,
-            fused: args.fused,
+            fused: fuse,
             macs_per_sample: macs,
-            peak_gflops_per_core: args.peak,
+            peak_gflops_per_core: peak,
             results: &rows,
         });
     }
     println!(
-        "{}{}: {} per sample; peak {} GFLOP/s per core; latency over at most {} runs or {}s each",
+        "{}{}: {} per sample; peak {:.0} GFLOP/s per core; latency over at most {} runs or {}s each",
         graph.name,
-        if args.fused { " (fused)" } else { "" },
+        if fuse { " (fused)" } else { "" },
         if macs >= 100_000_000 {
             format!("{:.3} GMACs", macs as f64 / 1e9)
         } else {
             format!("{:.3} MMACs", macs as f64 / 1e6)
         },
-        args.peak,
+        peak,
         args.iters,
         args.budget
     );

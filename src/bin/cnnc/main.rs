@@ -80,9 +80,9 @@ Examples:
     Run(run::RunArgs),
     /// Benchmark the JIT: compile time, latency p50/p90/p99, throughput, GFLOP/s, % of peak.
     #[command(after_help = "\
-GFLOP/s is 2·MACs·batch over the median latency; % of peak divides it by --peak (default 116
-GFLOP/s, one AVX-512 core) times the thread count. A progress bar runs on stderr when it is a
-terminal.
+GFLOP/s is 2·MACs·batch over the median latency; % of peak divides it by one core's peak
+(--peak, else measured on this machine with an FMA loop) times the thread count. The net is
+fused first unless --unfused. A progress bar runs on stderr when it is a terminal.
 
 Examples:
   cnnc bench examples/nets/lenet.cnn --batch 1,64 --threads 1,2

@@ -42,9 +42,13 @@ pub struct RunArgs {
     /// Run the reference interpreter instead of the JIT.
     #[arg(long)]
     pub interp: bool,
-    /// Apply the fusion passes (see `cnnc fuse-report`) before compiling.
-    #[arg(long)]
+    /// Apply the fusion passes (see `cnnc fuse-report`) first. The JIT does by default; with
+    /// `--interp`, interpret the fused graph instead of the declared one.
+    #[arg(long, conflicts_with = "unfused")]
     pub fused: bool,
+    /// Compile the net exactly as declared, without the fusion passes.
+    #[arg(long)]
+    pub unfused: bool,
 }
 
 /// Loads weights from `path`, or makes seeded random ones (saying so on stderr).
@@ -181,7 +185,10 @@ pub fn run(args: &RunArgs) -> Result<(), Fail> {
     let batch = arrays.first().map_or(1, |a| a.shape()[0]);
     check_memory(&graph, batch, input)?;
     let mut weights = weights(&graph, args.weights.as_deref(), args.seed)?;
-    if args.fused {
+    // The JIT runs the fused graph unless told otherwise; the interpreter, the spec, runs
+    // the declared one unless told otherwise.
+    let fuse = if args.interp { args.fused } else { !args.unfused };
+    if fuse {
         let fused = crate::fusion::optimize(&graph, &weights)?;
         (graph, weights) = (fused.graph, fused.weights);
     }
@@ -192,7 +199,9 @@ pub fn run(args: &RunArgs) -> Result<(), Fail> {
         eprintln!("{}: interpreted {batch} sample(s) in {}", graph.name, crate::ms(start.elapsed()));
         out
     } else {
-        let compiled = Compiled::new(&graph, &weights, &Options { threads: args.threads, ..Options::default() })?;
+        // Fused above when asked for.
+        let compiled =
+            Compiled::new(&graph, &weights, &Options { threads: args.threads, fuse: false, ..Options::default() })?;
         let start = Instant::now();
         let out = compiled.run(&views)?;
         eprintln!(
