@@ -55,10 +55,16 @@ fn thread_count_does_not_change_results() {
     let x = random(&[37, 3, 12, 12], 6);
     let one = Compiled::new(&g, &w, &Options { threads: 1, portable: false, fuse: false }).unwrap();
     let two = Compiled::new(&g, &w, &Options { threads: 2, portable: false, fuse: false }).unwrap();
-    let all = Compiled::new(&g, &w, &Options::default()).unwrap();
+    let all = Compiled::new(&g, &w, &Options { fuse: false, ..Options::default() }).unwrap();
     let a = one.run(&[x.view()]).unwrap();
     assert_eq!(a, two.run(&[x.view()]).unwrap());
     assert_eq!(a, all.run(&[x.view()]).unwrap());
+    // The default (fused) model: also one result whatever the threads, and within rounding
+    // of the graph as written.
+    let fused1 = Compiled::new(&g, &w, &Options { threads: 1, ..Options::default() }).unwrap();
+    let fused = Compiled::new(&g, &w, &Options::default()).unwrap().run(&[x.view()]).unwrap();
+    assert_eq!(fused, fused1.run(&[x.view()]).unwrap());
+    assert!(error(&fused[0], &a[0]) <= TOL, "fused vs unfused: {}", error(&fused[0], &a[0]));
     // Each sample computed alone gives the same bits as within the batch.
     for i in [0, 17, 36] {
         let xi = x.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
@@ -147,7 +153,8 @@ fn reports_kernels_and_compile_time() {
     // With micro-kernels the images are blocked (8 channels padded to a block of 16); the
     // first conv reads the plain input and the Linear the flattened blocked pool, so no
     // reorder is needed, but both convs first make a zero-padded copy of their operand.
-    if let Ok(net) = Compiled::with_kernels(&g, &w, &Options::default(), cnnc_runtime::Kernels::Avx2) {
+    let unfused = Options { fuse: false, ..Options::default() };
+    if let Ok(net) = Compiled::with_kernels(&g, &w, &unfused, cnnc_runtime::Kernels::Avx2) {
         assert_eq!((net.kernel_count(), net.data_movement_count()), (6, 2));
         // Peak at the fused conv: its operand (16×12×12), its padded copy (16×14×14) and
         // its result (16×12×12).
