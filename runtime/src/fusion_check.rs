@@ -56,7 +56,7 @@ impl WeightsStore {
         let entries = weights
             .iter()
             .map(|(_, d)| match d {
-                ParamData::F32(a) => Entry::F32(a.iter().copied().collect()),
+                ParamData::F32(a) => Entry::F32(crate::weights::to_vec(a)),
                 other => Entry::Other(other.clone()),
             })
             .collect();
@@ -68,17 +68,27 @@ impl WeightsStore {
     /// Errors: [`crate::WeightsError::Mismatch`] when the store and the table disagree in
     /// length or sizes.
     pub fn to_weights(&self, graph: &Graph) -> Result<Weights, crate::WeightsError> {
+        self.clone().into_weights(graph)
+    }
+
+    /// As [`WeightsStore::to_weights`], consuming the store (no copy of the values).
+    ///
+    /// Errors: as [`WeightsStore::to_weights`].
+    pub fn into_weights(self, graph: &Graph) -> Result<Weights, crate::WeightsError> {
         let data = self
             .entries
-            .iter()
+            .into_iter()
             .enumerate()
             .map(|(i, e)| match e {
-                Entry::Other(d) => d.clone(),
+                Entry::Other(d) => d,
                 Entry::F32(v) => {
-                    let shaped =
-                        graph.params.get(i).and_then(|p| ArrayD::from_shape_vec(IxDyn(&p.spec.shape), v.clone()).ok());
-                    // A wrong size is reported by `from_params` as a mis-shaped key.
-                    ParamData::F32(shaped.unwrap_or_else(|| Array1::from(v.clone()).into_dyn()))
+                    match graph.params.get(i).filter(|p| p.spec.shape.iter().product::<usize>() == v.len()) {
+                        Some(p) => ParamData::F32(
+                            ArrayD::from_shape_vec(IxDyn(&p.spec.shape), v).unwrap_or_else(|e| unreachable!("{e}")),
+                        ),
+                        // A wrong size is reported by `from_params` as a mis-shaped key.
+                        None => ParamData::F32(Array1::from(v).into_dyn()),
+                    }
                 }
             })
             .collect();
@@ -110,8 +120,17 @@ impl ParamStore for WeightsStore {
     }
 
     fn select(&mut self, order: &[ParamId]) {
-        let old = std::mem::take(&mut self.entries);
-        self.entries = order.iter().map(|id| old.get(id.0).cloned().unwrap_or_else(|| Entry::F32(vec![]))).collect();
+        // Moved, not copied, unless the same entry is selected again later.
+        let mut old: Vec<Option<Entry>> = std::mem::take(&mut self.entries).into_iter().map(Some).collect();
+        self.entries = order
+            .iter()
+            .enumerate()
+            .map(|(k, id)| {
+                let again = order[k + 1..].contains(id);
+                let e = old.get_mut(id.0).and_then(|slot| if again { slot.clone() } else { slot.take() });
+                e.unwrap_or_else(|| Entry::F32(vec![]))
+            })
+            .collect();
     }
 }
 
@@ -241,7 +260,7 @@ pub fn optimize(graph: &Graph, weights: &Weights) -> Result<Optimized, FusionErr
     weights.check(graph)?;
     let mut store = WeightsStore::new(weights);
     let (g, report) = cnnc_compiler::passes::optimize(graph, &mut store)?;
-    let weights = store.to_weights(&g)?;
+    let weights = store.into_weights(&g)?;
     Ok(Optimized { graph: g, weights, report, check: None })
 }
 

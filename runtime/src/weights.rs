@@ -570,6 +570,15 @@ impl Weights {
     }
 }
 
+/// The elements of `a` in standard (row-major) order: a copy of its memory when it is
+/// contiguous, an element-by-element walk otherwise.
+pub(crate) fn to_vec(a: &ArrayD<f32>) -> Vec<f32> {
+    match a.as_slice() {
+        Some(s) => s.to_vec(),
+        None => a.iter().copied().collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,8 +101,10 @@ pub(super) fn fold_batchnorm(graph: &mut Graph, store: &mut dyn ParamStore, bn: 
     let (channels, has_bias) = (conv.out_channels, conv.bias);
     let w = param_values(graph, store, x, "weight")?;
     let per = w.len() / channels.max(1);
-    let new_w: Vec<f32> =
-        w.chunks(per.max(1)).zip(&s).flat_map(|(row, s)| row.iter().map(move |v| (f64::from(*v) * s) as f32)).collect();
+    let mut new_w = Vec::with_capacity(w.len());
+    for (row, s) in w.chunks(per.max(1)).zip(&s) {
+        new_w.extend(row.iter().map(|v| (f64::from(*v) * s) as f32));
+    }
     let b = if has_bias { Some(param_values(graph, store, x, "bias")?) } else { None };
     let new_b: Vec<f32> = (0..channels).map(|c| (b.map_or(0.0, |b| f64::from(b[c])) * s[c] + t[c]) as f32).collect();
     let w_id = param_of(graph, x, "weight").ok_or(Skip::NoMatch)?;

@@ -89,9 +89,15 @@ impl ConstPool {
     /// Stores floats at a 64-byte aligned address (so no vector load of them straddles two
     /// cache lines) and returns it.
     pub fn f32s_aligned(&mut self, data: &[f32]) -> i64 {
-        let mut b = vec![0f32; data.len() + 16].into_boxed_slice();
+        self.f32s_filled(data.len(), |b| b.copy_from_slice(data))
+    }
+
+    /// Stores `len` floats, zeroed and then written by `fill`, at a 64-byte aligned
+    /// address, and returns it (large packed weights are written in place, once).
+    pub fn f32s_filled(&mut self, len: usize, fill: impl FnOnce(&mut [f32])) -> i64 {
+        let mut b = vec![0f32; len + 16].into_boxed_slice();
         let skip = b.as_ptr().align_offset(64).min(16);
-        b[skip..skip + data.len()].copy_from_slice(data);
+        fill(&mut b[skip..skip + len]);
         let addr = b[skip..].as_ptr().expose_provenance() as i64;
         self.f32s.push(b);
         addr

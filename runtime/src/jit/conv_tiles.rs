@@ -268,43 +268,48 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
     let ocbg = ocg.div_ceil(BLOCK);
 
     // Channel groups and their packed weights.
-    let w = cx.param("weight")?;
+    let w = cx.param_ref("weight")?;
     let inner = interior_columns(ow, iw, kw, sw, dw, pl);
     let group_bytes = |nb: usize| 4 * icb * kh * kw * c_full * nb * BLOCK;
     let (nb_max, mrs) = choose_tiles(isa, ocbg, inner.1 - inner.0, group_bytes);
-    let mut packed = vec![];
+    // The groups first (where each one's packed weights start), then the weights, packed
+    // in place in the model's constant pool.
+    let ntaps = kh * kw;
     let mut gs = vec![];
+    let mut total = 0;
     for g in 0..groups {
         let x_off = if blocked_in { g * icb * x_icb } else { g * icg * x_c };
         let mut ocb = g * ocbg;
         for nb in split_even(ocbg, nb_max) {
-            let w_off = packed.len();
-            let width = nb * BLOCK;
-            packed.resize(w_off + icb * kh * kw * c_full * width, 0.0);
-            for b in 0..icb {
-                for a in 0..kh {
-                    for t in 0..kw {
-                        for ch in 0..c_full {
-                            let ic = b * c_full + ch;
-                            if ic >= icg {
-                                continue;
-                            }
-                            for j in 0..width {
-                                let oc = ocb * BLOCK + j;
-                                if oc >= (g + 1) * ocg.max(1) || oc >= cout {
-                                    continue;
-                                }
-                                let dst = w_off + (((b * kh + a) * kw + t) * c_full + ch) * width + j;
-                                packed[dst] = w[((oc * icg + ic) * kh + a) * kw + t];
-                            }
-                        }
-                    }
-                }
-            }
-            gs.push(Group { ocb0: ocb, nb, w_off, x_off });
+            gs.push(Group { ocb0: ocb, nb, w_off: total, x_off });
+            total += icb * ntaps * c_full * nb * BLOCK;
             ocb += nb;
         }
     }
+    let pack = |packed: &mut [f32]| {
+        for grp in &gs {
+            let width = grp.nb * BLOCK;
+            // Output channel by output channel, reading its weights `[ic][kh][kw]` in order
+            // (a group's blocks never cross into the next group: with several groups each
+            // has whole blocks).
+            for j in 0..width {
+                let oc = grp.ocb0 * BLOCK + j;
+                if oc >= cout {
+                    continue;
+                }
+                let src = &w[oc * icg * ntaps..][..icg * ntaps];
+                for (ic, chan) in src.chunks_exact(ntaps.max(1)).enumerate() {
+                    let (b, ch) = (ic / c_full, ic % c_full);
+                    let base = grp.w_off + (b * ntaps * c_full + ch) * width + j;
+                    for (tap, v) in chan.iter().enumerate() {
+                        packed[base + tap * c_full * width] = *v;
+                    }
+                }
+            }
+        }
+    };
+    let w_addr = jit.consts.f32s_filled(total, pack);
+    drop(w);
 
     // Row tables (one per output row) and column tables (one for the interior, one per
     // border column).
@@ -347,8 +352,7 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
         shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
         act: Act::of(conv.epilogue.act),
     };
-    let bytes = 4 * packed.len() + 8 * (row_tab.len() + col_tab.len());
-    let w_addr = jit.consts.f32s_aligned(&packed);
+    let bytes = 4 * total + 8 * (row_tab.len() + col_tab.len());
     let desc = jit.consts.keep(tile, bytes);
     let rows_addr = jit.consts.i64s(row_tab);
     let cols_addr = jit.consts.i64s(col_tab);
@@ -475,25 +479,30 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
     };
     let rows = if cx.in_layouts[0].is_blocked() { 1 } else { cx.in_tys[0].numel_per_sample() / k.max(1) };
     let kk = if cx.in_layouts[0].is_blocked() { lda } else { k };
-    let w = cx.param("weight")?;
+    let w = cx.param_ref("weight")?;
     let nr = isa.gemm_nr();
     let lanes = nr / if isa == Isa::Avx512 { 4 } else { 2 };
     let tiles = o.div_ceil(nr);
-    let mut packed = vec![];
+    let feat: Vec<usize> = (0..k).map(&feature_at).collect();
     let mut tile_off = vec![];
+    let mut total = 0;
     for t in 0..tiles {
-        let valid = (o - t * nr).min(nr);
-        let width = valid.next_multiple_of(lanes);
-        let base = packed.len();
-        tile_off.push(base);
-        packed.resize(base + kk * width, 0.0);
-        for j in 0..valid {
-            let row = &w[(t * nr + j) * k..][..k];
-            for (f, v) in row.iter().enumerate() {
-                packed[base + feature_at(f) * width + j] = *v;
+        tile_off.push(total);
+        total += kk * (o - t * nr).min(nr).next_multiple_of(lanes);
+    }
+    let pack = |packed: &mut [f32]| {
+        for (t, &base) in tile_off.iter().enumerate() {
+            let valid = (o - t * nr).min(nr);
+            let width = valid.next_multiple_of(lanes);
+            for j in 0..valid {
+                let row = &w[(t * nr + j) * k..][..k];
+                for (v, f) in row.iter().zip(&feat) {
+                    packed[base + f * width + j] = *v;
+                }
             }
         }
-    }
+    };
+    let w_addr = jit.consts.f32s_filled(total, pack);
     let (scale, shift) = affine(cx, lin.bias, &lin.epilogue, o, tiles * nr)?;
     let tile = GemmTile {
         isa,
@@ -504,8 +513,7 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
         shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
         act: Act::of(lin.epilogue.act),
     };
-    let w_addr = jit.consts.f32s_aligned(&packed);
-    let desc = jit.consts.keep(tile, 4 * packed.len());
+    let desc = jit.consts.keep(tile, 4 * total);
     let (xs, ys) = (cx.inputs[0], cx.output);
     let res = lin.epilogue.residual.then(|| cx.inputs[1]);
     let mr = isa.gemm_mr();

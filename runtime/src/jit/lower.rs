@@ -56,11 +56,20 @@ impl NodeCx<'_> {
 
     /// The values of the parameter with this suffix, in standard order.
     pub fn param(&self, suffix: &str) -> Result<Vec<f32>> {
+        Ok(self.param_ref(suffix)?.into_owned())
+    }
+
+    /// As [`NodeCx::param`], borrowed when the stored array is contiguous (a model's big
+    /// weights are read once, while packing).
+    pub fn param_ref(&self, suffix: &str) -> Result<std::borrow::Cow<'_, [f32]>> {
         let missing = || Error::Unsupported(format!("`{}` has no f32 parameter `{suffix}`", self.node.name));
         let pos = self.node.op.def().params().iter().position(|p| p.suffix == suffix).ok_or_else(missing)?;
         let id = *self.node.params.get(pos).ok_or_else(missing)?;
         let a = self.weights.f32(id).ok_or_else(missing)?;
-        Ok(a.iter().copied().collect())
+        Ok(match a.as_slice() {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(crate::weights::to_vec(a)),
+        })
     }
 }
 
