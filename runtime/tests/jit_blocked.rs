@@ -173,3 +173,30 @@ fn fused_epilogues_on_blocked_tiles() {
         check_blocked(&format!("{e:?}"), &gb.finish());
     }
 }
+
+#[test]
+fn few_filters_on_a_plain_input_put_pixels_in_the_lanes() {
+    use cnnc_compiler::ops::Activation;
+    // (input, in → out, kernel, keywords): LeNet's first layer, a dilated one, the seed's
+    // 1×2 edge detector, rows wider than one call, every output channel count to 8.
+    type Case = (Vec<usize>, usize, usize, usize, Vec<(&'static str, cnnc_compiler::ops::args::ArgValue)>);
+    let cases: Vec<Case> = vec![
+        (vec![1, 28, 28], 1, 6, 5, vec![("padding", int(2))]),
+        (vec![3, 13, 11], 3, 8, 3, vec![("padding", int(2)), ("dilation", int(2))]),
+        (vec![2, 9, 100], 2, 7, 3, vec![("padding", int(1))]),
+        (vec![5, 6, 7], 5, 1, 2, vec![]),
+        (vec![4, 6, 33], 4, 3, 3, vec![("padding", s("same")), ("bias", b(false))]),
+    ];
+    for (dims, cin, cout, k, kw) in cases {
+        for e in [
+            Epilogue::default(),
+            Epilogue { act: Some(Activation::Sigmoid), ..Epilogue::default() },
+            Epilogue { scale_shift: true, residual: true, act: Some(Activation::Relu) },
+        ] {
+            let op =
+                with_epilogue(layer("Conv2d", &[int(cin as i64), int(cout as i64), int(k as i64)], &kw), e.clone());
+            let g = if e.residual { one_layer_residual(&dims, op) } else { one_layer(&dims, op) };
+            check_blocked(&format!("Conv2d({cin}, {cout}, {k}) {kw:?} {e:?} on {dims:?}"), &g);
+        }
+    }
+}

@@ -15,6 +15,9 @@
 //! padded copy of the input for any padding mode. The whole epilogue — bias, BatchNorm's
 //! scale and shift, the residual, the activation — runs in the tile, on the accumulators.
 //!
+//! **Plane convolutions** ([`plane_conv`]): a plain operand with few channels and at most 8
+//! filters (LeNet's first layer) keeps the plain layout, pixels in the lanes.
+//!
 //! **Linear**. Weights are packed once per tile of `isa.gemm_nr()` output features as
 //! `[K][width]` (the last tile only as wide as it needs), with the columns permuted when the
 //! operand is a flattened blocked image so that the kernel reads it as it lies. Units are
@@ -621,6 +624,150 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
             fx.b.ins().jump(next, &[]);
             fx.b.switch_to_block(next);
         }
+    })?;
+    Ok(())
+}
+
+/// Lowers a plane convolution (see [`super::plan::plane_conv`]): a plain operand with few
+/// channels, at most 8 output channels, stride 1, zero padding. Pixels go in the vector
+/// lanes instead of channels — whole rows of 16 consecutive output pixels of one channel —
+/// so none of the lanes is padding; the result is plain NCHW. The operand is first copied
+/// with its zero padding (`[c][h′][w′]` planes), then each output row is one call or a few
+/// into [`microkernel::plane_tile`], which sums over channels and taps with one broadcast
+/// weight per output channel and tap, and applies the whole epilogue in registers.
+pub(super) fn plane_conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d, isa: Isa) -> Result<()> {
+    let (cin, ih, iw) = cx.in_chw(0)?;
+    let (cout, oh, ow) = cx.out_chw()?;
+    let (kh, kw) = conv.kernel;
+    let (dh, dw) = conv.dilation;
+    let (pt, pb, pl, pr) = conv.pads();
+    let (ph, pw) = (ih + pt + pb, iw + pl + pr);
+    let stage_slot = cx.scratch.ok_or_else(|| Error::Unsupported("plane conv without a staging slot".into()))?;
+    let staged = super::plan::plane_staged_input(conv, cx.in_tys[0]);
+    stage_planes(jit, cx, stage_slot, (cin, ih, iw), (pt, pl, ph, pw), staged)?;
+
+    let w = cx.param_ref("weight")?;
+    let taps = kh * kw;
+    let w_addr = jit.consts.f32s_filled(cin * taps * cout, |p| {
+        // `[ic][kh][kw][oc]` from PyTorch's `[oc][ic][kh][kw]`.
+        for (o, filt) in w.chunks_exact((cin * taps).max(1)).enumerate() {
+            for (k, v) in filt.iter().enumerate() {
+                p[k * cout + o] = *v;
+            }
+        }
+    });
+    drop(w);
+    let (scale, shift) = affine(cx, conv.bias, &conv.epilogue, cout, cout)?;
+    let tile = microkernel::PlaneTile {
+        isa,
+        ic: cin,
+        kh,
+        kw,
+        x_c: (ph * pw) as isize,
+        x_tr: (dh * pw) as isize,
+        x_tc: dw as isize,
+        y_c: (oh * ow) as isize,
+        w: w_addr as usize as *const f32,
+        scale: scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
+        shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
+        act: Act::of(conv.epilogue.act),
+    };
+    let desc = jit.consts.keep(tile, 4 * cin * taps * cout);
+    let lanes = match isa {
+        Isa::Avx512 => 16,
+        Isa::Avx2 => 8,
+    };
+    let seg = microkernel::plane_nv(cout) * lanes;
+    let ys = cx.output;
+    let res = conv.epilogue.residual.then(|| cx.inputs[1]);
+    let out_size = cx.out_len;
+    let work = 2 * (cout * oh * ow * cin * taps) as u64;
+    jit.parallel_kernel(&cx.node.name, work, |fx| {
+        let x = fx.slot(stage_slot);
+        let y = fx.slot(ys);
+        let r = match res {
+            Some(s) => fx.slot(s),
+            None => fx.i(0),
+        };
+        let d = fx.i(desc);
+        let units = fx.muli(fx.nb, c(oh));
+        let (lo, hi) = part_range(fx, units);
+        fx.for_range(lo, hi, 1, |fx, u| {
+            let n = fx.b.ins().udiv_imm_u(u, c(oh));
+            let row = fx.b.ins().urem_imm_u(u, c(oh));
+            // Output row `row` reads padded rows `row + a·dh`, from column 0.
+            let xn = fx.elem_scaled(x, n, c(staged));
+            let xr = fx.elem_scaled(xn, row, c(pw));
+            let yn = fx.elem_scaled(y, n, c(out_size));
+            let yr = fx.elem_scaled(yn, row, c(ow));
+            let rr = if res.is_some() {
+                let rn = fx.elem_scaled(r, n, c(out_size));
+                fx.elem_scaled(rn, row, c(ow))
+            } else {
+                r
+            };
+            let mut px0 = 0;
+            while px0 < ow {
+                let npx = seg.min(ow - px0);
+                let nv = npx.div_ceil(lanes);
+                let valid = npx - (nv - 1) * lanes;
+                let xp = fx.addi(xr, c(4 * px0));
+                let yp = fx.addi(yr, c(4 * px0));
+                let rp = if res.is_some() { fx.addi(rr, c(4 * px0)) } else { rr };
+                let shape = fx.i(c(nv | (valid << 8) | (cout << 16)));
+                fx.call(microkernel::plane_tile as *const () as usize, &[d, xp, yp, rp, shape]);
+                px0 += npx;
+            }
+        });
+    })?;
+    Ok(())
+}
+
+/// The zero-padded planes a plane convolution reads: `[c][ph][pw]` per sample (`staged`
+/// floats apart, the rest slack), the operand at row `pt`, column `pl`. Threads split it
+/// by rows.
+fn stage_planes(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    to: usize,
+    (cin, ih, iw): (usize, usize, usize),
+    (pt, pl, ph, pw): (usize, usize, usize, usize),
+    staged: usize,
+) -> Result<()> {
+    let from = cx.inputs[0];
+    let in_size = cx.in_lens[0];
+    let zeros = jit.consts.f32s(vec![0.0; pw]);
+    let rows = cin * ph;
+    let name = format!("{}.stage", cx.node.name);
+    jit.parallel_data_kernel(&name, 8 * (rows * pw) as u64, |fx| {
+        let x = fx.slot(from);
+        let y = fx.slot(to);
+        let units = fx.muli(fx.nb, c(rows));
+        let (lo, hi) = part_range(fx, units);
+        fx.for_range(lo, hi, 1, |fx, u| {
+            let n = fx.b.ins().udiv_imm_u(u, c(rows));
+            let local = fx.b.ins().urem_imm_u(u, c(rows));
+            let plane = fx.b.ins().udiv_imm_u(local, c(ph));
+            let r = fx.b.ins().urem_imm_u(local, c(ph));
+            let yn = fx.elem_scaled(y, n, c(staged));
+            let yr = fx.elem_scaled(yn, local, c(pw));
+            let src_row = fx.b.ins().iadd_imm_s(r, -(pt as i64));
+            let inside_lo = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, src_row, 0);
+            let inside_hi = fx.b.ins().icmp_imm_s(IntCC::SignedLessThan, src_row, c(ih));
+            let inside = fx.b.ins().band(inside_lo, inside_hi);
+            let zero = fx.i(0);
+            let sr = fx.b.ins().select(inside, src_row, zero);
+            let xn = fx.elem_scaled(x, n, c(in_size));
+            let xp = fx.elem_scaled(xn, plane, c(ih * iw));
+            let xr = fx.elem_scaled(xp, sr, c(iw));
+            let z = fx.i(zeros);
+            let src = fx.b.ins().select(inside, xr, z);
+            copy_run(fx, z, yr, pl);
+            let mid = fx.addi(yr, c(4 * pl));
+            copy_run(fx, src, mid, iw);
+            let right = fx.addi(yr, c(4 * (pl + iw)));
+            copy_run(fx, z, right, pw - pl - iw);
+        });
     })?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! only place that dispatches on [`Op`] in the JIT.
 
 use super::codegen::Jit;
-use super::plan::{Layout, Plan, Step};
+use super::plan::{self, Layout, Plan, Step};
 use super::{blocked, conv, conv_tiles, eltwise, linear, pool};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
@@ -95,6 +95,12 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                 let tiled = cx.out_layout.is_blocked();
                 match &node.op {
                     Op::Conv2d(c) if tiled => conv_tiles::conv(jit, &cx, c)?,
+                    Op::Conv2d(c)
+                        if cx.in_layouts[0] == Layout::Plain && cx.scratch.is_some() && plan::plane_conv(c) =>
+                    {
+                        let isa = jit.isa.ok_or_else(|| Error::Unsupported("plane conv without an ISA".into()))?;
+                        conv_tiles::plane_conv(jit, &cx, c, isa)?
+                    }
                     Op::Conv2d(c) => conv::lower(jit, &cx, c)?,
                     Op::Linear(l) => linear::lower(jit, &cx, l)?,
                     Op::MaxPool2d(p) if tiled => blocked::max_pool(jit, &cx, p)?,

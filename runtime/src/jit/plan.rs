@@ -185,6 +185,30 @@ pub(super) fn staged_input(conv: &Conv2d, in_ty: &TensorType, layout: Layout) ->
     }
 }
 
+/// Whether a convolution on a plain operand runs on the plane tiles (see
+/// `conv_tiles::plane_conv`): one group, few input and output channels, stride 1, zero
+/// padding — a net's first layer with a handful of filters, where blocks of 16 output
+/// channels would be mostly padding.
+pub(super) fn plane_conv(conv: &Conv2d) -> bool {
+    conv.groups == 1
+        && conv.in_channels < BLOCK
+        && conv.out_channels <= PLANE_MAX_OC
+        && conv.stride == (1, 1)
+        && conv.padding_mode == cnnc_compiler::ops::PaddingMode::Zeros
+}
+
+/// Most output channels of a plane convolution.
+pub(super) const PLANE_MAX_OC: usize = 8;
+
+/// Floats per sample of a plane convolution's staged operand: the zero-padded planes
+/// `[c][h + pt + pb][w + pl + pr]`, plus a vector's worth of slack for the last row's
+/// overhanging loads.
+pub(super) fn plane_staged_input(conv: &Conv2d, in_ty: &TensorType) -> usize {
+    let (c, h, w) = in_ty.chw().unwrap_or((0, 0, 0));
+    let (pt, pb, pl, pr) = conv.pads();
+    c * (h + pt + pb) * (w + pl + pr) + 4 * BLOCK
+}
+
 /// Whether a convolution runs on the blocked micro-kernels: every group's input and output
 /// channels are whole blocks, or there is one group.
 pub(super) fn conv_blocked(conv: &Conv2d) -> bool {
@@ -203,6 +227,8 @@ fn choose(op: &Op, ty: &TensorType, in_tys: &[&TensorType], have: &[Layout], blo
         Layout::Plain => false,
     };
     match op {
+        // Few output channels from a plain operand: pixels in the vector lanes, plain result.
+        Op::Conv2d(conv) if blocked && have[0] == Layout::Plain && plane_conv(conv) => plain,
         Op::Conv2d(conv) if blocked && conv_blocked(conv) => match (out_blocked(), have[0]) {
             // A plain operand with few channels (a net's first layer) is read as it is;
             // with whole blocks of them it is worth a reorder.
@@ -312,14 +338,18 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                 b.slots.push(Slot { kind: UNPLACED, size: out.size(numel), layout: out });
                 let output = b.slots.len() - 1;
                 value.insert(id, output);
-                let scratch = match &node.op {
-                    Op::Conv2d(conv) if out.is_blocked() => staged_input(conv, in_tys[0], b.slots[inputs[0]].layout)
-                        .map(|size| {
-                            b.slots.push(Slot { kind: UNPLACED, size, layout: Layout::Plain });
-                            b.slots.len() - 1
-                        }),
+                let in_layout = b.slots[inputs[0]].layout;
+                let staged = match &node.op {
+                    Op::Conv2d(conv) if blocked && in_layout == Layout::Plain && plane_conv(conv) => {
+                        Some(plane_staged_input(conv, in_tys[0]))
+                    }
+                    Op::Conv2d(conv) if out.is_blocked() => staged_input(conv, in_tys[0], in_layout),
                     _ => None,
                 };
+                let scratch = staged.map(|size| {
+                    b.slots.push(Slot { kind: UNPLACED, size, layout: Layout::Plain });
+                    b.slots.len() - 1
+                });
                 b.steps.push(Step::Node { id, inputs, output, scratch });
             }
         }
