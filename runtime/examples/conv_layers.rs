@@ -16,7 +16,9 @@ fn main() {
     let peak = cnnc_runtime::jit::peak_gflops().unwrap_or(f64::NAN);
     println!("one core's measured peak: {peak:.1} GFLOP/s");
     // (in, out, kernel, pad, size)
-    for (ci, co, k, pad, hw) in [(64, 64, 3, 1, 56), (256, 256, 3, 1, 14), (128, 128, 3, 1, 28), (256, 512, 1, 0, 14)] {
+    for (ci, co, k, pad, hw) in
+        [(64, 64, 3, 1, 56), (256, 256, 3, 1, 14), (128, 128, 3, 1, 28), (512, 512, 3, 1, 7), (256, 512, 1, 0, 14)]
+    {
         let conv = Conv2d {
             in_channels: ci,
             out_channels: co,

@@ -187,6 +187,9 @@ trait Simd: Copy {
     unsafe fn zero() -> Self;
     unsafe fn load(p: *const f32) -> Self;
     unsafe fn splat(p: *const f32) -> Self;
+    /// A hint to bring the cache line of `p` into L1; `p` need not be dereferenceable (a
+    /// prefetch never faults).
+    fn prefetch(p: *const f32);
     unsafe fn store(self, p: *mut f32);
     /// Stores the first `n < L` lanes.
     unsafe fn store_first(self, p: *mut f32, n: usize);
@@ -250,6 +253,11 @@ mod x86 {
         #[inline(always)]
         unsafe fn splat(p: *const f32) -> Self {
             unsafe { Zmm(_mm512_set1_ps(*p)) }
+        }
+        #[inline(always)]
+        fn prefetch(p: *const f32) {
+            // SAFETY: a prefetch reads nothing the program sees and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -373,6 +381,11 @@ mod x86 {
         #[inline(always)]
         unsafe fn splat(p: *const f32) -> Self {
             unsafe { Ymm(_mm256_broadcast_ss(&*p)) }
+        }
+        #[inline(always)]
+        fn prefetch(p: *const f32) {
+            // SAFETY: a prefetch reads nothing the program sees and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -666,6 +679,13 @@ unsafe fn activate<V: Simd>(v: V, act: Act) -> V {
     }
 }
 
+/// How far ahead of its use a conv tile prefetches its weights, in floats (8 KB). A
+/// channel group's packed weights are one sequential stream read once per tile; at
+/// batch 1 the first row of a group brings them from L3 (ResNet-18's layer4: 0.9 MB per
+/// group), which the hardware prefetcher alone does not hide — prefetching made those
+/// convolutions ~12% faster in the net.
+const PREFETCH_FLOATS: usize = 2048;
+
 /// Channels `c0 .. c0 + C` of one tap: `C` reduction steps, weights from `wp` (`w_c` floats
 /// apart), inputs at `px[p] + c0 + ch` (contiguous channels).
 ///
@@ -686,6 +706,10 @@ unsafe fn chans<V: Simd, const MR: usize, const NV: usize, const C: usize>(
             let mut wv = [V::zero(); NV];
             for j in 0..NV {
                 wv[j] = V::load(w.add(j * V::L));
+                if (j * V::L) % 16 == 0 {
+                    // The weights are read once per tile, in order: fetch ahead of use.
+                    V::prefetch(w.wrapping_add(PREFETCH_FLOATS + j * V::L));
+                }
             }
             for p in 0..MR {
                 let xv = V::splat(px[p].add(c0 + ch));
