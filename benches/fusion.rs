@@ -51,7 +51,9 @@ fn main() {
     let mut weights = Weights::random(&graph, 2024);
     weights.randomize_batchnorm(&graph, 7);
     let fused = optimize(&graph, &weights).expect("the pipeline runs");
-    let options = Options::default();
+    // The passes ran above; `fuse: false` keeps `Compiled::new` from running them again,
+    // so the unfused net really is the declared graph.
+    let options = Options { fuse: false, ..Options::default() };
     let unfused_net = Compiled::new(&graph, &weights, &options).expect("compiles");
     let fused_net = Compiled::new(&fused.graph, &fused.weights, &options).expect("compiles");
 
