@@ -295,20 +295,18 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
     let pack = |packed: &mut [f32]| {
         for grp in &gs {
             let width = grp.nb * BLOCK;
-            // Output channel by output channel, reading its weights `[ic][kh][kw]` in order
-            // (a group's blocks never cross into the next group: with several groups each
-            // has whole blocks).
-            for j in 0..width {
-                let oc = grp.ocb0 * BLOCK + j;
-                if oc >= cout {
-                    continue;
-                }
-                let src = &w[oc * icg * ntaps..][..icg * ntaps];
-                for (ic, chan) in src.chunks_exact(ntaps.max(1)).enumerate() {
-                    let (b, ch) = (ic / c_full, ic % c_full);
-                    let base = grp.w_off + (b * ntaps * c_full + ch) * width + j;
-                    for (tap, v) in chan.iter().enumerate() {
-                        packed[base + tap * c_full * width] = *v;
+            // Written in order, `[icb][tap][c]` rows of `width` output channels, each row
+            // gathered from the output channels' `[ic][kh][kw]` weights (a group's blocks
+            // never cross into the next group: with several groups each has whole blocks;
+            // channels past `cout` stay zero).
+            let valid = width.min(cout.saturating_sub(grp.ocb0 * BLOCK));
+            let src = &w[grp.ocb0 * BLOCK * icg * ntaps..][..valid * icg * ntaps];
+            for ic in 0..icg {
+                let (b, ch) = (ic / c_full, ic % c_full);
+                for tap in 0..ntaps {
+                    let out = &mut packed[grp.w_off + ((b * ntaps + tap) * c_full + ch) * width..][..valid];
+                    for (j, v) in out.iter_mut().enumerate() {
+                        *v = src[(j * icg + ic) * ntaps + tap];
                     }
                 }
             }
@@ -496,14 +494,25 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
         tile_off.push(total);
         total += kk * (o - t * nr).min(nr).next_multiple_of(lanes);
     }
+    // Which feature each operand element holds (`None`: a padding channel, weight 0).
+    let mut source = vec![None; kk];
+    for (i, &f) in feat.iter().enumerate() {
+        source[f] = Some(i);
+    }
+    // Written in order, row by row of each tile, reading its columns' weights: the writes
+    // stream and the reads stay within the tile's rows (VGG-11's first classifier layer,
+    // 411 MB, packs several times faster than scattering each weight row).
     let pack = |packed: &mut [f32]| {
         for (t, &base) in tile_off.iter().enumerate() {
             let valid = (o - t * nr).min(nr);
             let width = valid.next_multiple_of(lanes);
-            for j in 0..valid {
-                let row = &w[(t * nr + j) * k..][..k];
-                for (v, f) in row.iter().zip(&feat) {
-                    packed[base + f * width + j] = *v;
+            let rows = &w[t * nr * k..][..valid * k];
+            for (p, src) in source.iter().enumerate() {
+                if let Some(i) = *src {
+                    let out = &mut packed[base + p * width..][..valid];
+                    for (j, v) in out.iter_mut().enumerate() {
+                        *v = rows[j * k + i];
+                    }
                 }
             }
         }
