@@ -1,8 +1,8 @@
 //! Criterion benchmarks of the JIT, per layer and per net, each next to a baseline measured
 //! in the same run: `cargo bench --bench kernels` (a filter selects groups, e.g.
-//! `cargo bench --bench kernels -- conv3x3`).
+//! `cargo bench --bench kernels -- conv`).
 //!
-//! - `conv3x3/<shape>/<kernels>`: the four 3×3 convolutions of ResNet-18 (and its 1×1
+//! - `conv/<shape>/<kernels>`: the four 3×3 convolutions of ResNet-18 (and its 1×1
 //!   projection and 7×7 stem), batch 1, one thread, with the AVX-512 and AVX2 register
 //!   tiles where the CPU has them and the portable Cranelift f32x4 code as the baseline.
 //!   Throughput is in FLOP (2 per multiply-accumulate), so criterion's "elem/s" reads as
@@ -74,7 +74,11 @@ fn conv_kernel_time(net: &Compiled, x: &ArrayD<f32>) -> Duration {
 }
 
 fn conv_layers(c: &mut Criterion) {
-    let mut group = c.benchmark_group("conv3x3");
+    // The machine's speed varies (shared cores): one core's FMA peak right now, for scale.
+    if let Some(peak) = cnnc::runtime::jit::peak_gflops() {
+        eprintln!("one core's measured peak: {peak:.1} GFLOP/s");
+    }
+    let mut group = c.benchmark_group("conv");
     group.sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     // (in, out, kernel, stride, pad, size): ResNet-18's 3×3 convs, its 1×1/2 projection, its stem.
     for (ci, co, k, s, p, hw) in [
