@@ -211,15 +211,22 @@ class TorchEngine:
         pass
 
 
+def ort_session_options(ort, threads):
+    """The ONNX Runtime settings of every measurement: `threads` intra-op threads, one
+    inter-op thread, sequential execution, all graph optimisations."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
 class OrtEngine:
     def __init__(self, ort, path, x_np, threads):
         self.sessions = {}
         for t in threads:
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = t
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so = ort_session_options(ort, t)
             self.sessions[t] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.name = self.sessions[threads[0]].get_inputs()[0].name
         self.feed = {self.name: x_np}

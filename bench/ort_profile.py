@@ -20,6 +20,8 @@ import tempfile
 import numpy as np
 import onnxruntime as ort
 
+from compare import ort_session_options  # the session settings of the comparison
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,21 +33,14 @@ def main():
     args = ap.parse_args()
     shape = tuple(int(d) for d in args.shape.split(","))
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(args.model, so, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(args.warmup):
-        sess.run(None, feed)
-
+    so = ort_session_options(ort, args.threads)
     so.enable_profiling = True
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = os.path.join(tmp, "ort")
         sess = ort.InferenceSession(args.model, so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x}
+        # The first `--warmup` runs are profiled too, and left out below.
         for _ in range(args.warmup + args.runs):
             sess.run(None, feed)
         events = json.load(open(sess.end_profiling()))

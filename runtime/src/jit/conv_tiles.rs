@@ -168,8 +168,8 @@ fn choose_tiles(isa: Isa, blocks: usize, width: usize, group_bytes: impl Fn(usiz
 
 /// Emits the kernel that writes the copy of a conv's operand its tiles read (see
 /// [`super::plan::staged_input`]) into slot `to`, with `(pt, pb, pl, pr)` rows and columns
-/// of zeros around it: blocked `[c/16][h′][w′][16]` from a blocked operand, pixel-major
-/// `[h′][w′][c]` from a plain one. Threads split it by rows.
+/// of zeros around it: blocked `[c/16][h′][w′][16]` from a blocked operand (by
+/// [`stage_planes`]), pixel-major `[h′][w′][c]` from a plain one. Threads split it by rows.
 fn stage(
     jit: &mut Jit,
     cx: &NodeCx<'_>,
@@ -179,64 +179,113 @@ fn stage(
     blocked: bool,
 ) -> Result<()> {
     let (ph, pw) = (ih + pt + pb, iw + pl + pr);
-    // Rows of the copy per sample, and floats per pixel.
-    let (rows, lane) = if blocked { (cin.div_ceil(BLOCK) * ph, BLOCK) } else { (ph, cin) };
+    if blocked {
+        let planes = cin.div_ceil(BLOCK);
+        return stage_planes(jit, cx, to, (planes, BLOCK), (ih, iw), (pt, pl, ph, pw), planes * ph * pw * BLOCK);
+    }
     let from = cx.inputs[0];
     let in_size = cx.in_lens[0];
-    let zeros = jit.consts.f32s(vec![0.0; pw * lane]);
+    let zeros = jit.consts.f32s(vec![0.0; pw * cin]);
     let name = format!("{}.stage", cx.node.name);
     // Its work in the units of the thread split (FLOP): a float moved counts as 8, so a
     // copy worth splitting is split — which also puts the rows each thread's part of the
     // convolution reads mostly in that thread's cache.
+    jit.parallel_data_kernel(&name, 8 * (ph * pw * cin) as u64, |fx| {
+        let x = fx.slot(from);
+        let y = fx.slot(to);
+        let units = fx.muli(fx.nb, c(ph));
+        let (lo, hi) = part_range(fx, units);
+        fx.for_range(lo, hi, 1, |fx, u| {
+            // u = n·ph + row: the samples' rows follow each other in the copy.
+            let n = fx.b.ins().udiv_imm_u(u, c(ph));
+            let r = fx.b.ins().urem_imm_u(u, c(ph));
+            let yr = fx.elem_scaled(y, u, c(pw * cin));
+            let (inside, sr) = source_row(fx, r, pt, ih);
+            let z = fx.i(zeros);
+            copy_run(fx, z, yr, pl * cin);
+            let right = fx.addi(yr, c(4 * (pl + iw) * cin));
+            copy_run(fx, z, right, pr * cin);
+            let mid = fx.addi(yr, c(4 * pl * cin));
+            let body = fx.b.create_block();
+            let outside = fx.b.create_block();
+            let done = fx.b.create_block();
+            fx.b.ins().brif(inside, body, &[], outside, &[]);
+            fx.b.switch_to_block(outside);
+            copy_run(fx, z, mid, iw * cin);
+            fx.b.ins().jump(done, &[]);
+            fx.b.switch_to_block(body);
+            // Pixel-major from planes: row `sr` of sample `n`; `cin` strided loads per pixel.
+            let xn = fx.elem_scaled(x, n, c(in_size));
+            let xr = fx.elem_scaled(xn, sr, c(iw));
+            fx.loop_n(Count::Const(iw), [xr, mid], [4, c(4 * cin)], |fx, [xp, yp]| {
+                for ch in 0..cin {
+                    let v = fx.load_f(xp, c(ch * ih * iw));
+                    fx.store_f(v, yp, c(ch));
+                }
+            });
+            fx.b.ins().jump(done, &[]);
+            fx.b.switch_to_block(done);
+        });
+    })?;
+    Ok(())
+}
+
+/// Whether padded row `r` lies in the operand, and the operand row it copies (row 0 when
+/// it does not, so the address stays in bounds).
+fn source_row(fx: &mut Fx<'_>, r: Value, pt: usize, ih: usize) -> (Value, Value) {
+    let src_row = fx.b.ins().iadd_imm_s(r, -(pt as i64));
+    let inside_lo = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, src_row, 0);
+    let inside_hi = fx.b.ins().icmp_imm_s(IntCC::SignedLessThan, src_row, c(ih));
+    let inside = fx.b.ins().band(inside_lo, inside_hi);
+    let zero = fx.i(0);
+    (inside, fx.b.ins().select(inside, src_row, zero))
+}
+
+/// Emits the kernel that writes zero-padded copies of the operand's `planes` planes of
+/// `ih × iw` pixels of `lane` floats each (channel blocks of a blocked operand, or the
+/// channels of a plain one) into slot `to`: `[planes][ph][pw][lane]` per sample, `out_sample`
+/// floats apart (any rest slack), each plane at row `pt`, column `pl` of its copy. Threads
+/// split it by rows.
+fn stage_planes(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    to: usize,
+    (planes, lane): (usize, usize),
+    (ih, iw): (usize, usize),
+    (pt, pl, ph, pw): (usize, usize, usize, usize),
+    out_sample: usize,
+) -> Result<()> {
+    let from = cx.inputs[0];
+    let in_size = cx.in_lens[0];
+    let zeros = jit.consts.f32s(vec![0.0; pw * lane]);
+    let rows = planes * ph;
+    let name = format!("{}.stage", cx.node.name);
+    // Work as in `stage`.
     jit.parallel_data_kernel(&name, 8 * (rows * pw * lane) as u64, |fx| {
         let x = fx.slot(from);
         let y = fx.slot(to);
         let units = fx.muli(fx.nb, c(rows));
         let (lo, hi) = part_range(fx, units);
         fx.for_range(lo, hi, 1, |fx, u| {
-            // u = n·rows + (plane·ph) + row: a blocked copy's rows of all blocks of all
-            // samples follow each other in both buffers; a plain operand's samples do.
-            let plane_g = fx.b.ins().udiv_imm_u(u, c(ph));
-            let r = fx.b.ins().urem_imm_u(u, c(ph));
-            let yr = fx.elem_scaled(y, u, c(pw * lane));
-            let src_row = fx.b.ins().iadd_imm_s(r, -(pt as i64));
-            let inside_lo = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, src_row, 0);
-            let inside_hi = fx.b.ins().icmp_imm_s(IntCC::SignedLessThan, src_row, c(ih));
-            let inside = fx.b.ins().band(inside_lo, inside_hi);
-            let zero = fx.i(0);
-            let sr = fx.b.ins().select(inside, src_row, zero);
+            // u = n·rows + plane·ph + row.
+            let n = fx.b.ins().udiv_imm_u(u, c(rows));
+            let local = fx.b.ins().urem_imm_u(u, c(rows));
+            let plane = fx.b.ins().udiv_imm_u(local, c(ph));
+            let r = fx.b.ins().urem_imm_u(local, c(ph));
+            let yn = fx.elem_scaled(y, n, c(out_sample));
+            let yr = fx.elem_scaled(yn, local, c(pw * lane));
+            let (inside, sr) = source_row(fx, r, pt, ih);
+            let xn = fx.elem_scaled(x, n, c(in_size));
+            let xp = fx.elem_scaled(xn, plane, c(ih * iw * lane));
+            let xr = fx.elem_scaled(xp, sr, c(iw * lane));
+            // A row outside the operand copies zeros instead.
             let z = fx.i(zeros);
+            let src = fx.b.ins().select(inside, xr, z);
             copy_run(fx, z, yr, pl * lane);
-            let right = fx.addi(yr, c(4 * (pl + iw) * lane));
-            copy_run(fx, z, right, pr * lane);
             let mid = fx.addi(yr, c(4 * pl * lane));
-            let body = fx.b.create_block();
-            let outside = fx.b.create_block();
-            let done = fx.b.create_block();
-            fx.b.ins().brif(inside, body, &[], outside, &[]);
-            fx.b.switch_to_block(outside);
-            copy_run(fx, z, mid, iw * lane);
-            fx.b.ins().jump(done, &[]);
-            fx.b.switch_to_block(body);
-            if blocked {
-                // Row `sr` of block `plane_g` (counted over all samples).
-                let xp = fx.elem_scaled(x, plane_g, c(ih * iw * BLOCK));
-                let xr = fx.elem_scaled(xp, sr, c(iw * BLOCK));
-                copy_run(fx, xr, mid, iw * BLOCK);
-            } else {
-                // Pixel-major from planes: sample `plane_g`, row `sr`; `cin` strided loads
-                // per pixel.
-                let xn = fx.elem_scaled(x, plane_g, c(in_size));
-                let xr = fx.elem_scaled(xn, sr, c(iw));
-                fx.loop_n(Count::Const(iw), [xr, mid], [4, c(4 * cin)], |fx, [xp, yp]| {
-                    for ch in 0..cin {
-                        let v = fx.load_f(xp, c(ch * ih * iw));
-                        fx.store_f(v, yp, c(ch));
-                    }
-                });
-            }
-            fx.b.ins().jump(done, &[]);
-            fx.b.switch_to_block(done);
+            copy_run(fx, src, mid, iw * lane);
+            let right = fx.addi(yr, c(4 * (pl + iw) * lane));
+            copy_run(fx, z, right, (pw - pl - iw) * lane);
         });
     })?;
     Ok(())
@@ -493,7 +542,6 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
     let nr = isa.gemm_nr();
     let lanes = nr / if isa == Isa::Avx512 { 4 } else { 2 };
     let tiles = o.div_ceil(nr);
-    let feat: Vec<usize> = (0..k).map(&feature_at).collect();
     let mut tile_off = vec![];
     let mut total = 0;
     for t in 0..tiles {
@@ -502,8 +550,8 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
     }
     // Which feature each operand element holds (`None`: a padding channel, weight 0).
     let mut source = vec![None; kk];
-    for (i, &f) in feat.iter().enumerate() {
-        source[f] = Some(i);
+    for i in 0..k {
+        source[feature_at(i)] = Some(i);
     }
     // Written in order, row by row of each tile, reading its columns' weights: the writes
     // stream and the reads stay within the tile's rows (VGG-11's first classifier layer,
@@ -659,7 +707,7 @@ pub(super) fn plane_conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d, isa: Isa
     let (ph, pw) = (ih + pt + pb, iw + pl + pr);
     let stage_slot = cx.scratch.ok_or_else(|| Error::Unsupported("plane conv without a staging slot".into()))?;
     let staged = super::plan::plane_staged_input(conv, cx.in_tys[0]);
-    stage_planes(jit, cx, stage_slot, (cin, ih, iw), (pt, pl, ph, pw), staged)?;
+    stage_planes(jit, cx, stage_slot, (cin, 1), (ih, iw), (pt, pl, ph, pw), staged)?;
 
     let w = cx.param_ref("weight")?;
     let taps = kh * kw;
@@ -733,55 +781,6 @@ pub(super) fn plane_conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d, isa: Isa
                 fx.call(microkernel::plane_tile as *const () as usize, &[d, xp, yp, rp, shape]);
                 px0 += npx;
             }
-        });
-    })?;
-    Ok(())
-}
-
-/// The zero-padded planes a plane convolution reads: `[c][ph][pw]` per sample (`staged`
-/// floats apart, the rest slack), the operand at row `pt`, column `pl`. Threads split it
-/// by rows.
-fn stage_planes(
-    jit: &mut Jit,
-    cx: &NodeCx<'_>,
-    to: usize,
-    (cin, ih, iw): (usize, usize, usize),
-    (pt, pl, ph, pw): (usize, usize, usize, usize),
-    staged: usize,
-) -> Result<()> {
-    let from = cx.inputs[0];
-    let in_size = cx.in_lens[0];
-    let zeros = jit.consts.f32s(vec![0.0; pw]);
-    let rows = cin * ph;
-    let name = format!("{}.stage", cx.node.name);
-    jit.parallel_data_kernel(&name, 8 * (rows * pw) as u64, |fx| {
-        let x = fx.slot(from);
-        let y = fx.slot(to);
-        let units = fx.muli(fx.nb, c(rows));
-        let (lo, hi) = part_range(fx, units);
-        fx.for_range(lo, hi, 1, |fx, u| {
-            let n = fx.b.ins().udiv_imm_u(u, c(rows));
-            let local = fx.b.ins().urem_imm_u(u, c(rows));
-            let plane = fx.b.ins().udiv_imm_u(local, c(ph));
-            let r = fx.b.ins().urem_imm_u(local, c(ph));
-            let yn = fx.elem_scaled(y, n, c(staged));
-            let yr = fx.elem_scaled(yn, local, c(pw));
-            let src_row = fx.b.ins().iadd_imm_s(r, -(pt as i64));
-            let inside_lo = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, src_row, 0);
-            let inside_hi = fx.b.ins().icmp_imm_s(IntCC::SignedLessThan, src_row, c(ih));
-            let inside = fx.b.ins().band(inside_lo, inside_hi);
-            let zero = fx.i(0);
-            let sr = fx.b.ins().select(inside, src_row, zero);
-            let xn = fx.elem_scaled(x, n, c(in_size));
-            let xp = fx.elem_scaled(xn, plane, c(ih * iw));
-            let xr = fx.elem_scaled(xp, sr, c(iw));
-            let z = fx.i(zeros);
-            let src = fx.b.ins().select(inside, xr, z);
-            copy_run(fx, z, yr, pl);
-            let mid = fx.addi(yr, c(4 * pl));
-            copy_run(fx, src, mid, iw);
-            let right = fx.addi(yr, c(4 * (pl + iw)));
-            copy_run(fx, z, right, pw - pl - iw);
         });
     })?;
     Ok(())

@@ -666,6 +666,20 @@ unsafe fn tanh_v<V: Simd>(x: V) -> V {
     }
 }
 
+/// `v·s + t`, either factor possibly absent: the per-channel affine step of the epilogues
+/// (bias, BatchNorm's scale and shift folded together).
+#[inline(always)]
+unsafe fn affine<V: Simd>(v: V, s: Option<V>, t: Option<V>) -> V {
+    unsafe {
+        match (s, t) {
+            (Some(s), Some(t)) => V::fma(v, s, t),
+            (None, Some(t)) => V::add(v, t),
+            (Some(s), None) => V::fma(v, s, V::zero()),
+            (None, None) => v,
+        }
+    }
+}
+
 /// Applies a tile activation.
 #[inline(always)]
 unsafe fn activate<V: Simd>(v: V, act: Act) -> V {
@@ -811,12 +825,7 @@ unsafe fn conv_body<V: Simd, const MR: usize, const NV: usize>(
             let off = (j / per_blk) as isize * d.y_blk + ((j % per_blk) * V::L) as isize;
             for p in 0..MR {
                 let mut v = acc[p][j];
-                v = match (s, t) {
-                    (Some(s), Some(t)) => V::fma(v, s, t),
-                    (None, Some(t)) => V::add(v, t),
-                    (Some(s), None) => V::fma(v, s, V::zero()),
-                    (None, None) => v,
-                };
+                v = affine(v, s, t);
                 let o = off + (p * 16) as isize;
                 if !r.is_null() {
                     v = V::add(v, V::load(r.offset(o)));
@@ -904,21 +913,10 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
                     }
                     continue;
                 }
-                v = match (s, t) {
-                    (Some(s), Some(t)) => V::fma(v, s, t),
-                    (None, Some(t)) => V::add(v, t),
-                    (Some(s), None) => V::fma(v, s, V::zero()),
-                    (None, None) => v,
-                };
+                v = affine(v, s, t);
                 if !r.is_null() {
-                    let res = if n == V::L {
-                        V::load(r.add(o))
-                    } else {
-                        // Only the valid lanes of the residual exist.
-                        let mut tmp = [0f32; 16];
-                        std::ptr::copy_nonoverlapping(r.add(o), tmp.as_mut_ptr(), n);
-                        V::load(tmp.as_ptr())
-                    };
+                    // Only the valid lanes of the residual exist.
+                    let res = if n == V::L { V::load(r.add(o)) } else { V::load_first(r.add(o), n) };
                     v = V::add(v, res);
                 }
                 v = activate(v, d.act);
@@ -1005,12 +1003,7 @@ unsafe fn plane_body<V: Simd, const OC: usize, const NV: usize>(
             let yo = y.offset(o as isize * d.y_c);
             let ro = if r.is_null() { r } else { r.offset(o as isize * d.y_c) };
             for v in 0..NV {
-                let mut val = match (s, t) {
-                    (Some(s), Some(t)) => V::fma(acc[o][v], s, t),
-                    (None, Some(t)) => V::add(acc[o][v], t),
-                    (Some(s), None) => V::fma(acc[o][v], s, V::zero()),
-                    (None, None) => acc[o][v],
-                };
+                let mut val = affine(acc[o][v], s, t);
                 // The last vector holds `valid` pixels.
                 let n = if v + 1 == NV { valid } else { V::L };
                 if !ro.is_null() {
