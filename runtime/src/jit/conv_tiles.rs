@@ -119,12 +119,34 @@ fn interior_columns(ow: usize, iw: usize, kw: usize, sw: usize, dw: usize, pl: u
     if lo < hi { (lo, hi) } else { (ow, ow) }
 }
 
+/// What every tile pays per reduction step beyond its ports' time, in cycles: the
+/// per-tile share of streaming the group's weights and of the per-tap set-up, which favours
+/// wide tiles. Measured (interleaved, 12 rounds, one core): 6 × 4 tiles beat 4 × 4 on
+/// 56-pixel rows by 4–6% (3×3 convs 64→64, 128→256 and 256→256), and 6 × 4 beat 4 × 4 on
+/// 28-pixel rows in 4 of 5 runs; without this term both were estimated equal or 4 × 4
+/// cheaper.
+const TILE_STEP_CYCLES: f64 = 1.5;
+
+/// Most pixels per tile of two or more blocks on a pixel-major (plain) operand, measured:
+/// the first conv of the CIFAR-10 net (3→32, 5×5) ran 5–25% faster as 8 × 2 than as
+/// 12 × 2 in every interleaved round, alone and in the net; single-block tiles keep their
+/// width (LeNet's 6→16 conv ran ~25% slower as 7 × 1 than as 10 × 1).
+const PLAIN_MR: usize = 8;
+
+/// Output rows up to which a conv's tiles prefetch their weights
+/// ([`super::microkernel::ConvTile::prefetch`]): with few rows per channel group a group's
+/// weights come from L3 for a large share of its tiles (ResNet-18's layer4, 7 rows: ~12%
+/// faster with the prefetch), while on tall maps they stay in L2 and the prefetches only
+/// take load slots (56-row convs 2–4% faster without, 28-row ones even).
+const PREFETCH_ROWS: usize = 14;
+
 /// Estimated cycles of one reduction step (one input channel of one tap) of a conv tile of
 /// `mr` pixels × `nb` blocks: the most of the FMA ports' time, the load ports' (weights and
 /// broadcasts), the FMA latency that every accumulator chain waits once per step, and —
 /// when a group's weights do not stay in L1 — streaming them from L2 (~32 bytes a cycle);
 /// plus a quarter cycle per pixel, which is what each broadcast costs beyond its load in
-/// measurements (at equal estimates, 6 × 4 beats 12 × 2 by ~6%).
+/// measurements (at equal estimates, 6 × 4 beats 12 × 2 by ~6%), and
+/// [`TILE_STEP_CYCLES`].
 fn step_cycles(isa: Isa, mr: usize, nb: usize, l2: bool) -> f64 {
     let vecs = match isa {
         Isa::Avx512 => nb,
@@ -133,16 +155,21 @@ fn step_cycles(isa: Isa, mr: usize, nb: usize, l2: bool) -> f64 {
     let fma = mr as f64 * vecs / 2.0;
     let loads = (mr as f64 + vecs) / 2.0;
     let stream = if l2 { 2.0 * nb as f64 } else { 0.0 };
-    fma.max(loads).max(4.0).max(stream) + mr as f64 / 4.0
+    fma.max(loads).max(4.0).max(stream) + mr as f64 / 4.0 + TILE_STEP_CYCLES
 }
 
 /// Picks the channel-group size (most blocks per group) and, for each group size, the
 /// tile width in pixels that make a row of `width` interior pixels cheapest by
 /// [`step_cycles`] (a row is whole tiles plus one narrower for the rest; of equally cheap
-/// widths the widest, which has the least per-tile overhead: 6 × 4 rather than 4 × 4 on
-/// ResNet-18's 28-pixel rows was faster in 4 of 5 interleaved runs). Returns the group size
+/// widths the widest; at most [`PLAIN_MR`] for several blocks on a `plain` operand). Returns the group size
 /// and `mr[nb]` for `nb ≤` it.
-fn choose_tiles(isa: Isa, blocks: usize, width: usize, group_bytes: impl Fn(usize) -> usize) -> (usize, Vec<usize>) {
+fn choose_tiles(
+    isa: Isa,
+    blocks: usize,
+    width: usize,
+    plain: bool,
+    group_bytes: impl Fn(usize) -> usize,
+) -> (usize, Vec<usize>) {
     const L1_WEIGHTS: usize = 32 << 10;
     let row_cost = |mr: usize, nb: usize| {
         let l2 = group_bytes(nb) > L1_WEIGHTS;
@@ -154,7 +181,8 @@ fn choose_tiles(isa: Isa, blocks: usize, width: usize, group_bytes: impl Fn(usiz
         c
     };
     let best_mr = |nb: usize| {
-        (1..=isa.conv_mr(nb).min(width.max(1)))
+        let cap = if plain && nb > 1 { PLAIN_MR } else { usize::MAX };
+        (1..=isa.conv_mr(nb).min(width.max(1)).min(cap))
             .rev()
             .min_by(|&a, &b| row_cost(a, nb).total_cmp(&row_cost(b, nb)))
             .unwrap_or(1)
@@ -332,7 +360,7 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
     let w = cx.param_ref("weight")?;
     let inner = interior_columns(ow, iw, kw, sw, dw, pl);
     let group_bytes = |nb: usize| 4 * icb * kh * kw * c_full * nb * BLOCK;
-    let (nb_max, mrs) = choose_tiles(isa, ocbg, inner.1 - inner.0, group_bytes);
+    let (nb_max, mrs) = choose_tiles(isa, ocbg, inner.1 - inner.0, !blocked_in, group_bytes);
     // The groups first (where each one's packed weights start), then the weights, packed
     // in place in the model's constant pool.
     let ntaps = kh * kw;
@@ -410,6 +438,7 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
         scale: scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
         shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
         act: Act::of(conv.epilogue.act),
+        prefetch: oh <= PREFETCH_ROWS,
     };
     let bytes = 4 * total + 8 * (row_tab.len() + col_tab.len());
     let desc = jit.consts.keep(tile, bytes);

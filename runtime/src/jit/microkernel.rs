@@ -151,6 +151,8 @@ pub(super) struct ConvTile {
     pub shift: *const f32,
     /// The activation applied last.
     pub act: Act,
+    /// Whether the tiles prefetch their weights [`PREFETCH_FLOATS`] ahead.
+    pub prefetch: bool,
 }
 
 // SAFETY: the pointers are addresses of constant-pool data that lives as long as the model
@@ -259,6 +261,7 @@ mod x86 {
             // SAFETY: a prefetch reads nothing the program sees and never faults.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
         }
+
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             unsafe { _mm512_storeu_ps(p, self.0) }
@@ -387,6 +390,7 @@ mod x86 {
             // SAFETY: a prefetch reads nothing the program sees and never faults.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
         }
+
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             unsafe { _mm256_storeu_ps(p, self.0) }
@@ -693,11 +697,11 @@ unsafe fn activate<V: Simd>(v: V, act: Act) -> V {
     }
 }
 
-/// How far ahead of its use a conv tile prefetches its weights, in floats (8 KB). A
-/// channel group's packed weights are one sequential stream read once per tile; at
-/// batch 1 the first row of a group brings them from L3 (ResNet-18's layer4: 0.9 MB per
-/// group), which the hardware prefetcher alone does not hide — prefetching made those
-/// convolutions ~12% faster in the net.
+/// How far ahead of its use a conv tile prefetches its weights, in floats (8 KB), when its
+/// descriptor asks for it. A channel group's packed weights are one sequential stream read
+/// once per tile; at batch 1 the first row of a group brings them from L3 (ResNet-18's
+/// layer4: 0.9 MB per group), which the hardware prefetcher alone does not hide —
+/// prefetching made those convolutions ~12% faster in the net.
 const PREFETCH_FLOATS: usize = 2048;
 
 /// Channels `c0 .. c0 + C` of one tap: `C` reduction steps, weights from `wp` (`w_c` floats
@@ -707,7 +711,7 @@ const PREFETCH_FLOATS: usize = 2048;
 /// As [`conv_body`].
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn chans<V: Simd, const MR: usize, const NV: usize, const C: usize>(
+unsafe fn chans<V: Simd, const MR: usize, const NV: usize, const C: usize, const PF: bool>(
     acc: &mut [[V; NV]; MR],
     px: &[*const f32; MR],
     c0: usize,
@@ -720,7 +724,7 @@ unsafe fn chans<V: Simd, const MR: usize, const NV: usize, const C: usize>(
             let mut wv = [V::zero(); NV];
             for j in 0..NV {
                 wv[j] = V::load(w.add(j * V::L));
-                if (j * V::L) % 16 == 0 {
+                if PF && (j * V::L) % 16 == 0 {
                     // The weights are read once per tile, in order: fetch ahead of use.
                     V::prefetch(w.wrapping_add(PREFETCH_FLOATS + j * V::L));
                 }
@@ -729,6 +733,81 @@ unsafe fn chans<V: Simd, const MR: usize, const NV: usize, const C: usize>(
                 let xv = V::splat(px[p].add(c0 + ch));
                 for j in 0..NV {
                     acc[p][j] = V::fma(xv, wv[j], acc[p][j]);
+                }
+            }
+        }
+    }
+}
+
+/// The reduction of one conv tile into `acc` (see [`conv_body`]; `w` already points at the
+/// first kernel row and column the tables name); `PF`: prefetch the weights.
+///
+/// # Safety
+/// As [`conv_body`].
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn reduce<V: Simd, const MR: usize, const NV: usize, const PF: bool>(
+    d: &ConvTile,
+    acc: &mut [[V; NV]; MR],
+    x: *const f32,
+    w: *const f32,
+    (khn, kwn): (usize, usize),
+    (roff, coff): (*const isize, *const isize),
+    (w_tap, w_row, w_icb): (usize, usize, usize),
+) {
+    unsafe {
+        let w_c = NV * V::L;
+        for b in 0..d.icb {
+            let cn = if b + 1 == d.icb { d.c_last } else { d.c_full };
+            let xb = x.offset(b as isize * d.x_icb);
+            let wb = w.add(b * w_icb);
+            for i in 0..khn {
+                let xr = xb.offset(*roff.add(i));
+                let wr = wb.add(i * w_row);
+                for t in 0..kwn {
+                    let xt = xr.offset(*coff.add(t));
+                    let mut wp = wr.add(t * w_tap);
+                    let mut px = [xt; MR];
+                    for p in 1..MR {
+                        px[p] = px[p - 1].offset(d.x_px);
+                    }
+                    if d.x_c == 1 {
+                        // Contiguous channels: unrolled chunks of 16, 8, 4, 2, 1, so every
+                        // broadcast is a fixed offset from a pixel pointer.
+                        let mut c0 = 0;
+                        while cn - c0 >= 16 {
+                            chans::<V, MR, NV, 16, PF>(acc, &px, c0, wp.add(c0 * w_c), w_c);
+                            c0 += 16;
+                        }
+                        let rest = cn - c0;
+                        for chunk in [8, 4, 2, 1] {
+                            if rest & chunk != 0 {
+                                let wc = wp.add(c0 * w_c);
+                                match chunk {
+                                    8 => chans::<V, MR, NV, 8, PF>(acc, &px, c0, wc, w_c),
+                                    4 => chans::<V, MR, NV, 4, PF>(acc, &px, c0, wc, w_c),
+                                    2 => chans::<V, MR, NV, 2, PF>(acc, &px, c0, wc, w_c),
+                                    _ => chans::<V, MR, NV, 1, PF>(acc, &px, c0, wc, w_c),
+                                }
+                                c0 += chunk;
+                            }
+                        }
+                    } else {
+                        for ch in 0..cn {
+                            let mut wv = [V::zero(); NV];
+                            for j in 0..NV {
+                                wv[j] = V::load(wp.add(j * V::L));
+                            }
+                            let off = ch as isize * d.x_c;
+                            for p in 0..MR {
+                                let xv = V::splat(px[p].offset(off));
+                                for j in 0..NV {
+                                    acc[p][j] = V::fma(xv, wv[j], acc[p][j]);
+                                }
+                            }
+                            wp = wp.add(w_c);
+                        }
+                    }
                 }
             }
         }
@@ -761,59 +840,11 @@ unsafe fn conv_body<V: Simd, const MR: usize, const NV: usize>(
         let w = w.add(*rows.add(1) as usize * w_row + *cols.add(1) as usize * w_tap);
         let (roff, coff) = (rows.add(2), cols.add(2));
         let mut acc = [[V::zero(); NV]; MR];
-        for b in 0..d.icb {
-            let cn = if b + 1 == d.icb { d.c_last } else { d.c_full };
-            let xb = x.offset(b as isize * d.x_icb);
-            let wb = w.add(b * w_icb);
-            for i in 0..khn {
-                let xr = xb.offset(*roff.add(i));
-                let wr = wb.add(i * w_row);
-                for t in 0..kwn {
-                    let xt = xr.offset(*coff.add(t));
-                    let mut wp = wr.add(t * w_tap);
-                    let mut px = [xt; MR];
-                    for p in 1..MR {
-                        px[p] = px[p - 1].offset(d.x_px);
-                    }
-                    if d.x_c == 1 {
-                        // Contiguous channels: unrolled chunks of 16, 8, 4, 2, 1, so every
-                        // broadcast is a fixed offset from a pixel pointer.
-                        let mut c0 = 0;
-                        while cn - c0 >= 16 {
-                            chans::<V, MR, NV, 16>(&mut acc, &px, c0, wp.add(c0 * w_c), w_c);
-                            c0 += 16;
-                        }
-                        let rest = cn - c0;
-                        for chunk in [8, 4, 2, 1] {
-                            if rest & chunk != 0 {
-                                let wc = wp.add(c0 * w_c);
-                                match chunk {
-                                    8 => chans::<V, MR, NV, 8>(&mut acc, &px, c0, wc, w_c),
-                                    4 => chans::<V, MR, NV, 4>(&mut acc, &px, c0, wc, w_c),
-                                    2 => chans::<V, MR, NV, 2>(&mut acc, &px, c0, wc, w_c),
-                                    _ => chans::<V, MR, NV, 1>(&mut acc, &px, c0, wc, w_c),
-                                }
-                                c0 += chunk;
-                            }
-                        }
-                    } else {
-                        for ch in 0..cn {
-                            let mut wv = [V::zero(); NV];
-                            for j in 0..NV {
-                                wv[j] = V::load(wp.add(j * V::L));
-                            }
-                            let off = ch as isize * d.x_c;
-                            for p in 0..MR {
-                                let xv = V::splat(px[p].offset(off));
-                                for j in 0..NV {
-                                    acc[p][j] = V::fma(xv, wv[j], acc[p][j]);
-                                }
-                            }
-                            wp = wp.add(w_c);
-                        }
-                    }
-                }
-            }
+        // The prefetch is a type parameter, so neither variant tests it per step.
+        if d.prefetch {
+            reduce::<V, MR, NV, true>(d, &mut acc, x, w, (khn, kwn), (roff, coff), (w_tap, w_row, w_icb));
+        } else {
+            reduce::<V, MR, NV, false>(d, &mut acc, x, w, (khn, kwn), (roff, coff), (w_tap, w_row, w_icb));
         }
         // Epilogue. Vector `j` of a pixel covers channels `ocb0·16 + j·L ..`.
         let per_blk = 16 / V::L;
