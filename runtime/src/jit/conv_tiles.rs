@@ -11,9 +11,13 @@
 //! calls along the row: the interior columns, where every tap reads a real input column,
 //! go `MR` pixels at a time with one shared column table; the border columns one pixel at
 //! a time, each with its own table (zero padding drops taps, the other modes remap them).
-//! Each output row's table lists the kernel rows it reads the same way. So there is no
-//! padded copy of the input for any padding mode. The whole epilogue — bias, BatchNorm's
-//! scale and shift, the residual, the activation — runs in the tile, on the accumulators.
+//! Each output row's table lists the kernel rows it reads the same way. A conv with zero
+//! padding reads a zero-padded copy of its operand instead, written by a staging kernel of
+//! its own ([`super::plan::staged_input`]), so every column is interior and every tile
+//! whole; the tables serve the other padding modes. The tile shape (pixels × blocks) is
+//! chosen per layer by a cost model ([`choose_tiles`]). The whole epilogue — bias,
+//! BatchNorm's scale and shift, the residual, the activation — runs in the tile, on the
+//! accumulators.
 //!
 //! **Plane convolutions** ([`plane_conv`]): a plain operand with few channels and at most 8
 //! filters (LeNet's first layer) keeps the plain layout, pixels in the lanes.
