@@ -122,8 +122,11 @@ struct Entry {
     code: *const u8,
     /// The node (or step) it computes.
     name: String,
-    /// Floating-point operations per sample, for a kernel that can split its work.
+    /// Floating-point operations per sample, for a kernel that can split its work (for a
+    /// data-movement kernel, the work that decides whether it is split).
     work: Option<u64>,
+    /// Whether it only moves data (its `work` is then not floating-point operations).
+    moves: bool,
 }
 
 // SAFETY: `Code` holds the finalised module only to keep its executable memory alive and to
@@ -312,7 +315,12 @@ impl Compiled {
         module.finalize_definitions().map_err(|e| Error::Jit { node: graph.name.clone(), message: e.to_string() })?;
         let entries = funcs
             .iter()
-            .map(|f| Entry { code: module.get_finalized_function(f.id), name: f.name.clone(), work: f.work })
+            .map(|f| Entry {
+                code: module.get_finalized_function(f.id),
+                name: f.name.clone(),
+                work: f.work,
+                moves: f.data_movement,
+            })
             .collect();
         let code = Code { module: Some(module), entries };
         let threads = match options.threads {
@@ -447,7 +455,7 @@ impl Compiled {
                 s.sort();
                 KernelTime {
                     name: e.name.clone(),
-                    flops: e.work.map(|w| w * n as u64),
+                    flops: e.work.filter(|_| !e.moves).map(|w| w * n as u64),
                     median: s[s.len() / 2],
                     min: s[0],
                 }
