@@ -12,9 +12,10 @@
 //! go `MR` pixels at a time with one shared column table; the border columns one pixel at
 //! a time, each with its own table (zero padding drops taps, the other modes remap them).
 //! Each output row's table lists the kernel rows it reads the same way. A conv with zero
-//! padding reads a zero-padded copy of its operand instead, written by a staging kernel of
-//! its own ([`super::plan::staged_input`]), so every column is interior and every tile
-//! whole; the tables serve the other padding modes. The tile shape (pixels × blocks) is
+//! padding reads a zero-padded copy of its operand instead ([`super::plan::staged_input`],
+//! [`Stage`]), so every column is interior and every tile whole; the tables serve the
+//! other padding modes. The copy is a kernel of its own when the conv is split between
+//! threads, and otherwise part of the conv's kernel, one sample right before its rows. The tile shape (pixels × blocks) is
 //! chosen per layer by a cost model ([`choose_tiles`]). The whole epilogue — bias,
 //! BatchNorm's scale and shift, the residual, the activation — runs in the tile, on the
 //! accumulators.
