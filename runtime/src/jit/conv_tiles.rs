@@ -301,11 +301,15 @@ impl Stage {
             let xn = fx.elem_scaled(x, n, c(in_size));
             let z = fx.i(zeros);
             match self.form {
-                Form::Planes { lane, .. } => {
-                    // local = plane·ph + row.
-                    let plane = fx.b.ins().udiv_imm_u(local, c(ph));
-                    let r = fx.b.ins().urem_imm_u(local, c(ph));
-                    let yr = fx.elem_scaled(yn, local, c(pw * lane));
+                Form::Planes { planes, lane } => {
+                    // local = row·planes + plane: the rows of every plane in order, so a
+                    // thread's share of the copy is the rows its share of a row-split
+                    // conv reads (and the rows a row-split producer wrote from it).
+                    let r = fx.b.ins().udiv_imm_u(local, c(planes));
+                    let plane = fx.b.ins().urem_imm_u(local, c(planes));
+                    let at = fx.muli(plane, c(ph));
+                    let at = fx.add(at, r);
+                    let yr = fx.elem_scaled(yn, at, c(pw * lane));
                     let (inside, sr) = source_row(fx, r, pt, ih);
                     let xp = fx.elem_scaled(xn, plane, c(ih * iw * lane));
                     let xr = fx.elem_scaled(xp, sr, c(iw * lane));
