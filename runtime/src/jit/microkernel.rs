@@ -131,7 +131,8 @@ pub(super) struct ConvTile {
     pub isa: Isa,
     /// Input channel blocks the reduction runs over (1 for a plain input).
     pub icb: usize,
-    /// Channels in each block but the last (16 for a blocked input, all for a plain one).
+    /// Channels in each block but the last, per tap (16 for a blocked input, all for a
+    /// plain one; `kw` times that when a kernel row's columns are folded into one tap).
     pub c_full: usize,
     /// Channels in the last block.
     pub c_last: usize,
