@@ -15,10 +15,10 @@
 //! padding reads a zero-padded copy of its operand instead ([`super::plan::staged_input`],
 //! [`Stage`]), so every column is interior and every tile whole; the tables serve the
 //! other padding modes. The copy is a kernel of its own when the conv is split between
-//! threads, and otherwise part of the conv's kernel, one sample right before its rows. The tile shape (pixels × blocks) is
-//! chosen per layer by a cost model ([`choose_tiles`]). The whole epilogue — bias,
-//! BatchNorm's scale and shift, the residual, the activation — runs in the tile, on the
-//! accumulators.
+//! threads, and otherwise part of the conv's kernel, one sample right before its rows.
+//! The tile shape (pixels × blocks) is chosen per layer by a cost model
+//! ([`choose_tiles`]). The whole epilogue — bias, BatchNorm's scale and shift, the
+//! residual, the activation — runs in the tile, on the accumulators.
 //!
 //! **Plane convolutions** ([`plane_conv`]): a plain operand with few channels and at most 8
 //! filters (LeNet's first layer) keeps the plain layout, pixels in the lanes.
@@ -166,8 +166,8 @@ fn step_cycles(isa: Isa, mr: usize, nb: usize, l2: bool) -> f64 {
 /// Picks the channel-group size (most blocks per group) and, for each group size, the
 /// tile width in pixels that make a row of `width` interior pixels cheapest by
 /// [`step_cycles`] (a row is whole tiles plus one narrower for the rest; of equally cheap
-/// widths the widest; at most [`PLAIN_MR`] for several blocks on a `plain` operand). Returns the group size
-/// and `mr[nb]` for `nb ≤` it.
+/// widths the widest; at most [`PLAIN_MR`] for several blocks on a `plain` operand).
+/// Returns the group size and `mr[nb]` for `nb ≤` it.
 fn choose_tiles(
     isa: Isa,
     blocks: usize,
@@ -243,15 +243,13 @@ impl Stage {
         blocked: bool,
     ) -> Stage {
         let (ph, pw) = (ih + pt + pb, iw + pl + pr);
-        if blocked {
+        let (form, per_pixel) = if blocked {
             let planes = cin.div_ceil(BLOCK);
-            Stage::planes(jit, cx, to, (planes, BLOCK), (ih, iw), (pt, pl, ph, pw), planes * ph * pw * BLOCK)
+            (Form::Planes { planes, lane: BLOCK }, planes * BLOCK)
         } else {
-            let zeros = jit.consts.f32s(vec![0.0; pw * cin]);
-            let (from, in_size) = (cx.inputs[0], cx.in_lens[0]);
-            let form = Form::PixelMajor { cin };
-            Stage { from, to, in_size, zeros, form, ih, iw, pt, pl, ph, pw, out_sample: ph * pw * cin }
-        }
+            (Form::PixelMajor { cin }, cin)
+        };
+        Stage::new(jit, cx, to, form, (ih, iw), (pt, pl, ph, pw), ph * pw * per_pixel)
     }
 
     /// Zero-padded copies of the operand's `planes` planes of `ih × iw` pixels of `lane`
@@ -263,12 +261,30 @@ impl Stage {
         to: usize,
         (planes, lane): (usize, usize),
         (ih, iw): (usize, usize),
+        pads: (usize, usize, usize, usize),
+        out_sample: usize,
+    ) -> Stage {
+        Stage::new(jit, cx, to, Form::Planes { planes, lane }, (ih, iw), pads, out_sample)
+    }
+
+    /// A copy of `form` with the given plane size, padding and sample stride.
+    fn new(
+        jit: &mut Jit,
+        cx: &NodeCx<'_>,
+        to: usize,
+        form: Form,
+        (ih, iw): (usize, usize),
         (pt, pl, ph, pw): (usize, usize, usize, usize),
         out_sample: usize,
     ) -> Stage {
+        // One row of zeros: the widest run a copy writes from it.
+        let lane = match form {
+            Form::Planes { lane, .. } => lane,
+            Form::PixelMajor { cin } => cin,
+        };
         let zeros = jit.consts.f32s(vec![0.0; pw * lane]);
         let (from, in_size) = (cx.inputs[0], cx.in_lens[0]);
-        Stage { from, to, in_size, zeros, form: Form::Planes { planes, lane }, ih, iw, pt, pl, ph, pw, out_sample }
+        Stage { from, to, in_size, zeros, form, ih, iw, pt, pl, ph, pw, out_sample }
     }
 
     /// Rows of the copy per sample (the units [`Stage::emit`] counts).

@@ -740,8 +740,7 @@ unsafe fn chans<V: Simd, const MR: usize, const NV: usize, const C: usize, const
     }
 }
 
-/// The reduction of one conv tile into `acc` (see [`conv_body`]; `w` already points at the
-/// first kernel row and column the tables name); `PF`: prefetch the weights.
+/// The reduction of one conv tile (see [`conv_body`]); `PF`: prefetch the weights.
 ///
 /// # Safety
 /// As [`conv_body`].
@@ -749,15 +748,21 @@ unsafe fn chans<V: Simd, const MR: usize, const NV: usize, const C: usize, const
 #[allow(clippy::needless_range_loop)]
 unsafe fn reduce<V: Simd, const MR: usize, const NV: usize, const PF: bool>(
     d: &ConvTile,
-    acc: &mut [[V; NV]; MR],
     x: *const f32,
     w: *const f32,
-    (khn, kwn): (usize, usize),
-    (roff, coff): (*const isize, *const isize),
-    (w_tap, w_row, w_icb): (usize, usize, usize),
-) {
+    rows: *const isize,
+    cols: *const isize,
+) -> [[V; NV]; MR] {
     unsafe {
+        let (khn, kwn) = (*rows as usize, *cols as usize);
         let w_c = NV * V::L;
+        let w_tap = d.c_full * w_c;
+        let w_row = d.kw * w_tap;
+        let w_icb = d.kh * w_row;
+        let w = w.add(*rows.add(1) as usize * w_row + *cols.add(1) as usize * w_tap);
+        let (roff, coff) = (rows.add(2), cols.add(2));
+        let mut acc = [[V::zero(); NV]; MR];
+        let acc = &mut acc;
         for b in 0..d.icb {
             let cn = if b + 1 == d.icb { d.c_last } else { d.c_full };
             let xb = x.offset(b as isize * d.x_icb);
@@ -812,6 +817,7 @@ unsafe fn reduce<V: Simd, const MR: usize, const NV: usize, const PF: bool>(
                 }
             }
         }
+        *acc
     }
 }
 
@@ -833,20 +839,12 @@ unsafe fn conv_body<V: Simd, const MR: usize, const NV: usize>(
     ocb0: usize,
 ) {
     unsafe {
-        let (khn, kwn) = (*rows as usize, *cols as usize);
-        let w_c = NV * V::L;
-        let w_tap = d.c_full * w_c;
-        let w_row = d.kw * w_tap;
-        let w_icb = d.kh * w_row;
-        let w = w.add(*rows.add(1) as usize * w_row + *cols.add(1) as usize * w_tap);
-        let (roff, coff) = (rows.add(2), cols.add(2));
-        let mut acc = [[V::zero(); NV]; MR];
         // The prefetch is a type parameter, so neither variant tests it per step.
-        if d.prefetch {
-            reduce::<V, MR, NV, true>(d, &mut acc, x, w, (khn, kwn), (roff, coff), (w_tap, w_row, w_icb));
+        let acc = if d.prefetch {
+            reduce::<V, MR, NV, true>(d, x, w, rows, cols)
         } else {
-            reduce::<V, MR, NV, false>(d, &mut acc, x, w, (khn, kwn), (roff, coff), (w_tap, w_row, w_icb));
-        }
+            reduce::<V, MR, NV, false>(d, x, w, rows, cols)
+        };
         // Epilogue. Vector `j` of a pixel covers channels `ocb0·16 + j·L ..`.
         let per_blk = 16 / V::L;
         for j in 0..NV {
