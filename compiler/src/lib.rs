@@ -8,6 +8,8 @@
 //!   declared once;
 //! - [`graph`]: the petgraph IR with static shapes, its verifier, text form and DOT output;
 //! - [`summary`]: per-layer accounting (torchinfo-style table);
+//! - [`autodiff`]: reverse-mode differentiation as a graph-to-graph transform (training
+//!   graphs: training-mode forward, loss, backward ops);
 //! - [`passes`]: inference rewrites (clean-ups, BatchNorm folding, epilogue fusion) and the
 //!   fusion report.
 //!
@@ -15,6 +17,7 @@
 //! (`cnnc-runtime`) consumes the [`graph::Graph`] it produces.
 #![warn(missing_docs)]
 
+pub mod autodiff;
 pub mod builder;
 pub mod diag;
 pub mod dsl;

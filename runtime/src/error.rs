@@ -65,6 +65,29 @@ pub enum Error {
     /// An op or configuration this backend does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A training graph could not be built.
+    #[error(transparent)]
+    Autodiff(#[from] cnnc_compiler::autodiff::AutodiffError),
+    /// A training step produced a NaN or infinity.
+    #[error("step {step}: {what} is not finite; the first non-finite tensor is `{tensor}`")]
+    NonFinite {
+        /// The step (1-based).
+        step: u64,
+        /// What went non-finite (`the loss`, `a gradient`).
+        what: String,
+        /// The first tensor, in the order computed, with a NaN or infinity.
+        tensor: String,
+    },
+    /// A training step that cannot be taken (e.g. BatchNorm over one value per channel).
+    #[error("training: {0}")]
+    Train(String),
+    /// Optimizer state that does not fit the optimizer or the net.
+    #[error("optimizer state: {0}")]
+    OptimizerState(String),
+    /// A training target that does not fit the loss (a class index out of range, a BCE
+    /// target outside [0, 1]).
+    #[error("target: {0}")]
+    Target(String),
     /// A fusion pass failed (a bug in the pass: the unfused graph still compiles, with
     /// `Options::fuse` off).
     #[error("fusion of `{net}` failed: {message}")]

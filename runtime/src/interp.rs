@@ -15,6 +15,7 @@
 mod conv;
 mod pool;
 mod tensor;
+mod train;
 
 use crate::error::{Error, Result};
 use crate::weights::{ParamData, Weights};
@@ -83,6 +84,32 @@ pub fn check_inputs(graph: &Graph, inputs: &[ArrayViewD<'_, f32>]) -> Result<usi
 /// Runs the net on `inputs` (one per [`Graph::inputs`] entry, in order) and returns the
 /// outputs in [`Graph::outputs`] order.
 pub fn run(graph: &Graph, weights: &Weights, inputs: &[ArrayViewD<'_, f32>]) -> Result<Vec<ArrayD<f32>>> {
+    run_inspecting(graph, weights, inputs, |_, _| false).map(|(outs, _)| outs)
+}
+
+/// Runs the net as [`run`] does and names the first node, in the order computed, whose
+/// value holds a NaN or an infinity (`None` if every value is finite). Used to say where a
+/// training step went wrong.
+pub fn first_non_finite(graph: &Graph, weights: &Weights, inputs: &[ArrayViewD<'_, f32>]) -> Result<Option<String>> {
+    let mut found = None;
+    run_inspecting(graph, weights, inputs, |node, v| {
+        let bad = v.iter().any(|x| !x.is_finite());
+        if bad {
+            found = Some(node.name.clone());
+        }
+        bad
+    })?;
+    Ok(found)
+}
+
+/// [`run`], calling `stop(node, value)` after each node; a `true` ends the run early (the
+/// outputs are then empty, and the flag is returned).
+fn run_inspecting(
+    graph: &Graph,
+    weights: &Weights,
+    inputs: &[ArrayViewD<'_, f32>],
+    mut stop: impl FnMut(&Node, &ArrayD<f32>) -> bool,
+) -> Result<(Vec<ArrayD<f32>>, bool)> {
     graph.verify()?;
     let batch = check_inputs(graph, inputs)?;
     weights.check(graph)?;
@@ -124,6 +151,9 @@ pub fn run(graph: &Graph, weights: &Weights, inputs: &[ArrayViewD<'_, f32>]) -> 
             }
             .into());
         }
+        if stop(node, &out) {
+            return Ok((vec![], true));
+        }
         for o in operands {
             if let Some(p) = pending.get_mut(&o) {
                 *p -= 1;
@@ -134,11 +164,12 @@ pub fn run(graph: &Graph, weights: &Weights, inputs: &[ArrayViewD<'_, f32>]) -> 
         }
         values.insert(id, out);
     }
-    graph
+    let outs = graph
         .outputs
         .iter()
         .map(|(name, id)| values.get(id).cloned().ok_or_else(|| VerifyError::Dangling { what: name.clone() }.into()))
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((outs, false))
 }
 
 /// An internal inconsistency, reported as a graph error rather than a panic.
@@ -194,6 +225,7 @@ fn eval(node: &Node, args: &[ArrayViewD<'_, f32>], params: &NodeParams<'_>) -> R
         Op::Add(_) => tensor::add(arg(0)?, arg(1)?, node)?,
         Op::Concat(c) => tensor::concat(c, args, node)?,
         Op::Reduce(r) => tensor::reduce(r, arg(0)?, node)?,
+        Op::Train(t) => train::eval(t, args, params)?,
     })
 }
 

@@ -7,6 +7,8 @@
 //! - [`interp`]: the reference interpreter — plain ndarray code, the spec of every op;
 //! - [`fusion_check`]: the compiler's fusion passes run with real weights, optionally under
 //!   an automatic numeric check against the interpreter;
+//! - [`train`]: the [`train::Trainer`] — training graphs run on the interpreter, torch.optim's
+//!   optimizers, BatchNorm running statistics, Dropout masks;
 //! - [`jit`]: the Cranelift backend — shape-specialised native kernels, a memory plan, and the
 //!   [`Compiled`] model.
 //!
@@ -17,6 +19,7 @@ pub mod error;
 pub mod fusion_check;
 pub mod interp;
 pub mod jit;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result, WeightsError};

@@ -113,15 +113,15 @@ fn is_counter(p: &Param) -> bool {
     p.spec.dtype == DType::I64 && p.spec.suffix == "num_batches_tracked"
 }
 
-fn format_error(e: impl std::fmt::Display) -> WeightsError {
+pub(crate) fn format_error(e: impl std::fmt::Display) -> WeightsError {
     WeightsError::Format { path: None, message: e.to_string() }
 }
 
 /// An owned tensor for [`safetensors::serialize`].
-struct Owned {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
+pub(crate) struct Owned {
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) bytes: Vec<u8>,
 }
 
 impl View for &Owned {
@@ -152,7 +152,7 @@ fn f16_to_f32(h: u16) -> f32 {
 }
 
 /// Decodes a float tensor's little-endian bytes to f32 (copying, so unaligned data is fine).
-fn decode_f32(key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, WeightsError> {
+pub(crate) fn decode_f32(key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, WeightsError> {
     Ok(match dtype {
         Dtype::F32 => bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect(),
         Dtype::F64 => bytes.as_chunks::<8>().0.iter().map(|c| f64::from_le_bytes(*c) as f32).collect(),
@@ -171,7 +171,7 @@ fn decode_f32(key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, Weights
 }
 
 /// Decodes an integer tensor's little-endian bytes to i64.
-fn decode_i64(key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<i64>, WeightsError> {
+pub(crate) fn decode_i64(key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<i64>, WeightsError> {
     match dtype {
         Dtype::I64 => Ok(bytes.as_chunks::<8>().0.iter().map(|c| i64::from_le_bytes(*c)).collect()),
         other => Err(WeightsError::DType { key: key.to_string(), expected: "I64".into(), found: other.to_string() }),
@@ -179,10 +179,11 @@ fn decode_i64(key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<i64>, Weights
 }
 
 /// SplitMix64: a tiny, well-mixed, seedable generator.
-struct SplitMix64(u64);
+#[derive(Clone, Debug)]
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

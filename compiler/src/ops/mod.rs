@@ -13,12 +13,14 @@ mod linear;
 mod misc;
 mod norm;
 mod pool;
+pub mod train;
 
 pub use conv::{Conv2d, PaddingMode, PaddingSpec};
 pub use linear::Linear;
 pub use misc::{Activation, Add, Concat, Dropout, Flatten, Reduce, ReduceKind};
 pub use norm::BatchNorm2d;
 pub use pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
+pub use train::{Loss, Reduction, TrainOp};
 
 use crate::diag::Diagnostic;
 use crate::diag::SrcSpan as Span;
@@ -240,6 +242,8 @@ pub enum Op {
     Concat(Concat),
     /// `x.mean(dim=…)`, `x.amax(dim=…)`, `x.max(dim=d)[0]`.
     Reduce(Reduce),
+    /// A training op (training-mode forward, loss, backward), made by [`crate::autodiff`].
+    Train(TrainOp),
 }
 
 struct InputDef;
@@ -275,6 +279,7 @@ impl Op {
             Op::Add(o) => o,
             Op::Concat(o) => o,
             Op::Reduce(o) => o,
+            Op::Train(o) => o,
         }
     }
 

@@ -116,6 +116,13 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                     Op::Concat(_) if tiled => blocked::concat(jit, &cx)?,
                     Op::Concat(cat) => eltwise::concat(jit, &cx, cat)?,
                     Op::Reduce(r) => eltwise::reduce(jit, &cx, r)?,
+                    Op::Train(_) => {
+                        return Err(Error::Unsupported(format!(
+                            "`{}` ({}): the JIT has no training kernels yet; run training graphs on the interpreter",
+                            node.name,
+                            node.op.kind()
+                        )));
+                    }
                     Op::Input | Op::Flatten(_) | Op::Dropout(_) => {
                         return Err(Error::Unsupported(format!(
                             "`{}` ({}) has no kernel; the plan should have aliased it",

@@ -1,0 +1,668 @@
+//! Training: a [`Trainer`] runs the training graph that [`cnnc_compiler::autodiff`] builds
+//! from a declared net and a loss, then applies a `torch.optim` optimizer ([`Optimizer`]) and
+//! BatchNorm's running-statistics update, exactly as PyTorch's formulas do.
+//!
+//! A step is `optimizer.zero_grad(); loss = criterion(model(x), y); loss.backward();
+//! optimizer.step()`: gradients are recomputed from zero every step, parameters without a
+//! gradient (unused by the output) are left alone as torch.optim does, BatchNorm buffers are
+//! not parameters. In [`Mode::Train`] BatchNorm normalises with the batch statistics and
+//! updates `running_mean`/`running_var` (unbiased variance) with its `momentum` (a
+//! cumulative average for `momentum=None`) and `num_batches_tracked`; Dropout multiplies by
+//! a Bernoulli mask scaled by `1/(1 − p)` from a seeded generator (or a mask you give).
+//!
+//! The training graph runs on the reference interpreter (f64 accumulation); the JIT runs
+//! the eval model made from the trained weights ([`Trainer::compile`]).
+
+use crate::error::{Error, Result};
+use crate::interp;
+use crate::jit::{Compiled, Options};
+use crate::weights::{Owned, ParamData, SplitMix64, Weights, decode_f32, decode_i64, format_error};
+use cnnc_compiler::autodiff::{self, GradSpec, Mode, Seed, TrainGraph};
+use cnnc_compiler::graph::{Graph, ParamId};
+use cnnc_compiler::ops::train::Loss;
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// `torch.optim.SGD`'s settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (0: none).
+    pub momentum: f64,
+    /// Dampening of the momentum.
+    pub dampening: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f64,
+}
+
+/// `torch.optim.Adam`'s and `torch.optim.AdamW`'s settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adam {
+    /// Learning rate.
+    pub lr: f64,
+    /// `(β1, β2)`.
+    pub betas: (f64, f64),
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Weight decay: added to the gradient (Adam) or decoupled (AdamW).
+    pub weight_decay: f64,
+    /// The AMSGrad variant.
+    pub amsgrad: bool,
+    /// AdamW: `param *= 1 − lr·weight_decay` before the update.
+    pub decoupled: bool,
+}
+
+/// An optimizer with torch.optim's update rule and state initialisation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Optimizer {
+    /// `torch.optim.SGD`.
+    Sgd(Sgd),
+    /// `torch.optim.Adam` / `AdamW`.
+    Adam(Adam),
+}
+
+impl Optimizer {
+    /// `SGD(lr)` with PyTorch's defaults (no momentum, dampening or weight decay).
+    pub fn sgd(lr: f64) -> Optimizer {
+        Optimizer::Sgd(Sgd { lr, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0 })
+    }
+
+    /// `Adam(lr)` with PyTorch's defaults (betas (0.9, 0.999), eps 1e-8, no weight decay).
+    pub fn adam(lr: f64) -> Optimizer {
+        Optimizer::Adam(Adam { lr, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, amsgrad: false, decoupled: false })
+    }
+
+    /// `AdamW(lr)` with PyTorch's defaults (weight decay 0.01).
+    pub fn adamw(lr: f64) -> Optimizer {
+        Optimizer::Adam(Adam { lr, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, amsgrad: false, decoupled: true })
+    }
+
+    /// The PyTorch class name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::Sgd(_) => "SGD",
+            Optimizer::Adam(a) if a.decoupled => "AdamW",
+            Optimizer::Adam(_) => "Adam",
+        }
+    }
+
+    /// Checks the settings as torch.optim's constructors do.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Train(m));
+        match self {
+            Optimizer::Sgd(s) => {
+                if !(s.lr >= 0.0) {
+                    return bad(format!("SGD: invalid learning rate {}", s.lr));
+                }
+                if !(s.momentum >= 0.0) {
+                    return bad(format!("SGD: invalid momentum {}", s.momentum));
+                }
+                if !(s.weight_decay >= 0.0) {
+                    return bad(format!("SGD: invalid weight_decay {}", s.weight_decay));
+                }
+                if s.nesterov && (s.momentum <= 0.0 || s.dampening != 0.0) {
+                    return bad("SGD: Nesterov momentum requires a momentum and zero dampening".into());
+                }
+            }
+            Optimizer::Adam(a) => {
+                let name = self.name();
+                if !(a.lr >= 0.0) {
+                    return bad(format!("{name}: invalid learning rate {}", a.lr));
+                }
+                if !(a.eps >= 0.0) {
+                    return bad(format!("{name}: invalid epsilon {}", a.eps));
+                }
+                if !(0.0..1.0).contains(&a.betas.0) || !(0.0..1.0).contains(&a.betas.1) {
+                    return bad(format!("{name}: invalid betas ({}, {}): each must be in [0, 1)", a.betas.0, a.betas.1));
+                }
+                if !(a.weight_decay >= 0.0) {
+                    return bad(format!("{name}: invalid weight_decay {}", a.weight_decay));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One parameter's optimizer state (torch.optim's `state[p]`).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct ParamState {
+    step: u64,
+    momentum_buffer: Option<Vec<f32>>,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    max_exp_avg_sq: Vec<f32>,
+}
+
+impl Optimizer {
+    /// Updates `param` in place from `grad`, as torch.optim's single-tensor CPU path does
+    /// (f32 tensor arithmetic, scalars in f64).
+    fn update(&self, param: &mut [f32], grad: &[f32], st: &mut ParamState) {
+        st.step += 1;
+        match self {
+            Optimizer::Sgd(s) => {
+                let mut d: Vec<f32> = grad.to_vec();
+                if s.weight_decay != 0.0 {
+                    let wd = s.weight_decay as f32;
+                    for (d, p) in d.iter_mut().zip(param.iter()) {
+                        *d += wd * *p;
+                    }
+                }
+                if s.momentum != 0.0 {
+                    let (m, damp) = (s.momentum as f32, (1.0 - s.dampening) as f32);
+                    let buf = match st.momentum_buffer.as_mut() {
+                        None => st.momentum_buffer.insert(d.clone()),
+                        Some(b) => {
+                            for (b, d) in b.iter_mut().zip(&d) {
+                                *b = *b * m + damp * *d;
+                            }
+                            b
+                        }
+                    };
+                    if s.nesterov {
+                        for (d, b) in d.iter_mut().zip(buf.iter()) {
+                            *d += m * *b;
+                        }
+                    } else {
+                        d.copy_from_slice(buf);
+                    }
+                }
+                let lr = -(s.lr as f32);
+                for (p, d) in param.iter_mut().zip(&d) {
+                    *p += lr * *d;
+                }
+            }
+            Optimizer::Adam(a) => {
+                let n = param.len();
+                if st.exp_avg.len() != n {
+                    st.exp_avg = vec![0.0; n];
+                    st.exp_avg_sq = vec![0.0; n];
+                    if a.amsgrad {
+                        st.max_exp_avg_sq = vec![0.0; n];
+                    }
+                }
+                if a.decoupled && a.weight_decay != 0.0 {
+                    let f = (1.0 - a.lr * a.weight_decay) as f32;
+                    param.iter_mut().for_each(|p| *p *= f);
+                }
+                let (b1, b2) = a.betas;
+                let step = st.step as i32;
+                let bc1 = 1.0 - b1.powi(step);
+                let bc2 = 1.0 - b2.powi(step);
+                let step_size = (a.lr / bc1) as f32;
+                let bc2_sqrt = bc2.sqrt() as f32;
+                let (w1, w2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+                let (b2f, eps, wd) = (b2 as f32, a.eps as f32, a.weight_decay as f32);
+                for i in 0..n {
+                    let mut g = grad[i];
+                    if !a.decoupled && a.weight_decay != 0.0 {
+                        g += wd * param[i];
+                    }
+                    let m = &mut st.exp_avg[i];
+                    *m += w1 * (g - *m);
+                    let v = &mut st.exp_avg_sq[i];
+                    *v = *v * b2f + w2 * g * g;
+                    let v = if a.amsgrad {
+                        let mx = &mut st.max_exp_avg_sq[i];
+                        *mx = mx.max(*v);
+                        *mx
+                    } else {
+                        *v
+                    };
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    param[i] += -step_size * (st.exp_avg[i] / denom);
+                }
+            }
+        }
+    }
+}
+
+/// The result of a training step.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// The loss before the update.
+    pub loss: f32,
+    /// The net's output (the prediction the loss read), before the update.
+    pub output: ArrayD<f32>,
+}
+
+/// A loss and the gradients of every learnable parameter, by `state_dict` key.
+#[derive(Clone, Debug)]
+pub struct Gradients {
+    /// The loss.
+    pub loss: f32,
+    /// The net's output.
+    pub output: ArrayD<f32>,
+    /// `(key, gradient)` in `state_dict` order.
+    pub grads: Vec<(String, ArrayD<f32>)>,
+}
+
+/// Trains a declared net (see the module docs).
+#[derive(Debug)]
+pub struct Trainer {
+    forward: Graph,
+    loss: Loss,
+    output: Option<String>,
+    graphs: HashMap<Mode, TrainGraph>,
+    eval_loss: Option<TrainGraph>,
+    weights: Weights,
+    optimizer: Optimizer,
+    state: Vec<ParamState>,
+    mode: Mode,
+    rng: SplitMix64,
+    steps: u64,
+}
+
+fn dropout_mask(rng: &mut SplitMix64, p: f64, shape: &[usize]) -> ArrayD<f32> {
+    if p >= 1.0 {
+        return ArrayD::zeros(IxDyn(shape));
+    }
+    let keep = (1.0 / (1.0 - p)) as f32;
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+        let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        if u < 1.0 - p { keep } else { 0.0 }
+    })
+}
+
+impl Trainer {
+    /// A trainer for `graph` (as declared, not fused) starting from `weights`, minimising
+    /// `loss` of its only output with `optimizer`, in training mode.
+    ///
+    /// Errors: [`Error::Autodiff`] (a fused graph, a loss that does not fit the output, a net
+    /// with no learnable parameter), [`Error::Weights`], [`Error::Train`] for invalid
+    /// optimizer settings.
+    pub fn new(graph: &Graph, weights: Weights, loss: Loss, optimizer: Optimizer) -> Result<Trainer> {
+        Trainer::for_output(graph, weights, loss, optimizer, None)
+    }
+
+    /// As [`Trainer::new`], for the named output of a net with several.
+    pub fn for_output(
+        graph: &Graph,
+        weights: Weights,
+        loss: Loss,
+        optimizer: Optimizer,
+        output: Option<&str>,
+    ) -> Result<Trainer> {
+        optimizer.validate()?;
+        weights.check(graph)?;
+        let mut t = Trainer {
+            forward: graph.clone(),
+            loss,
+            output: output.map(str::to_string),
+            graphs: HashMap::new(),
+            eval_loss: None,
+            weights,
+            optimizer,
+            state: vec![ParamState::default(); graph.params.len()],
+            mode: Mode::Train,
+            rng: SplitMix64(0x5eed_d209),
+            steps: 0,
+        };
+        t.graph_for(Mode::Train)?;
+        Ok(t)
+    }
+
+    fn graph_for(&mut self, mode: Mode) -> Result<&TrainGraph> {
+        if !self.graphs.contains_key(&mode) {
+            let spec = GradSpec { seed: Seed::Loss(self.loss.clone()), output: self.output.clone(), mode, params: true, wrt: vec![] };
+            let tg = autodiff::build(&self.forward, &spec)?;
+            self.graphs.insert(mode, tg);
+        }
+        Ok(&self.graphs[&mode])
+    }
+
+    /// `model.train()`: BatchNorm uses and updates batch statistics, Dropout drops.
+    pub fn train(&mut self) {
+        self.mode = Mode::Train;
+    }
+
+    /// `model.eval()`: steps use the running statistics and no Dropout.
+    pub fn eval(&mut self) {
+        self.mode = Mode::Eval;
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Reseeds the generator of Dropout masks.
+    pub fn seed_dropout(&mut self, seed: u64) {
+        self.rng = SplitMix64(seed);
+    }
+
+    /// The current weights (parameters and buffers), for the forward graph.
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// The net being trained.
+    pub fn graph(&self) -> &Graph {
+        &self.forward
+    }
+
+    /// The training graph of the current mode.
+    pub fn training_graph(&mut self) -> Result<&TrainGraph> {
+        self.graph_for(self.mode)
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    /// One step on a single-input net: forward, loss, backward, update. `target` holds class
+    /// indices `[N]` (as floats) for cross-entropy, else the prediction's shape.
+    pub fn step<'a>(&mut self, x: ArrayViewD<'a, f32>, target: ArrayViewD<'a, f32>) -> Result<Step> {
+        self.step_with(&[x], target, None)
+    }
+
+    /// One step with every forward input and, optionally, the Dropout masks (one per
+    /// Dropout layer, in [`TrainGraph::masks`] order, each of the layer's shape, holding 0
+    /// or `1/(1 − p)`); without masks they are drawn from the trainer's generator.
+    pub fn step_with<'a>(
+        &mut self,
+        inputs: &[ArrayViewD<'a, f32>],
+        target: ArrayViewD<'a, f32>,
+        masks: Option<&[ArrayViewD<'a, f32>]>,
+    ) -> Result<Step> {
+        let (loss, output, grads, stats, batch) = self.run(inputs, target.clone(), masks)?;
+        let step = self.steps + 1;
+        if !loss.is_finite() {
+            return Err(self.non_finite(step, "the loss", inputs, target.clone(), masks));
+        }
+        if grads.iter().any(|(_, g)| g.iter().any(|v| !v.is_finite())) {
+            return Err(self.non_finite(step, "a gradient", inputs, target, masks));
+        }
+        self.steps = step;
+        for (pid, g) in &grads {
+            let mut p = self.weights.f32(*pid).ok_or_else(|| Error::Train("a gradient of a non-float parameter".into()))?.clone();
+            let (Some(ps), Some(gs)) = (p.as_slice_mut(), g.as_slice()) else {
+                return Err(Error::Train("a parameter or gradient is not contiguous".into()));
+            };
+            self.optimizer.update(ps, gs, &mut self.state[pid.0]);
+            self.weights.set(*pid, ParamData::F32(p))?;
+        }
+        self.update_running_stats(&stats, batch)?;
+        Ok(Step { loss, output })
+    }
+
+    /// The loss, the output and every learnable parameter's gradient, without updating
+    /// anything (`loss.backward()` alone; BatchNorm's running statistics are not touched).
+    pub fn gradients<'a>(
+        &mut self,
+        inputs: &[ArrayViewD<'a, f32>],
+        target: ArrayViewD<'a, f32>,
+        masks: Option<&[ArrayViewD<'a, f32>]>,
+    ) -> Result<Gradients> {
+        let (loss, output, grads, _, _) = self.run(inputs, target.clone(), masks)?;
+        let grads = grads.into_iter().map(|(p, g)| (self.forward.param(p).name.clone(), g)).collect();
+        Ok(Gradients { loss, output, grads })
+    }
+
+    /// The loss and output in eval mode, with no gradient (`with torch.no_grad()` after
+    /// `model.eval()`).
+    pub fn evaluate<'a>(&mut self, inputs: &[ArrayViewD<'a, f32>], target: ArrayViewD<'a, f32>) -> Result<(f32, ArrayD<f32>)> {
+        if self.eval_loss.is_none() {
+            let spec = GradSpec {
+                seed: Seed::Loss(self.loss.clone()),
+                output: self.output.clone(),
+                mode: Mode::Eval,
+                params: false,
+                wrt: vec![],
+            };
+            self.eval_loss = Some(autodiff::build(&self.forward, &spec)?);
+        }
+        let tg = self.eval_loss.as_ref().ok_or_else(|| Error::Train("no eval graph".into()))?;
+        self.check_target(&target)?;
+        let mut all: Vec<ArrayViewD<'_, f32>> = inputs.to_vec();
+        all.push(target);
+        let outs = interp::run(&tg.graph, &self.weights, &all)?;
+        let loss = tg.loss.map_or(f32::NAN, |i| outs[i][0]);
+        Ok((loss, outs[tg.prediction].clone()))
+    }
+
+    /// An eval-mode JIT-compiled model of the current weights.
+    pub fn compile(&self, options: &Options) -> Result<Compiled> {
+        Compiled::new(&self.forward, &self.weights, options)
+    }
+
+    fn check_target(&self, target: &ArrayViewD<'_, f32>) -> Result<()> {
+        match &self.loss {
+            Loss::BceWithLogits { .. } => {
+                if let Some((i, v)) = target.iter().enumerate().find(|(_, v)| !(0.0..=1.0).contains(*v)) {
+                    return Err(Error::Target(format!("element {i} is {v}; BCEWithLogitsLoss targets must be in [0, 1]")));
+                }
+            }
+            Loss::Mse { .. } => {
+                if let Some((i, v)) = target.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                    return Err(Error::Target(format!("element {i} is {v}; MSELoss targets must be finite")));
+                }
+            }
+            Loss::CrossEntropy { .. } => {}
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn run<'a>(
+        &mut self,
+        inputs: &[ArrayViewD<'a, f32>],
+        target: ArrayViewD<'a, f32>,
+        masks: Option<&[ArrayViewD<'a, f32>]>,
+    ) -> Result<(f32, ArrayD<f32>, Vec<(ParamId, ArrayD<f32>)>, Vec<(usize, ArrayD<f32>)>, usize)> {
+        self.check_target(&target)?;
+        let mode = self.mode;
+        self.graph_for(mode)?;
+        let batch = interp::check_inputs(&self.forward, inputs)?;
+        let tg = &self.graphs[&mode];
+        for s in &tg.bn_stats {
+            if batch * s.plane <= 1 {
+                return Err(Error::Train(format!(
+                    "BatchNorm2d `{}` in training mode needs more than 1 value per channel, got input batch {batch} of {} pixel(s)",
+                    s.node, s.plane
+                )));
+            }
+        }
+        let drawn: Vec<ArrayD<f32>> = match masks {
+            Some(m) if m.len() != tg.masks.len() => {
+                return Err(Error::Train(format!("{} Dropout mask(s) given, the net has {}", m.len(), tg.masks.len())));
+            }
+            Some(_) => vec![],
+            None => tg
+                .masks
+                .iter()
+                .map(|m| {
+                    let ty = &tg.graph.node(tg.graph.inputs[m.input].1).ty;
+                    dropout_mask(&mut self.rng, m.p, &ty.concrete(batch))
+                })
+                .collect(),
+        };
+        let mut all: Vec<ArrayViewD<'_, f32>> = inputs.iter().map(|a| a.view()).collect();
+        all.push(target.view());
+        match masks {
+            Some(m) => all.extend(m.iter().map(|a| a.view())),
+            None => all.extend(drawn.iter().map(|a| a.view())),
+        }
+        let mut outs = interp::run(&tg.graph, &self.weights, &all)?;
+        let loss = tg.loss.map_or(f32::NAN, |i| outs[i][0]);
+        let output = outs[tg.prediction].clone();
+        let grads = tg.param_grads.iter().map(|(p, i)| (*p, std::mem::take(&mut outs[*i]))).collect();
+        let stats = tg.bn_stats.iter().enumerate().map(|(k, s)| (k, std::mem::take(&mut outs[s.output]))).collect();
+        Ok((loss, output, grads, stats, batch))
+    }
+
+    fn non_finite<'a>(
+        &mut self,
+        step: u64,
+        what: &str,
+        inputs: &[ArrayViewD<'a, f32>],
+        target: ArrayViewD<'a, f32>,
+        masks: Option<&[ArrayViewD<'a, f32>]>,
+    ) -> Error {
+        let tensor = (|| -> Result<Option<String>> {
+            let tg = &self.graphs[&self.mode];
+            let batch = interp::check_inputs(&self.forward, inputs)?;
+            let drawn: Vec<ArrayD<f32>> = tg
+                .masks
+                .iter()
+                .map(|m| ArrayD::ones(IxDyn(&tg.graph.node(tg.graph.inputs[m.input].1).ty.concrete(batch))))
+                .collect();
+            let mut all: Vec<ArrayViewD<'_, f32>> = inputs.iter().map(|a| a.view()).collect();
+            all.push(target.view());
+            match masks {
+                Some(m) => all.extend(m.iter().map(|a| a.view())),
+                None => all.extend(drawn.iter().map(|a| a.view())),
+            }
+            interp::first_non_finite(&tg.graph, &self.weights, &all)
+        })();
+        let tensor = match tensor {
+            Ok(Some(t)) => t,
+            Ok(None) => "(none found on a re-run)".into(),
+            Err(e) => format!("(unknown: {e})"),
+        };
+        Error::NonFinite { step, what: what.into(), tensor }
+    }
+
+    fn update_running_stats(&mut self, stats: &[(usize, ArrayD<f32>)], batch: usize) -> Result<()> {
+        let Some(tg) = self.graphs.get(&self.mode) else { return Ok(()) };
+        let batch_of = |s: &ArrayD<f32>| s.shape().get(1).copied().unwrap_or(0);
+        for (k, st) in stats {
+            let s = &tg.bn_stats[*k];
+            let c = batch_of(st);
+            let nbt = self.weights.get(s.num_batches_tracked).as_i64().map_or(0, |a| a.iter().next().copied().unwrap_or(0)) + 1;
+            self.weights.set(s.num_batches_tracked, ParamData::I64(ArrayD::from_elem(IxDyn(&[]), nbt)))?;
+            let factor = if s.bn.momentum.is_nan() { 1.0 / nbt as f64 } else { s.bn.momentum };
+            let n = (batch * s.plane) as f64;
+            let (Some(rm), Some(rv)) = (self.weights.f32(s.running_mean), self.weights.f32(s.running_var)) else {
+                return Err(Error::Train(format!("BatchNorm2d `{}` has no running statistics", s.node)));
+            };
+            let mut rm = rm.clone();
+            let mut rv = rv.clone();
+            for ch in 0..c {
+                let (mean, var) = (f64::from(st[[0, ch]]), f64::from(st[[1, ch]]));
+                let unbiased = var * n / (n - 1.0);
+                rm[[ch]] = (factor * mean + (1.0 - factor) * f64::from(rm[[ch]])) as f32;
+                rv[[ch]] = (factor * unbiased + (1.0 - factor) * f64::from(rv[[ch]])) as f32;
+            }
+            self.weights.set(s.running_mean, ParamData::F32(rm))?;
+            self.weights.set(s.running_var, ParamData::F32(rv))?;
+        }
+        Ok(())
+    }
+
+    /// torch.optim's state as safetensors: per parameter `<key>.step` (I64) and, as the
+    /// optimizer has them, `<key>.momentum_buffer`, `<key>.exp_avg`, `<key>.exp_avg_sq`,
+    /// `<key>.max_exp_avg_sq`; the metadata names the optimizer and the steps taken.
+    pub fn optimizer_state(&self) -> Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Owned)> = vec![];
+        let f32s = |v: &[f32], shape: &[usize]| Owned {
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        for (p, st) in self.forward.params.iter().zip(&self.state) {
+            if st.step == 0 {
+                continue;
+            }
+            let shape = &p.spec.shape;
+            tensors.push((
+                format!("{}.step", p.name),
+                Owned { dtype: Dtype::I64, shape: vec![], bytes: (st.step as i64).to_le_bytes().to_vec() },
+            ));
+            if let Some(b) = &st.momentum_buffer {
+                tensors.push((format!("{}.momentum_buffer", p.name), f32s(b, shape)));
+            }
+            for (suffix, v) in
+                [("exp_avg", &st.exp_avg), ("exp_avg_sq", &st.exp_avg_sq), ("max_exp_avg_sq", &st.max_exp_avg_sq)]
+            {
+                if !v.is_empty() {
+                    tensors.push((format!("{}.{suffix}", p.name), f32s(v, shape)));
+                }
+            }
+        }
+        let metadata = HashMap::from([
+            ("optimizer".to_string(), self.optimizer.name().to_string()),
+            ("steps".to_string(), self.steps.to_string()),
+        ]);
+        safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
+            .map_err(|e| Error::Weights(format_error(e)))
+    }
+
+    /// Restores [`Trainer::optimizer_state`] (to resume training). The state must come from
+    /// the same optimizer kind and fit the net's parameters; nothing changes on an error.
+    pub fn load_optimizer_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Weights(format_error(e)))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let kind = meta.get("optimizer").map(String::as_str).unwrap_or("(none)");
+        if kind != self.optimizer.name() {
+            return Err(Error::OptimizerState(format!("saved by {kind}, but this trainer uses {}", self.optimizer.name())));
+        }
+        let steps: u64 = meta
+            .get("steps")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::OptimizerState("the metadata has no step count".into()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Weights(format_error(e)))?;
+        let index: HashMap<&str, usize> =
+            self.forward.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+        let mut state = vec![ParamState::default(); self.forward.params.len()];
+        for (key, view) in st.iter() {
+            let Some((pname, field)) = key.rsplit_once('.') else {
+                return Err(Error::OptimizerState(format!("unexpected key `{key}`")));
+            };
+            let Some(&i) = index.get(pname) else {
+                return Err(Error::OptimizerState(format!("`{key}`: the net has no parameter `{pname}`")));
+            };
+            let p = &self.forward.params[i];
+            let s = &mut state[i];
+            if field == "step" {
+                let v = decode_i64(key, view.dtype(), view.data())?;
+                s.step = v.first().copied().filter(|v| *v > 0).ok_or_else(|| Error::OptimizerState(format!("`{key}` is not a positive count")))? as u64;
+                continue;
+            }
+            if view.shape() != p.spec.shape.as_slice() {
+                return Err(Error::OptimizerState(format!(
+                    "`{key}`: expected shape {:?}, found {:?}",
+                    p.spec.shape,
+                    view.shape()
+                )));
+            }
+            let v = decode_f32(key, view.dtype(), view.data())?;
+            match field {
+                "momentum_buffer" => s.momentum_buffer = Some(v),
+                "exp_avg" => s.exp_avg = v,
+                "exp_avg_sq" => s.exp_avg_sq = v,
+                "max_exp_avg_sq" => s.max_exp_avg_sq = v,
+                _ => return Err(Error::OptimizerState(format!("unexpected key `{key}`"))),
+            }
+        }
+        self.state = state;
+        self.steps = steps;
+        Ok(())
+    }
+
+    /// Writes [`Trainer::optimizer_state`] to a file.
+    pub fn save_optimizer_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        std::fs::write(path, self.optimizer_state()?)
+            .map_err(|source| Error::Weights(crate::WeightsError::Io { path: path.display().to_string(), source }))
+    }
+
+    /// Reads a file written by [`Trainer::save_optimizer_state`].
+    pub fn load_optimizer_state_file(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path)
+            .map_err(|source| Error::Weights(crate::WeightsError::Io { path: path.display().to_string(), source }))?;
+        self.load_optimizer_state(&bytes)
+    }
+}
