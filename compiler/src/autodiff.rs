@@ -100,7 +100,9 @@ pub struct BnStats {
 #[derive(Clone, Debug)]
 pub struct TrainGraph {
     /// The training graph. Its parameter table is the forward graph's, so the same weights
-    /// run both. Inputs: the forward's, then the target (or output gradient), then masks.
+    /// run both. Inputs: the forward's in their order, with the Dropout masks and the target
+    /// (or output gradient) at the indices [`TrainGraph::masks`] and
+    /// [`TrainGraph::seed_input`] give.
     pub graph: Graph,
     /// The mode it was built for.
     pub mode: Mode,

@@ -242,6 +242,75 @@ pub struct Gradients {
     pub grads: Vec<(String, ArrayD<f32>)>,
 }
 
+/// BatchNorm's running-statistics update after a training-mode forward, as PyTorch's:
+/// `num_batches_tracked += 1`, then with `m = momentum` (or `1/num_batches_tracked` for
+/// `momentum=None`) `running_mean = (1 − m)·running_mean + m·mean` and `running_var =
+/// (1 − m)·running_var + m·var·n/(n − 1)` (the unbiased variance over `n = N·H·W` values),
+/// in f64. `stats` pairs an index into [`TrainGraph::bn_stats`] with that layer's `[2, C]`
+/// batch statistics output.
+pub fn update_running_stats(
+    weights: &mut Weights,
+    tg: &TrainGraph,
+    stats: &[(usize, ArrayD<f32>)],
+    batch: usize,
+) -> Result<()> {
+    for (k, st) in stats {
+        let s = tg.bn_stats.get(*k).ok_or_else(|| Error::Train(format!("no BatchNorm #{k} in the training graph")))?;
+        let c = st.shape().get(1).copied().unwrap_or(0);
+        if st.shape() != [2, s.bn.num_features] {
+            return Err(Error::Train(format!("BatchNorm2d `{}`: statistics of shape {:?}", s.node, st.shape())));
+        }
+        let nbt = weights.get(s.num_batches_tracked).as_i64().and_then(|a| a.iter().next().copied()).unwrap_or(0) + 1;
+        weights.set(s.num_batches_tracked, ParamData::I64(ArrayD::from_elem(IxDyn(&[]), nbt)))?;
+        let factor = if s.bn.momentum.is_nan() { 1.0 / nbt as f64 } else { s.bn.momentum };
+        let n = (batch * s.plane) as f64;
+        let (Some(rm), Some(rv)) = (weights.f32(s.running_mean), weights.f32(s.running_var)) else {
+            return Err(Error::Train(format!("BatchNorm2d `{}` has no running statistics", s.node)));
+        };
+        let (mut rm, mut rv) = (rm.clone(), rv.clone());
+        for ch in 0..c {
+            let (mean, var) = (f64::from(st[[0, ch]]), f64::from(st[[1, ch]]));
+            let unbiased = var * n / (n - 1.0);
+            rm[[ch]] = (factor * mean + (1.0 - factor) * f64::from(rm[[ch]])) as f32;
+            rv[[ch]] = (factor * unbiased + (1.0 - factor) * f64::from(rv[[ch]])) as f32;
+        }
+        weights.set(s.running_mean, ParamData::F32(rm))?;
+        weights.set(s.running_var, ParamData::F32(rv))?;
+    }
+    Ok(())
+}
+
+/// The training graph's inputs in its order: the forward's inputs, the target (or output
+/// gradient) at [`TrainGraph::seed_input`], each mask at its [`MaskInput`] index.
+///
+/// [`MaskInput`]: cnnc_compiler::autodiff::MaskInput
+pub fn assemble<'b>(
+    tg: &TrainGraph,
+    inputs: &'b [ArrayViewD<'_, f32>],
+    seed: &'b ArrayViewD<'_, f32>,
+    masks: &'b [ArrayViewD<'_, f32>],
+) -> Result<Vec<ArrayViewD<'b, f32>>> {
+    let n = tg.graph.inputs.len();
+    let forward = n - 1 - tg.masks.len();
+    if inputs.len() != forward || masks.len() != tg.masks.len() {
+        return Err(Error::InputCount { net: tg.graph.name.clone(), expected: forward, got: inputs.len() });
+    }
+    let mut all: Vec<Option<ArrayViewD<'b, f32>>> = vec![None; n];
+    let mut rest = inputs.iter();
+    for (i, slot) in all.iter_mut().enumerate() {
+        if i != tg.seed_input && !tg.masks.iter().any(|m| m.input == i) {
+            *slot = rest.next().map(|a| a.view());
+        }
+    }
+    all[tg.seed_input] = Some(seed.view());
+    for (m, v) in tg.masks.iter().zip(masks) {
+        all[m.input] = Some(v.view());
+    }
+    all.into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| Error::InputCount { net: tg.graph.name.clone(), expected: forward, got: inputs.len() })
+}
+
 /// Trains a declared net (see the module docs).
 #[derive(Debug)]
 pub struct Trainer {
@@ -425,8 +494,7 @@ impl Trainer {
         }
         let tg = self.eval_loss.as_ref().ok_or_else(|| Error::Train("no eval graph".into()))?;
         self.check_target(&target)?;
-        let mut all: Vec<ArrayViewD<'_, f32>> = inputs.to_vec();
-        all.push(target);
+        let all = assemble(tg, inputs, &target, &[])?;
         let outs = interp::run(&tg.graph, &self.weights, &all)?;
         let loss = tg.loss.map_or(f32::NAN, |i| outs[i][0]);
         Ok((loss, outs[tg.prediction].clone()))
@@ -488,12 +556,11 @@ impl Trainer {
                 })
                 .collect(),
         };
-        let mut all: Vec<ArrayViewD<'_, f32>> = inputs.iter().map(|a| a.view()).collect();
-        all.push(target.view());
-        match masks {
-            Some(m) => all.extend(m.iter().map(|a| a.view())),
-            None => all.extend(drawn.iter().map(|a| a.view())),
-        }
+        let mask_views: Vec<_> = match masks {
+            Some(m) => m.iter().map(|a| a.view()).collect(),
+            None => drawn.iter().map(|a| a.view()).collect(),
+        };
+        let all = assemble(tg, inputs, &target, &mask_views)?;
         let mut outs = interp::run(&tg.graph, &self.weights, &all)?;
         let loss = tg.loss.map_or(f32::NAN, |i| outs[i][0]);
         let output = outs[tg.prediction].clone();
@@ -518,12 +585,11 @@ impl Trainer {
                 .iter()
                 .map(|m| ArrayD::ones(IxDyn(&tg.graph.node(tg.graph.inputs[m.input].1).ty.concrete(batch))))
                 .collect();
-            let mut all: Vec<ArrayViewD<'_, f32>> = inputs.iter().map(|a| a.view()).collect();
-            all.push(target.view());
-            match masks {
-                Some(m) => all.extend(m.iter().map(|a| a.view())),
-                None => all.extend(drawn.iter().map(|a| a.view())),
-            }
+            let mask_views: Vec<_> = match masks {
+                Some(m) => m.iter().map(|a| a.view()).collect(),
+                None => drawn.iter().map(|a| a.view()).collect(),
+            };
+            let all = assemble(tg, inputs, &target, &mask_views)?;
             interp::first_non_finite(&tg.graph, &self.weights, &all)
         })();
         let tensor = match tensor {
@@ -536,29 +602,7 @@ impl Trainer {
 
     fn update_running_stats(&mut self, stats: &[(usize, ArrayD<f32>)], batch: usize) -> Result<()> {
         let Some(tg) = self.graphs.get(&self.mode) else { return Ok(()) };
-        let batch_of = |s: &ArrayD<f32>| s.shape().get(1).copied().unwrap_or(0);
-        for (k, st) in stats {
-            let s = &tg.bn_stats[*k];
-            let c = batch_of(st);
-            let nbt = self.weights.get(s.num_batches_tracked).as_i64().map_or(0, |a| a.iter().next().copied().unwrap_or(0)) + 1;
-            self.weights.set(s.num_batches_tracked, ParamData::I64(ArrayD::from_elem(IxDyn(&[]), nbt)))?;
-            let factor = if s.bn.momentum.is_nan() { 1.0 / nbt as f64 } else { s.bn.momentum };
-            let n = (batch * s.plane) as f64;
-            let (Some(rm), Some(rv)) = (self.weights.f32(s.running_mean), self.weights.f32(s.running_var)) else {
-                return Err(Error::Train(format!("BatchNorm2d `{}` has no running statistics", s.node)));
-            };
-            let mut rm = rm.clone();
-            let mut rv = rv.clone();
-            for ch in 0..c {
-                let (mean, var) = (f64::from(st[[0, ch]]), f64::from(st[[1, ch]]));
-                let unbiased = var * n / (n - 1.0);
-                rm[[ch]] = (factor * mean + (1.0 - factor) * f64::from(rm[[ch]])) as f32;
-                rv[[ch]] = (factor * unbiased + (1.0 - factor) * f64::from(rv[[ch]])) as f32;
-            }
-            self.weights.set(s.running_mean, ParamData::F32(rm))?;
-            self.weights.set(s.running_var, ParamData::F32(rv))?;
-        }
-        Ok(())
+        update_running_stats(&mut self.weights, tg, stats, batch)
     }
 
     /// torch.optim's state as safetensors: per parameter `<key>.step` (I64) and, as the

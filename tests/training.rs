@@ -1,0 +1,272 @@
+//! Training against PyTorch (fixtures made by `tests/fixtures/make.py train`): every backward
+//! op's gradients (layer by layer, and a net with cat / residual add / mean / amax), every
+//! loss and its gradient, BatchNorm's running statistics, a few optimizer steps of whole nets
+//! (LeNet, the CIFAR-10 net, a residual net with BatchNorm and Dropout, with SGD variants,
+//! Adam, AdamW and AMSGrad), and seed 004's edge-kernel loop.
+//!
+//! Tolerance: every tensor within 1e-4 of its largest magnitude (`rel_err`; after Adam-family
+//! steps also 1% of lr per step, see below), losses within 1e-4 relative, the edge kernel's
+//! within 1e-5.
+
+use cnnc::Graph;
+use cnnc::compiler::autodiff::{self, GradSpec, Mode, Seed};
+use cnnc::compiler::dsl::compile_str;
+use cnnc::compiler::ops::train::{Loss, Reduction, TrainOp};
+use cnnc::compiler::ops::Op;
+use cnnc::runtime::interp;
+use cnnc::runtime::train::{Adam, Optimizer, Sgd, Trainer, update_running_stats};
+use cnnc::runtime::weights::{ParamData, Weights};
+use ndarray::{ArrayD, IxDyn};
+use safetensors::SafeTensors;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixture(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train").join(path)
+}
+
+fn tensors(path: &str) -> HashMap<String, ArrayD<f32>> {
+    let bytes = std::fs::read(fixture(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.iter()
+        .map(|(k, t)| {
+            let v: Vec<f32> = match t.dtype() {
+                safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                safetensors::Dtype::I64 => t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+                    .collect(),
+                other => panic!("{k}: {other:?}"),
+            };
+            (k.to_string(), ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap())
+        })
+        .collect()
+}
+
+fn json(path: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(path)).unwrap()).unwrap()
+}
+
+/// Largest |a − b| relative to max |b|.
+fn rel_err(what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "{what}: shape");
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn assert_close(what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>, tol: f32) -> f32 {
+    let e = rel_err(what, a, b);
+    assert!(e <= tol, "{what}: relative error {e:e} > {tol:e}\n got {a}\nwant {b}");
+    e
+}
+
+fn compile(src: &str) -> Graph {
+    let out = compile_str(src);
+    assert!(!out.has_errors(), "{:?}", out.errors().map(|d| d.full_message()).collect::<Vec<_>>());
+    out.nets.last().expect("a net").clone()
+}
+
+fn weight_tensor(w: &Weights, g: &Graph, key: &str) -> ArrayD<f32> {
+    match w.by_name(g, key).unwrap_or_else(|| panic!("{key}")) {
+        ParamData::F32(a) => a.clone(),
+        ParamData::I64(a) => a.mapv(|v| v as f32),
+    }
+}
+
+#[test]
+fn every_backward_op_matches_pytorch_autograd() {
+    let manifest = json("grads.json");
+    let mut worst = 0f32;
+    let cases = manifest.as_array().unwrap();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let graph = compile(case["source"].as_str().unwrap());
+        let weights = Weights::load(&graph, fixture(&format!("{name}.weights.safetensors"))).unwrap();
+        let io = tensors(&format!("{name}.io.safetensors"));
+        let mode = if case["mode"] == "eval" { Mode::Eval } else { Mode::Train };
+        let spec = GradSpec { seed: Seed::OutputGrad, output: None, mode, params: true, wrt: vec!["x".into()] };
+        let tg = autodiff::build(&graph, &spec).unwrap_or_else(|e| panic!("{name}: {e}"));
+        tg.graph.verify().unwrap();
+        let outs = interp::run(&tg.graph, &weights, &[io["x"].view(), io["dy"].view()]).unwrap();
+        worst = worst.max(assert_close(&format!("{name}: y"), &outs[tg.prediction], &io["y"], TOLERANCE));
+        worst = worst.max(assert_close(&format!("{name}: dx"), &outs[tg.node_grads[0].1], &io["dx"], TOLERANCE));
+        let expected_grads: Vec<&String> = io.keys().filter(|k| k.starts_with("grad.")).collect();
+        assert_eq!(tg.param_grads.len(), expected_grads.len(), "{name}: parameter gradients");
+        for (pid, out) in &tg.param_grads {
+            let key = format!("grad.{}", graph.param(*pid).name);
+            worst = worst.max(assert_close(&format!("{name}: {key}"), &outs[*out], &io[&key], TOLERANCE));
+        }
+        // Training-mode BatchNorm: the running statistics after the forward.
+        if !tg.bn_stats.is_empty() {
+            let mut w = weights.clone();
+            let stats: Vec<(usize, ArrayD<f32>)> =
+                tg.bn_stats.iter().enumerate().map(|(k, s)| (k, outs[s.output].clone())).collect();
+            update_running_stats(&mut w, &tg, &stats, io["x"].shape()[0]).unwrap();
+            for p in &graph.params {
+                let after = &io[&format!("after.{}", p.name)];
+                let got = weight_tensor(&w, &graph, &p.name);
+                worst = worst.max(assert_close(&format!("{name}: after {}", p.name), &got, after, TOLERANCE));
+            }
+        }
+    }
+    assert!(cases.len() >= 40);
+    println!("{} gradient cases, worst relative error {worst:e}", cases.len());
+}
+
+fn loss_from_torch(text: &str) -> Loss {
+    let reduction = if text.contains("\"sum\"") { Reduction::Sum } else { Reduction::Mean };
+    if text.starts_with("MSELoss") {
+        Loss::Mse { reduction }
+    } else if text.starts_with("CrossEntropyLoss") {
+        let label_smoothing = text
+            .split("label_smoothing=")
+            .nth(1)
+            .map_or(0.0, |s| s.trim_end_matches(')').parse().unwrap());
+        Loss::CrossEntropy { reduction, label_smoothing }
+    } else {
+        let pos_weight = text.split("torch.tensor([").nth(1).map(|s| {
+            s.split(']').next().unwrap().split(',').map(|v| v.trim().parse().unwrap()).collect()
+        });
+        Loss::BceWithLogits { reduction, pos_weight }
+    }
+}
+
+#[test]
+fn losses_and_their_gradients_match_pytorch() {
+    let t = tensors("losses.safetensors");
+    for case in json("losses.json").as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let loss = loss_from_torch(case["torch"].as_str().unwrap());
+        let src = "net P(x: [N, 3]) = Sequential(Linear(3, 3));";
+        let graph = compile(src);
+        // Differentiate the loss of the prediction itself: feed it as the output of an
+        // identity Linear and read the gradient with respect to the input.
+        let mut w = Weights::random(&graph, 0);
+        w.set(cnnc::compiler::ParamId(0), ParamData::F32(ArrayD::from_shape_fn(IxDyn(&[3, 3]), |i| if i[0] == i[1] { 1.0 } else { 0.0 }))).unwrap();
+        w.set(cnnc::compiler::ParamId(1), ParamData::F32(ArrayD::zeros(IxDyn(&[3])))).unwrap();
+        let spec = GradSpec { seed: Seed::Loss(loss), output: None, mode: Mode::Train, params: true, wrt: vec!["x".into()] };
+        let tg = autodiff::build(&graph, &spec).unwrap();
+        let pred = &t[&format!("{name}.pred")];
+        let target = &t[&format!("{name}.target")];
+        let outs = interp::run(&tg.graph, &w, &[pred.view(), target.view()]).unwrap();
+        assert_close(&format!("{name}: loss"), &outs[tg.loss.unwrap()], &t[&format!("{name}.loss")], 1e-6);
+        assert_close(&format!("{name}: grad"), &outs[tg.node_grads[0].1], &t[&format!("{name}.grad")], 1e-6);
+    }
+}
+
+fn optimizer_from(run: &Value) -> Optimizer {
+    let s = &run["settings"];
+    let f = |k: &str, d: f64| s.get(k).and_then(Value::as_f64).unwrap_or(d);
+    let b = |k: &str| s.get(k).and_then(Value::as_bool).unwrap_or(false);
+    match run["optimizer"].as_str().unwrap() {
+        "SGD" => Optimizer::Sgd(Sgd {
+            lr: f("lr", 0.0),
+            momentum: f("momentum", 0.0),
+            dampening: f("dampening", 0.0),
+            nesterov: b("nesterov"),
+            weight_decay: f("weight_decay", 0.0),
+        }),
+        kind @ ("Adam" | "AdamW") => {
+            let betas = s.get("betas").and_then(Value::as_array).map_or((0.9, 0.999), |v| {
+                (v[0].as_f64().unwrap(), v[1].as_f64().unwrap())
+            });
+            let decoupled = kind == "AdamW";
+            Optimizer::Adam(Adam {
+                lr: f("lr", 1e-3),
+                betas,
+                eps: f("eps", 1e-8),
+                weight_decay: f("weight_decay", if decoupled { 0.01 } else { 0.0 }),
+                amsgrad: b("amsgrad"),
+                decoupled,
+            })
+        }
+        other => panic!("{other}"),
+    }
+}
+
+fn run_source(run: &Value) -> String {
+    match run["source"].as_str() {
+        Some(s) => s.to_string(),
+        None => {
+            let net = run["net"].as_str().unwrap();
+            std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("examples/nets/{net}.cnn")))
+                .unwrap()
+        }
+    }
+}
+
+#[test]
+fn optimizer_steps_of_whole_nets_match_torch_optim() {
+    for run in json("runs.json").as_array().unwrap() {
+        let name = run["name"].as_str().unwrap();
+        let graph = compile(&run_source(run));
+        let weights = Weights::load(&graph, fixture(&format!("{name}.initial.safetensors"))).unwrap();
+        let t = tensors(&format!("{name}.steps.safetensors"));
+        let loss = loss_from_torch(run["loss"].as_str().unwrap());
+        let mut trainer = Trainer::new(&graph, weights, loss, optimizer_from(run)).unwrap();
+        let steps = run["steps"].as_u64().unwrap() as usize;
+        for s in 0..steps {
+            let x = &t[&format!("step{s}.x")];
+            let y = &t[&format!("step{s}.y")];
+            let masks: Vec<_> = t.get(&format!("step{s}.mask")).into_iter().map(|m| m.view()).collect();
+            let masks = if masks.is_empty() { None } else { Some(masks.as_slice()) };
+            let step = trainer.step_with(&[x.view()], y.view(), masks).unwrap();
+            let want = t["losses"][[s]];
+            assert!((step.loss - want).abs() <= TOLERANCE * want.abs().max(1e-3), "{name} step {s}: loss {} vs {want}", step.loss);
+        }
+        // Adam's update is normalised per element (±lr for any gradient well above eps), so
+        // it amplifies f32 rounding of near-zero gradients: its runs may also differ by 1% of
+        // the largest move the optimizer can make (lr per step).
+        let slack = match optimizer_from(run) {
+            Optimizer::Adam(a) => 0.01 * a.lr as f32 * steps as f32,
+            Optimizer::Sgd(_) => 0.0,
+        };
+        let mut worst = 0f32;
+        for p in &graph.params {
+            let got = weight_tensor(trainer.weights(), &graph, &p.name);
+            let want = &t[&format!("final.{}", p.name)];
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            worst = worst.max(assert_close(&format!("{name}: {}", p.name), &got, want, TOLERANCE + slack / scale));
+        }
+        println!("{name}: {steps} steps, worst parameter/buffer error {worst:e}");
+    }
+}
+
+#[test]
+fn seed_004_edge_kernel_loss_sequence_is_pytorchs() {
+    let f = json("edge_kernel.json");
+    let graph = compile("net Edge(x: [N, 1, 6, 8]) = Sequential(Conv2d(1, 1, kernel_size = (1, 2), bias = False));");
+    let init: Vec<f32> = f["initial_weight"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let mut w = Weights::random(&graph, 0);
+    w.set(cnnc::compiler::ParamId(0), ParamData::F32(ArrayD::from_shape_vec(IxDyn(&[1, 1, 1, 2]), init).unwrap())).unwrap();
+    let x = ArrayD::from_shape_fn(IxDyn(&[1, 1, 6, 8]), |i| if (2..6).contains(&i[3]) { 0f32 } else { 1.0 });
+    let y = ArrayD::from_shape_fn(IxDyn(&[1, 1, 6, 7]), |i| x[[0, 0, i[2], i[3]]] - x[[0, 0, i[2], i[3] + 1]]);
+    let mut trainer = Trainer::new(&graph, w, Loss::Mse { reduction: Reduction::Sum }, Optimizer::sgd(0.03)).unwrap();
+    for (i, want) in f["losses"].as_array().unwrap().iter().enumerate() {
+        let want = want.as_f64().unwrap();
+        let got = f64::from(trainer.step(x.view(), y.view()).unwrap().loss);
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1e-6) + 1e-9, "step {i}: {got} vs PyTorch {want}");
+    }
+    let fin = trainer.weights().f32(cnnc::compiler::ParamId(0)).unwrap();
+    for (k, want) in f["final_weight"].as_array().unwrap().iter().enumerate() {
+        assert!((f64::from(fin[[0, 0, 0, k]]) - want.as_f64().unwrap()).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn training_graphs_hold_no_inference_rewrites_and_verify() {
+    let graph = compile(&run_source(&serde_json::json!({"net": "lenet"})));
+    let tg = autodiff::build(&graph, &GradSpec::training(Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 })).unwrap();
+    tg.graph.verify().unwrap();
+    // 10 learnable tensors, each with one gradient output.
+    assert_eq!(tg.param_grads.len(), 10);
+    let kinds: Vec<&str> = tg.graph.node_ids().iter().map(|id| tg.graph.node(*id).op.kind()).collect();
+    assert!(kinds.contains(&"Conv2dInputGrad") && kinds.contains(&"Conv2dWeightGrad") && kinds.contains(&"AvgPool2dGrad"));
+    // The first conv's input gradient is never needed.
+    let input_grads = tg.graph.node_ids().iter().filter(|id| matches!(tg.graph.node(**id).op, Op::Train(TrainOp::ConvInputGrad(..)))).count();
+    assert_eq!(input_grads, 1);
+}
