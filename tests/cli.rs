@@ -76,10 +76,10 @@ fn help_lists_every_command_with_examples() {
     let o = cnnc(&["--help"]);
     status(&o, 0);
     let out = stdout(&o);
-    for cmd in ["check", "summary", "dot", "fuse-report", "run", "bench", "Examples:"] {
+    for cmd in ["check", "summary", "dot", "fuse-report", "run", "bench", "train", "Examples:"] {
         assert!(out.contains(cmd), "`{cmd}` missing from --help:\n{out}");
     }
-    for cmd in ["check", "summary", "dot", "fuse-report", "run", "bench"] {
+    for cmd in ["check", "summary", "dot", "fuse-report", "run", "bench", "train"] {
         let o = cnnc(&[cmd, "--help"]);
         status(&o, 0);
         assert!(stdout(&o).contains("Examples:"), "{cmd} --help:\n{}", stdout(&o));
@@ -566,4 +566,141 @@ fn batches_that_cannot_fit_in_memory_are_refused() {
     let o = cnnc(&["run", path_str(&net), "--input", path_str(&x)]);
     fails(&o, 1, "a batch of 1024 does not fit in memory: `0` (Linear) alone is 4294967295 f32 values per sample");
     assert!(stderr(&o).contains("16.0 TiB for the batch"), "{}", stderr(&o));
+}
+
+// ---- cnnc train --------------------------------------------------------------------------
+
+/// Writes an `.npz` with `x` (f32) and `y` (f32 or i64).
+fn write_npz(path: &Path, x: &ArrayD<f32>, y: Result<&ArrayD<f32>, &ArrayD<i64>>) {
+    let mut npz = ndarray_npy::NpzWriter::new(std::fs::File::create(path).unwrap());
+    npz.add_array("x", x).unwrap();
+    match y {
+        Ok(y) => npz.add_array("y", y).unwrap(),
+        Err(y) => npz.add_array("y", y).unwrap(),
+    }
+    npz.finish().unwrap();
+}
+
+fn edge_data() -> (ArrayD<f32>, ArrayD<f32>) {
+    let x = ArrayD::from_shape_fn(IxDyn(&[1, 1, 6, 8]), |i| if (2..6).contains(&i[3]) { 0f32 } else { 1.0 });
+    let y = ArrayD::from_shape_fn(IxDyn(&[1, 1, 6, 7]), |i| x[[0, 0, i[2], i[3]]] - x[[0, 0, i[2], i[3] + 1]]);
+    (x, y)
+}
+
+#[test]
+fn train_seed_004_edge_kernel_gives_pytorchs_losses_and_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, y) = edge_data();
+    let data = dir.path().join("edge.npz");
+    write_npz(&data, &x, Ok(&y));
+    // PyTorch's initial weight (torch.manual_seed(0)) as the --weights file.
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(Path::new(ROOT).join("tests/fixtures/train/edge_kernel.json")).unwrap()).unwrap();
+    let init: Vec<f32> = f["initial_weight"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let graph = cnnc::compiler::dsl::compile_str(&std::fs::read_to_string(Path::new(ROOT).join("examples/nets/conv1x2.cnn")).unwrap()).nets[0].clone();
+    let mut w = cnnc::runtime::weights::Weights::random(&graph, 0);
+    w.set(cnnc::compiler::ParamId(0), cnnc::runtime::weights::ParamData::F32(ArrayD::from_shape_vec(IxDyn(&[1, 1, 1, 2]), init).unwrap())).unwrap();
+    let init_path = dir.path().join("init.safetensors");
+    w.save(&graph, &init_path).unwrap();
+    let out = dir.path().join("edge.safetensors");
+    let o = cnnc(&[
+        "train", "examples/nets/conv1x2.cnn", "--data", path_str(&data), "--weights", path_str(&init_path),
+        "--loss", "mse", "--reduction", "sum", "--optimizer", "sgd", "--lr", "0.03", "--batch-size", "1",
+        "--epochs", "20", "--no-shuffle", "--json", "--save", path_str(&out),
+    ]);
+    status(&o, 0);
+    let lines: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 21, "20 steps and a summary");
+    for (line, want) in lines.iter().zip(f["losses"].as_array().unwrap()) {
+        let (got, want) = (line["loss"].as_f64().unwrap(), want.as_f64().unwrap());
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1e-6) + 1e-9, "{got} vs PyTorch {want}");
+    }
+    assert_eq!(lines[20]["steps"], 20);
+    assert!(stderr(&o).contains("epoch 20: loss"));
+    let saved = std::fs::read(&out).unwrap();
+    let st = SafeTensors::deserialize(&saved).unwrap();
+    let wt: Vec<f32> = st.tensor("0.weight").unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    for (g, want) in wt.iter().zip(f["final_weight"].as_array().unwrap()) {
+        assert!((f64::from(*g) - want.as_f64().unwrap()).abs() < 1e-5);
+    }
+    // The write went through a temporary file that is gone.
+    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
+}
+
+#[test]
+fn train_lenet_on_digits_with_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = heldout("images");
+    let bytes = std::fs::read(fixture("heldout.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("labels").unwrap();
+    let labels: ArrayD<i64> = ArrayD::from_shape_vec(
+        IxDyn(t.shape()),
+        t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
+    )
+    .unwrap();
+    let (train, val) = (dir.path().join("train.npz"), dir.path().join("val.npz"));
+    let xs = x.slice_axis(Axis(0), ndarray::Slice::from(0..200)).to_owned();
+    let ys = labels.slice_axis(Axis(0), ndarray::Slice::from(0..200)).to_owned();
+    write_npz(&train, &xs, Err(&ys));
+    write_npz(&val, &x.slice_axis(Axis(0), ndarray::Slice::from(200..360)).to_owned(), Err(&labels.slice_axis(Axis(0), ndarray::Slice::from(200..360)).to_owned()));
+    let out = dir.path().join("lenet.safetensors");
+    let o = cnnc(&[
+        "train", "examples/nets/lenet.cnn", "--data", path_str(&train), "--val", path_str(&val), "--optimizer",
+        "adam", "--lr", "3e-3", "--batch-size", "64", "--epochs", "2", "--save", path_str(&out),
+    ]);
+    status(&o, 0);
+    let err = stderr(&o);
+    for needle in ["epoch 1: loss", "epoch 2: loss", "accuracy", "val loss", "saved"] {
+        assert!(err.contains(needle), "`{needle}` not in:\n{err}");
+    }
+    // The saved state_dict runs.
+    let npy = dir.path().join("x.npy");
+    write_npy(&npy, &xs).unwrap();
+    status(&cnnc(&["run", "examples/nets/lenet.cnn", "--weights", path_str(&out), "--input", path_str(&npy)]), 0);
+}
+
+#[test]
+fn train_rejects_bad_data_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let x = ArrayD::<f32>::zeros(IxDyn(&[4, 1, 28, 28]));
+    let lenet = "examples/nets/lenet.cnn";
+    // Float targets for cross-entropy.
+    write_npz(&p("f.npz"), &x, Ok(&ArrayD::zeros(IxDyn(&[4]))));
+    fails(&cnnc(&["train", lenet, "--data", path_str(&p("f.npz"))]), 1, "int64");
+    // A class index past the last class.
+    write_npz(&p("c.npz"), &x, Err(&ArrayD::from_elem(IxDyn(&[4]), 10i64)));
+    fails(&cnnc(&["train", lenet, "--data", path_str(&p("c.npz"))]), 1, "class index 10");
+    // Targets of the wrong shape.
+    write_npz(&p("s.npz"), &x, Err(&ArrayD::zeros(IxDyn(&[3]))));
+    fails(&cnnc(&["train", lenet, "--data", path_str(&p("s.npz"))]), 1, "samples");
+    // x of the wrong shape for the net.
+    write_npz(&p("x.npz"), &ArrayD::zeros(IxDyn(&[4, 3, 28, 28])), Err(&ArrayD::zeros(IxDyn(&[4]))));
+    fails(&cnnc(&["train", lenet, "--data", path_str(&p("x.npz"))]), 1, "[N, 1, 28, 28]");
+    // BCE targets outside [0, 1].
+    let (ex, ey) = edge_data();
+    write_npz(&p("b.npz"), &ex, Ok(&ey));
+    fails(&cnnc(&["train", "examples/nets/conv1x2.cnn", "--data", path_str(&p("b.npz")), "--loss", "bce_with_logits"]), 1, "[0, 1]");
+    // A net with nothing to learn.
+    std::fs::write(p("relu.cnn"), "net R(x: [N, 1, 6, 8]) = Sequential(AvgPool2d((1, 2), stride = 1), ReLU());\n").unwrap();
+    fails(&cnnc(&["train", path_str(&p("relu.cnn")), "--data", path_str(&p("b.npz")), "--loss", "mse"]), 1, "no learnable parameter");
+    // A loss that blows up names the step and the first non-finite tensor.
+    let o = cnnc(&["train", "examples/nets/conv1x2.cnn", "--data", path_str(&p("b.npz")), "--loss", "mse", "--lr", "1e30", "--batch-size", "1", "--epochs", "50"]);
+    fails(&o, 1, "is not finite; the first non-finite tensor is `");
+    assert!(stderr(&o).contains("step "), "{}", stderr(&o));
+    // Not an npz; missing arrays; usage errors.
+    std::fs::write(p("junk.npz"), b"not a zip").unwrap();
+    fails(&cnnc(&["train", lenet, "--data", path_str(&p("junk.npz"))]), 1, "not a valid .npz");
+    let mut npz = ndarray_npy::NpzWriter::new(std::fs::File::create(p("nox.npz")).unwrap());
+    npz.add_array("images", &x).unwrap();
+    npz.finish().unwrap();
+    fails(&cnnc(&["train", lenet, "--data", path_str(&p("nox.npz"))]), 1, "no array `x`");
+    fails(&cnnc(&["train", lenet, "--data", path_str(&p("c.npz")), "--batch-size", "0"]), 2, "--batch-size");
+    fails(&cnnc(&["train", lenet, "--data", path_str(&p("c.npz")), "--optimizer", "adam", "--betas", "0.9"]), 2, "--betas");
+    fails(&cnnc(&["train", lenet, "--data", path_str(&p("c.npz")), "--nesterov"]), 2, "Nesterov");
+    // Nothing was written for a failed run.
+    let o = cnnc(&["train", lenet, "--data", path_str(&p("c.npz")), "--save", path_str(&p("never.safetensors"))]);
+    status(&o, 1);
+    assert!(!p("never.safetensors").exists());
 }

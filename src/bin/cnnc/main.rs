@@ -1,6 +1,7 @@
 //! `cnnc`: the command-line tool for nets kept in `.cnn` files (the grammar of `cnn! { … }`).
 //!
-//! Commands: `check`, `summary`, `dot`, `fuse-report`, `run`, `bench` — see `docs/cli.md`.
+//! Commands: `check`, `summary`, `dot`, `fuse-report`, `run`, `bench`, `train` — see
+//! `docs/cli.md`.
 //! Exit status: 0 on success, 1 when an input (a `.cnn`, `.npy` or `.safetensors` file) is
 //! wrong, 2 when the command line is (unknown option, bad `--input` shape, missing `dot`).
 //! Every failure is one `error: …` message on stderr, never a panic.
@@ -14,6 +15,7 @@ mod npy;
 mod run;
 mod source;
 mod summary;
+mod train;
 
 use clap::{Parser, Subcommand};
 use fail::Fail;
@@ -89,6 +91,24 @@ Examples:
   cnnc bench examples/nets/resnet18.cnn --input N,3,64,64 --batch 8 --iters 20 --time 2
   cnnc bench examples/nets/cifar10.cnn --batch 32 --json")]
     Bench(bench::BenchArgs),
+    /// Train a net on `.npz` data: a loss, a torch.optim optimizer, per-epoch loss and accuracy.
+    #[command(after_help = "\
+The data is an .npz with arrays x (float32 [N, ...]) and y (int64 class indices for
+cross_entropy, float32 targets for mse and bce_with_logits). Per-epoch loss, accuracy and time
+go to stderr (a progress bar on a terminal); --json prints one JSON object per step on stdout,
+then a summary. --save writes the trained state_dict (loadable with load_state_dict).
+
+Examples:
+  cnnc train examples/nets/lenet.cnn --data train.npz --val val.npz --optimizer adam --lr 3e-3 --epochs 10 --batch-size 32 --save lenet.safetensors
+  cnnc train examples/nets/conv1x2.cnn --data edge.npz --loss mse --reduction sum --lr 0.03 --batch-size 1 --epochs 20 --no-shuffle")]
+    Train(train::TrainArgs),
+}
+
+/// Prints a value as one line of JSON on stdout.
+fn print_json_line<T: serde::Serialize>(value: &T) -> Result<(), Fail> {
+    let text = serde_json::to_string(value).map_err(|e| fail::input(format!("cannot encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
 }
 
 /// Prints a value as pretty JSON on stdout.
@@ -133,6 +153,7 @@ fn main() {
         Command::FuseReport(a) => fusion::run(a),
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train::run(a),
     };
     if let Err(e) = result {
         if !e.message.is_empty() {
