@@ -270,3 +270,114 @@ fn training_graphs_hold_no_inference_rewrites_and_verify() {
     let input_grads = tg.graph.node_ids().iter().filter(|id| matches!(tg.graph.node(**id).op, Op::Train(TrainOp::ConvInputGrad(..)))).count();
     assert_eq!(input_grads, 1);
 }
+
+fn lenet_batch(seed: u64) -> (ArrayD<f32>, ArrayD<f32>) {
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let x = ArrayD::from_shape_simple_fn(IxDyn(&[4, 1, 28, 28]), &mut next);
+    let y = ArrayD::from_shape_fn(IxDyn(&[4]), |i| ((i[0] * 3 + seed as usize) % 10) as f32);
+    (x, y)
+}
+
+#[test]
+fn optimizer_state_saves_and_resumes_exactly() {
+    let graph = compile(&run_source(&serde_json::json!({"net": "lenet"})));
+    let ce = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 };
+    for opt in [
+        Optimizer::Sgd(Sgd { lr: 0.1, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 1e-4 }),
+        Optimizer::Adam(Adam { amsgrad: true, ..match Optimizer::adamw(1e-3) { Optimizer::Adam(a) => a, _ => unreachable!() } }),
+    ] {
+        let mut a = Trainer::new(&graph, Weights::random(&graph, 3), ce.clone(), opt).unwrap();
+        for s in 0..2 {
+            let (x, y) = lenet_batch(s);
+            a.step(x.view(), y.view()).unwrap();
+        }
+        let state = a.optimizer_state().unwrap();
+        // A fresh trainer from the saved weights and optimizer state continues identically.
+        let mut b = Trainer::new(&graph, a.weights().clone(), ce.clone(), opt).unwrap();
+        b.load_optimizer_state(&state).unwrap();
+        assert_eq!(b.steps(), 2);
+        let (x, y) = lenet_batch(7);
+        let la = a.step(x.view(), y.view()).unwrap().loss;
+        let lb = b.step(x.view(), y.view()).unwrap().loss;
+        assert_eq!(la, lb);
+        assert_eq!(a.weights(), b.weights(), "{}", opt.name());
+        // State of another optimizer kind is refused, and changes nothing.
+        let mut c = Trainer::new(&graph, Weights::random(&graph, 3), ce.clone(), Optimizer::sgd(0.1)).unwrap();
+        if opt.name() != "SGD" {
+            assert!(c.load_optimizer_state(&state).unwrap_err().to_string().contains("this trainer uses SGD"));
+            assert_eq!(c.steps(), 0);
+        }
+        assert!(c.load_optimizer_state(b"junk").is_err());
+    }
+}
+
+#[test]
+fn eval_mode_uses_running_statistics_and_compiles() {
+    let run = &json("runs.json").as_array().unwrap().iter().find(|r| r["net"] == "bnnet").unwrap().clone();
+    let graph = compile(&run_source(run));
+    let mut w = Weights::random(&graph, 1);
+    w.randomize_batchnorm(&graph, 1);
+    let bce = Loss::BceWithLogits { reduction: Reduction::Mean, pos_weight: None };
+    let mut t = Trainer::new(&graph, w.clone(), bce, Optimizer::sgd(0.05)).unwrap();
+    let x = ArrayD::from_shape_fn(IxDyn(&[5, 1, 8, 8]), |i| ((i[0] * 13 + i[2] * 7 + i[3]) % 11) as f32 / 5.0 - 1.0);
+    let y = ArrayD::from_shape_fn(IxDyn(&[5, 1]), |i| (i[0] % 2) as f32);
+    // Eval mode: the output is the inference interpreter's on the same weights.
+    t.eval();
+    let (_, out) = t.evaluate(&[x.view()], y.view()).unwrap();
+    let reference = interp::run(&graph, &w, &[x.view()]).unwrap();
+    assert_close("eval output", &out, &reference[0], 1e-6);
+    // A step in eval mode leaves the running statistics alone; one in train mode moves them.
+    t.step(x.view(), y.view()).unwrap();
+    let rm = |t: &Trainer| weight_tensor(t.weights(), &graph, "bn1.running_mean");
+    assert_eq!(rm(&t), weight_tensor(&w, &graph, "bn1.running_mean"));
+    t.train();
+    t.step(x.view(), y.view()).unwrap();
+    assert_ne!(rm(&t), weight_tensor(&w, &graph, "bn1.running_mean"));
+    assert_eq!(weight_tensor(t.weights(), &graph, "bn1.num_batches_tracked")[[]], 1.0, "one training-mode step");
+    // The JIT eval model of the trained weights agrees with the interpreter.
+    let jit = t.compile(&cnnc::runtime::Options { threads: 1, ..Default::default() }).unwrap();
+    let a = jit.run(&[x.view()]).unwrap();
+    let b = interp::run(&graph, t.weights(), &[x.view()]).unwrap();
+    assert_close("JIT eval", &a[0], &b[0], 1e-4);
+    // BatchNorm in training mode over one value per channel is refused, as in PyTorch.
+    let q = compile("net Q(x: [N, 2, 1, 1]) = Sequential(Conv2d(2, 2, 1), BatchNorm2d(2), Flatten());");
+    let mut t = Trainer::new(&q, Weights::random(&q, 0), Loss::Mse { reduction: Reduction::Mean }, Optimizer::sgd(0.1)).unwrap();
+    let e = t.step(ArrayD::zeros(IxDyn(&[1, 2, 1, 1])).view(), ArrayD::zeros(IxDyn(&[1, 2])).view()).unwrap_err();
+    assert!(e.to_string().contains("more than 1 value per channel"), "{e}");
+    assert_eq!(t.steps(), 0);
+}
+
+#[test]
+fn autodiff_errors_name_what_is_wrong() {
+    use cnnc::compiler::autodiff::AutodiffError;
+    let lenet = compile(&run_source(&serde_json::json!({"net": "lenet"})));
+    let ce = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 };
+    // Unknown layer, with a suggestion.
+    let spec = GradSpec { wrt: vec!["7.wieght".into()], ..GradSpec::training(ce.clone()) };
+    let e = autodiff::build(&lenet, &spec).unwrap_err();
+    assert!(matches!(e, AutodiffError::UnknownNode { .. }), "{e}");
+    // A layer path names the module's last node.
+    let spec = GradSpec { wrt: vec!["3".into()], ..GradSpec::training(ce.clone()) };
+    let tg = autodiff::build(&lenet, &spec).unwrap();
+    assert_eq!(tg.graph.node(tg.graph.outputs[tg.node_grads[0].1].1).ty.dims, vec![16, 10, 10]);
+    // A loss that does not fit the output.
+    let e = autodiff::build(&lenet, &GradSpec::training(Loss::BceWithLogits { reduction: Reduction::Mean, pos_weight: Some(vec![1.0; 3]) })).unwrap_err();
+    assert!(e.to_string().contains("pos_weight has 3 values"), "{e}");
+    // The fused graph is refused.
+    let fused = cnnc::runtime::fusion_check::optimize(&lenet, &Weights::random(&lenet, 0)).unwrap().graph;
+    assert!(fused.node_ids().iter().any(|id| matches!(&fused.node(*id).op, Op::Conv2d(c) if !c.epilogue.is_empty())));
+    assert!(matches!(autodiff::build(&fused, &GradSpec::training(ce.clone())), Err(AutodiffError::Fused { .. })));
+    // Several outputs and none named.
+    let two = compile(&std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/nets/nonlinear.cnn")).unwrap());
+    assert!(matches!(autodiff::build(&two, &GradSpec::training(ce.clone())), Err(AutodiffError::AmbiguousOutput { .. })));
+    let spec = GradSpec { output: Some("output".into()), ..GradSpec::training(ce) };
+    autodiff::build(&two, &spec).unwrap();
+    // Nothing to learn.
+    let pool = compile("net P(x: [N, 1, 4, 4]) = Sequential(MaxPool2d(2), Flatten());");
+    let e = autodiff::build(&pool, &GradSpec::training(Loss::Mse { reduction: Reduction::Mean })).unwrap_err();
+    assert!(matches!(e, AutodiffError::NothingToDifferentiate { .. }), "{e}");
+}
