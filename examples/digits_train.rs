@@ -71,7 +71,8 @@ fn accuracy(logits: &ArrayD<f32>, y: &Array1<f32>) -> f64 {
         .outer_iter()
         .zip(y)
         .filter(|(row, t)| {
-            let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
+            let best =
+                row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
             best.0 as f32 == **t
         })
         .count();
@@ -86,7 +87,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     let graph = zoo::LeNet::graph();
     let loss = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 };
     let mut trainer = Trainer::new(&graph, Weights::random(&graph, 0), loss, Optimizer::adam(3e-3))?;
-    println!("LeNet ({} parameters), {} training / {} held-out digits, Adam lr 3e-3, batch 32", graph.param_count(), y_train.len(), y_test.len());
+    println!(
+        "LeNet ({} parameters), {} training / {} held-out digits, Adam lr 3e-3, batch 32",
+        graph.param_count(),
+        y_train.len(),
+        y_test.len()
+    );
     let mut order: Vec<usize> = (0..y_train.len()).collect();
     let mut rng = 0u64;
     let start = Instant::now();

@@ -594,18 +594,48 @@ fn train_seed_004_edge_kernel_gives_pytorchs_losses_and_saves() {
     let data = dir.path().join("edge.npz");
     write_npz(&data, &x, Ok(&y));
     // PyTorch's initial weight (torch.manual_seed(0)) as the --weights file.
-    let f: Value = serde_json::from_str(&std::fs::read_to_string(Path::new(ROOT).join("tests/fixtures/train/edge_kernel.json")).unwrap()).unwrap();
+    let f: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(ROOT).join("tests/fixtures/train/edge_kernel.json")).unwrap(),
+    )
+    .unwrap();
     let init: Vec<f32> = f["initial_weight"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-    let graph = cnnc::compiler::dsl::compile_str(&std::fs::read_to_string(Path::new(ROOT).join("examples/nets/conv1x2.cnn")).unwrap()).nets[0].clone();
+    let graph = cnnc::compiler::dsl::compile_str(
+        &std::fs::read_to_string(Path::new(ROOT).join("examples/nets/conv1x2.cnn")).unwrap(),
+    )
+    .nets[0]
+        .clone();
     let mut w = cnnc::runtime::weights::Weights::random(&graph, 0);
-    w.set(cnnc::compiler::ParamId(0), cnnc::runtime::weights::ParamData::F32(ArrayD::from_shape_vec(IxDyn(&[1, 1, 1, 2]), init).unwrap())).unwrap();
+    w.set(
+        cnnc::compiler::ParamId(0),
+        cnnc::runtime::weights::ParamData::F32(ArrayD::from_shape_vec(IxDyn(&[1, 1, 1, 2]), init).unwrap()),
+    )
+    .unwrap();
     let init_path = dir.path().join("init.safetensors");
     w.save(&graph, &init_path).unwrap();
     let out = dir.path().join("edge.safetensors");
     let o = cnnc(&[
-        "train", "examples/nets/conv1x2.cnn", "--data", path_str(&data), "--weights", path_str(&init_path),
-        "--loss", "mse", "--reduction", "sum", "--optimizer", "sgd", "--lr", "0.03", "--batch-size", "1",
-        "--epochs", "20", "--no-shuffle", "--json", "--save", path_str(&out),
+        "train",
+        "examples/nets/conv1x2.cnn",
+        "--data",
+        path_str(&data),
+        "--weights",
+        path_str(&init_path),
+        "--loss",
+        "mse",
+        "--reduction",
+        "sum",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.03",
+        "--batch-size",
+        "1",
+        "--epochs",
+        "20",
+        "--no-shuffle",
+        "--json",
+        "--save",
+        path_str(&out),
     ]);
     status(&o, 0);
     let lines: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -618,12 +648,19 @@ fn train_seed_004_edge_kernel_gives_pytorchs_losses_and_saves() {
     assert!(stderr(&o).contains("epoch 20: loss"));
     let saved = std::fs::read(&out).unwrap();
     let st = SafeTensors::deserialize(&saved).unwrap();
-    let wt: Vec<f32> = st.tensor("0.weight").unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let wt: Vec<f32> = st
+        .tensor("0.weight")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     for (g, want) in wt.iter().zip(f["final_weight"].as_array().unwrap()) {
         assert!((f64::from(*g) - want.as_f64().unwrap()).abs() < 1e-5);
     }
     // The write went through a temporary file that is gone.
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
 }
 
@@ -643,11 +680,29 @@ fn train_lenet_on_digits_with_validation() {
     let xs = x.slice_axis(Axis(0), ndarray::Slice::from(0..200)).to_owned();
     let ys = labels.slice_axis(Axis(0), ndarray::Slice::from(0..200)).to_owned();
     write_npz(&train, &xs, Err(&ys));
-    write_npz(&val, &x.slice_axis(Axis(0), ndarray::Slice::from(200..360)).to_owned(), Err(&labels.slice_axis(Axis(0), ndarray::Slice::from(200..360)).to_owned()));
+    write_npz(
+        &val,
+        &x.slice_axis(Axis(0), ndarray::Slice::from(200..360)).to_owned(),
+        Err(&labels.slice_axis(Axis(0), ndarray::Slice::from(200..360)).to_owned()),
+    );
     let out = dir.path().join("lenet.safetensors");
     let o = cnnc(&[
-        "train", "examples/nets/lenet.cnn", "--data", path_str(&train), "--val", path_str(&val), "--optimizer",
-        "adam", "--lr", "3e-3", "--batch-size", "64", "--epochs", "2", "--save", path_str(&out),
+        "train",
+        "examples/nets/lenet.cnn",
+        "--data",
+        path_str(&train),
+        "--val",
+        path_str(&val),
+        "--optimizer",
+        "adam",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--save",
+        path_str(&out),
     ]);
     status(&o, 0);
     let err = stderr(&o);
@@ -681,12 +736,34 @@ fn train_rejects_bad_data_cleanly() {
     // BCE targets outside [0, 1].
     let (ex, ey) = edge_data();
     write_npz(&p("b.npz"), &ex, Ok(&ey));
-    fails(&cnnc(&["train", "examples/nets/conv1x2.cnn", "--data", path_str(&p("b.npz")), "--loss", "bce_with_logits"]), 1, "[0, 1]");
+    fails(
+        &cnnc(&["train", "examples/nets/conv1x2.cnn", "--data", path_str(&p("b.npz")), "--loss", "bce_with_logits"]),
+        1,
+        "[0, 1]",
+    );
     // A net with nothing to learn.
-    std::fs::write(p("relu.cnn"), "net R(x: [N, 1, 6, 8]) = Sequential(AvgPool2d((1, 2), stride = 1), ReLU());\n").unwrap();
-    fails(&cnnc(&["train", path_str(&p("relu.cnn")), "--data", path_str(&p("b.npz")), "--loss", "mse"]), 1, "no learnable parameter");
+    std::fs::write(p("relu.cnn"), "net R(x: [N, 1, 6, 8]) = Sequential(AvgPool2d((1, 2), stride = 1), ReLU());\n")
+        .unwrap();
+    fails(
+        &cnnc(&["train", path_str(&p("relu.cnn")), "--data", path_str(&p("b.npz")), "--loss", "mse"]),
+        1,
+        "no learnable parameter",
+    );
     // A loss that blows up names the step and the first non-finite tensor.
-    let o = cnnc(&["train", "examples/nets/conv1x2.cnn", "--data", path_str(&p("b.npz")), "--loss", "mse", "--lr", "1e30", "--batch-size", "1", "--epochs", "50"]);
+    let o = cnnc(&[
+        "train",
+        "examples/nets/conv1x2.cnn",
+        "--data",
+        path_str(&p("b.npz")),
+        "--loss",
+        "mse",
+        "--lr",
+        "1e30",
+        "--batch-size",
+        "1",
+        "--epochs",
+        "50",
+    ]);
     fails(&o, 1, "is not finite; the first non-finite tensor is `");
     assert!(stderr(&o).contains("step "), "{}", stderr(&o));
     // Not an npz; missing arrays; usage errors.
@@ -697,7 +774,11 @@ fn train_rejects_bad_data_cleanly() {
     npz.finish().unwrap();
     fails(&cnnc(&["train", lenet, "--data", path_str(&p("nox.npz"))]), 1, "no array `x`");
     fails(&cnnc(&["train", lenet, "--data", path_str(&p("c.npz")), "--batch-size", "0"]), 2, "--batch-size");
-    fails(&cnnc(&["train", lenet, "--data", path_str(&p("c.npz")), "--optimizer", "adam", "--betas", "0.9"]), 2, "--betas");
+    fails(
+        &cnnc(&["train", lenet, "--data", path_str(&p("c.npz")), "--optimizer", "adam", "--betas", "0.9"]),
+        2,
+        "--betas",
+    );
     fails(&cnnc(&["train", lenet, "--data", path_str(&p("c.npz")), "--nesterov"]), 2, "Nesterov");
     // Nothing was written for a failed run.
     let o = cnnc(&["train", lenet, "--data", path_str(&p("c.npz")), "--save", path_str(&p("never.safetensors"))]);

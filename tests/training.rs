@@ -11,8 +11,8 @@
 use cnnc::Graph;
 use cnnc::compiler::autodiff::{self, GradSpec, Mode, Seed};
 use cnnc::compiler::dsl::compile_str;
-use cnnc::compiler::ops::train::{Loss, Reduction, TrainOp};
 use cnnc::compiler::ops::Op;
+use cnnc::compiler::ops::train::{Loss, Reduction, TrainOp};
 use cnnc::runtime::interp;
 use cnnc::runtime::train::{Adam, Optimizer, Sgd, Trainer, update_running_stats};
 use cnnc::runtime::weights::{ParamData, Weights};
@@ -34,12 +34,12 @@ fn tensors(path: &str) -> HashMap<String, ArrayD<f32>> {
     st.iter()
         .map(|(k, t)| {
             let v: Vec<f32> = match t.dtype() {
-                safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-                safetensors::Dtype::I64 => t
-                    .data()
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
-                    .collect(),
+                safetensors::Dtype::F32 => {
+                    t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+                }
+                safetensors::Dtype::I64 => {
+                    t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
+                }
                 other => panic!("{k}: {other:?}"),
             };
             (k.to_string(), ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap())
@@ -122,15 +122,14 @@ fn loss_from_torch(text: &str) -> Loss {
     if text.starts_with("MSELoss") {
         Loss::Mse { reduction }
     } else if text.starts_with("CrossEntropyLoss") {
-        let label_smoothing = text
-            .split("label_smoothing=")
-            .nth(1)
-            .map_or(0.0, |s| s.trim_end_matches(')').parse().unwrap());
+        let label_smoothing =
+            text.split("label_smoothing=").nth(1).map_or(0.0, |s| s.trim_end_matches(')').parse().unwrap());
         Loss::CrossEntropy { reduction, label_smoothing }
     } else {
-        let pos_weight = text.split("torch.tensor([").nth(1).map(|s| {
-            s.split(']').next().unwrap().split(',').map(|v| v.trim().parse().unwrap()).collect()
-        });
+        let pos_weight = text
+            .split("torch.tensor([")
+            .nth(1)
+            .map(|s| s.split(']').next().unwrap().split(',').map(|v| v.trim().parse().unwrap()).collect());
         Loss::BceWithLogits { reduction, pos_weight }
     }
 }
@@ -146,9 +145,14 @@ fn losses_and_their_gradients_match_pytorch() {
         // Differentiate the loss of the prediction itself: feed it as the output of an
         // identity Linear and read the gradient with respect to the input.
         let mut w = Weights::random(&graph, 0);
-        w.set(cnnc::compiler::ParamId(0), ParamData::F32(ArrayD::from_shape_fn(IxDyn(&[3, 3]), |i| if i[0] == i[1] { 1.0 } else { 0.0 }))).unwrap();
+        w.set(
+            cnnc::compiler::ParamId(0),
+            ParamData::F32(ArrayD::from_shape_fn(IxDyn(&[3, 3]), |i| if i[0] == i[1] { 1.0 } else { 0.0 })),
+        )
+        .unwrap();
         w.set(cnnc::compiler::ParamId(1), ParamData::F32(ArrayD::zeros(IxDyn(&[3])))).unwrap();
-        let spec = GradSpec { seed: Seed::Loss(loss), output: None, mode: Mode::Train, params: true, wrt: vec!["x".into()] };
+        let spec =
+            GradSpec { seed: Seed::Loss(loss), output: None, mode: Mode::Train, params: true, wrt: vec!["x".into()] };
         let tg = autodiff::build(&graph, &spec).unwrap();
         let pred = &t[&format!("{name}.pred")];
         let target = &t[&format!("{name}.target")];
@@ -171,9 +175,10 @@ fn optimizer_from(run: &Value) -> Optimizer {
             weight_decay: f("weight_decay", 0.0),
         }),
         kind @ ("Adam" | "AdamW") => {
-            let betas = s.get("betas").and_then(Value::as_array).map_or((0.9, 0.999), |v| {
-                (v[0].as_f64().unwrap(), v[1].as_f64().unwrap())
-            });
+            let betas = s
+                .get("betas")
+                .and_then(Value::as_array)
+                .map_or((0.9, 0.999), |v| (v[0].as_f64().unwrap(), v[1].as_f64().unwrap()));
             let decoupled = kind == "AdamW";
             Optimizer::Adam(Adam {
                 lr: f("lr", 1e-3),
@@ -216,7 +221,11 @@ fn optimizer_steps_of_whole_nets_match_torch_optim() {
             let masks = if masks.is_empty() { None } else { Some(masks.as_slice()) };
             let step = trainer.step_with(&[x.view()], y.view(), masks).unwrap();
             let want = t["losses"][[s]];
-            assert!((step.loss - want).abs() <= TOLERANCE * want.abs().max(1e-3), "{name} step {s}: loss {} vs {want}", step.loss);
+            assert!(
+                (step.loss - want).abs() <= TOLERANCE * want.abs().max(1e-3),
+                "{name} step {s}: loss {} vs {want}",
+                step.loss
+            );
         }
         // Adam's update is normalised per element (±lr for any gradient well above eps), so
         // it amplifies f32 rounding of near-zero gradients: its runs may also differ by 1% of
@@ -242,7 +251,8 @@ fn seed_004_edge_kernel_loss_sequence_is_pytorchs() {
     let graph = compile("net Edge(x: [N, 1, 6, 8]) = Sequential(Conv2d(1, 1, kernel_size = (1, 2), bias = False));");
     let init: Vec<f32> = f["initial_weight"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     let mut w = Weights::random(&graph, 0);
-    w.set(cnnc::compiler::ParamId(0), ParamData::F32(ArrayD::from_shape_vec(IxDyn(&[1, 1, 1, 2]), init).unwrap())).unwrap();
+    w.set(cnnc::compiler::ParamId(0), ParamData::F32(ArrayD::from_shape_vec(IxDyn(&[1, 1, 1, 2]), init).unwrap()))
+        .unwrap();
     let x = ArrayD::from_shape_fn(IxDyn(&[1, 1, 6, 8]), |i| if (2..6).contains(&i[3]) { 0f32 } else { 1.0 });
     let y = ArrayD::from_shape_fn(IxDyn(&[1, 1, 6, 7]), |i| x[[0, 0, i[2], i[3]]] - x[[0, 0, i[2], i[3] + 1]]);
     let mut trainer = Trainer::new(&graph, w, Loss::Mse { reduction: Reduction::Sum }, Optimizer::sgd(0.03)).unwrap();
@@ -260,14 +270,25 @@ fn seed_004_edge_kernel_loss_sequence_is_pytorchs() {
 #[test]
 fn training_graphs_hold_no_inference_rewrites_and_verify() {
     let graph = compile(&run_source(&serde_json::json!({"net": "lenet"})));
-    let tg = autodiff::build(&graph, &GradSpec::training(Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 })).unwrap();
+    let tg = autodiff::build(
+        &graph,
+        &GradSpec::training(Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 }),
+    )
+    .unwrap();
     tg.graph.verify().unwrap();
     // 10 learnable tensors, each with one gradient output.
     assert_eq!(tg.param_grads.len(), 10);
     let kinds: Vec<&str> = tg.graph.node_ids().iter().map(|id| tg.graph.node(*id).op.kind()).collect();
-    assert!(kinds.contains(&"Conv2dInputGrad") && kinds.contains(&"Conv2dWeightGrad") && kinds.contains(&"AvgPool2dGrad"));
+    assert!(
+        kinds.contains(&"Conv2dInputGrad") && kinds.contains(&"Conv2dWeightGrad") && kinds.contains(&"AvgPool2dGrad")
+    );
     // The first conv's input gradient is never needed.
-    let input_grads = tg.graph.node_ids().iter().filter(|id| matches!(tg.graph.node(**id).op, Op::Train(TrainOp::ConvInputGrad(..)))).count();
+    let input_grads = tg
+        .graph
+        .node_ids()
+        .iter()
+        .filter(|id| matches!(tg.graph.node(**id).op, Op::Train(TrainOp::ConvInputGrad(..))))
+        .count();
     assert_eq!(input_grads, 1);
 }
 
@@ -288,7 +309,13 @@ fn optimizer_state_saves_and_resumes_exactly() {
     let ce = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 };
     for opt in [
         Optimizer::Sgd(Sgd { lr: 0.1, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 1e-4 }),
-        Optimizer::Adam(Adam { amsgrad: true, ..match Optimizer::adamw(1e-3) { Optimizer::Adam(a) => a, _ => unreachable!() } }),
+        Optimizer::Adam(Adam {
+            amsgrad: true,
+            ..match Optimizer::adamw(1e-3) {
+                Optimizer::Adam(a) => a,
+                _ => unreachable!(),
+            }
+        }),
     ] {
         let mut a = Trainer::new(&graph, Weights::random(&graph, 3), ce.clone(), opt).unwrap();
         for s in 0..2 {
@@ -345,7 +372,8 @@ fn eval_mode_uses_running_statistics_and_compiles() {
     assert_close("JIT eval", &a[0], &b[0], 1e-4);
     // BatchNorm in training mode over one value per channel is refused, as in PyTorch.
     let q = compile("net Q(x: [N, 2, 1, 1]) = Sequential(Conv2d(2, 2, 1), BatchNorm2d(2), Flatten());");
-    let mut t = Trainer::new(&q, Weights::random(&q, 0), Loss::Mse { reduction: Reduction::Mean }, Optimizer::sgd(0.1)).unwrap();
+    let mut t = Trainer::new(&q, Weights::random(&q, 0), Loss::Mse { reduction: Reduction::Mean }, Optimizer::sgd(0.1))
+        .unwrap();
     let e = t.step(ArrayD::zeros(IxDyn(&[1, 2, 1, 1])).view(), ArrayD::zeros(IxDyn(&[1, 2])).view()).unwrap_err();
     assert!(e.to_string().contains("more than 1 value per channel"), "{e}");
     assert_eq!(t.steps(), 0);
@@ -365,15 +393,25 @@ fn autodiff_errors_name_what_is_wrong() {
     let tg = autodiff::build(&lenet, &spec).unwrap();
     assert_eq!(tg.graph.node(tg.graph.outputs[tg.node_grads[0].1].1).ty.dims, vec![16, 10, 10]);
     // A loss that does not fit the output.
-    let e = autodiff::build(&lenet, &GradSpec::training(Loss::BceWithLogits { reduction: Reduction::Mean, pos_weight: Some(vec![1.0; 3]) })).unwrap_err();
+    let e = autodiff::build(
+        &lenet,
+        &GradSpec::training(Loss::BceWithLogits { reduction: Reduction::Mean, pos_weight: Some(vec![1.0; 3]) }),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("pos_weight has 3 values"), "{e}");
     // The fused graph is refused.
     let fused = cnnc::runtime::fusion_check::optimize(&lenet, &Weights::random(&lenet, 0)).unwrap().graph;
     assert!(fused.node_ids().iter().any(|id| matches!(&fused.node(*id).op, Op::Conv2d(c) if !c.epilogue.is_empty())));
     assert!(matches!(autodiff::build(&fused, &GradSpec::training(ce.clone())), Err(AutodiffError::Fused { .. })));
     // Several outputs and none named.
-    let two = compile(&std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/nets/nonlinear.cnn")).unwrap());
-    assert!(matches!(autodiff::build(&two, &GradSpec::training(ce.clone())), Err(AutodiffError::AmbiguousOutput { .. })));
+    let two = compile(
+        &std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/nets/nonlinear.cnn"))
+            .unwrap(),
+    );
+    assert!(matches!(
+        autodiff::build(&two, &GradSpec::training(ce.clone())),
+        Err(AutodiffError::AmbiguousOutput { .. })
+    ));
     let spec = GradSpec { output: Some("output".into()), ..GradSpec::training(ce) };
     autodiff::build(&two, &spec).unwrap();
     // Nothing to learn.

@@ -200,8 +200,7 @@ pub fn resolve_node(graph: &Graph, name: &str) -> Result<NodeId, AutodiffError> 
         return Ok(*id);
     }
     let names: Vec<&str> = order.iter().map(|id| graph.node(*id).name.as_str()).collect();
-    let suggestion = crate::diag::suggest(name, &names)
-        .map_or(String::new(), |s| format!("; did you mean `{s}`?"));
+    let suggestion = crate::diag::suggest(name, &names).map_or(String::new(), |s| format!("; did you mean `{s}`?"));
     Err(AutodiffError::UnknownNode { net: graph.name.clone(), name: name.to_string(), suggestion })
 }
 
@@ -218,7 +217,13 @@ struct Builder {
 }
 
 impl Builder {
-    fn push(&mut self, name: String, op: TrainOp, params: Vec<ParamId>, inputs: &[NodeId]) -> Result<NodeId, AutodiffError> {
+    fn push(
+        &mut self,
+        name: String,
+        op: TrainOp,
+        params: Vec<ParamId>,
+        inputs: &[NodeId],
+    ) -> Result<NodeId, AutodiffError> {
         let op = Op::Train(op);
         let operands: Vec<Operand<'_>> = inputs
             .iter()
@@ -294,7 +299,8 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
             match &node.op {
                 Op::BatchNorm2d(bn) => {
                     let x = forward.operands(id)[0];
-                    let stats = b.push(format!("{}.batch_stats", node.name), TrainOp::BatchStats(bn.clone()), vec![], &[x])?;
+                    let stats =
+                        b.push(format!("{}.batch_stats", node.name), TrainOp::BatchStats(bn.clone()), vec![], &[x])?;
                     let affine = if bn.affine { node.params[..2].to_vec() } else { vec![] };
                     let y = b.push(node.name.clone(), TrainOp::BatchNormTrain(bn.clone()), affine, &[x, stats])?;
                     b.g.replace_uses(id, y);
@@ -337,9 +343,8 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
             let name = unique_input_name(&b.g, "target");
             let target = b.g.add_input(name, l.target_type(&pred_ty));
             let ti = b.g.inputs.len() - 1;
-            let lossn = b
-                .push("loss".into(), TrainOp::Loss(l.clone()), vec![], &[pred, target])
-                .map_err(|e| match e {
+            let lossn =
+                b.push("loss".into(), TrainOp::Loss(l.clone()), vec![], &[pred, target]).map_err(|e| match e {
                     AutodiffError::Unsupported { why, .. } => AutodiffError::Loss(why),
                     e => e,
                 })?;
@@ -395,8 +400,10 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
         let needs = |i: usize| ops.get(i).is_some_and(|o| requires.contains(o));
         let want_params = spec.params;
         let name = |what: &str| format!("{}.{what}", node.name);
-        let give = |grads: &mut HashMap<NodeId, Vec<NodeId>>, to: NodeId, g: NodeId| grads.entry(to).or_default().push(g);
-        let unsupported = |why: &str| AutodiffError::Unsupported { node: node.name.clone(), kind: node.op.kind(), why: why.into() };
+        let give =
+            |grads: &mut HashMap<NodeId, Vec<NodeId>>, to: NodeId, g: NodeId| grads.entry(to).or_default().push(g);
+        let unsupported =
+            |why: &str| AutodiffError::Unsupported { node: node.name.clone(), kind: node.op.kind(), why: why.into() };
         match &node.op {
             Op::Input => {}
             Op::Conv2d(c) => {
@@ -411,7 +418,12 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
                 }
                 if needs(0) {
                     let (_, h, w) = b.g.node(x).ty.chw().ok_or_else(|| unsupported("the input is not NCHW"))?;
-                    let dx = b.push(name("input.grad"), TrainOp::ConvInputGrad(c.clone(), (h, w)), vec![node.params[0]], &[g])?;
+                    let dx = b.push(
+                        name("input.grad"),
+                        TrainOp::ConvInputGrad(c.clone(), (h, w)),
+                        vec![node.params[0]],
+                        &[g],
+                    )?;
                     give(&mut grads, x, dx);
                 }
             }
@@ -427,7 +439,8 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
                     }
                 }
                 if needs(0) {
-                    let dx = b.push(name("input.grad"), TrainOp::LinearInputGrad(l.clone()), vec![node.params[0]], &[g])?;
+                    let dx =
+                        b.push(name("input.grad"), TrainOp::LinearInputGrad(l.clone()), vec![node.params[0]], &[g])?;
                     give(&mut grads, x, dx);
                 }
             }
@@ -451,7 +464,12 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
                 let k = if bn.affine { 2 } else { 0 };
                 let (rm, rv) = (node.params[k], node.params[k + 1]);
                 if want_params && bn.affine {
-                    let dw = b.push(name("weight.grad"), TrainOp::BatchNormEvalWeightGrad(bn.clone()), vec![rm, rv], &[ops[0], g])?;
+                    let dw = b.push(
+                        name("weight.grad"),
+                        TrainOp::BatchNormEvalWeightGrad(bn.clone()),
+                        vec![rm, rv],
+                        &[ops[0], g],
+                    )?;
                     param_parts.entry(node.params[0]).or_default().push(dw);
                     let db = b.push(name("bias.grad"), TrainOp::BiasGrad(0), vec![], &[g])?;
                     param_parts.entry(node.params[1]).or_default().push(db);
@@ -467,7 +485,8 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
                 let (x, stats) = (ops[0], ops[1]);
                 let (_, all) = bn_info.get(&id).ok_or_else(|| unsupported("a BatchNorm the pass did not make"))?;
                 if want_params && bn.affine {
-                    let dw = b.push(name("weight.grad"), TrainOp::BatchNormWeightGrad(bn.clone()), vec![], &[x, stats, g])?;
+                    let dw =
+                        b.push(name("weight.grad"), TrainOp::BatchNormWeightGrad(bn.clone()), vec![], &[x, stats, g])?;
                     param_parts.entry(all[0]).or_default().push(dw);
                     let db = b.push(name("bias.grad"), TrainOp::BiasGrad(0), vec![], &[g])?;
                     param_parts.entry(all[1]).or_default().push(db);

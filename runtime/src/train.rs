@@ -74,12 +74,26 @@ impl Optimizer {
 
     /// `Adam(lr)` with PyTorch's defaults (betas (0.9, 0.999), eps 1e-8, no weight decay).
     pub fn adam(lr: f64) -> Optimizer {
-        Optimizer::Adam(Adam { lr, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, amsgrad: false, decoupled: false })
+        Optimizer::Adam(Adam {
+            lr,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+            decoupled: false,
+        })
     }
 
     /// `AdamW(lr)` with PyTorch's defaults (weight decay 0.01).
     pub fn adamw(lr: f64) -> Optimizer {
-        Optimizer::Adam(Adam { lr, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, amsgrad: false, decoupled: true })
+        Optimizer::Adam(Adam {
+            lr,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+            amsgrad: false,
+            decoupled: true,
+        })
     }
 
     /// The PyTorch class name.
@@ -96,13 +110,13 @@ impl Optimizer {
         let bad = |m: String| Err(Error::Train(m));
         match self {
             Optimizer::Sgd(s) => {
-                if !(s.lr >= 0.0) {
+                if !nonneg(s.lr) {
                     return bad(format!("SGD: invalid learning rate {}", s.lr));
                 }
-                if !(s.momentum >= 0.0) {
+                if !nonneg(s.momentum) {
                     return bad(format!("SGD: invalid momentum {}", s.momentum));
                 }
-                if !(s.weight_decay >= 0.0) {
+                if !nonneg(s.weight_decay) {
                     return bad(format!("SGD: invalid weight_decay {}", s.weight_decay));
                 }
                 if s.nesterov && (s.momentum <= 0.0 || s.dampening != 0.0) {
@@ -111,22 +125,30 @@ impl Optimizer {
             }
             Optimizer::Adam(a) => {
                 let name = self.name();
-                if !(a.lr >= 0.0) {
+                if !nonneg(a.lr) {
                     return bad(format!("{name}: invalid learning rate {}", a.lr));
                 }
-                if !(a.eps >= 0.0) {
+                if !nonneg(a.eps) {
                     return bad(format!("{name}: invalid epsilon {}", a.eps));
                 }
                 if !(0.0..1.0).contains(&a.betas.0) || !(0.0..1.0).contains(&a.betas.1) {
-                    return bad(format!("{name}: invalid betas ({}, {}): each must be in [0, 1)", a.betas.0, a.betas.1));
+                    return bad(format!(
+                        "{name}: invalid betas ({}, {}): each must be in [0, 1)",
+                        a.betas.0, a.betas.1
+                    ));
                 }
-                if !(a.weight_decay >= 0.0) {
+                if !nonneg(a.weight_decay) {
                     return bad(format!("{name}: invalid weight_decay {}", a.weight_decay));
                 }
             }
         }
         Ok(())
     }
+}
+
+/// `v ≥ 0` and not NaN.
+fn nonneg(v: f64) -> bool {
+    v >= 0.0
 }
 
 /// One parameter's optimizer state (torch.optim's `state[p]`).
@@ -306,9 +328,11 @@ pub fn assemble<'b>(
     for (m, v) in tg.masks.iter().zip(masks) {
         all[m.input] = Some(v.view());
     }
-    all.into_iter()
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| Error::InputCount { net: tg.graph.name.clone(), expected: forward, got: inputs.len() })
+    all.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Error::InputCount {
+        net: tg.graph.name.clone(),
+        expected: forward,
+        got: inputs.len(),
+    })
 }
 
 /// Trains a declared net (see the module docs).
@@ -378,7 +402,13 @@ impl Trainer {
 
     fn graph_for(&mut self, mode: Mode) -> Result<&TrainGraph> {
         if !self.graphs.contains_key(&mode) {
-            let spec = GradSpec { seed: Seed::Loss(self.loss.clone()), output: self.output.clone(), mode, params: true, wrt: vec![] };
+            let spec = GradSpec {
+                seed: Seed::Loss(self.loss.clone()),
+                output: self.output.clone(),
+                mode,
+                params: true,
+                wrt: vec![],
+            };
             let tg = autodiff::build(&self.forward, &spec)?;
             self.graphs.insert(mode, tg);
         }
@@ -455,7 +485,11 @@ impl Trainer {
         }
         self.steps = step;
         for (pid, g) in &grads {
-            let mut p = self.weights.f32(*pid).ok_or_else(|| Error::Train("a gradient of a non-float parameter".into()))?.clone();
+            let mut p = self
+                .weights
+                .f32(*pid)
+                .ok_or_else(|| Error::Train("a gradient of a non-float parameter".into()))?
+                .clone();
             let (Some(ps), Some(gs)) = (p.as_slice_mut(), g.as_slice()) else {
                 return Err(Error::Train("a parameter or gradient is not contiguous".into()));
             };
@@ -481,7 +515,11 @@ impl Trainer {
 
     /// The loss and output in eval mode, with no gradient (`with torch.no_grad()` after
     /// `model.eval()`).
-    pub fn evaluate<'a>(&mut self, inputs: &[ArrayViewD<'a, f32>], target: ArrayViewD<'a, f32>) -> Result<(f32, ArrayD<f32>)> {
+    pub fn evaluate<'a>(
+        &mut self,
+        inputs: &[ArrayViewD<'a, f32>],
+        target: ArrayViewD<'a, f32>,
+    ) -> Result<(f32, ArrayD<f32>)> {
         if self.eval_loss.is_none() {
             let spec = GradSpec {
                 seed: Seed::Loss(self.loss.clone()),
@@ -509,7 +547,9 @@ impl Trainer {
         match &self.loss {
             Loss::BceWithLogits { .. } => {
                 if let Some((i, v)) = target.iter().enumerate().find(|(_, v)| !(0.0..=1.0).contains(*v)) {
-                    return Err(Error::Target(format!("element {i} is {v}; BCEWithLogitsLoss targets must be in [0, 1]")));
+                    return Err(Error::Target(format!(
+                        "element {i} is {v}; BCEWithLogitsLoss targets must be in [0, 1]"
+                    )));
                 }
             }
             Loss::Mse { .. } => {
@@ -650,7 +690,10 @@ impl Trainer {
         let meta = meta.metadata().clone().unwrap_or_default();
         let kind = meta.get("optimizer").map(String::as_str).unwrap_or("(none)");
         if kind != self.optimizer.name() {
-            return Err(Error::OptimizerState(format!("saved by {kind}, but this trainer uses {}", self.optimizer.name())));
+            return Err(Error::OptimizerState(format!(
+                "saved by {kind}, but this trainer uses {}",
+                self.optimizer.name()
+            )));
         }
         let steps: u64 = meta
             .get("steps")
@@ -671,7 +714,12 @@ impl Trainer {
             let s = &mut state[i];
             if field == "step" {
                 let v = decode_i64(key, view.dtype(), view.data())?;
-                s.step = v.first().copied().filter(|v| *v > 0).ok_or_else(|| Error::OptimizerState(format!("`{key}` is not a positive count")))? as u64;
+                s.step = v
+                    .first()
+                    .copied()
+                    .filter(|v| *v > 0)
+                    .ok_or_else(|| Error::OptimizerState(format!("`{key}` is not a positive count")))?
+                    as u64;
                 continue;
             }
             if view.shape() != p.spec.shape.as_slice() {

@@ -135,7 +135,12 @@ fn check(case: &Case<'_>, seed: u64) {
             };
             let fd = (eval_l(&perturbed(H as f32), &x) - eval_l(&perturbed(-H as f32), &x)) / (2.0 * H);
             let an = f64::from(grad.as_slice().unwrap()[i]);
-            assert!((fd - an).abs() <= TOL * scale, "{}: ∂{}[{i}] analytic {an} vs finite difference {fd}", case.src, p.name);
+            assert!(
+                (fd - an).abs() <= TOL * scale,
+                "{}: ∂{}[{i}] analytic {an} vs finite difference {fd}",
+                case.src,
+                p.name
+            );
             checked += 1;
         }
     }
@@ -143,7 +148,13 @@ fn check(case: &Case<'_>, seed: u64) {
 }
 
 fn case(src: &str, shape: &[usize]) -> Case<'static> {
-    Case { src: Box::leak(src.to_string().into_boxed_str()), shape: Box::leak(shape.to_vec().into_boxed_slice()), mode: Mode::Train, loss: None, spread: false }
+    Case {
+        src: Box::leak(src.to_string().into_boxed_str()),
+        shape: Box::leak(shape.to_vec().into_boxed_slice()),
+        mode: Mode::Train,
+        loss: None,
+        spread: false,
+    }
 }
 
 fn layer(text: &str, shape: &[usize]) -> Case<'static> {

@@ -375,7 +375,11 @@ impl OpDef for TrainOp {
             TrainOp::BatchNormInputGrad(bn) | TrainOp::BatchNormWeightGrad(bn) => {
                 check_stats(bn, &inputs[1])?;
                 matches_forward(bn, inputs[0].ty, &inputs[2])?;
-                if matches!(self, TrainOp::BatchNormInputGrad(_)) { x.ty.clone() } else { param_type(&[bn.num_features]) }
+                if matches!(self, TrainOp::BatchNormInputGrad(_)) {
+                    x.ty.clone()
+                } else {
+                    param_type(&[bn.num_features])
+                }
             }
             TrainOp::BatchNormEvalInputGrad(bn) => {
                 matches_forward(bn, x.ty, x)?;
@@ -455,7 +459,9 @@ impl OpDef for TrainOp {
                 inputs.get(1).map_or(0, |dy| dy.numel_per_sample() as u64 * per_pixel)
             }
             TrainOp::LinearInputGrad(l) => output.numel_per_sample() as u64 * l.out_features as u64,
-            TrainOp::LinearWeightGrad(l) => inputs.get(1).map_or(0, |dy| dy.numel_per_sample() as u64) * l.in_features as u64,
+            TrainOp::LinearWeightGrad(l) => {
+                inputs.get(1).map_or(0, |dy| dy.numel_per_sample() as u64) * l.in_features as u64
+            }
             _ => 0,
         }
     }

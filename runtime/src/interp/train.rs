@@ -237,7 +237,13 @@ fn sigmoid(v: f64) -> f64 {
 }
 
 /// A loss (`grad = false`, `[1]`) or its gradient with respect to the prediction.
-fn loss(l: &Loss, pred: &ArrayViewD<'_, f32>, target: &ArrayViewD<'_, f32>, node: &Node, grad: bool) -> Result<ArrayD<f32>> {
+fn loss(
+    l: &Loss,
+    pred: &ArrayViewD<'_, f32>,
+    target: &ArrayViewD<'_, f32>,
+    node: &Node,
+    grad: bool,
+) -> Result<ArrayD<f32>> {
     let (p, t) = (pred.as_standard_layout(), target.as_standard_layout());
     let (ps, ts) = (contiguous(&p, node)?, contiguous(&t, node)?);
     let reduction = match l {
@@ -331,7 +337,12 @@ fn conv_geometry(c: &Conv2d, h: usize, w: usize, node: &Node) -> Result<(usize, 
 /// dx of a Conv2d: the gradient of the padded input, then each padded position's gradient
 /// added to the source pixel it was read from (zeros padding drops it; reflect, replicate
 /// and circular scatter-add into the mirrored, edge or wrapped pixel).
-fn conv_input_grad(c: &Conv2d, (h, w): (usize, usize), dy: &ArrayViewD<'_, f32>, params: &NodeParams<'_>) -> Result<ArrayD<f32>> {
+fn conv_input_grad(
+    c: &Conv2d,
+    (h, w): (usize, usize),
+    dy: &ArrayViewD<'_, f32>,
+    params: &NodeParams<'_>,
+) -> Result<ArrayD<f32>> {
     let node = params.node();
     let [n, o, oh, ow] = nchw(dy.shape(), node)?;
     let (eoh, eow, ph, pw, top, left) = conv_geometry(c, h, w, node)?;
@@ -471,7 +482,12 @@ fn linear_input_grad(l: &Linear, dy: &ArrayViewD<'_, f32>, params: &NodeParams<'
 }
 
 /// dweight of a Linear: `Σ_rows dyᵀ · x`.
-fn linear_weight_grad(l: &Linear, x: &ArrayViewD<'_, f32>, dy: &ArrayViewD<'_, f32>, node: &Node) -> Result<ArrayD<f32>> {
+fn linear_weight_grad(
+    l: &Linear,
+    x: &ArrayViewD<'_, f32>,
+    dy: &ArrayViewD<'_, f32>,
+    node: &Node,
+) -> Result<ArrayD<f32>> {
     let (fi, fo) = (l.in_features, l.out_features);
     let (x, dy) = (x.as_standard_layout(), dy.as_standard_layout());
     let (xs, ds) = (contiguous(&x, node)?, contiguous(&dy, node)?);
@@ -626,7 +642,12 @@ fn adaptive_avg_pool_grad(
 
 /// dx of an activation from its output `y`: ReLU `dy·[y > 0]`, Sigmoid `dy·y·(1 − y)`, Tanh
 /// `dy·(1 − y²)`, as PyTorch's backward formulas.
-fn activation_grad(a: Activation, y: &ArrayViewD<'_, f32>, dy: &ArrayViewD<'_, f32>, node: &Node) -> Result<ArrayD<f32>> {
+fn activation_grad(
+    a: Activation,
+    y: &ArrayViewD<'_, f32>,
+    dy: &ArrayViewD<'_, f32>,
+    node: &Node,
+) -> Result<ArrayD<f32>> {
     if y.shape() != dy.shape() {
         return Err(internal(node, "the gradient's shape differs from the output's"));
     }
@@ -658,13 +679,18 @@ fn reduce_grad(r: &Reduce, x: &ArrayViewD<'_, f32>, dy: &ArrayViewD<'_, f32>, no
         return Err(internal(node, "a reduced dim is out of range"));
     }
     let kept: Vec<usize> = x.shape().iter().enumerate().map(|(i, s)| if dims.contains(&i) { 1 } else { *s }).collect();
-    let dyk = dy.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&kept)).map_err(|e| internal(node, &e.to_string()))?;
+    let dyk = dy
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order(IxDyn(&kept))
+        .map_err(|e| internal(node, &e.to_string()))?;
     let count: usize = dims.iter().map(|d| x.shape()[*d]).product();
     let dyb = dyk.broadcast(x.shape()).ok_or_else(|| internal(node, "the gradient does not broadcast"))?;
     let out = match r.kind {
         ReduceKind::Mean => dyb.mapv(|v| (f64::from(v) / count as f64) as f32),
         ReduceKind::Max => {
-            let y = super::tensor::reduce(&Reduce { kind: ReduceKind::Max, dims: dims.clone(), keepdim: true }, x, node)?;
+            let y =
+                super::tensor::reduce(&Reduce { kind: ReduceKind::Max, dims: dims.clone(), keepdim: true }, x, node)?;
             let yb = y.broadcast(x.shape()).ok_or_else(|| internal(node, "the maximum does not broadcast"))?;
             let eq = ndarray::Zip::from(x).and(&yb).map_collect(|a, b| if a == b { 1f32 } else { 0.0 });
             let mut ties = eq.clone();

@@ -296,7 +296,9 @@ impl Compiled {
         let start = Instant::now();
         graph.verify()?;
         weights.check(graph)?;
-        if let Some(n) = graph.node_ids().into_iter().map(|id| graph.node(id)).find(|n| matches!(n.op, cnnc_compiler::Op::Train(_))) {
+        if let Some(n) =
+            graph.node_ids().into_iter().map(|id| graph.node(id)).find(|n| matches!(n.op, cnnc_compiler::Op::Train(_)))
+        {
             return Err(Error::Unsupported(format!(
                 "`{}` ({}) is a training op: the JIT has no training kernels yet; run training graphs on the interpreter",
                 n.name,

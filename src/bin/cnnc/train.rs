@@ -142,8 +142,10 @@ fn npz_error(path: &Path, name: &str, e: ReadNpzError) -> Fail {
 }
 
 fn read_data(path: &Path, loss: LossArg) -> Result<Data, Fail> {
-    let file = std::fs::File::open(path).map_err(|e| input(format!("cannot read `{}`: {}", path.display(), io_text(&e))))?;
-    let mut npz = NpzReader::new(file).map_err(|e| input(format!("`{}` is not a valid .npz file: {e}", path.display())))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| input(format!("cannot read `{}`: {}", path.display(), io_text(&e))))?;
+    let mut npz =
+        NpzReader::new(file).map_err(|e| input(format!("`{}` is not a valid .npz file: {e}", path.display())))?;
     let names = npz.names().map_err(|e| input(format!("`{}` is not a valid .npz file: {e}", path.display())))?;
     for want in ["x", "y"] {
         if !names.iter().any(|n| n == want || n == &format!("{want}.npy")) {
@@ -156,10 +158,9 @@ fn read_data(path: &Path, loss: LossArg) -> Result<Data, Fail> {
     }
     let x: ArrayD<f32> = match npz.by_name::<ndarray::OwnedRepr<f32>, IxDyn>("x") {
         Ok(a) => a,
-        Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(_))) => npz
-            .by_name::<ndarray::OwnedRepr<f64>, IxDyn>("x")
-            .map_err(|e| npz_error(path, "x", e))?
-            .mapv(|v| v as f32),
+        Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(_))) => {
+            npz.by_name::<ndarray::OwnedRepr<f64>, IxDyn>("x").map_err(|e| npz_error(path, "x", e))?.mapv(|v| v as f32)
+        }
         Err(e) => return Err(npz_error(path, "x", e)),
     };
     let y: ArrayD<f32> = if loss == LossArg::CrossEntropy {
@@ -197,11 +198,7 @@ fn read_data(path: &Path, loss: LossArg) -> Result<Data, Fail> {
         return Err(input(format!("`{}`: `x` holds no samples", path.display())));
     }
     if y.shape().first() != Some(&n) {
-        return Err(input(format!(
-            "`{}`: `x` has {n} samples but `y` has shape {:?}",
-            path.display(),
-            y.shape()
-        )));
+        return Err(input(format!("`{}`: `x` has {n} samples but `y` has shape {:?}", path.display(), y.shape())));
     }
     Ok(Data { x, y })
 }
@@ -212,7 +209,11 @@ fn check_targets(path: &Path, data: &Data, graph: &Graph, loss: LossArg) -> Resu
     let n = data.x.shape()[0];
     let want: Vec<usize> = if loss == LossArg::CrossEntropy { vec![n] } else { out.concrete(n) };
     if data.y.shape() != want.as_slice() {
-        let what = if loss == LossArg::CrossEntropy { "class indices".to_string() } else { format!("targets of the output's shape {out}") };
+        let what = if loss == LossArg::CrossEntropy {
+            "class indices".to_string()
+        } else {
+            format!("targets of the output's shape {out}")
+        };
         return Err(input(format!(
             "`{}`: `y` has shape {:?}, but the loss needs {what}: {want:?}",
             path.display(),
@@ -262,7 +263,10 @@ fn correct(loss: LossArg, output: &ArrayD<f32>, y: &ArrayD<f32>) -> Option<usize
                 .outer_iter()
                 .zip(y.iter())
                 .filter(|(row, t)| {
-                    let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
+                    let best = row
+                        .iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
                     best.0 as f32 == **t
                 })
                 .count(),
@@ -412,7 +416,9 @@ pub fn run(args: &TrainArgs) -> Result<(), Fail> {
         }
         let bar = if tty {
             let bar = ProgressBar::with_draw_target(Some(batches as u64), ProgressDrawTarget::stderr());
-            if let Ok(style) = ProgressStyle::with_template("epoch {prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} loss {msg}") {
+            if let Ok(style) =
+                ProgressStyle::with_template("epoch {prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} loss {msg}")
+            {
                 bar.set_style(style);
             }
             bar.set_prefix(epoch.to_string());
