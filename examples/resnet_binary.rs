@@ -17,7 +17,7 @@
 //! cargo run --release --example resnet_binary
 //! ```
 //!
-//! The training graph runs on the reference interpreter (about a minute on one core).
+//! The training graph runs on the reference interpreter (about two minutes on one core).
 
 use cnnc::compiler::dsl::compile_str;
 use cnnc::compiler::ops::train::{Loss, Reduction};
