@@ -93,6 +93,11 @@ fn every_backward_op_matches_pytorch_autograd() {
         tg.graph.verify().unwrap();
         let outs = interp::run(&tg.graph, &weights, &[io["x"].view(), io["dy"].view()]).unwrap();
         worst = worst.max(assert_close(&format!("{name}: y"), &outs[tg.prediction], &io["y"], TOLERANCE));
+        if mode == Mode::Eval {
+            // The inference interpreter on the forward graph gives the same output.
+            let y = interp::run(&graph, &weights, &[io["x"].view()]).unwrap();
+            assert_close(&format!("{name}: inference y"), &y[0], &io["y"], TOLERANCE);
+        }
         worst = worst.max(assert_close(&format!("{name}: dx"), &outs[tg.node_grads[0].1], &io["dx"], TOLERANCE));
         let expected_grads: Vec<&String> = io.keys().filter(|k| k.starts_with("grad.")).collect();
         assert_eq!(tg.param_grads.len(), expected_grads.len(), "{name}: parameter gradients");
@@ -113,7 +118,7 @@ fn every_backward_op_matches_pytorch_autograd() {
             }
         }
     }
-    assert!(cases.len() >= 40);
+    assert!(cases.len() >= 42);
     println!("{} gradient cases, worst relative error {worst:e}", cases.len());
 }
 
@@ -418,4 +423,18 @@ fn autodiff_errors_name_what_is_wrong() {
     let pool = compile("net P(x: [N, 1, 4, 4]) = Sequential(MaxPool2d(2), Flatten());");
     let e = autodiff::build(&pool, &GradSpec::training(Loss::Mse { reduction: Reduction::Mean })).unwrap_err();
     assert!(matches!(e, AutodiffError::NothingToDifferentiate { .. }), "{e}");
+}
+
+#[test]
+fn batchnorm_without_running_stats_has_no_buffers_and_the_jit_says_so() {
+    let g = compile("net B(x: [N, 3, 4, 4]) = Sequential(Conv2d(3, 3, 1), BatchNorm2d(3, track_running_stats = False));");
+    assert_eq!(g.state_dict_keys(), ["0.weight", "0.bias", "1.weight", "1.bias"]);
+    let w = Weights::random(&g, 0);
+    let e = cnnc::runtime::Compiled::new(&g, &w, &cnnc::runtime::Options::default()).unwrap_err();
+    assert!(e.to_string().contains("track_running_stats=False"), "{e}");
+    // Training needs no running statistics and updates none.
+    let mut t = Trainer::new(&g, w, Loss::Mse { reduction: Reduction::Mean }, Optimizer::sgd(0.1)).unwrap();
+    let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4, 4]), |i| (i[0] + 2 * i[1] + i[2] * i[3]) as f32 / 10.0);
+    t.step(x.view(), x.view()).unwrap();
+    assert!(t.training_graph().unwrap().bn_stats.is_empty());
 }

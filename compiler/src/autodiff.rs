@@ -293,31 +293,29 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
     // The forward in training mode: BatchNorm2d → stats + normalise; Dropout → mask product.
     let mut masks = vec![];
     let mut bn_nodes: Vec<(NodeId, NodeId, BatchNorm2d, Vec<ParamId>)> = vec![]; // (train node, stats node, bn, all params)
-    if spec.mode == Mode::Train {
-        for &id in &order {
-            let node = forward.node(id).clone();
-            match &node.op {
-                Op::BatchNorm2d(bn) => {
-                    let x = forward.operands(id)[0];
-                    let stats =
-                        b.push(format!("{}.batch_stats", node.name), TrainOp::BatchStats(bn.clone()), vec![], &[x])?;
-                    let affine = if bn.affine { node.params[..2].to_vec() } else { vec![] };
-                    let y = b.push(node.name.clone(), TrainOp::BatchNormTrain(bn.clone()), affine, &[x, stats])?;
-                    b.g.replace_uses(id, y);
-                    b.g.remove_node(id);
-                    bn_nodes.push((y, stats, bn.clone(), node.params.clone()));
-                }
-                Op::Dropout(d) => {
-                    let x = forward.operands(id)[0];
-                    let name = unique_input_name(&b.g, &format!("{}.mask", node.name));
-                    let mask = b.g.add_input(name, node.ty.clone());
-                    masks.push(MaskInput { input: b.g.inputs.len() - 1, node: node.name.clone(), p: d.p });
-                    let y = b.push(node.name.clone(), TrainOp::DropoutMask(d.p), vec![], &[x, mask])?;
-                    b.g.replace_uses(id, y);
-                    b.g.remove_node(id);
-                }
-                _ => {}
+    for &id in &order {
+        let node = forward.node(id).clone();
+        match &node.op {
+            // Batch statistics in training mode, and always without running statistics.
+            Op::BatchNorm2d(bn) if spec.mode == Mode::Train || !bn.track_running_stats => {
+                let x = forward.operands(id)[0];
+                let stats = b.push(format!("{}.batch_stats", node.name), TrainOp::BatchStats(bn.clone()), vec![], &[x])?;
+                let affine = if bn.affine { node.params[..2].to_vec() } else { vec![] };
+                let y = b.push(node.name.clone(), TrainOp::BatchNormTrain(bn.clone()), affine, &[x, stats])?;
+                b.g.replace_uses(id, y);
+                b.g.remove_node(id);
+                bn_nodes.push((y, stats, bn.clone(), node.params.clone()));
             }
+            Op::Dropout(d) if spec.mode == Mode::Train => {
+                let x = forward.operands(id)[0];
+                let name = unique_input_name(&b.g, &format!("{}.mask", node.name));
+                let mask = b.g.add_input(name, node.ty.clone());
+                masks.push(MaskInput { input: b.g.inputs.len() - 1, node: node.name.clone(), p: d.p });
+                let y = b.push(node.name.clone(), TrainOp::DropoutMask(d.p), vec![], &[x, mask])?;
+                b.g.replace_uses(id, y);
+                b.g.remove_node(id);
+            }
+            _ => {}
         }
     }
     let pred = b.g.outputs[pred_index].1;
@@ -549,7 +547,7 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
     let prediction = outputs.len() + pred_index;
     outputs.extend(forward_outputs);
     let mut bn_stats = vec![];
-    for (y, stats, bn, all) in &bn_nodes {
+    for (y, stats, bn, all) in bn_nodes.iter().filter(|(_, _, bn, _)| bn.track_running_stats && spec.mode == Mode::Train) {
         let k = if bn.affine { 2 } else { 0 };
         let node = b.g.node(*y).name.clone();
         outputs.push((format!("{node}.batch_stats"), *stats));

@@ -218,6 +218,7 @@ fn eval(node: &Node, args: &[ArrayViewD<'_, f32>], params: &NodeParams<'_>) -> R
         Op::MaxPool2d(p) => pool::max_pool2d(p, arg(0)?, node)?,
         Op::AvgPool2d(p) => pool::avg_pool2d(p, arg(0)?, node)?,
         Op::AdaptiveAvgPool2d(p) => pool::adaptive_avg_pool2d(p, arg(0)?, node)?,
+        Op::BatchNorm2d(b) if !b.track_running_stats => train::bn_batch(b, arg(0)?, params)?,
         Op::BatchNorm2d(b) => tensor::batch_norm2d(b, arg(0)?, params)?,
         Op::Activation(a) => arg(0)?.mapv(|v| a.apply(v)),
         Op::Dropout(_) => arg(0)?.to_owned(),

@@ -204,15 +204,18 @@ fn batchnorm_linear_activations_reshapes_match_finite_differences() {
     let mut cases = vec![
         layer("BatchNorm2d(3)", &[3, 3, 2, 3]),
         layer("BatchNorm2d(3, affine = False, momentum = None)", &[3, 3, 2, 3]),
+        layer("BatchNorm2d(3, track_running_stats = False)", &[3, 3, 2, 3]),
         layer("Linear(4, 3)", &[3, 4]),
         layer("Linear(4, 3, bias = False)", &[2, 3, 4]),
         layer("Sigmoid()", &[2, 3, 4]),
         layer("Tanh()", &[2, 3, 4]),
         layer("Flatten(start_dim = 2)", &[2, 3, 2, 2]),
     ];
-    let mut eval = layer("BatchNorm2d(3)", &[3, 3, 2, 3]);
-    eval.mode = Mode::Eval;
-    cases.push(eval);
+    for text in ["BatchNorm2d(3)", "BatchNorm2d(3, track_running_stats = False)"] {
+        let mut eval = layer(text, &[3, 3, 2, 3]);
+        eval.mode = Mode::Eval;
+        cases.push(eval);
+    }
     let mut relu = layer("ReLU()", &[2, 3, 4]);
     relu.spread = true;
     cases.push(relu);

@@ -38,7 +38,7 @@ fn linear(i: usize, o: usize, bias: bool) -> Op {
 }
 
 fn bn(c: usize) -> Op {
-    Op::BatchNorm2d(BatchNorm2d { num_features: c, eps: 1e-5, momentum: 0.1, affine: true })
+    Op::BatchNorm2d(BatchNorm2d { num_features: c, eps: 1e-5, momentum: 0.1, affine: true, track_running_stats: true })
 }
 
 /// A net of one layer at path `0`.

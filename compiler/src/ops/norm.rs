@@ -1,4 +1,5 @@
-//! `nn.BatchNorm2d` in inference mode: `y = (x − running_mean) / sqrt(running_var + eps) · weight + bias`.
+//! `nn.BatchNorm2d` in inference mode: `y = (x − running_mean) / sqrt(running_var + eps) · weight + bias`
+//! (with `track_running_stats=False`, the batch's mean and biased variance instead).
 
 use super::args::{ArgValue, Bound, opt, req};
 use super::{DType, Inferred, LayerCtor, Op, OpDef, OpError, Operand, ParamKind, ParamSpec, collect, need_nchw};
@@ -17,6 +18,9 @@ pub struct BatchNorm2d {
     pub momentum: f64,
     /// Whether there are `weight` and `bias`.
     pub affine: bool,
+    /// Whether there are running statistics (`running_mean`, `running_var`,
+    /// `num_batches_tracked`); without them the batch statistics normalise in eval mode too.
+    pub track_running_stats: bool,
 }
 
 fn build(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
@@ -28,20 +32,15 @@ fn build(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
         _ => collect(b.float("momentum", 0.1), &mut errs),
     };
     let affine = collect(b.bool("affine", true), &mut errs);
-    if let Some(false) = collect(b.bool("track_running_stats", true), &mut errs) {
-        errs.push(Diagnostic::error(
-            b.span_of("track_running_stats"),
-            "BatchNorm2d: track_running_stats=False uses batch statistics, which inference does not have",
-        ));
-    }
+    let track = collect(b.bool("track_running_stats", true), &mut errs);
     if let Some(e) = eps
         && e <= 0.0
     {
         errs.push(Diagnostic::error(b.span_of("eps"), format!("BatchNorm2d: eps must be positive, found {e}")));
     }
-    match (num_features, eps, momentum, affine) {
-        (Some(num_features), Some(eps), Some(momentum), Some(affine)) if errs.is_empty() => {
-            Ok(Op::BatchNorm2d(BatchNorm2d { num_features, eps, momentum, affine }))
+    match (num_features, eps, momentum, affine, track) {
+        (Some(num_features), Some(eps), Some(momentum), Some(affine), Some(track_running_stats)) if errs.is_empty() => {
+            Ok(Op::BatchNorm2d(BatchNorm2d { num_features, eps, momentum, affine, track_running_stats }))
         }
         _ => Err(errs),
     }
@@ -83,9 +82,11 @@ impl OpDef for BatchNorm2d {
             p.push(ParamSpec::f32("weight", vec![c], ParamKind::Weight));
             p.push(ParamSpec::f32("bias", vec![c], ParamKind::Bias));
         }
-        p.push(ParamSpec::f32("running_mean", vec![c], ParamKind::Buffer));
-        p.push(ParamSpec::f32("running_var", vec![c], ParamKind::Buffer));
-        p.push(ParamSpec { suffix: "num_batches_tracked", shape: vec![], kind: ParamKind::Buffer, dtype: DType::I64 });
+        if self.track_running_stats {
+            p.push(ParamSpec::f32("running_mean", vec![c], ParamKind::Buffer));
+            p.push(ParamSpec::f32("running_var", vec![c], ParamKind::Buffer));
+            p.push(ParamSpec { suffix: "num_batches_tracked", shape: vec![], kind: ParamKind::Buffer, dtype: DType::I64 });
+        }
         p
     }
 
@@ -100,6 +101,9 @@ impl OpDef for BatchNorm2d {
         }
         if !self.affine {
             s += ", affine=False";
+        }
+        if !self.track_running_stats {
+            s += ", track_running_stats=False";
         }
         s + ")"
     }

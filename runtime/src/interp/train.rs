@@ -95,6 +95,12 @@ fn batch_stats(x: &ArrayViewD<'_, f32>, node: &Node) -> Result<ArrayD<f32>> {
     arr(node, &[2, c], out)
 }
 
+/// BatchNorm2d normalising with the batch's own statistics (`track_running_stats=False`).
+pub(crate) fn bn_batch(bn: &BatchNorm2d, x: &ArrayViewD<'_, f32>, params: &NodeParams<'_>) -> Result<ArrayD<f32>> {
+    let stats = batch_stats(x, params.node())?;
+    bn_train(bn, x, &stats.view(), params)
+}
+
 /// The per-channel `(mean, 1/sqrt(var + eps))` of a `[2, C]` statistics tensor.
 fn mean_invstd(bn: &BatchNorm2d, stats: &ArrayViewD<'_, f32>, node: &Node) -> Result<Vec<(f64, f64)>> {
     let c = bn.num_features;

@@ -305,6 +305,14 @@ impl Compiled {
                 n.op.kind()
             )));
         }
+        if let Some(n) = graph.node_ids().into_iter().map(|id| graph.node(id)).find(
+            |n| matches!(&n.op, cnnc_compiler::Op::BatchNorm2d(b) if !b.track_running_stats),
+        ) {
+            return Err(Error::Unsupported(format!(
+                "`{}`: BatchNorm2d(track_running_stats=False) normalises with batch statistics, which the JIT does not compute yet; the interpreter runs it",
+                n.name
+            )));
+        }
         let fused;
         let (graph, weights) = if options.fuse {
             fused = crate::fusion_check::optimize(graph, weights).map_err(|e| match e {
