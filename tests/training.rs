@@ -427,7 +427,8 @@ fn autodiff_errors_name_what_is_wrong() {
 
 #[test]
 fn batchnorm_without_running_stats_has_no_buffers_and_the_jit_says_so() {
-    let g = compile("net B(x: [N, 3, 4, 4]) = Sequential(Conv2d(3, 3, 1), BatchNorm2d(3, track_running_stats = False));");
+    let g =
+        compile("net B(x: [N, 3, 4, 4]) = Sequential(Conv2d(3, 3, 1), BatchNorm2d(3, track_running_stats = False));");
     assert_eq!(g.state_dict_keys(), ["0.weight", "0.bias", "1.weight", "1.bias"]);
     let w = Weights::random(&g, 0);
     let e = cnnc::runtime::Compiled::new(&g, &w, &cnnc::runtime::Options::default()).unwrap_err();

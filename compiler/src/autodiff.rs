@@ -299,7 +299,8 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
             // Batch statistics in training mode, and always without running statistics.
             Op::BatchNorm2d(bn) if spec.mode == Mode::Train || !bn.track_running_stats => {
                 let x = forward.operands(id)[0];
-                let stats = b.push(format!("{}.batch_stats", node.name), TrainOp::BatchStats(bn.clone()), vec![], &[x])?;
+                let stats =
+                    b.push(format!("{}.batch_stats", node.name), TrainOp::BatchStats(bn.clone()), vec![], &[x])?;
                 let affine = if bn.affine { node.params[..2].to_vec() } else { vec![] };
                 let y = b.push(node.name.clone(), TrainOp::BatchNormTrain(bn.clone()), affine, &[x, stats])?;
                 b.g.replace_uses(id, y);
@@ -547,7 +548,9 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
     let prediction = outputs.len() + pred_index;
     outputs.extend(forward_outputs);
     let mut bn_stats = vec![];
-    for (y, stats, bn, all) in bn_nodes.iter().filter(|(_, _, bn, _)| bn.track_running_stats && spec.mode == Mode::Train) {
+    for (y, stats, bn, all) in
+        bn_nodes.iter().filter(|(_, _, bn, _)| bn.track_running_stats && spec.mode == Mode::Train)
+    {
         let k = if bn.affine { 2 } else { 0 };
         let node = b.g.node(*y).name.clone();
         outputs.push((format!("{node}.batch_stats"), *stats));

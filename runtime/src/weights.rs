@@ -593,7 +593,13 @@ mod tests {
         let x = b.input("x", TensorType::new(vec![4]));
         let l0 = Op::Linear(Linear { in_features: 4, out_features: 3, bias: true, epilogue: Default::default() });
         let h = b.layer("0", l0, &[x]).unwrap();
-        let bn = Op::BatchNorm2d(BatchNorm2d { num_features: 2, eps: 1e-5, momentum: 0.1, affine: true, track_running_stats: true });
+        let bn = Op::BatchNorm2d(BatchNorm2d {
+            num_features: 2,
+            eps: 1e-5,
+            momentum: 0.1,
+            affine: true,
+            track_running_stats: true,
+        });
         b.register_params("1", &bn);
         let l2 = Op::Linear(Linear { in_features: 3, out_features: 2, bias: false, epilogue: Default::default() });
         let y = b.layer("2", l2, &[h]).unwrap();
@@ -677,7 +683,13 @@ mod tests {
 
         // Two BatchNorms, one counter present: the other is reported missing.
         let mut b = GraphBuilder::new("two");
-        let bn = Op::BatchNorm2d(BatchNorm2d { num_features: 1, eps: 1e-5, momentum: 0.1, affine: false, track_running_stats: true });
+        let bn = Op::BatchNorm2d(BatchNorm2d {
+            num_features: 1,
+            eps: 1e-5,
+            momentum: 0.1,
+            affine: false,
+            track_running_stats: true,
+        });
         b.register_params("a", &bn);
         b.register_params("b", &bn);
         let g = b.finish();

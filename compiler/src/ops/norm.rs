@@ -85,7 +85,12 @@ impl OpDef for BatchNorm2d {
         if self.track_running_stats {
             p.push(ParamSpec::f32("running_mean", vec![c], ParamKind::Buffer));
             p.push(ParamSpec::f32("running_var", vec![c], ParamKind::Buffer));
-            p.push(ParamSpec { suffix: "num_batches_tracked", shape: vec![], kind: ParamKind::Buffer, dtype: DType::I64 });
+            p.push(ParamSpec {
+                suffix: "num_batches_tracked",
+                shape: vec![],
+                kind: ParamKind::Buffer,
+                dtype: DType::I64,
+            });
         }
         p
     }

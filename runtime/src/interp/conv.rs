@@ -37,6 +37,29 @@ pub(crate) fn pad_index(i: isize, size: usize, mode: PaddingMode) -> Option<usiz
     }
 }
 
+/// Materialises one padded sample: `src` is `[c, h, w]`, `dst` is `[c, ph, pw]` with `(top,
+/// left)` leading padding, each spatial axis mapped by [`pad_index`] as `F.pad` does.
+pub(crate) fn pad_sample(
+    src: &[f32],
+    (c, h, w): (usize, usize, usize),
+    (ph, pw, top, left): (usize, usize, usize, usize),
+    mode: PaddingMode,
+    dst: &mut [f32],
+) {
+    for ch in 0..c {
+        for py in 0..ph {
+            let sy = pad_index(py as isize - top as isize, h, mode);
+            for px in 0..pw {
+                let sx = pad_index(px as isize - left as isize, w, mode);
+                dst[(ch * ph + py) * pw + px] = match (sy, sx) {
+                    (Some(y), Some(x)) => src[(ch * h + y) * w + x],
+                    _ => 0.0,
+                };
+            }
+        }
+    }
+}
+
 /// Applies a fused epilogue in place: `y = act((y·scale[c] + shift[c]) + residual)`, where
 /// `c = channel(i)` for the flat index `i`.
 fn apply_epilogue(
@@ -111,19 +134,8 @@ pub(crate) fn conv2d(
     let mut out = vec![0f32; n * conv.out_channels * oh * ow];
     let mut acc = vec![0f64; oh * ow];
     for b in 0..n {
-        // Materialise the padded sample.
-        for c in 0..c_in {
-            for py in 0..ph {
-                let sy = pad_index(py as isize - top as isize, h, conv.padding_mode);
-                for px in 0..pw {
-                    let sx = pad_index(px as isize - left as isize, w, conv.padding_mode);
-                    padded[(c * ph + py) * pw + px] = match (sy, sx) {
-                        (Some(y), Some(x)) => xs[((b * c_in + c) * h + y) * w + x],
-                        _ => 0.0,
-                    };
-                }
-            }
-        }
+        let sample = &xs[b * c_in * h * w..][..c_in * h * w];
+        pad_sample(sample, (c_in, h, w), (ph, pw, top, left), conv.padding_mode, &mut padded);
         for oc in 0..conv.out_channels {
             let grp = oc / cout_g;
             acc.fill(bias.map_or(0.0, |bs| f64::from(bs[oc])));

@@ -86,37 +86,50 @@ pub(crate) fn avg_pool2d(p: &AvgPool2d, x: &ArrayViewD<'_, f32>, node: &Node) ->
     let x = x.as_standard_layout();
     let (xs, dims @ [_, _, h, w]) = nchw(&x, node)?;
     let (oh, ow) = out_sizes(node, p.windows(), h, w)?;
-    let (kh, kw) = (p.kernel.0 as isize, p.kernel.1 as isize);
-    let (sh, sw) = (p.stride.0 as isize, p.stride.1 as isize);
-    let (padh, padw) = (p.padding.0 as isize, p.padding.1 as isize);
-    let (hi, wi) = (h as isize, w as isize);
     per_plane(xs, dims, (oh, ow), node, |src, dst| {
-        for oy in 0..oh as isize {
-            for ox in 0..ow as isize {
-                let (mut y0, mut x0) = (oy * sh - padh, ox * sw - padw);
-                let (mut y1, mut x1) = ((y0 + kh).min(hi + padh), (x0 + kw).min(wi + padw));
-                let pool_size = (y1 - y0) * (x1 - x0);
-                (y0, x0, y1, x1) = (y0.max(0), x0.max(0), y1.min(hi), x1.min(wi));
-                let at = (oy * ow as isize + ox) as usize;
-                if y0 >= y1 || x0 >= x1 {
-                    dst[at] = 0.0;
-                    continue;
-                }
-                let mut sum = 0f64;
-                for iy in y0..y1 {
-                    for ix in x0..x1 {
-                        sum += f64::from(src[(iy * wi + ix) as usize]);
+        for oy in 0..oh {
+            for ox in 0..ow {
+                dst[oy * ow + ox] = match avg_window(p, (oy, ox), (h, w)) {
+                    None => 0.0,
+                    Some(((y0, y1), (x0, x1), divisor)) => {
+                        let mut sum = 0f64;
+                        for iy in y0..y1 {
+                            for ix in x0..x1 {
+                                sum += f64::from(src[iy * w + ix]);
+                            }
+                        }
+                        (sum / divisor) as f32
                     }
-                }
-                let divisor = match p.divisor_override {
-                    Some(d) => d as isize,
-                    None if p.count_include_pad => pool_size,
-                    None => (y1 - y0) * (x1 - x0),
                 };
-                dst[at] = (sum / divisor as f64) as f32;
             }
         }
     })
+}
+
+/// The input rows and columns an AvgPool2d output cell sums, and its divisor (see
+/// [`avg_pool2d`]); `None` for a window with no input cell.
+#[allow(clippy::type_complexity)]
+pub(crate) fn avg_window(
+    p: &AvgPool2d,
+    (oy, ox): (usize, usize),
+    (h, w): (usize, usize),
+) -> Option<((usize, usize), (usize, usize), f64)> {
+    let (kh, kw) = (p.kernel.0 as isize, p.kernel.1 as isize);
+    let (padh, padw) = (p.padding.0 as isize, p.padding.1 as isize);
+    let (hi, wi) = (h as isize, w as isize);
+    let (mut y0, mut x0) = (oy as isize * p.stride.0 as isize - padh, ox as isize * p.stride.1 as isize - padw);
+    let (mut y1, mut x1) = ((y0 + kh).min(hi + padh), (x0 + kw).min(wi + padw));
+    let pool_size = (y1 - y0) * (x1 - x0);
+    (y0, x0, y1, x1) = (y0.max(0), x0.max(0), y1.min(hi), x1.min(wi));
+    if y0 >= y1 || x0 >= x1 {
+        return None;
+    }
+    let divisor = match p.divisor_override {
+        Some(d) => d as isize,
+        None if p.count_include_pad => pool_size,
+        None => (y1 - y0) * (x1 - x0),
+    };
+    Some(((y0 as usize, y1 as usize), (x0 as usize, x1 as usize), divisor as f64))
 }
 
 /// `nn.AdaptiveAvgPool2d`: output cell `i` averages `[floor(i·in/out), ceil((i+1)·in/out))`.

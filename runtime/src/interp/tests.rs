@@ -397,7 +397,13 @@ fn adaptive_avg_pool() {
 
 #[test]
 fn batch_norm_uses_running_statistics() {
-    let op = Op::BatchNorm2d(BatchNorm2d { num_features: 2, eps: 1e-5, momentum: 0.1, affine: true, track_running_stats: true });
+    let op = Op::BatchNorm2d(BatchNorm2d {
+        num_features: 2,
+        eps: 1e-5,
+        momentum: 0.1,
+        affine: true,
+        track_running_stats: true,
+    });
     let x = arr(&[1, 2, 1, 2], &[1., 3., 0., -1.]);
     let params = [arr(&[2], &[2., 1.]), arr(&[2], &[0.5, 0.]), arr(&[2], &[1., -1.]), arr(&[2], &[4., 0.25])];
     let y = run1(op, &x, &params);
@@ -409,7 +415,13 @@ fn batch_norm_uses_running_statistics() {
     // ≈ [0.5, 2.5, 2, 0] (eps shifts the third value by 4e-5).
     assert_close(&y, &[1, 2, 1, 2], &[0.5, 2.5 - 2.5e-6, 2. - 4e-5, 0.]);
 
-    let op = Op::BatchNorm2d(BatchNorm2d { num_features: 2, eps: 1e-10, momentum: 0.1, affine: false, track_running_stats: true });
+    let op = Op::BatchNorm2d(BatchNorm2d {
+        num_features: 2,
+        eps: 1e-10,
+        momentum: 0.1,
+        affine: false,
+        track_running_stats: true,
+    });
     let y = run1(op, &x, &params[2..]);
     assert_close(&y, &[1, 2, 1, 2], &[0., 1., 2., 0.]);
 }

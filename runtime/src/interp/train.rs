@@ -2,7 +2,8 @@
 //! losses and every backward op, with PyTorch's semantics. Sums are accumulated in f64 and
 //! rounded to f32 once, as the forward ops are.
 
-use super::conv::pad_index;
+use super::conv::{pad_index, pad_sample};
+use super::pool::avg_window;
 use super::{NodeParams, internal};
 use crate::error::{Error, Result};
 use cnnc_compiler::graph::Node;
@@ -422,18 +423,8 @@ fn conv_weight_grad(c: &Conv2d, x: &ArrayViewD<'_, f32>, dy: &ArrayViewD<'_, f32
     let mut padded = vec![0f32; cin * ph * pw];
     let mut acc = vec![0f64; o * cin_g * kh * kw];
     for b in 0..n {
-        for ch in 0..cin {
-            for py in 0..ph {
-                let sy = pad_index(py as isize - top as isize, h, c.padding_mode);
-                for px in 0..pw {
-                    let sx = pad_index(px as isize - left as isize, w, c.padding_mode);
-                    padded[(ch * ph + py) * pw + px] = match (sy, sx) {
-                        (Some(y), Some(x)) => xs[((b * cin + ch) * h + y) * w + x],
-                        _ => 0.0,
-                    };
-                }
-            }
-        }
+        let sample = &xs[b * cin * h * w..][..cin * h * w];
+        pad_sample(sample, (cin, h, w), (ph, pw, top, left), c.padding_mode, &mut padded);
         for oc in 0..o {
             let grp = oc / cout_g;
             let dplane = &ds[(b * o + oc) * oh * ow..][..oh * ow];
@@ -584,31 +575,16 @@ fn avg_pool_grad(p: &AvgPool2d, (h, w): (usize, usize), dy: &ArrayViewD<'_, f32>
     let [n, c, oh, ow] = nchw(dy.shape(), node)?;
     let dy = dy.as_standard_layout();
     let ds = contiguous(&dy, node)?;
-    let (kh, kw) = (p.kernel.0 as isize, p.kernel.1 as isize);
-    let (sh, sw) = (p.stride.0 as isize, p.stride.1 as isize);
-    let (padh, padw) = (p.padding.0 as isize, p.padding.1 as isize);
-    let (hi, wi) = (h as isize, w as isize);
     let mut acc = vec![0f64; n * c * h * w];
     for plane in 0..n * c {
         let dst = &mut acc[plane * h * w..][..h * w];
-        for oy in 0..oh as isize {
-            for ox in 0..ow as isize {
-                let (mut y0, mut x0) = (oy * sh - padh, ox * sw - padw);
-                let (mut y1, mut x1) = ((y0 + kh).min(hi + padh), (x0 + kw).min(wi + padw));
-                let pool_size = (y1 - y0) * (x1 - x0);
-                (y0, x0, y1, x1) = (y0.max(0), x0.max(0), y1.min(hi), x1.min(wi));
-                if y0 >= y1 || x0 >= x1 {
-                    continue;
-                }
-                let divisor = match p.divisor_override {
-                    Some(d) => d as isize,
-                    None if p.count_include_pad => pool_size,
-                    None => (y1 - y0) * (x1 - x0),
-                };
-                let g = f64::from(ds[(plane * oh + oy as usize) * ow + ox as usize]) / divisor as f64;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let Some(((y0, y1), (x0, x1), divisor)) = avg_window(p, (oy, ox), (h, w)) else { continue };
+                let g = f64::from(ds[(plane * oh + oy) * ow + ox]) / divisor;
                 for iy in y0..y1 {
                     for ix in x0..x1 {
-                        dst[(iy * wi + ix) as usize] += g;
+                        dst[iy * w + ix] += g;
                     }
                 }
             }

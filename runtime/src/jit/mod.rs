@@ -305,9 +305,12 @@ impl Compiled {
                 n.op.kind()
             )));
         }
-        if let Some(n) = graph.node_ids().into_iter().map(|id| graph.node(id)).find(
-            |n| matches!(&n.op, cnnc_compiler::Op::BatchNorm2d(b) if !b.track_running_stats),
-        ) {
+        if let Some(n) = graph
+            .node_ids()
+            .into_iter()
+            .map(|id| graph.node(id))
+            .find(|n| matches!(&n.op, cnnc_compiler::Op::BatchNorm2d(b) if !b.track_running_stats))
+        {
             return Err(Error::Unsupported(format!(
                 "`{}`: BatchNorm2d(track_running_stats=False) normalises with batch statistics, which the JIT does not compute yet; the interpreter runs it",
                 n.name
