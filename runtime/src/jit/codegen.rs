@@ -4,8 +4,8 @@
 //! stores (whole or partial), fused multiply-add, strided gathers, and the elementwise math
 //! of [`super::math`].
 //!
-//! It knows nothing about ops: the lowering modules ([`super::conv`], [`super::linear`],
-//! [`super::pool`], [`super::eltwise`]) decide what to emit.
+//! It knows nothing about ops: the kernel tiers (`portable/`, `blocked/`, `eltwise.rs`)
+//! decide what to emit.
 //!
 //! Loops that matter for speed use [`Fx::loop_n`], which carries its pointers as block
 //! parameters: see there for why (the e-graph pass sinks pure code into inner loops).
@@ -601,4 +601,15 @@ pub(super) fn c(v: usize) -> i64 {
 /// The signed comparison `a >= 0`.
 pub(super) fn non_negative(fx: &mut Fx<'_>, a: Value) -> Value {
     fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, a, 0)
+}
+
+/// `[part·n/parts, (part + 1)·n/parts)` of `n` units.
+pub(in crate::jit) fn part_range(fx: &mut Fx<'_>, n: Value) -> (Value, Value) {
+    let (part, parts) = (fx.part, fx.parts);
+    let a = fx.b.ins().imul(n, part);
+    let lo = fx.b.ins().udiv(a, parts);
+    let p1 = fx.b.ins().iadd_imm_s(part, 1);
+    let b = fx.b.ins().imul(n, p1);
+    let hi = fx.b.ins().udiv(b, parts);
+    (lo, hi)
 }

@@ -6,7 +6,7 @@
 //! partial vector (lane loads and stores), so the vector math serves the tails too.
 
 use super::codegen::{Count, Fx, Jit, LANES, c};
-use super::lower::NodeCx;
+use super::cx::NodeCx;
 use super::math::act_v;
 use crate::error::Result;
 use cnnc_compiler::ops::{Activation, BatchNorm2d, Concat, Reduce, ReduceKind};

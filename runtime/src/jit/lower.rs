@@ -2,76 +2,13 @@
 //! only place that dispatches on [`Op`] in the JIT.
 
 use super::codegen::Jit;
+use super::cx::NodeCx;
 use super::plan::{self, Layout, Plan, Step};
-use super::{blocked, conv, conv_tiles, eltwise, linear, pool};
+use super::{blocked, eltwise, portable};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
-use cnnc_compiler::graph::{Graph, Node};
+use cnnc_compiler::graph::Graph;
 use cnnc_compiler::ops::Op;
-use cnnc_compiler::shape::TensorType;
-
-/// What a lowering needs to know about one node.
-pub(super) struct NodeCx<'a> {
-    /// The node.
-    pub node: &'a Node,
-    /// All weights (the node's are found through `node.params`).
-    pub weights: &'a Weights,
-    /// Operand slots, in operand order.
-    pub inputs: Vec<usize>,
-    /// Operand types, in operand order.
-    pub in_tys: Vec<&'a TensorType>,
-    /// Result slot.
-    pub output: usize,
-    /// Operand layouts, in operand order.
-    pub in_layouts: Vec<Layout>,
-    /// Result layout.
-    pub out_layout: Layout,
-    /// Floats per sample of the operand buffers.
-    pub in_lens: Vec<usize>,
-    /// Floats per sample of the result buffer.
-    pub out_len: usize,
-    /// The step's scratch slot, if the plan gave it one.
-    pub scratch: Option<usize>,
-}
-
-impl NodeCx<'_> {
-    /// Floats per sample of the result.
-    pub fn out_size(&self) -> usize {
-        self.node.ty.numel_per_sample()
-    }
-
-    fn chw(&self, t: &TensorType) -> Result<(usize, usize, usize)> {
-        t.chw().ok_or_else(|| Error::Unsupported(format!("`{}`: expected an NCHW tensor, got {t}", self.node.name)))
-    }
-
-    /// `(C, H, W)` of the result.
-    pub fn out_chw(&self) -> Result<(usize, usize, usize)> {
-        self.chw(&self.node.ty)
-    }
-
-    /// `(C, H, W)` of operand `i`.
-    pub fn in_chw(&self, i: usize) -> Result<(usize, usize, usize)> {
-        self.chw(self.in_tys[i])
-    }
-
-    /// The values of the parameter with this suffix, in standard order.
-    pub fn param(&self, suffix: &str) -> Result<Vec<f32>> {
-        Ok(self.param_ref(suffix)?.into_owned())
-    }
-
-    /// As [`NodeCx::param`], borrowed when the stored array is contiguous (a model's big
-    /// weights are read once, while packing).
-    pub fn param_ref(&self, suffix: &str) -> Result<std::borrow::Cow<'_, [f32]>> {
-        let missing = || Error::Unsupported(format!("`{}` has no f32 parameter `{suffix}`", self.node.name));
-        let pos = self.node.op.def().params().iter().position(|p| p.suffix == suffix).ok_or_else(missing)?;
-        let id = *self.node.params.get(pos).ok_or_else(missing)?;
-        let a = self.weights.f32(id).ok_or_else(missing)?;
-        Ok(match a.as_slice() {
-            Some(s) => std::borrow::Cow::Borrowed(s),
-            None => std::borrow::Cow::Owned(crate::weights::to_vec(a)),
-        })
-    }
-}
 
 /// Emits the kernels of every step, in order.
 pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan) -> Result<()> {
@@ -94,26 +31,29 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                 };
                 let tiled = cx.out_layout.is_blocked();
                 match &node.op {
-                    Op::Conv2d(c) if tiled => conv_tiles::conv(jit, &cx, c)?,
+                    Op::Conv2d(c) if tiled => blocked::conv::conv(jit, &cx, c)?,
                     Op::Conv2d(c)
                         if cx.in_layouts[0] == Layout::Plain && cx.scratch.is_some() && plan::plane_conv(c) =>
                     {
                         let isa = jit.isa.ok_or_else(|| Error::Unsupported("plane conv without an ISA".into()))?;
-                        conv_tiles::plane_conv(jit, &cx, c, isa)?
+                        blocked::conv::plane_conv(jit, &cx, c, isa)?
                     }
-                    Op::Conv2d(c) => conv::lower(jit, &cx, c)?,
-                    Op::Linear(l) => linear::lower(jit, &cx, l)?,
-                    Op::MaxPool2d(p) if tiled => blocked::max_pool(jit, &cx, p)?,
-                    Op::MaxPool2d(p) => pool::max_pool(jit, &cx, p)?,
-                    Op::AvgPool2d(p) if tiled => blocked::avg_pool(jit, &cx, p)?,
-                    Op::AvgPool2d(p) => pool::avg_pool(jit, &cx, p)?,
-                    Op::AdaptiveAvgPool2d(_) if tiled => blocked::adaptive_avg_pool(jit, &cx)?,
-                    Op::AdaptiveAvgPool2d(_) => pool::adaptive_avg_pool(jit, &cx)?,
-                    Op::BatchNorm2d(bn) if tiled => blocked::batchnorm(jit, &cx, bn)?,
+                    Op::Conv2d(c) => portable::conv::lower(jit, &cx, c)?,
+                    Op::Linear(l) => match jit.isa {
+                        Some(isa) => blocked::conv::linear(jit, &cx, l, isa)?,
+                        None => portable::linear::lower(jit, &cx, l)?,
+                    },
+                    Op::MaxPool2d(p) if tiled => blocked::pool::max_pool(jit, &cx, p)?,
+                    Op::MaxPool2d(p) => portable::pool::max_pool(jit, &cx, p)?,
+                    Op::AvgPool2d(p) if tiled => blocked::pool::avg_pool(jit, &cx, p)?,
+                    Op::AvgPool2d(p) => portable::pool::avg_pool(jit, &cx, p)?,
+                    Op::AdaptiveAvgPool2d(_) if tiled => blocked::pool::adaptive_avg_pool(jit, &cx)?,
+                    Op::AdaptiveAvgPool2d(_) => portable::pool::adaptive_avg_pool(jit, &cx)?,
+                    Op::BatchNorm2d(bn) if tiled => blocked::channels::batchnorm(jit, &cx, bn)?,
                     Op::BatchNorm2d(bn) => eltwise::batchnorm(jit, &cx, bn)?,
                     Op::Activation(a) => eltwise::activation(jit, &cx, *a)?,
                     Op::Add(_) => eltwise::add(jit, &cx)?,
-                    Op::Concat(_) if tiled => blocked::concat(jit, &cx)?,
+                    Op::Concat(_) if tiled => blocked::channels::concat(jit, &cx)?,
                     Op::Concat(cat) => eltwise::concat(jit, &cx, cat)?,
                     Op::Reduce(r) => eltwise::reduce(jit, &cx, r)?,
                     Op::Train(_) => {
@@ -136,7 +76,7 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                 eltwise::copy(jit, "<output copy>", *from, *to, plan.slots[*to].size)?;
             }
             Step::Reorder { from, to } => {
-                blocked::reorder(jit, (*from, plan.slots[*from].layout), (*to, plan.slots[*to].layout))?;
+                blocked::channels::reorder(jit, (*from, plan.slots[*from].layout), (*to, plan.slots[*to].layout))?;
             }
         }
     }

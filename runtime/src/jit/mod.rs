@@ -4,20 +4,25 @@
 //! # Pipeline (files of this module)
 //!
 //! 1. [`Graph::verify`], [`Weights::check`]; the micro-kernel ISA is picked
-//!    (`microkernel.rs`: AVX-512F, else AVX2+FMA, else none — or as [`Kernels`] forces);
+//!    (`microkernel/`: AVX-512F, else AVX2+FMA, else none — or as [`Kernels`] forces);
 //! 2. `plan.rs`: a slot for every value, Flatten/Dropout aliased away, each image value's
 //!    layout chosen (plain NCHW, or blocked NCHW16c where the micro-kernels read and write
 //!    it) with reorder steps where producer and consumer disagree, arena offsets by
 //!    liveness;
-//! 3. `lower.rs`: one kernel per planned step. With a micro-kernel ISA, Conv2d and Linear
-//!    are loop nests over the hand-written register tiles of `microkernel.rs`
-//!    (`conv_tiles.rs`: packing, tap tables, thread split, all generated per layer), and
-//!    pooling and BatchNorm on blocked tensors are in `blocked.rs`; the portable code for
-//!    plain tensors is `conv.rs`, `linear.rs`, `pool.rs`, `eltwise.rs`, with `epilogue.rs`
-//!    fused into Conv2d/Linear and `math.rs` for the activations. Everything is emitted
-//!    through `codegen.rs`. Weights are packed into the layout each kernel reads and, with
-//!    the index tables and tile descriptors, owned by the compiled model; their addresses
-//!    are constants in the code;
+//! 3. `lower.rs` (the dispatcher, the only `match` on the op): one kernel per planned step,
+//!    from one of the kernel tiers, each a folder. `blocked/`: with a micro-kernel ISA,
+//!    Conv2d and Linear are loop nests over the hand-written register tiles of
+//!    `microkernel/` (`blocked/conv.rs`: packing, tap tables, thread split, all generated
+//!    per layer), pooling (`blocked/pool.rs`), and BatchNorm, concatenation and layout
+//!    reorders (`blocked/channels.rs`) on blocked tensors. `portable/`: the pure-Cranelift
+//!    f32x4 code for plain tensors (`conv.rs`, `linear.rs`, `pool.rs`, with `epilogue.rs`
+//!    fused into Conv2d/Linear). `eltwise.rs`: the layout-agnostic kernels (activations,
+//!    adds, copies, reductions, plain BatchNorm and concat). Below the tiers: `cx.rs` (the
+//!    lowering context every kernel takes), `tables.rs` (index tables and window
+//!    arithmetic), `math.rs` (activations), `codegen.rs` (Cranelift plumbing). Imports
+//!    only go downward (`runtime/tests/jit_layers.rs` checks it). Weights are packed into
+//!    the layout each kernel reads and, with the index tables and tile descriptors, owned by
+//!    the compiled model; their addresses are constants in the code;
 //! 4. the module is finalised and the kernels' entry points kept, in execution order.
 //!
 //! # Running
@@ -43,7 +48,7 @@
 //! # Safety
 //!
 //! Native code is entered in exactly one place, `Code::call`. (Generated code in turn calls
-//! the micro-kernels of `microkernel.rs`, with descriptors and tables the constant pool
+//! the micro-kernels of `microkernel/`, with descriptors and tables the constant pool
 //! owns and pointers into the same operand and result buffers; their own `unsafe` is
 //! documented there.) Its soundness rests on what the code generator guarantees — every
 //! address a kernel computes lies inside the buffers the slot table describes for the `nb`
@@ -54,16 +59,14 @@
 
 mod blocked;
 mod codegen;
-mod conv;
-mod conv_tiles;
+mod cx;
 mod eltwise;
-mod epilogue;
-mod linear;
 mod lower;
 mod math;
 mod microkernel;
 mod plan;
-mod pool;
+mod portable;
+mod tables;
 mod team;
 
 use crate::error::{Error, Result};

@@ -186,7 +186,7 @@ pub(super) fn staged_input(conv: &Conv2d, in_ty: &TensorType, layout: Layout) ->
 }
 
 /// Whether a convolution on a plain operand runs on the plane tiles (see
-/// `conv_tiles::plane_conv`): one group, few input and output channels, stride 1, zero
+/// `blocked::conv::plane_conv`): one group, few input and output channels, stride 1, zero
 /// padding — a net's first layer with a handful of filters, where blocks of 16 output
 /// channels would be mostly padding.
 pub(super) fn plane_conv(conv: &Conv2d) -> bool {

@@ -6,16 +6,16 @@
 //! that run along a row) or lane by lane (lanes are consecutive channels: conv border
 //! pixels, Linear).
 
-use super::codegen::{Fx, Jit};
-use super::lower::NodeCx;
-use super::math::act_v;
 use crate::error::Result;
+use crate::jit::codegen::{Fx, Jit};
+use crate::jit::cx::NodeCx;
+use crate::jit::math::act_v;
 use cnnc_compiler::ops::{Activation, Epilogue};
 use cranelift_codegen::ir::{InstBuilder, Value};
 
 /// Addresses of a kernel's per-channel parameters and what else the epilogue does.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Epi {
+pub(in crate::jit) struct Epi {
     bias: Option<i64>,
     scale_shift: Option<(i64, i64)>,
     /// The residual operand's slot.
@@ -25,7 +25,7 @@ pub(super) struct Epi {
 
 /// Per-channel parameters loaded for one group of lanes.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct ChanParams {
+pub(in crate::jit) struct ChanParams {
     bias: Option<Value>,
     scale_shift: Option<(Value, Value)>,
 }

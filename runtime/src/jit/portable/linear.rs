@@ -13,10 +13,10 @@
 //! batch 1, is a GEMV that streams the weights once), and the epilogue runs afterwards on
 //! the stored rows.
 
-use super::codegen::{Count, Fx, Jit, LANES, V, c};
 use super::epilogue::Epi;
-use super::lower::NodeCx;
 use crate::error::Result;
+use crate::jit::codegen::{Count, Fx, Jit, LANES, V, c};
+use crate::jit::cx::NodeCx;
 use cnnc_compiler::ops::Linear;
 use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::Variable;
@@ -35,11 +35,9 @@ struct Dims {
     w: i64,
 }
 
-/// Lowers a Linear node.
-pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear) -> Result<()> {
-    if let Some(isa) = jit.isa {
-        return super::conv_tiles::linear(jit, cx, lin, isa);
-    }
+/// Lowers a Linear node (the portable kernel; with a micro-kernel ISA the dispatcher picks
+/// [`crate::jit::blocked::conv::linear`] instead).
+pub(in crate::jit) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear) -> Result<()> {
     let (k, o) = (lin.in_features, lin.out_features);
     let rows = cx.in_tys[0].numel_per_sample() / k.max(1);
     let w = cx.param("weight")?;

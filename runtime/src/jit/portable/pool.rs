@@ -5,18 +5,19 @@
 //! selects a row of the neutral element (−inf for max, 0 for average) instead of branching;
 //! interior columns run 8 pixels at a time in f32x4 (strided loads as for conv), the border
 //! columns one pixel at a time through a column table. Max propagates NaN as PyTorch does
-//! ([`super::math::nan_max`]). The average's divisor is separable, `rows(oh) · cols(ow)`, with
+//! ([`crate::jit::math::nan_max`]). The average's divisor is separable, `rows(oh) · cols(ow)`, with
 //! both factors precomputed by ATen's rule for `count_include_pad` and `ceil_mode`
 //! (or `divisor_override · 1`).
 //!
 //! Adaptive average pooling sums each ATen window `[⌊i·in/out⌋, ⌈(i+1)·in/out⌉)` with
 //! loops driven by window tables; the global case (1×1 output) sums the plane with vectors.
 
-use super::codegen::{Fx, Jit, LANES, c, non_negative};
-use super::conv::{axis_table, vector_columns};
-use super::eltwise::for_vectors;
-use super::lower::NodeCx;
 use crate::error::Result;
+use crate::jit::codegen::{Fx, Jit, LANES, c, non_negative};
+use crate::jit::cx::NodeCx;
+use crate::jit::eltwise::for_vectors;
+use crate::jit::tables::avg_factor;
+use crate::jit::tables::{axis_table, vector_columns};
 use cnnc_compiler::ops::{AvgPool2d, MaxPool2d, PaddingMode};
 use cnnc_compiler::shape::adaptive_window;
 use cranelift_codegen::ir::{InstBuilder, Value, types};
@@ -63,15 +64,6 @@ struct Consts {
     neutral: i64,
     /// Average only: per-row and per-column divisor factors.
     div: Option<(i64, i64)>,
-}
-
-/// ATen's average-pool divisor factor along one axis for output `o`.
-pub(super) fn avg_factor(o: usize, k: usize, s: usize, p: usize, input: usize, count_include_pad: bool) -> f32 {
-    let start = (o * s) as i64 - p as i64;
-    let end = (start + k as i64).min((input + p) as i64);
-    let pool = end - start;
-    let valid = end.min(input as i64) - start.max(0);
-    (if count_include_pad { pool } else { valid }) as f32
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -128,7 +120,7 @@ fn window(
 
 fn combine(fx: &mut Fx<'_>, kind: Kind, a: Value, b: Value) -> Value {
     match kind {
-        Kind::Max => super::math::nan_max(fx, a, b),
+        Kind::Max => crate::jit::math::nan_max(fx, a, b),
         Kind::Avg => fx.b.ins().fadd(a, b),
     }
 }
@@ -193,7 +185,7 @@ fn emit(fx: &mut Fx<'_>, g: &Geo, k: &Consts, xs: usize, ys: usize) {
                             let w = fx.addr(w);
                             let wp = fx.elem(w, ow0);
                             let wd = fx.load_v(wp, (v * LANES) as i64);
-                            let hv = fx.b.ins().splat(super::codegen::V, hd);
+                            let hv = fx.b.ins().splat(crate::jit::codegen::V, hd);
                             let d = fx.b.ins().fmul(hv, wd);
                             out = fx.b.ins().fdiv(out, d);
                         }
@@ -244,12 +236,12 @@ fn emit(fx: &mut Fx<'_>, g: &Geo, k: &Consts, xs: usize, ys: usize) {
 }
 
 /// Lowers a MaxPool2d node (−inf padding).
-pub(super) fn max_pool(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> Result<()> {
+pub(in crate::jit) fn max_pool(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> Result<()> {
     window(jit, cx, p.kernel, p.stride, p.padding, p.dilation, Kind::Max, Divisor::Override(1))
 }
 
 /// Lowers an AvgPool2d node.
-pub(super) fn avg_pool(jit: &mut Jit, cx: &NodeCx<'_>, p: &AvgPool2d) -> Result<()> {
+pub(in crate::jit) fn avg_pool(jit: &mut Jit, cx: &NodeCx<'_>, p: &AvgPool2d) -> Result<()> {
     let divisor = match p.divisor_override {
         Some(d) => Divisor::Override(d),
         None => Divisor::Window { count_include_pad: p.count_include_pad },
@@ -258,7 +250,7 @@ pub(super) fn avg_pool(jit: &mut Jit, cx: &NodeCx<'_>, p: &AvgPool2d) -> Result<
 }
 
 /// Lowers an AdaptiveAvgPool2d node.
-pub(super) fn adaptive_avg_pool(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
+pub(in crate::jit) fn adaptive_avg_pool(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
     let (ch, ih, iw) = cx.in_chw(0)?;
     let (_, oh, ow) = cx.out_chw()?;
     let (in_plane, out_plane) = (ih * iw, oh * ow);
@@ -284,7 +276,7 @@ pub(super) fn adaptive_avg_pool(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
                 let yc = fx.elem_scaled(yn, k, c(out_plane));
                 if out_plane == 1 {
                     let zero = fx.vf(0.0);
-                    let acc = fx.var(super::codegen::V, zero);
+                    let acc = fx.var(crate::jit::codegen::V, zero);
                     for_vectors(fx, in_plane, |fx, i, lanes| {
                         let p = fx.elem(xc, i);
                         let v = fx.load_partial(p, 0, lanes);

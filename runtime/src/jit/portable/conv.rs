@@ -26,79 +26,16 @@
 //!
 //! This is the portable code, on plain NCHW tensors: when the host has AVX-512F or
 //! AVX2+FMA, convolutions whose groups are whole blocks of 16 channels run on the
-//! micro-kernel tiles instead ([`super::conv_tiles`]).
+//! micro-kernel tiles instead (`crate::jit::blocked::conv`).
 
-use super::codegen::{Count, Fx, Jit, LANES, V, c};
 use super::epilogue::Epi;
-use super::lower::NodeCx;
 use crate::error::{Error, Result};
+use crate::jit::codegen::{Count, Fx, Jit, LANES, V, c};
+use crate::jit::cx::NodeCx;
+use crate::jit::tables::{axis_table, vector_columns};
 use cnnc_compiler::ops::{Conv2d, PaddingMode};
 use cranelift_codegen::ir::{InstBuilder, Value, types};
 use cranelift_frontend::Variable;
-
-/// Maps an input coordinate that may lie in the padding to the element PyTorch reads: the
-/// remapped index, or −1 for a zero.
-fn remap(i: i64, n: usize, mode: PaddingMode) -> i64 {
-    let n = n as i64;
-    match mode {
-        PaddingMode::Zeros if (0..n).contains(&i) => i,
-        PaddingMode::Zeros => -1,
-        PaddingMode::Reflect if i < 0 => -i,
-        PaddingMode::Reflect if i >= n => 2 * (n - 1) - i,
-        PaddingMode::Reflect => i,
-        PaddingMode::Replicate => i.clamp(0, n - 1),
-        PaddingMode::Circular => i.rem_euclid(n),
-    }
-}
-
-/// One spatial axis: for every output position and tap, the input index it reads (or −1).
-pub(super) fn axis_table(
-    out: usize,
-    taps: usize,
-    stride: usize,
-    dilation: usize,
-    pad: usize,
-    input: usize,
-    mode: PaddingMode,
-) -> Result<Vec<i32>> {
-    let mut t = Vec::with_capacity(out * taps);
-    for o in 0..out {
-        for k in 0..taps {
-            let i = (o * stride + k * dilation) as i64 - pad as i64;
-            let r = remap(i, input, mode);
-            if r < -1 || r >= input as i64 || (r == -1 && mode != PaddingMode::Zeros) {
-                return Err(Error::Unsupported(format!(
-                    "{} padding reaches index {i} of an axis of size {input}",
-                    mode.name()
-                )));
-            }
-            t.push(r as i32);
-        }
-    }
-    Ok(t)
-}
-
-/// The interior output columns `[lo, end)` where 4-pixel vector loads of every tap stay inside
-/// the input row (`None` if there are none).
-pub(super) fn vector_columns(
-    out_w: usize,
-    in_w: usize,
-    kw: usize,
-    stride: usize,
-    dilation: usize,
-    pad: usize,
-) -> Option<(usize, usize)> {
-    let extra = usize::from(stride == 2);
-    let lo = pad.div_ceil(stride);
-    // Largest start s with (s + 3)·stride − pad + (kw − 1)·dilation + extra ≤ in_w − 1.
-    let reach = (in_w + pad) as i64 - 1 - extra as i64 - ((kw - 1) * dilation) as i64;
-    if reach < 0 {
-        return None;
-    }
-    let s_max = reach / stride as i64 - 3;
-    let end = (s_max + 4).min(out_w as i64);
-    (end >= lo as i64 + LANES as i64).then_some((lo, end as usize))
-}
 
 /// Tile shape `(MR channels, NR vectors)` for a group of `ocg` output channels.
 fn tile_shape(ocg: usize) -> (usize, usize) {
@@ -165,7 +102,7 @@ fn tap_ranges(table: &[i32], taps: usize) -> Result<Vec<i32>> {
 }
 
 /// Lowers a Conv2d node.
-pub(super) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> {
+pub(in crate::jit) fn lower(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> {
     let (cin, ih, iw) = cx.in_chw(0)?;
     let (cout, oh, ow) = cx.out_chw()?;
     let (kh, kw) = conv.kernel;

@@ -12,7 +12,7 @@
 //! go `MR` pixels at a time with one shared column table; the border columns one pixel at
 //! a time, each with its own table (zero padding drops taps, the other modes remap them).
 //! Each output row's table lists the kernel rows it reads the same way. A conv with zero
-//! padding reads a zero-padded copy of its operand instead ([`super::plan::staged_input`],
+//! padding reads a zero-padded copy of its operand instead ([`crate::jit::plan::staged_input`],
 //! [`Stage`]), so every column is interior and every tile whole; the tables serve the
 //! other padding modes. The copy is a kernel of its own when the conv is split between
 //! threads, and otherwise part of the conv's kernel, one sample right before its rows.
@@ -30,13 +30,13 @@
 //! block with the remaining rows. At batch 1 that is a GEMV that streams the weights once,
 //! split between threads by columns.
 
-use super::codegen::{Count, Fx, Jit, c};
-use super::conv::axis_table;
-use super::eltwise::copy_run;
-use super::lower::NodeCx;
-use super::microkernel::{self, Act, ConvTile, GemmTile, Isa};
-use super::plan::{BLOCK, Layout};
 use crate::error::{Error, Result};
+use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
+use crate::jit::cx::NodeCx;
+use crate::jit::eltwise::copy_run;
+use crate::jit::microkernel::{self, Act, ConvTile, GemmTile, Isa};
+use crate::jit::plan::{BLOCK, Layout};
+use crate::jit::tables::axis_table;
 use cnnc_compiler::ops::{Conv2d, Epilogue, Linear, PaddingMode};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{InstBuilder, Value};
@@ -139,7 +139,7 @@ const TILE_STEP_CYCLES: f64 = 1.5;
 const PLAIN_MR: usize = 8;
 
 /// Output rows up to which a conv's tiles prefetch their weights
-/// ([`super::microkernel::ConvTile::prefetch`]): with few rows per channel group a group's
+/// ([`crate::jit::microkernel::ConvTile::prefetch`]): with few rows per channel group a group's
 /// weights come from L3 for a large share of its tiles (ResNet-18's layer4, 7 rows: ~12%
 /// faster with the prefetch), while on tall maps they stay in L2 and the prefetches only
 /// take load slots (56-row convs 2–4% faster without, 28-row ones even).
@@ -208,7 +208,7 @@ enum Form {
     PixelMajor { cin: usize },
 }
 
-/// A staged copy of a conv's operand (see [`super::plan::staged_input`]): slot `from` copied
+/// A staged copy of a conv's operand (see [`crate::jit::plan::staged_input`]): slot `from` copied
 /// into slot `to` with rows and columns of zeros around each `ih × iw` plane, the plane at
 /// row `pt`, column `pl` of its `ph × pw` copy; `out_sample` floats per sample in `to`.
 /// [`Stage::emit`] writes any range of its rows, so the copy can be a kernel of its own or
@@ -406,7 +406,7 @@ fn source_row(fx: &mut Fx<'_>, r: Value, pt: usize, ih: usize) -> (Value, Value)
 }
 
 /// Lowers a Conv2d node whose result is blocked.
-pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> {
+pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> {
     let isa = jit.isa.ok_or_else(|| Error::Unsupported("blocked conv without a micro-kernel ISA".into()))?;
     let (cin, ih0, iw0) = cx.in_chw(0)?;
     let (cout, oh, ow) = cx.out_chw()?;
@@ -641,17 +641,6 @@ pub(super) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> 
     Ok(())
 }
 
-/// `[part·n/parts, (part + 1)·n/parts)` of `n` units.
-pub(super) fn part_range(fx: &mut Fx<'_>, n: Value) -> (Value, Value) {
-    let (part, parts) = (fx.part, fx.parts);
-    let a = fx.b.ins().imul(n, part);
-    let lo = fx.b.ins().udiv(a, parts);
-    let p1 = fx.b.ins().iadd_imm_s(part, 1);
-    let b = fx.b.ins().imul(n, p1);
-    let hi = fx.b.ins().udiv(b, parts);
-    (lo, hi)
-}
-
 fn max(fx: &mut Fx<'_>, a: Value, b: Value) -> Value {
     let gt = fx.b.ins().icmp(IntCC::SignedGreaterThan, a, b);
     fx.b.ins().select(gt, a, b)
@@ -663,7 +652,7 @@ fn min(fx: &mut Fx<'_>, a: Value, b: Value) -> Value {
 }
 
 /// Lowers a Linear node onto the GEMM tiles.
-pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> Result<()> {
+pub(in crate::jit) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> Result<()> {
     let (k, o) = (lin.in_features, lin.out_features);
     // The operand's element holding feature `f` of a row.
     let (lda, feature_at): (usize, Box<dyn Fn(usize) -> usize>) = match cx.in_layouts[0] {
@@ -835,14 +824,14 @@ pub(super) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: Isa) -> 
     Ok(())
 }
 
-/// Lowers a plane convolution (see [`super::plan::plane_conv`]): a plain operand with few
+/// Lowers a plane convolution (see [`crate::jit::plan::plane_conv`]): a plain operand with few
 /// channels, at most 8 output channels, stride 1, zero padding. Pixels go in the vector
 /// lanes instead of channels — whole rows of 16 consecutive output pixels of one channel —
 /// so none of the lanes is padding; the result is plain NCHW. The operand is first copied
 /// with its zero padding (`[c][h′][w′]` planes), then each output row is one call or a few
 /// into [`microkernel::plane_tile`], which sums over channels and taps with one broadcast
 /// weight per output channel and tap, and applies the whole epilogue in registers.
-pub(super) fn plane_conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d, isa: Isa) -> Result<()> {
+pub(in crate::jit) fn plane_conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d, isa: Isa) -> Result<()> {
     let (cin, ih, iw) = cx.in_chw(0)?;
     let (cout, oh, ow) = cx.out_chw()?;
     let (kh, kw) = conv.kernel;
@@ -850,7 +839,7 @@ pub(super) fn plane_conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d, isa: Isa
     let (pt, pb, pl, pr) = conv.pads();
     let (ph, pw) = (ih + pt + pb, iw + pl + pr);
     let stage_slot = cx.scratch.ok_or_else(|| Error::Unsupported("plane conv without a staging slot".into()))?;
-    let staged = super::plan::plane_staged_input(conv, cx.in_tys[0]);
+    let staged = crate::jit::plan::plane_staged_input(conv, cx.in_tys[0]);
     let st = Stage::planes(jit, cx, stage_slot, (cin, 1), (ih, iw), (pt, pl, ph, pw), staged);
     st.kernel(jit, cx, st.work(), false)?;
 

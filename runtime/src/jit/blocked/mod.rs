@@ -1,0 +1,8 @@
+//! The blocked tier: kernels on the channel-blocked layout NCHW16c that the micro-kernels
+//! read and write — Conv2d and Linear as loop nests over the register tiles (`conv.rs`),
+//! pooling (`pool.rs`), and BatchNorm, concatenation and the layout reorders
+//! (`channels.rs`).
+
+pub(in crate::jit) mod channels;
+pub(in crate::jit) mod conv;
+pub(in crate::jit) mod pool;

@@ -1,0 +1,72 @@
+//! The lowering context: what a kernel generator needs to know about one node (its slots,
+//! types, layouts and parameters). The bottom of the kernel tiers: every kernel takes one,
+//! [`super::lower`] makes them.
+
+use super::plan::Layout;
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+use cnnc_compiler::graph::Node;
+use cnnc_compiler::shape::TensorType;
+
+/// What a lowering needs to know about one node.
+pub(in crate::jit) struct NodeCx<'a> {
+    /// The node.
+    pub node: &'a Node,
+    /// All weights (the node's are found through `node.params`).
+    pub weights: &'a Weights,
+    /// Operand slots, in operand order.
+    pub inputs: Vec<usize>,
+    /// Operand types, in operand order.
+    pub in_tys: Vec<&'a TensorType>,
+    /// Result slot.
+    pub output: usize,
+    /// Operand layouts, in operand order.
+    pub in_layouts: Vec<Layout>,
+    /// Result layout.
+    pub out_layout: Layout,
+    /// Floats per sample of the operand buffers.
+    pub in_lens: Vec<usize>,
+    /// Floats per sample of the result buffer.
+    pub out_len: usize,
+    /// The step's scratch slot, if the plan gave it one.
+    pub scratch: Option<usize>,
+}
+
+impl NodeCx<'_> {
+    /// Floats per sample of the result.
+    pub fn out_size(&self) -> usize {
+        self.node.ty.numel_per_sample()
+    }
+
+    fn chw(&self, t: &TensorType) -> Result<(usize, usize, usize)> {
+        t.chw().ok_or_else(|| Error::Unsupported(format!("`{}`: expected an NCHW tensor, got {t}", self.node.name)))
+    }
+
+    /// `(C, H, W)` of the result.
+    pub fn out_chw(&self) -> Result<(usize, usize, usize)> {
+        self.chw(&self.node.ty)
+    }
+
+    /// `(C, H, W)` of operand `i`.
+    pub fn in_chw(&self, i: usize) -> Result<(usize, usize, usize)> {
+        self.chw(self.in_tys[i])
+    }
+
+    /// The values of the parameter with this suffix, in standard order.
+    pub fn param(&self, suffix: &str) -> Result<Vec<f32>> {
+        Ok(self.param_ref(suffix)?.into_owned())
+    }
+
+    /// As [`NodeCx::param`], borrowed when the stored array is contiguous (a model's big
+    /// weights are read once, while packing).
+    pub fn param_ref(&self, suffix: &str) -> Result<std::borrow::Cow<'_, [f32]>> {
+        let missing = || Error::Unsupported(format!("`{}` has no f32 parameter `{suffix}`", self.node.name));
+        let pos = self.node.op.def().params().iter().position(|p| p.suffix == suffix).ok_or_else(missing)?;
+        let id = *self.node.params.get(pos).ok_or_else(missing)?;
+        let a = self.weights.f32(id).ok_or_else(missing)?;
+        Ok(match a.as_slice() {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(crate::weights::to_vec(a)),
+        })
+    }
+}

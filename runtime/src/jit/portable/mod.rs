@@ -1,0 +1,8 @@
+//! The portable tier: pure-Cranelift f32x4 kernels on plain NCHW tensors, for hosts without
+//! a micro-kernel ISA or when `Options::portable` asks for them — Conv2d and Linear with
+//! their fused epilogues, and pooling.
+
+pub(in crate::jit) mod conv;
+pub(in crate::jit) mod epilogue;
+pub(in crate::jit) mod linear;
+pub(in crate::jit) mod pool;
