@@ -24,12 +24,15 @@
 //! The crates behind the facade:
 //! - [`compiler`] (`cnnc-compiler`): the DSL, the graph IR, shapes, accounting and passes;
 //! - [`runtime`] (`cnnc-runtime`): weights, the reference interpreter and the Cranelift JIT;
-//! - `cnnc-macros`: the [`cnn!`] macro.
+//! - `cnnc-macros`: the [`cnn!`] macro;
+//! - [`images`]: PNG/JPEG in (torchvision's preprocessing), overlays out.
 #![warn(missing_docs)]
 
 pub use cnnc_compiler as compiler;
 pub use cnnc_macros::cnn;
 pub use cnnc_runtime as runtime;
+
+pub mod images;
 
 pub use cnnc_compiler::{Graph, Summary, TensorType};
 
@@ -55,7 +58,10 @@ pub trait Net {
 /// What a user of cnnc imports.
 pub mod prelude {
     pub use crate::{IoSpec, Net, Summary, cnn};
+    pub use cnnc_compiler::ops::train::{Loss, Reduction};
+    pub use cnnc_runtime::gradcam::{Cam, grad_cam};
     pub use cnnc_runtime::jit::{Compiled, Options};
+    pub use cnnc_runtime::train::{Optimizer, Trainer};
     pub use cnnc_runtime::weights::Weights;
 }
 

@@ -121,6 +121,9 @@ pub struct TrainGraph {
     pub bn_stats: Vec<BnStats>,
     /// `(requested name, output index)` of each gradient asked for in [`GradSpec::wrt`].
     pub node_grads: Vec<(String, usize)>,
+    /// `(requested name, output index)` of the value (the forward output) of each layer in
+    /// [`GradSpec::wrt`], beside its gradient (Grad-CAM reads both).
+    pub node_values: Vec<(String, usize)>,
 }
 
 /// Why a training graph could not be built.
@@ -581,6 +584,11 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
         outputs.push((format!("grad.{name}"), g));
         node_grads.push((name.clone(), outputs.len() - 1));
     }
+    let mut node_values = vec![];
+    for (name, id) in &wrt {
+        outputs.push((format!("value.{name}"), *id));
+        node_values.push((name.clone(), outputs.len() - 1));
+    }
     b.g.outputs = outputs;
     b.g.name = format!("{}.train", forward.name);
     b.g.verify()?;
@@ -594,6 +602,7 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
         param_grads,
         bn_stats,
         node_grads,
+        node_values,
     })
 }
 

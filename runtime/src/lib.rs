@@ -9,6 +9,8 @@
 //!   an automatic numeric check against the interpreter;
 //! - [`train`]: the [`train::Trainer`] — training graphs run on the interpreter, torch.optim's
 //!   optimizers, BatchNorm running statistics, Dropout masks;
+//! - [`gradcam`]: Grad-CAM heat maps of any layer, with the normalisation, resizing and
+//!   overlay helpers;
 //! - [`jit`]: the Cranelift backend — shape-specialised native kernels, a memory plan, and the
 //!   [`Compiled`] model.
 //!
@@ -17,6 +19,7 @@
 
 pub mod error;
 pub mod fusion_check;
+pub mod gradcam;
 pub mod interp;
 pub mod jit;
 pub mod train;

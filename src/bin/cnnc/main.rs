@@ -1,6 +1,6 @@
 //! `cnnc`: the command-line tool for nets kept in `.cnn` files (the grammar of `cnn! { … }`).
 //!
-//! Commands: `check`, `summary`, `dot`, `fuse-report`, `run`, `bench`, `train` — see
+//! Commands: `check`, `summary`, `dot`, `fuse-report`, `run`, `bench`, `train`, `gradcam` — see
 //! `docs/cli.md`.
 //! Exit status: 0 on success, 1 when an input (a `.cnn`, `.npy` or `.safetensors` file) is
 //! wrong, 2 when the command line is (unknown option, bad `--input` shape, missing `dot`).
@@ -11,6 +11,7 @@ mod check;
 mod dot;
 mod fail;
 mod fusion;
+mod gradcam;
 mod npy;
 mod run;
 mod source;
@@ -102,6 +103,17 @@ Examples:
   cnnc train examples/nets/lenet.cnn --data train.npz --val val.npz --optimizer adam --lr 3e-3 --epochs 10 --batch-size 32 --save lenet.safetensors
   cnnc train examples/nets/conv1x2.cnn --data edge.npz --loss mse --reduction sum --lr 0.03 --batch-size 1 --epochs 20 --no-shuffle")]
     Train(train::TrainArgs),
+    /// Grad-CAM: where a layer's activations make the net see a class, as an overlay PNG.
+    #[command(after_help = "\
+For each input, the class explained (the predicted one unless --class) and its score go to
+stdout with where the map peaks; the overlay (jet colormap over the de-normalised input,
+0.5/0.5) goes to -o, a row of overlays for several inputs; --raw writes the maps [N, h, w]
+at the layer's resolution.
+
+Examples:
+  cnnc gradcam examples/nets/lenet.cnn --weights lenet.safetensors --input digits4.npy --layer 3 -o cam.png
+  cnnc gradcam net.cnn --weights w.safetensors --image cat.jpg --layer layer4 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225")]
+    Gradcam(gradcam::GradcamArgs),
 }
 
 /// Prints a value as one line of JSON on stdout.
@@ -154,6 +166,7 @@ fn main() {
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::run(a),
+        Command::Gradcam(a) => gradcam::run(a),
     };
     if let Err(e) = result {
         if !e.message.is_empty() {
