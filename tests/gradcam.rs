@@ -181,6 +181,30 @@ fn cnnc_gradcam_end_to_end_and_errors() {
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("class 2"));
+    // `cnnc run` classifies pictures directly, with class names.
+    let labels = dir.path().join("labels.txt");
+    std::fs::write(&labels, "ant\nbee\ncat\ndog\nemu\n").unwrap();
+    let o = cnnc(&[
+        "run",
+        &s(&net),
+        "--weights",
+        &s(&w),
+        "--image",
+        &s(&fixture("rgb.png")),
+        "--image",
+        &s(&fixture("rgb.png")),
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.25,0.25,0.25",
+        "--labels",
+        &s(&labels),
+        "--top",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("[1]") && ["ant:", "bee:", "cat:", "dog:", "emu:"].iter().any(|l| out.contains(l)), "{out}");
     // Errors: one line, exit 1 (2 for the command line), no panic.
     for (args, code, needle) in [
         (vec!["--input", &s(&x), "--layer", "feature.3"][..].to_vec(), 1, "did you mean `features.3`"),

@@ -20,8 +20,22 @@ pub struct RunArgs {
     pub net: NetFile,
     /// Input tensor as `.npy` (float32, or float64 converted), batch first. Repeat for a net
     /// with several inputs, in declaration order.
-    #[arg(long = "input", value_name = "X.npy", required = true)]
+    #[arg(long = "input", value_name = "X.npy", required_unless_present = "images", conflicts_with = "images")]
     pub inputs: Vec<PathBuf>,
+    /// PNG or JPEG pictures, one sample each: resized (bilinear) to the net's input size,
+    /// scaled to [0, 1] and normalised by --mean/--std, as torchvision's ToTensor, Resize,
+    /// Normalize.
+    #[arg(long = "image", value_name = "IMG")]
+    pub images: Vec<PathBuf>,
+    /// Per-channel mean for --image [default: 0].
+    #[arg(long, value_name = "M1,M2,M3", value_delimiter = ',')]
+    pub mean: Vec<f32>,
+    /// Per-channel std for --image [default: 1].
+    #[arg(long, value_name = "S1,S2,S3", value_delimiter = ',')]
+    pub std: Vec<f32>,
+    /// Class names, one per line, to show beside the top-k indices.
+    #[arg(long, value_name = "labels.txt")]
+    pub labels: Option<PathBuf>,
     /// Weights: a PyTorch `state_dict` saved with `safetensors.torch.save_file`
     /// [default: random, PyTorch's default initialisation, seeded by --seed].
     #[arg(long, value_name = "W.safetensors")]
@@ -180,8 +194,26 @@ pub fn output_path(base: &Path, index: usize, name: &str) -> PathBuf {
 /// Runs the net and prints or writes its outputs.
 pub fn run(args: &RunArgs) -> Result<(), Fail> {
     let (_, mut graph) = source::load_net(&args.net, &[])?;
-    let arrays: Vec<ArrayD<f32>> = args.inputs.iter().map(|p| npy::read(p)).collect::<Result<_, _>>()?;
-    check_inputs(&graph, &args.inputs, &arrays)?;
+    let arrays: Vec<ArrayD<f32>> = if args.images.is_empty() {
+        args.inputs.iter().map(|p| npy::read(p)).collect::<Result<_, _>>()?
+    } else {
+        vec![image_batch(&graph, &args.images, &args.mean, &args.std)?]
+    };
+    let labels = match &args.labels {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| input(format!("cannot read `{}`: {}", p.display(), crate::source::io_text(&e))))?
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
+    if arrays.len() == 1 && !args.images.is_empty() {
+        check_inputs(&graph, &[PathBuf::from("--image")], &arrays)?;
+    } else {
+        check_inputs(&graph, &args.inputs, &arrays)?;
+    }
     let batch = arrays.first().map_or(1, |a| a.shape()[0]);
     check_memory(&graph, batch, input)?;
     let mut weights = weights(&graph, args.weights.as_deref(), args.seed)?;
@@ -224,15 +256,35 @@ pub fn run(args: &RunArgs) -> Result<(), Fail> {
         }
         None => {
             for ((name, _), y) in graph.outputs.iter().zip(&outputs) {
-                print_output(name, y, args.top);
+                print_output(name, y, args.top, labels.as_deref());
             }
         }
     }
     Ok(())
 }
 
+/// The pictures as one batch for the net's only `[N, C, H, W]` input.
+fn image_batch(graph: &Graph, paths: &[PathBuf], mean: &[f32], std: &[f32]) -> Result<ArrayD<f32>, Fail> {
+    let chw = match graph.inputs.as_slice() {
+        [(_, id)] => graph.node(*id).ty.chw(),
+        _ => None,
+    };
+    let Some((c, h, w)) = chw else {
+        return Err(input(format!("--image needs a net with one [N, C, H, W] input; `{}` has another", graph.name)));
+    };
+    let mean = if mean.is_empty() { vec![0.0; c] } else { mean.to_vec() };
+    let std = if std.is_empty() { vec![1.0; c] } else { std.to_vec() };
+    if mean.len() != c || std.len() != c {
+        return Err(usage(format!(
+            "--mean and --std need {c} value(s) each, one per input channel of `{}`",
+            graph.name
+        )));
+    }
+    Ok(cnnc::images::batch(paths, c, (h, w), &mean, &std).map_err(|e| input(e.to_string()))?.into_dyn())
+}
+
 /// Prints one output: top-k classes per sample for `[N, classes]`, else the array.
-fn print_output(name: &str, y: &ArrayD<f32>, top: usize) {
+fn print_output(name: &str, y: &ArrayD<f32>, top: usize, labels: Option<&[String]>) {
     let shape = y.shape();
     if shape.len() == 2 && shape[1] >= 2 && top > 0 {
         let k = top.min(shape[1]);
@@ -240,7 +292,13 @@ fn print_output(name: &str, y: &ArrayD<f32>, top: usize) {
         for (i, row) in y.axis_iter(Axis(0)).enumerate() {
             let mut idx: Vec<usize> = (0..row.len()).collect();
             idx.sort_by(|a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
-            let best: Vec<String> = idx[..k].iter().map(|c| format!("{c}: {:.4}", row[*c])).collect();
+            let best: Vec<String> = idx[..k]
+                .iter()
+                .map(|c| match labels.and_then(|l| l.get(*c)) {
+                    Some(label) => format!("{c} {label}: {:.4}", row[*c]),
+                    None => format!("{c}: {:.4}", row[*c]),
+                })
+                .collect();
             println!("  [{i}] {}", best.join("   "));
         }
     } else {
