@@ -22,10 +22,14 @@ const LAYERS: &[&str] = &[
     // The portable tier (plain NCHW, pure Cranelift).
     "portable",
     "portable::conv",
+    "portable::conv_grad",
     "portable::linear",
+    "portable::linear_grad",
     "portable::pool",
+    "portable::pool_grad",
     "portable::epilogue",
-    // Layout-agnostic kernels, used by both tiers.
+    // Layout-agnostic kernels, used by both tiers (and the training ones).
+    "eltwise_grad",
     "eltwise",
     // What every kernel is built from.
     "cx",

@@ -43,6 +43,12 @@ fn load_flags() -> MemFlagsData {
     MemFlagsData::new().with_notrap().with_readonly().with_can_move()
 }
 
+/// Flags for loads of a buffer the same kernel writes (an accumulator): in bounds, but not
+/// read-only, so they stay ordered with the stores.
+fn load_flags_mut() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
 /// Flags for stores: in bounds by construction, so they do not trap.
 fn store_flags() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
@@ -52,26 +58,80 @@ fn store_flags() -> MemFlagsData {
 /// per-channel affine maps, index tables and zero rows. Each allocation is a boxed slice that
 /// is never resized, so its address is stable for the life of the pool, which the compiled
 /// model keeps as long as its code.
+///
+/// **Replay.** Lowering the same graph and plan again allocates the same sequence of
+/// constants (their sizes depend only on shapes; no kernel bakes a weight's value into
+/// its code — kernels read weights through these addresses). A pool in replay mode
+/// ([`ConstPool::replay`]) therefore does not allocate: each request is matched with the
+/// allocation made at the same point of the first lowering, whose floats are overwritten
+/// in place and whose address is returned. That is how a compiled training graph takes
+/// new weights after an optimizer step without generating code again
+/// (`Compiled::set_weights`).
 #[derive(Debug, Default)]
 pub(super) struct ConstPool {
-    f32s: Vec<Box<[f32]>>,
+    /// Float allocations in order: the storage, where the data starts in it, its length.
+    f32s: Vec<(Box<[f32]>, usize, usize)>,
     i32s: Vec<Box<[i32]>>,
     i64s: Vec<Box<[i64]>>,
     bytes_i64: usize,
     /// Micro-kernel descriptors (see [`super::microkernel`]), kept for their address.
-    descs: Vec<Box<dyn std::any::Any + Send + Sync>>,
+    descs: Vec<(Box<dyn std::any::Any + Send + Sync>, i64)>,
     desc_bytes: usize,
+    /// In replay mode: the next allocation of each kind to match.
+    cursor: Option<[usize; 4]>,
+    /// Set when a replayed request did not match the first lowering's.
+    mismatch: bool,
 }
 
 impl ConstPool {
+    /// Starts replaying the allocations (see the type's documentation).
+    pub fn replay(&mut self) {
+        self.cursor = Some([0; 4]);
+        self.mismatch = false;
+    }
+
+    /// Ends a replay: whether every request matched, and all were made.
+    pub fn finish_replay(&mut self) -> bool {
+        let done = self.cursor.take() == Some([self.f32s.len(), self.i32s.len(), self.i64s.len(), self.descs.len()]);
+        done && !std::mem::take(&mut self.mismatch)
+    }
+
+    /// In replay mode, the index of the next allocation of kind `k`, counted.
+    fn next(&mut self, k: usize) -> Option<usize> {
+        let cur = self.cursor.as_mut()?;
+        let i = cur[k];
+        cur[k] += 1;
+        Some(i)
+    }
+
+    /// Replays a float allocation of `len` floats written by `fill` into zeroed storage.
+    fn replay_f32(&mut self, i: usize, len: usize, fill: impl FnOnce(&mut [f32])) -> i64 {
+        match self.f32s.get_mut(i) {
+            Some((b, skip, n)) if *n == len => {
+                let dst = &mut b[*skip..*skip + len];
+                dst.fill(0.0);
+                fill(dst);
+                dst.as_ptr().expose_provenance() as i64
+            }
+            _ => {
+                self.mismatch = true;
+                0
+            }
+        }
+    }
+
     /// Stores floats and returns their address (never of an empty allocation).
     pub fn f32s(&mut self, mut data: Vec<f32>) -> i64 {
         if data.is_empty() {
             data.push(0.0);
         }
+        if let Some(i) = self.next(0) {
+            return self.replay_f32(i, data.len(), |d| d.copy_from_slice(&data));
+        }
+        let len = data.len();
         let b = data.into_boxed_slice();
         let addr = b.as_ptr().expose_provenance() as i64;
-        self.f32s.push(b);
+        self.f32s.push((b, 0, len));
         addr
     }
 
@@ -79,6 +139,15 @@ impl ConstPool {
     pub fn i32s(&mut self, mut data: Vec<i32>) -> i64 {
         if data.is_empty() {
             data.push(0);
+        }
+        if let Some(i) = self.next(1) {
+            return match self.i32s.get(i) {
+                Some(b) if **b == data[..] => b.as_ptr().expose_provenance() as i64,
+                _ => {
+                    self.mismatch = true;
+                    0
+                }
+            };
         }
         let b = data.into_boxed_slice();
         let addr = b.as_ptr().expose_provenance() as i64;
@@ -95,11 +164,14 @@ impl ConstPool {
     /// Stores `len` floats, zeroed and then written by `fill`, at a 64-byte aligned
     /// address, and returns it (large packed weights are written in place, once).
     pub fn f32s_filled(&mut self, len: usize, fill: impl FnOnce(&mut [f32])) -> i64 {
+        if let Some(i) = self.next(0) {
+            return self.replay_f32(i, len, fill);
+        }
         let mut b = vec![0f32; len + 16].into_boxed_slice();
         let skip = b.as_ptr().align_offset(64).min(16);
         fill(&mut b[skip..skip + len]);
         let addr = b[skip..].as_ptr().expose_provenance() as i64;
-        self.f32s.push(b);
+        self.f32s.push((b, skip, len));
         addr
     }
 
@@ -108,6 +180,15 @@ impl ConstPool {
         if data.is_empty() {
             data.push(0);
         }
+        if let Some(i) = self.next(2) {
+            return match self.i64s.get(i) {
+                Some(b) if **b == data[..] => b.as_ptr().expose_provenance() as i64,
+                _ => {
+                    self.mismatch = true;
+                    0
+                }
+            };
+        }
         let b = data.into_boxed_slice();
         let addr = b.as_ptr().expose_provenance() as i64;
         self.bytes_i64 += 8 * b.len();
@@ -115,11 +196,21 @@ impl ConstPool {
         addr
     }
 
-    /// Stores a descriptor of `bytes` bytes and returns its address.
+    /// Stores a descriptor of `bytes` bytes and returns its address. (Replayed, the first
+    /// lowering's descriptor is kept: it holds addresses of this pool, which replay keeps.)
     pub fn keep<T: std::any::Any + Send + Sync>(&mut self, d: T, bytes: usize) -> i64 {
+        if let Some(i) = self.next(3) {
+            return match self.descs.get(i) {
+                Some((old, addr)) if old.is::<T>() => *addr,
+                _ => {
+                    self.mismatch = true;
+                    0
+                }
+            };
+        }
         let b = Box::new(d);
         let addr = std::ptr::from_ref::<T>(&b).expose_provenance() as i64;
-        self.descs.push(b);
+        self.descs.push((b, addr));
         self.desc_bytes += bytes;
         addr
     }
@@ -128,7 +219,8 @@ impl ConstPool {
     pub fn bytes(&self) -> usize {
         self.desc_bytes
             + self.bytes_i64
-            + 4 * (self.f32s.iter().map(|b| b.len()).sum::<usize>() + self.i32s.iter().map(|b| b.len()).sum::<usize>())
+            + 4 * (self.f32s.iter().map(|(b, ..)| b.len()).sum::<usize>()
+                + self.i32s.iter().map(|b| b.len()).sum::<usize>())
     }
 }
 
@@ -213,6 +305,10 @@ impl Jit {
     }
 
     fn define(&mut self, node: &str, work: Option<u64>, moves: bool, body: impl FnOnce(&mut Fx<'_>)) -> Result<FuncId> {
+        if self.consts.cursor.is_some() {
+            // Replaying the constants only: no code.
+            return Ok(FuncId::from_u32(0));
+        }
         let ptr = self.module.target_config().pointer_type();
         let mut sig = self.module.make_signature();
         sig.params.push(AbiParam::new(ptr));
@@ -434,6 +530,83 @@ impl Fx<'_> {
         let sig = self.b.import_signature(sig);
         let callee = self.i(f as i64);
         self.b.ins().call_indirect(sig, callee, args);
+    }
+
+    /// Calls the Rust function at `f` (an `extern "C" fn(f64, …) -> f64` with `args.len()`
+    /// f64 arguments) and returns its result: the scalar math (`exp`, `ln`) of the training
+    /// kernels' f64 reductions.
+    pub fn call_f64(&mut self, f: usize, args: &[Value]) -> Value {
+        let mut sig = cranelift_codegen::ir::Signature::new(self.b.func.signature.call_conv);
+        sig.params.extend(args.iter().map(|_| AbiParam::new(types::F64)));
+        sig.returns.push(AbiParam::new(types::F64));
+        let sig = self.b.import_signature(sig);
+        let callee = self.i(f as i64);
+        let call = self.b.ins().call_indirect(sig, callee, args);
+        self.b.inst_results(call)[0]
+    }
+
+    /// An f64 constant.
+    pub fn d(&mut self, v: f64) -> Value {
+        self.b.ins().f64const(v)
+    }
+
+    /// Loads the f32 at `addr + 4·idx` (idx an i64 value) widened to f64.
+    pub fn load_d(&mut self, addr: Value, idx: Value) -> Value {
+        let a = self.elem(addr, idx);
+        let v = self.load_f(a, 0);
+        self.b.ins().fpromote(types::F64, v)
+    }
+
+    /// Loads the i32 at `addr + 4·idx` (idx an i64 value), sign-extended.
+    pub fn load_i32_at(&mut self, addr: Value, idx: Value) -> Value {
+        let a = self.elem(addr, idx);
+        self.load_i32(a, 0)
+    }
+
+    /// Loads the f32 at `addr + 4·idx` (idx an i64 value).
+    pub fn load_f_at(&mut self, addr: Value, idx: Value) -> Value {
+        let a = self.elem(addr, idx);
+        self.load_f(a, 0)
+    }
+
+    /// Loads the f32 at `addr + 4·idx` of a buffer this kernel also writes (a scratch).
+    pub fn load_f_mut(&mut self, addr: Value, idx: Value) -> Value {
+        let a = self.elem(addr, idx);
+        self.b.ins().load(types::F32, load_flags_mut(), a, 0)
+    }
+
+    /// Stores the f64 `v` rounded to f32 at `addr + 4·idx`.
+    pub fn store_d(&mut self, v: Value, addr: Value, idx: Value) {
+        let r = self.b.ins().fdemote(types::F32, v);
+        let a = self.elem(addr, idx);
+        self.store_f(r, a, 0);
+    }
+
+    /// The f64 element `idx` of an f64 array at `addr`.
+    pub fn load_f64(&mut self, addr: Value, idx: Value) -> Value {
+        let a = self.elem_scaled(addr, idx, 2);
+        self.b.ins().load(types::F64, load_flags_mut(), a, 0)
+    }
+
+    /// Stores the f64 `v` as element `idx` of an f64 array at `addr`.
+    pub fn store_f64(&mut self, v: Value, addr: Value, idx: Value) {
+        let a = self.elem_scaled(addr, idx, 2);
+        self.b.ins().store(store_flags(), v, a, 0);
+    }
+
+    /// `Σ vᵢ·kᵢ + k0` on i64 values.
+    pub fn lin(&mut self, terms: &[(Value, i64)], k0: i64) -> Value {
+        let mut acc = self.i(k0);
+        for (v, k) in terms {
+            let t = self.muli(*v, *k);
+            acc = self.add(acc, t);
+        }
+        acc
+    }
+
+    /// An i64 value converted to f64.
+    pub fn int_to_f64(&mut self, v: Value) -> Value {
+        self.b.ins().fcvt_from_sint(types::F64, v)
     }
 
     /// Stores an f32 at `addr + 4·elems`.

@@ -1,14 +1,17 @@
 //! Lowering: one kernel per step of the memory plan, chosen by the node's op. This is the
-//! only place that dispatches on [`Op`] in the JIT.
+//! only place that dispatches on [`Op`] in the JIT. The training ops ([`Op::Train`]) run
+//! on plain tensors: their backward kernels are in `portable/` (conv, Linear, pooling) and
+//! `eltwise_grad.rs` (everything else).
 
 use super::codegen::Jit;
 use super::cx::NodeCx;
 use super::plan::{self, Layout, Plan, Step};
-use super::{blocked, eltwise, portable};
+use super::{blocked, eltwise, eltwise_grad, portable};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 use cnnc_compiler::graph::Graph;
 use cnnc_compiler::ops::Op;
+use cnnc_compiler::ops::train::TrainOp;
 
 /// Emits the kernels of every step, in order.
 pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan) -> Result<()> {
@@ -56,13 +59,36 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                     Op::Concat(_) if tiled => blocked::channels::concat(jit, &cx)?,
                     Op::Concat(cat) => eltwise::concat(jit, &cx, cat)?,
                     Op::Reduce(r) => eltwise::reduce(jit, &cx, r)?,
-                    Op::Train(_) => {
-                        return Err(Error::Unsupported(format!(
-                            "`{}` ({}): the JIT has no training kernels yet; run training graphs on the interpreter",
-                            node.name,
-                            node.op.kind()
-                        )));
-                    }
+                    Op::Train(t) => match t {
+                        TrainOp::BatchStats(_) => eltwise_grad::batch_stats(jit, &cx)?,
+                        TrainOp::BatchNormTrain(bn) => eltwise_grad::bn_train(jit, &cx, bn)?,
+                        TrainOp::DropoutMask(_) => eltwise_grad::dropout_mask(jit, &cx)?,
+                        TrainOp::Loss(l) => eltwise_grad::loss(jit, &cx, l, false)?,
+                        TrainOp::LossGrad(l) => eltwise_grad::loss(jit, &cx, l, true)?,
+                        TrainOp::ConvInputGrad(c, hw) => portable::conv_grad::conv_input_grad(jit, &cx, c, *hw)?,
+                        TrainOp::ConvWeightGrad(c) => portable::conv_grad::conv_weight_grad(jit, &cx, c)?,
+                        TrainOp::LinearInputGrad(l) => portable::linear_grad::linear_input_grad(jit, &cx, l)?,
+                        TrainOp::LinearWeightGrad(l) => portable::linear_grad::linear_weight_grad(jit, &cx, l)?,
+                        TrainOp::BiasGrad(axis) => eltwise_grad::bias_grad(jit, &cx, *axis)?,
+                        TrainOp::MaxPoolGrad(p) => portable::pool_grad::max_pool_grad(jit, &cx, p)?,
+                        TrainOp::AvgPoolGrad(p, hw) => portable::pool_grad::avg_pool_grad(jit, &cx, p, *hw)?,
+                        TrainOp::AdaptiveAvgPoolGrad(_, hw) => {
+                            portable::pool_grad::adaptive_avg_pool_grad(jit, &cx, *hw)?
+                        }
+                        TrainOp::BatchNormInputGrad(bn) => eltwise_grad::bn_train_grad(jit, &cx, bn, true)?,
+                        TrainOp::BatchNormWeightGrad(bn) => eltwise_grad::bn_train_grad(jit, &cx, bn, false)?,
+                        TrainOp::BatchNormEvalInputGrad(bn) => eltwise_grad::bn_eval_input_grad(jit, &cx, bn)?,
+                        TrainOp::BatchNormEvalWeightGrad(bn) => eltwise_grad::bn_eval_weight_grad(jit, &cx, bn)?,
+                        TrainOp::ActivationGrad(a) => eltwise_grad::activation_grad(jit, &cx, *a)?,
+                        TrainOp::Slice { dim, start, len } => eltwise_grad::slice(jit, &cx, *dim, *start, *len)?,
+                        TrainOp::ReduceGrad(r) => eltwise_grad::reduce_grad(jit, &cx, r)?,
+                        TrainOp::Reshape(_) => {
+                            return Err(Error::Unsupported(format!(
+                                "`{}` (Reshape) has no kernel; the plan should have aliased it",
+                                node.name
+                            )));
+                        }
+                    },
                     Op::Input | Op::Flatten(_) | Op::Dropout(_) => {
                         return Err(Error::Unsupported(format!(
                             "`{}` ({}) has no kernel; the plan should have aliased it",

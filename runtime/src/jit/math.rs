@@ -159,3 +159,18 @@ pub(super) fn act_v(fx: &mut Fx<'_>, act: Activation, x: Value) -> Value {
         Activation::Tanh => tanh_v(fx, x),
     }
 }
+
+/// `e^x` in f64, for generated code ([`super::codegen::Fx::call_f64`]).
+pub(super) extern "C" fn exp_f64(x: f64) -> f64 {
+    x.exp()
+}
+
+/// `ln x` in f64, for generated code.
+pub(super) extern "C" fn ln_f64(x: f64) -> f64 {
+    x.ln()
+}
+
+/// `ln(1 + x)` in f64, for generated code.
+pub(super) extern "C" fn ln_1p_f64(x: f64) -> f64 {
+    x.ln_1p()
+}

@@ -61,6 +61,7 @@ mod blocked;
 mod codegen;
 mod cx;
 mod eltwise;
+mod eltwise_grad;
 mod lower;
 mod math;
 mod microkernel;
@@ -248,9 +249,20 @@ pub struct Compiled {
     graph: Graph,
     code: Code,
     /// Packed weights and tables the code reads; must live as long as `code` may run.
-    _consts: codegen::ConstPool,
+    consts: codegen::ConstPool,
+    /// The memory plan the code was generated for (replayed by [`Compiled::set_weights`]).
+    plan: plan::Plan,
+    /// The micro-kernel ISA and whether `fma` was allowed, as compiled.
+    isa: Option<microkernel::Isa>,
+    allow_fma: bool,
+    /// Whether the fusion passes rewrote the graph (then the weights were rewritten too).
+    fused: bool,
     slots: Vec<Slot>,
     arena: usize,
+    /// Floats of the arena's fixed part.
+    fixed: usize,
+    /// Whether every run is one chunk of the whole batch (a training graph).
+    whole_batch: bool,
     chunk: usize,
     threads: usize,
     /// The worker threads (none for a single-threaded model); one run uses them at a time.
@@ -299,15 +311,7 @@ impl Compiled {
         let start = Instant::now();
         graph.verify()?;
         weights.check(graph)?;
-        if let Some(n) =
-            graph.node_ids().into_iter().map(|id| graph.node(id)).find(|n| matches!(n.op, cnnc_compiler::Op::Train(_)))
-        {
-            return Err(Error::Unsupported(format!(
-                "`{}` ({}) is a training op: the JIT has no training kernels yet; run training graphs on the interpreter",
-                n.name,
-                n.op.kind()
-            )));
-        }
+        let training = graph.node_ids().into_iter().any(|id| matches!(graph.node(id).op, cnnc_compiler::Op::Train(_)));
         if let Some(n) = graph
             .node_ids()
             .into_iter()
@@ -320,7 +324,8 @@ impl Compiled {
             )));
         }
         let fused;
-        let (graph, weights) = if options.fuse {
+        // Inference rewrites never apply to a training graph.
+        let (graph, weights) = if options.fuse && !training {
             fused = crate::fusion_check::optimize(graph, weights).map_err(|e| match e {
                 crate::fusion_check::FusionError::Run(e) => e,
                 e => Error::Fusion { net: graph.name.clone(), message: e.to_string() },
@@ -331,6 +336,7 @@ impl Compiled {
         };
         let kernels = if options.portable { Kernels::Portable } else { kernels };
         let isa = microkernel::Isa::detect(kernels).map_err(Error::Unsupported)?;
+        let fused_graph = options.fuse && !training;
         let plan = plan::plan(graph, isa.is_some())?;
         let mut jit = codegen::Jit::new(!options.portable, isa)?;
         lower::lower(&mut jit, graph, weights, &plan)?;
@@ -350,16 +356,22 @@ impl Compiled {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             t => t,
         };
-        let chunk = chunk_for(4 * plan.arena);
+        let chunk = if plan.whole_batch { usize::MAX } else { chunk_for(4 * plan.arena) };
         Ok(Compiled {
             graph: graph.clone(),
             kernels: funcs.iter().filter(|f| !f.data_movement).count(),
             moves: funcs.iter().filter(|f| f.data_movement).count(),
             const_bytes: consts.bytes(),
             code,
-            _consts: consts,
-            slots: plan.slots,
+            consts,
+            slots: plan.slots.clone(),
             arena: plan.arena,
+            fixed: plan.fixed,
+            whole_batch: plan.whole_batch,
+            plan,
+            isa,
+            allow_fma: !options.portable,
+            fused: fused_graph,
             chunk,
             threads,
             team: (threads > 1).then(|| Mutex::new(team::Team::new(threads))),
@@ -381,7 +393,7 @@ impl Compiled {
         let team = self.team.as_ref().and_then(|t| t.try_lock().ok());
         match team.as_deref() {
             None => self.run_range(&in_addrs, &out_addrs, 0, n, None, None)?,
-            Some(team) if batch_split(n, team.threads()) => {
+            Some(team) if !self.whole_batch && batch_split(n, team.threads()) => {
                 // Whole samples per thread: no synchronisation between kernels.
                 let parts = team.threads();
                 let per = n.div_ceil(parts);
@@ -438,7 +450,9 @@ impl Compiled {
             let shape = ty.concrete(n);
             let len = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
             match len {
-                Some(len) if shape[0] == n && len <= isize::MAX as usize / 4 => outputs.push((shape, vec![0f32; len])),
+                Some(len) if (shape[0] == n || self.whole_batch) && len <= isize::MAX as usize / 4 => {
+                    outputs.push((shape, vec![0f32; len]))
+                }
                 _ => {
                     return Err(Error::Batch {
                         name: name.clone(),
@@ -501,7 +515,16 @@ impl Compiled {
             return Ok(());
         }
         let mut scratch = self.pool.lock().map_err(|_| poisoned())?.pop().unwrap_or_default();
-        let need = self.arena * self.chunk.min(b - a);
+        let need = self
+            .arena
+            .checked_mul(self.chunk.min(b - a))
+            .and_then(|v| v.checked_add(self.fixed))
+            .filter(|v| *v <= isize::MAX as usize / 4)
+            .ok_or_else(|| Error::Batch {
+                name: self.graph.name.clone(),
+                batch: b - a,
+                why: "the intermediates would not fit in memory".into(),
+            })?;
         if scratch.arena.len() < need {
             scratch.arena.resize(need, 0.0);
         }
@@ -515,6 +538,7 @@ impl Compiled {
                     SlotKind::Input(i) => in_addrs[i] + 4 * start * slot.size,
                     SlotKind::Output(j) => out_addrs[j] + 4 * start * slot.size,
                     SlotKind::Arena(o) => arena + 4 * o * nb,
+                    SlotKind::Fixed(o) => arena + 4 * (self.arena * nb + o),
                 };
             }
             self.code.run(&scratch.table, nb, team, self.parallel_min_work, times.as_deref_mut());
@@ -531,6 +555,37 @@ impl Compiled {
     pub fn with_parallel_threshold(mut self, flops: u64) -> Compiled {
         self.parallel_min_work = flops;
         self
+    }
+
+    /// Gives the compiled code new values of its parameters and buffers (the same parameter
+    /// table: a training step's updated weights), without generating code: every packed
+    /// weight is rewritten in place where the code reads it.
+    ///
+    /// Errors: [`Error::Weights`] for weights of another parameter table,
+    /// [`Error::Unsupported`] for a model compiled with the fusion passes (its packed
+    /// weights are the rewritten graph's; compile again instead).
+    pub fn set_weights(&mut self, weights: &Weights) -> Result<()> {
+        if self.fused {
+            return Err(Error::Unsupported(format!(
+                "net `{}` was compiled with fusion; set_weights needs `Options {{ fuse: false, .. }}`",
+                self.graph.name
+            )));
+        }
+        weights.check(&self.graph)?;
+        let mut jit = codegen::Jit::new(self.allow_fma, self.isa)?;
+        jit.consts = std::mem::take(&mut self.consts);
+        jit.consts.replay();
+        let lowered = lower::lower(&mut jit, &self.graph, weights, &self.plan);
+        let matched = jit.consts.finish_replay();
+        self.consts = std::mem::take(&mut jit.consts);
+        lowered?;
+        if !matched {
+            return Err(Error::Jit {
+                node: self.graph.name.clone(),
+                message: "new weights did not replay onto the compiled constants".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Wall time `new` took (verification, planning, packing, code generation).

@@ -28,6 +28,7 @@
 
 use crate::error::{Error, Result};
 use cnnc_compiler::graph::{Graph, NodeId};
+use cnnc_compiler::ops::train::TrainOp;
 use cnnc_compiler::ops::{Conv2d, Op};
 use cnnc_compiler::shape::{Batch, TensorType};
 use std::collections::HashMap;
@@ -41,6 +42,10 @@ pub(super) enum SlotKind {
     Output(usize),
     /// The arena, at this per-sample offset (floats).
     Arena(usize),
+    /// The fixed part of the arena (after the per-sample part), at this offset (floats): a
+    /// value whose size does not scale with the batch (a training graph's parameter
+    /// gradients, batch statistics, loss).
+    Fixed(usize),
 }
 
 /// How a value's elements are arranged in its buffer.
@@ -130,12 +135,20 @@ pub(super) struct Plan {
     pub steps: Vec<Step>,
     /// Arena floats per sample.
     pub arena: usize,
+    /// Floats of the arena's fixed part (values that do not scale with the batch).
+    pub fixed: usize,
+    /// Whether the plan must run the whole batch as one chunk: a training graph, whose
+    /// reductions over the batch (weight gradients, batch statistics, the loss) see every
+    /// sample at once.
+    pub whole_batch: bool,
 }
 
 const ALIGN: usize = 16;
 
 /// Arena slots not yet given an offset.
 const UNPLACED: SlotKind = SlotKind::Arena(usize::MAX);
+/// Fixed-size arena slots not yet given an offset.
+const UNPLACED_FIXED: SlotKind = SlotKind::Fixed(usize::MAX);
 
 /// Slots and steps under construction.
 struct Builder {
@@ -272,8 +285,15 @@ fn align(x: usize) -> usize {
 
 /// Plans a verified graph. `blocked`: whether the blocked layout may be used (the Conv2d
 /// micro-kernels are available).
+///
+/// A graph with training ops ([`Op::Train`]) is planned in the plain layout, to run the
+/// whole batch as one chunk: its values of the first input's batch are per-sample slots as
+/// usual, every other value (of a fixed shape) gets a fixed slot.
 pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
     let order = graph.topo_order()?;
+    let training = order.iter().any(|id| matches!(graph.node(*id).op, Op::Train(_)));
+    let blocked = blocked && !training;
+    let sample_batch = graph.inputs.first().map(|(_, id)| graph.node(*id).ty.batch);
     // Only what some output depends on is computed.
     let mut needed: HashMap<NodeId, bool> = HashMap::new();
     let mut stack: Vec<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
@@ -284,7 +304,7 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
     }
     let batches: Vec<_> =
         order.iter().filter(|id| needed.contains_key(id)).map(|id| graph.node(*id).ty.batch).collect();
-    if batches.windows(2).any(|w| w[0] != w[1]) {
+    if !training && batches.windows(2).any(|w| w[0] != w[1]) {
         let kinds: std::collections::BTreeSet<String> = batches
             .iter()
             .map(|b| match b {
@@ -315,7 +335,7 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                 b.slots.push(Slot { kind: SlotKind::Input(i), size: numel, layout: Layout::Plain });
                 value.insert(id, b.slots.len() - 1);
             }
-            Op::Flatten(_) | Op::Dropout(_) => {
+            Op::Flatten(_) | Op::Dropout(_) | Op::Train(TrainOp::Reshape(_)) => {
                 let src = value[&graph.operands(id)[0]];
                 // A blocked value stays blocked through Dropout, and through a Flatten of all
                 // its dims (a Linear reads it with its weights permuted to match); any other
@@ -335,7 +355,13 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                 // A fused residual operand has the result's layout.
                 want.resize(have.len(), out);
                 let inputs: Vec<usize> = operands.iter().zip(want).map(|(o, l)| b.convert(value[o], l)).collect();
-                b.slots.push(Slot { kind: UNPLACED, size: out.size(numel), layout: out });
+                let (kind, size) = match sample_batch {
+                    Some(sb) if training && node.ty.batch != sb => {
+                        (UNPLACED_FIXED, node.ty.concrete(1).iter().product())
+                    }
+                    _ => (UNPLACED, out.size(numel)),
+                };
+                b.slots.push(Slot { kind, size, layout: out });
                 let output = b.slots.len() - 1;
                 value.insert(id, output);
                 let in_layout = b.slots[inputs[0]].layout;
@@ -344,6 +370,7 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                         Some(plane_staged_input(conv, in_tys[0]))
                     }
                     Op::Conv2d(conv) if out.is_blocked() => staged_input(conv, in_tys[0], in_layout),
+                    Op::Train(t) => train_scratch(t, &in_tys, &node.ty),
                     _ => None,
                 };
                 let scratch = staged.map(|size| {
@@ -356,12 +383,15 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
     }
     for (j, (_, id)) in graph.outputs.iter().enumerate() {
         let s = value[id];
-        let numel = graph.node(*id).ty.numel_per_sample();
+        let numel = match b.slots[s].kind {
+            SlotKind::Fixed(_) => b.slots[s].size,
+            _ => graph.node(*id).ty.numel_per_sample(),
+        };
         let out = Slot { kind: SlotKind::Output(j), size: numel, layout: Layout::Plain };
         if b.slots[s].layout.is_blocked() {
             b.slots.push(out);
             b.steps.push(Step::Reorder { from: s, to: b.slots.len() - 1 });
-        } else if b.slots[s].kind == UNPLACED {
+        } else if b.slots[s].kind == UNPLACED || b.slots[s].kind == UNPLACED_FIXED {
             b.slots[s].kind = SlotKind::Output(j);
         } else {
             b.slots.push(out);
@@ -370,6 +400,13 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
     }
     let Builder { mut slots, steps, .. } = b;
     let unplaced = UNPLACED;
+    // Fixed slots: one after the other, for the whole run (they are small: gradients of
+    // parameters and per-channel statistics).
+    let mut fixed = 0;
+    for s in slots.iter_mut().filter(|s| s.kind == UNPLACED_FIXED) {
+        s.kind = SlotKind::Fixed(fixed);
+        fixed += align(s.size.max(1));
+    }
 
     // Live ranges of arena slots: [producing step, last reading step].
     let mut live: HashMap<usize, (usize, usize)> = HashMap::new();
@@ -417,7 +454,36 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
         arena = arena.max(offset + len);
         placed.push((s, offset, len));
     }
-    Ok(Plan { slots, steps, arena })
+    Ok(Plan { slots, steps, arena, fixed, whole_batch: training })
+}
+
+/// Floats per sample of the scratch a training kernel uses during its step, if any: a
+/// convolution's input gradient accumulates the padded input's gradient in f64 (two floats
+/// each) before folding it into the input; its weight gradient reads a padded copy of the
+/// input.
+fn train_scratch(op: &TrainOp, in_tys: &[&TensorType], ty: &TensorType) -> Option<usize> {
+    let padded = |conv: &Conv2d, (c, h, w): (usize, usize, usize)| {
+        let (pt, pb, pl, pr) = conv.pads();
+        c * (h + pt + pb) * (w + pl + pr)
+    };
+    match op {
+        TrainOp::ConvInputGrad(conv, _) => Some(2 * padded(conv, ty.chw()?)),
+        TrainOp::ConvWeightGrad(conv) => Some(padded(conv, in_tys[0].chw()?)),
+        // One input plane's gradient in f64.
+        TrainOp::MaxPoolGrad(_) | TrainOp::AvgPoolGrad(..) | TrainOp::AdaptiveAvgPoolGrad(..) => {
+            ty.chw().map(|(_, h, w)| 2 * h * w)
+        }
+        TrainOp::ReduceGrad(r) => (r.kind == cnnc_compiler::ops::ReduceKind::Max).then(|| {
+            let kept: usize = in_tys[0]
+                .dims
+                .iter()
+                .enumerate()
+                .map(|(i, s)| if r.dims.contains(&(i + 1)) { 1 } else { *s })
+                .product();
+            2 * kept
+        }),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

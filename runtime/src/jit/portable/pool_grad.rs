@@ -1,0 +1,231 @@
+//! Pooling backward on plain NCHW tensors: max-pool (each window's gradient to its first
+//! maximal element, ATen's scan order and NaN rule), average-pool (the forward's divisors)
+//! and adaptive average-pool. Window geometry comes from compile-time tables; the
+//! gradient of each input plane is accumulated in f64 in the step's scratch, in the
+//! interpreter's order, and rounded once. Scalar loops (the vectorised forms are future
+//! work).
+
+use crate::error::{Error, Result};
+use crate::jit::codegen::{Fx, Jit, c};
+use crate::jit::cx::NodeCx;
+use crate::jit::tables::axis_table;
+use cnnc_compiler::ops::{AvgPool2d, MaxPool2d, PaddingMode};
+use cnnc_compiler::shape::adaptive_window;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{InstBuilder, Value};
+
+fn scratch(cx: &NodeCx<'_>) -> Result<usize> {
+    cx.scratch.ok_or_else(|| Error::Unsupported(format!("`{}`: pooling backward without scratch", cx.node.name)))
+}
+
+/// Zeroes the f64 accumulator of one plane.
+fn zero_plane(fx: &mut Fx<'_>, acc: Value, len: usize) {
+    let z = fx.d(0.0);
+    fx.for_const(0, len, 1, |fx, i| fx.store_f64(z, acc, i));
+}
+
+/// Rounds one plane's f64 accumulator into the f32 result at element `base`.
+fn store_plane(fx: &mut Fx<'_>, acc: Value, out: Value, base: Value, len: usize) {
+    fx.for_const(0, len, 1, |fx, i| {
+        let v = fx.load_f64(acc, i);
+        let at = fx.add(base, i);
+        fx.store_d(v, out, at);
+    });
+}
+
+/// `(x, dy) → dx` of a MaxPool2d.
+pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> Result<()> {
+    let (ch, h, w) = cx.in_chw(0)?;
+    let (_, oh, ow) = cx.in_chw(1)?;
+    let (kh, kw) = p.kernel;
+    let ty = axis_table(oh, kh, p.stride.0, p.dilation.0, p.padding.0, h, PaddingMode::Zeros)?;
+    let tx = axis_table(ow, kw, p.stride.1, p.dilation.1, p.padding.1, w, PaddingMode::Zeros)?;
+    let (ty, tx) = (jit.consts.i32s(ty), jit.consts.i32s(tx));
+    let sc = scratch(cx)?;
+    let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
+    let plane = h * w;
+    jit.kernel(&cx.node.name, |fx| {
+        let (x, dy, out, acc) = (fx.slot(xs), fx.slot(ds), fx.slot(os), fx.slot(sc));
+        let (tya, txa) = (fx.addr(ty), fx.addr(tx));
+        let zero = fx.i(0);
+        let planes = fx.muli(fx.nb, c(ch));
+        fx.for_range(zero, planes, 1, |fx, pl| {
+            let xb = fx.muli(pl, c(plane));
+            let db = fx.muli(pl, c(oh * ow));
+            zero_plane(fx, acc, plane);
+            fx.for_const(0, oh, 1, |fx, oy| {
+                fx.for_const(0, ow, 1, |fx, ox| {
+                    let ninf = fx.f(f32::NEG_INFINITY);
+                    let best = fx.var(cranelift_codegen::ir::types::F32, ninf);
+                    let m1 = fx.i(-1);
+                    let at = fx.var(cranelift_codegen::ir::types::I64, m1);
+                    fx.for_const(0, kh, 1, |fx, ky| {
+                        let yi = fx.lin(&[(oy, c(kh)), (ky, 1)], 0);
+                        let iy = fx.load_i32_at(tya, yi);
+                        fx.for_const(0, kw, 1, |fx, kx| {
+                            let xi = fx.lin(&[(ox, c(kw)), (kx, 1)], 0);
+                            let ix = fx.load_i32_at(txa, xi);
+                            let vy = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, iy, 0);
+                            let vx = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, ix, 0);
+                            let valid = fx.b.ins().band(vy, vx);
+                            let i = fx.lin(&[(iy, c(w)), (ix, 1)], 0);
+                            let z = fx.i(0);
+                            let i = fx.select(valid, i, z);
+                            let e = fx.add(xb, i);
+                            let ea = fx.elem(x, e);
+                            let v = fx.load_f(ea, 0);
+                            let cur_best = fx.b.use_var(best);
+                            let cur_at = fx.b.use_var(at);
+                            let first = fx.b.ins().icmp_imm_s(IntCC::SignedLessThan, cur_at, 0);
+                            let gt = fx.b.ins().fcmp(FloatCC::GreaterThan, v, cur_best);
+                            let nan = fx.b.ins().fcmp(FloatCC::Unordered, v, v);
+                            let better = fx.b.ins().bor(gt, nan);
+                            // The first element inside the input is chosen until a greater one (or a NaN) comes.
+                            let take_at = fx.b.ins().bor(first, better);
+                            let take_at = fx.b.ins().band(valid, take_at);
+                            let take_best = fx.b.ins().band(valid, better);
+                            let na = fx.select(take_at, i, cur_at);
+                            fx.b.def_var(at, na);
+                            let nbst = fx.b.ins().select(take_best, v, cur_best);
+                            fx.b.def_var(best, nbst);
+                        });
+                    });
+                    let at = fx.b.use_var(at);
+                    let some = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, at, 0);
+                    let z = fx.i(0);
+                    let slot = fx.select(some, at, z);
+                    let o = fx.lin(&[(oy, c(ow)), (ox, 1)], 0);
+                    let o = fx.add(db, o);
+                    let g = fx.load_d(dy, o);
+                    let zd = fx.d(0.0);
+                    let g = fx.b.ins().select(some, g, zd);
+                    let cur = fx.load_f64(acc, slot);
+                    let s = fx.b.ins().fadd(cur, g);
+                    fx.store_f64(s, acc, slot);
+                });
+            });
+            store_plane(fx, acc, out, xb, plane);
+        });
+    })?;
+    Ok(())
+}
+
+/// One axis of an averaging window: for each output, the input range `[start, end)` it
+/// sums, and the length of the (padded) window.
+type Windows = Vec<(usize, usize, usize)>;
+
+/// AvgPool2d's windows along one axis (as ATen: the window may hang into the padding and,
+/// with `ceil_mode`, past it; it is clipped to `input + pad` for its size and to the input
+/// for what it sums).
+fn avg_axis(out: usize, k: usize, s: usize, p: usize, input: usize) -> Windows {
+    (0..out)
+        .map(|o| {
+            let start = (o * s) as i64 - p as i64;
+            let end = (start + k as i64).min((input + p) as i64);
+            let pool = (end - start).max(0) as usize;
+            let (a, b) = (start.max(0) as usize, end.min(input as i64).max(0) as usize);
+            (a, b.max(a), pool)
+        })
+        .collect()
+}
+
+/// `(dy) → dx` of an AvgPool2d on an input of `in_hw`.
+pub(in crate::jit) fn avg_pool_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    p: &AvgPool2d,
+    in_hw: (usize, usize),
+) -> Result<()> {
+    let (_, oh, ow) = cx.in_chw(0)?;
+    let (h, w) = in_hw;
+    let wy = avg_axis(oh, p.kernel.0, p.stride.0, p.padding.0, h);
+    let wx = avg_axis(ow, p.kernel.1, p.stride.1, p.padding.1, w);
+    let mut divisors = Vec::with_capacity(oh * ow);
+    for &(y0, y1, py) in &wy {
+        for &(x0, x1, px) in &wx {
+            divisors.push(match p.divisor_override {
+                Some(d) => d as f64,
+                None if p.count_include_pad => (py * px) as f64,
+                None => ((y1 - y0) * (x1 - x0)) as f64,
+            });
+        }
+    }
+    window_grad(jit, cx, (h, w), &wy, &wx, divisors)
+}
+
+/// `(dy) → dx` of an AdaptiveAvgPool2d on an input of `in_hw`.
+pub(in crate::jit) fn adaptive_avg_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, in_hw: (usize, usize)) -> Result<()> {
+    let (_, oh, ow) = cx.in_chw(0)?;
+    let (h, w) = in_hw;
+    let axis = |out: usize, input: usize| -> Windows {
+        (0..out)
+            .map(|o| {
+                let (a, b) = adaptive_window(o, input, out);
+                (a, b, b - a)
+            })
+            .collect()
+    };
+    let (wy, wx) = (axis(oh, h), axis(ow, w));
+    let divisors = wy.iter().flat_map(|y| wx.iter().map(move |x| ((y.1 - y.0) * (x.1 - x.0)) as f64)).collect();
+    window_grad(jit, cx, (h, w), &wy, &wx, divisors)
+}
+
+/// Each output's gradient divided by its divisor and added to every input cell of its
+/// window (an empty window adds nothing).
+fn window_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    (h, w): (usize, usize),
+    wy: &Windows,
+    wx: &Windows,
+    divisors: Vec<f64>,
+) -> Result<()> {
+    let (ch, oh, ow) = cx.in_chw(0)?;
+    let bounds = |ws: &Windows| -> Vec<i64> { ws.iter().flat_map(|&(a, b, _)| [a as i64, b as i64]).collect() };
+    let (ty, tx) = (jit.consts.i64s(bounds(wy)), jit.consts.i64s(bounds(wx)));
+    let dv = jit.consts.i64s(divisors.iter().map(|d| d.to_bits() as i64).collect());
+    let sc = scratch(cx)?;
+    let (ds, os) = (cx.inputs[0], cx.output);
+    let plane = h * w;
+    jit.kernel(&cx.node.name, |fx| {
+        let (dy, out, acc) = (fx.slot(ds), fx.slot(os), fx.slot(sc));
+        let (tya, txa, dva) = (fx.addr(ty), fx.addr(tx), fx.addr(dv));
+        let zero = fx.i(0);
+        let planes = fx.muli(fx.nb, c(ch));
+        fx.for_range(zero, planes, 1, |fx, pl| {
+            let xb = fx.muli(pl, c(plane));
+            let db = fx.muli(pl, c(oh * ow));
+            zero_plane(fx, acc, plane);
+            fx.for_const(0, oh, 1, |fx, oy| {
+                let ya = fx.elem_scaled(tya, oy, 4);
+                let y0 = fx.b.ins().load(cranelift_codegen::ir::types::I64, mem(), ya, 0);
+                let y1 = fx.b.ins().load(cranelift_codegen::ir::types::I64, mem(), ya, 8);
+                fx.for_const(0, ow, 1, |fx, ox| {
+                    let xa = fx.elem_scaled(txa, ox, 4);
+                    let x0 = fx.b.ins().load(cranelift_codegen::ir::types::I64, mem(), xa, 0);
+                    let x1 = fx.b.ins().load(cranelift_codegen::ir::types::I64, mem(), xa, 8);
+                    let o = fx.lin(&[(oy, c(ow)), (ox, 1)], 0);
+                    let da = fx.elem_scaled(dva, o, 2);
+                    let div = fx.b.ins().load(cranelift_codegen::ir::types::F64, mem(), da, 0);
+                    let o = fx.add(db, o);
+                    let g = fx.load_d(dy, o);
+                    let g = fx.b.ins().fdiv(g, div);
+                    fx.for_range(y0, y1, 1, |fx, iy| {
+                        fx.for_range(x0, x1, 1, |fx, ix| {
+                            let i = fx.lin(&[(iy, c(w)), (ix, 1)], 0);
+                            let cur = fx.load_f64(acc, i);
+                            let s = fx.b.ins().fadd(cur, g);
+                            fx.store_f64(s, acc, i);
+                        });
+                    });
+                });
+            });
+            store_plane(fx, acc, out, xb, plane);
+        });
+    })?;
+    Ok(())
+}
+
+fn mem() -> cranelift_codegen::ir::MemFlagsData {
+    cranelift_codegen::ir::MemFlagsData::new().with_notrap().with_readonly()
+}

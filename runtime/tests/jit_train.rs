@@ -1,0 +1,293 @@
+//! The JIT runs training graphs with the interpreter's numbers: every training op (the
+//! train-mode forward, each loss and each backward op, over the grid of the finite-difference
+//! tests) on fixed cases, random conv/pool/Linear nets by proptest, at 1 and 2 threads, on
+//! the micro-kernel and the portable paths; every output of the training graph (loss,
+//! prediction, each parameter's gradient, batch statistics, input gradient) within
+//! `1e-5 · max(1, max |want|)`. And `Compiled::set_weights` gives what a fresh compilation
+//! of the new weights gives, bit for bit.
+
+mod jit_common;
+
+use cnnc_compiler::Graph;
+use cnnc_compiler::autodiff::{self, GradSpec, Mode, Seed, TrainGraph};
+use cnnc_compiler::dsl::compile_str;
+use cnnc_compiler::ops::train::{Loss, Reduction};
+use cnnc_runtime::weights::Weights;
+use cnnc_runtime::{Compiled, Options, interp};
+use jit_common::{error, random, weights};
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+
+const TOL: f32 = 1e-5;
+
+fn graph(src: &str) -> Graph {
+    let out = compile_str(src);
+    assert!(!out.has_errors(), "{src}: {:?}", out.errors().map(|d| d.full_message()).collect::<Vec<_>>());
+    out.nets.last().unwrap().clone()
+}
+
+fn layer(text: &str, shape: &[usize]) -> Graph {
+    let dims: Vec<String> = shape[1..].iter().map(|d| d.to_string()).collect();
+    graph(&format!("net L(x: [N, {}]) = Sequential({text});", dims.join(", ")))
+}
+
+/// The training graph of `g` (gradients of the parameters and of the input `x`).
+fn training(g: &Graph, mode: Mode, loss: Option<Loss>) -> TrainGraph {
+    let has_params = g.params.iter().any(|p| p.spec.kind != cnnc_compiler::ops::ParamKind::Buffer);
+    let seed = loss.map_or(Seed::OutputGrad, Seed::Loss);
+    let spec = GradSpec { seed, output: None, mode, params: has_params, wrt: vec!["x".into()] };
+    autodiff::build(g, &spec).unwrap_or_else(|e| panic!("{e}\n{g}"))
+}
+
+/// Inputs of a training graph at batch `n`: random forward inputs, a valid target for the
+/// loss (or a random output gradient), masks of 0 and 1/(1 − p).
+fn train_inputs(tg: &TrainGraph, loss: Option<&Loss>, n: usize, seed: u64) -> Vec<ArrayD<f32>> {
+    let g = &tg.graph;
+    g.inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, id))| {
+            let shape = g.node(*id).ty.concrete(n);
+            let r = random(&shape, seed + i as u64);
+            if i == tg.seed_input {
+                match loss {
+                    Some(Loss::CrossEntropy { .. }) => {
+                        let classes = g.node(g.outputs[tg.prediction].1).ty.dims[0];
+                        ArrayD::from_shape_fn(IxDyn(&shape), |ix| ((ix[0] * 7 + 3) % classes) as f32)
+                    }
+                    Some(Loss::BceWithLogits { .. }) => r.mapv(|v| (v + 1.0) / 2.0),
+                    _ => r,
+                }
+            } else if let Some(m) = tg.masks.iter().find(|m| m.input == i) {
+                let keep = (1.0 / (1.0 - m.p)) as f32;
+                r.mapv(|v| if v > 0.0 { keep } else { 0.0 })
+            } else {
+                r
+            }
+        })
+        .collect()
+}
+
+/// The worst error of the JIT against the interpreter over every output of `tg`.
+fn jit_error(tg: &TrainGraph, w: &Weights, xs: &[ArrayD<f32>], opts: &Options) -> f32 {
+    let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+    let want = interp::run(&tg.graph, w, &views).unwrap_or_else(|e| panic!("interp: {e}"));
+    let net = Compiled::new(&tg.graph, w, opts).unwrap_or_else(|e| panic!("compile: {e}\n{}", tg.graph));
+    let got = net.run(&views).unwrap_or_else(|e| panic!("run: {e}"));
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(&want)
+        .zip(&tg.graph.outputs)
+        .map(|((a, b), (name, _))| {
+            let e = error(a, b);
+            assert!(e <= TOL, "output `{name}`: error {e:e}\n{}", tg.graph);
+            e
+        })
+        .fold(0f32, f32::max)
+}
+
+/// Checks `g` in `mode` with `loss` at batch `n`, on both paths and two thread counts.
+fn check(g: &Graph, mode: Mode, loss: Option<Loss>, n: usize, seed: u64) {
+    let tg = training(g, mode, loss.clone());
+    let w = weights(g, seed);
+    let xs = train_inputs(&tg, loss.as_ref(), n, seed);
+    for (portable, threads) in [(false, 1), (true, 2), (false, 2)] {
+        jit_error(&tg, &w, &xs, &Options { threads, portable, fuse: true });
+    }
+}
+
+#[test]
+fn conv_training_matches_the_interpreter() {
+    for text in [
+        "Conv2d(2, 3, 3)",
+        "Conv2d(2, 3, 3, stride = 2, padding = 1)",
+        "Conv2d(2, 3, (2, 3), stride = (1, 2), padding = (2, 1), bias = False)",
+        "Conv2d(2, 3, 3, padding = \"same\", dilation = 2)",
+        "Conv2d(2, 3, 2, padding = \"same\")",
+        "Conv2d(4, 6, 3, groups = 2)",
+        "Conv2d(4, 4, 3, groups = 4, padding = 1)",
+        "Conv2d(2, 3, 3, padding = 2, padding_mode = \"reflect\")",
+        "Conv2d(2, 3, 3, stride = 2, padding = (1, 2), padding_mode = \"replicate\")",
+        "Conv2d(2, 3, 3, padding = 2, dilation = 2, padding_mode = \"circular\")",
+        "Conv2d(20, 18, 3, padding = 1)",
+    ] {
+        let c = text.split(['(', ',']).nth(1).unwrap().trim().parse::<usize>().unwrap();
+        check(&layer(text, &[2, c, 5, 6]), Mode::Train, None, 2, 1);
+    }
+}
+
+#[test]
+fn pool_training_matches_the_interpreter() {
+    for text in [
+        "MaxPool2d(2)",
+        "MaxPool2d(3, stride = 2, padding = 1)",
+        "MaxPool2d(3, stride = 2, ceil_mode = True)",
+        "MaxPool2d(2, dilation = 2, padding = 1)",
+        "MaxPool2d(3, stride = 1)",
+        "AvgPool2d(3, stride = 2, padding = 1)",
+        "AvgPool2d(3, stride = 2, padding = 1, count_include_pad = False, ceil_mode = True)",
+        "AvgPool2d(2, divisor_override = 3)",
+        "AdaptiveAvgPool2d((3, 2))",
+        "AdaptiveAvgPool2d((5, 11))",
+    ] {
+        check(&layer(&format!("Conv2d(2, 2, 1), {text}"), &[2, 2, 7, 8]), Mode::Train, None, 3, 2);
+    }
+}
+
+#[test]
+fn batchnorm_linear_activations_dropout_match_the_interpreter() {
+    for (text, shape) in [
+        ("Conv2d(3, 3, 1), BatchNorm2d(3)", &[3, 3, 2, 3][..]),
+        ("Conv2d(3, 3, 1), BatchNorm2d(3, affine = False, momentum = None)", &[3, 3, 2, 3]),
+        ("Conv2d(3, 3, 1), BatchNorm2d(3, track_running_stats = False)", &[3, 3, 2, 3]),
+        ("Linear(4, 3)", &[3, 4]),
+        ("Linear(4, 3, bias = False)", &[2, 3, 4]),
+        ("Linear(4, 5), Sigmoid(), Linear(5, 2)", &[2, 4]),
+        ("Linear(4, 5), Tanh(), Dropout(0.3), Linear(5, 2)", &[2, 4]),
+        ("Linear(4, 5), ReLU(), Linear(5, 2)", &[2, 4]),
+        ("Conv2d(3, 2, 1), Flatten(start_dim = 2)", &[2, 3, 2, 2]),
+        ("Conv2d(3, 4, 3, padding = 1), ReLU(), Dropout(0.5), Flatten(), Linear(24, 3)", &[2, 3, 2, 3]),
+    ] {
+        for mode in [Mode::Train, Mode::Eval] {
+            check(&layer(text, shape), mode, None, shape[0], 3);
+        }
+    }
+}
+
+#[test]
+fn cat_add_mean_amax_match_the_interpreter() {
+    let src = "net B(x: [N, 2, 4, 5]) {
+        a = Conv2d(2, 3, 3, padding = 1);
+        c = Conv2d(5, 5, 1);
+        bn = BatchNorm2d(5);
+        fc = Linear(5, 2);
+        fn forward(self, x) {
+            let y = cat([tanh(self.a(x)), x], dim = 1);
+            let z = self.bn(self.c(y)) + y;
+            self.fc(z.mean(dim = [2, 3]) + z.mean(dim = 3, keepdim = True).mean(dim = [2, 3]))
+        }
+    }";
+    check(&graph(src), Mode::Train, None, 3, 4);
+    for body in ["self.c(x).amax(dim = (2, 3))", "self.c(x).amax(dim = 1, keepdim = True)"] {
+        let src = format!("net M(x: [N, 3, 4, 5]) {{ c = Conv2d(3, 3, 1); fn forward(self, x) {{ {body} }} }}");
+        check(&graph(&src), Mode::Train, None, 2, 6);
+    }
+}
+
+#[test]
+fn losses_match_the_interpreter() {
+    let g = graph("net P(x: [N, 6]) = Sequential(Linear(6, 4));");
+    for loss in [
+        Loss::Mse { reduction: Reduction::Mean },
+        Loss::Mse { reduction: Reduction::Sum },
+        Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 },
+        Loss::CrossEntropy { reduction: Reduction::Sum, label_smoothing: 0.2 },
+        Loss::BceWithLogits { reduction: Reduction::Mean, pos_weight: None },
+        Loss::BceWithLogits { reduction: Reduction::Sum, pos_weight: Some(vec![0.5, 1.0, 2.0, 3.0]) },
+    ] {
+        check(&g, Mode::Train, Some(loss), 5, 5);
+    }
+}
+
+#[test]
+fn a_lenet_and_a_residual_net_match_the_interpreter() {
+    let lenet = graph(
+        "net LeNet(x: [N, 1, 28, 28]) = Sequential(
+            Conv2d(1, 6, 5, padding = 2), Sigmoid(), AvgPool2d(2, stride = 2),
+            Conv2d(6, 16, 5), Sigmoid(), AvgPool2d(2, stride = 2), Flatten(),
+            Linear(400, 120), Sigmoid(), Linear(120, 84), Sigmoid(), Linear(84, 10));",
+    );
+    check(&lenet, Mode::Train, Some(Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 }), 4, 7);
+    let res = graph(
+        "net R(x: [N, 3, 8, 8]) {
+            c1 = Conv2d(3, 16, 3, padding = 1, bias = False);
+            b1 = BatchNorm2d(16);
+            c2 = Conv2d(16, 16, 3, padding = 1, bias = False);
+            b2 = BatchNorm2d(16);
+            p = MaxPool2d(2);
+            g = AdaptiveAvgPool2d(1);
+            f = Flatten();
+            fc = Linear(16, 1);
+            fn forward(self, x) {
+                let y = relu(self.b1(self.c1(x)));
+                let z = relu(self.b2(self.c2(y)) + y);
+                self.fc(self.f(self.g(self.p(z))))
+            }
+        }",
+    );
+    for mode in [Mode::Train, Mode::Eval] {
+        check(&res, mode, Some(Loss::BceWithLogits { reduction: Reduction::Mean, pos_weight: None }), 3, 8);
+    }
+}
+
+#[test]
+fn set_weights_equals_a_fresh_compilation() {
+    let g = graph(
+        "net S(x: [N, 3, 6, 6]) = Sequential(Conv2d(3, 16, 3, padding = 1), BatchNorm2d(16), ReLU(),
+            MaxPool2d(2), Flatten(), Linear(144, 5));",
+    );
+    let loss = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 };
+    for (graph_to_run, name) in
+        [(training(&g, Mode::Train, Some(loss.clone())).graph, "training"), (g.clone(), "forward")]
+    {
+        let (w1, w2) = (weights(&g, 11), weights(&g, 12));
+        let tg = training(&g, Mode::Train, Some(loss.clone()));
+        let xs = if name == "training" { train_inputs(&tg, Some(&loss), 4, 3) } else { vec![random(&[4, 3, 6, 6], 3)] };
+        let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+        for portable in [false, true] {
+            let opts = Options { threads: 1, portable, fuse: false };
+            let mut net = Compiled::new(&graph_to_run, &w1, &opts).unwrap();
+            net.set_weights(&w2).unwrap();
+            let fresh = Compiled::new(&graph_to_run, &w2, &opts).unwrap();
+            assert_eq!(net.run(&views).unwrap(), fresh.run(&views).unwrap(), "{name}, portable {portable}");
+        }
+    }
+    // A fused model cannot take new weights, and weights of another net are refused.
+    let mut fused = Compiled::new(&g, &weights(&g, 1), &Options::default()).unwrap();
+    assert!(fused.set_weights(&weights(&g, 2)).unwrap_err().to_string().contains("fuse"));
+    let mut plain = Compiled::new(&g, &weights(&g, 1), &Options { fuse: false, ..Options::default() }).unwrap();
+    let other = graph("net O(x: [N, 3]) = Sequential(Linear(3, 2));");
+    assert!(plain.set_weights(&weights(&other, 1)).is_err());
+}
+
+fn try_graph(src: &str) -> Option<Graph> {
+    let out = compile_str(src);
+    (!out.has_errors()).then(|| out.nets.last().unwrap().clone())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Random conv → activation → pool → Linear nets, trained with cross-entropy.
+    #[test]
+    fn random_nets_train_as_on_the_interpreter(
+        groups in 1usize..=2, icg in 1usize..=3, ocg in 1usize..=5,
+        k in 1usize..=3, stride in 1usize..=2, pad in 0usize..=1, dil in 1usize..=2,
+        mode in 0usize..4, bias in any::<bool>(), bn in any::<bool>(),
+        act in 0usize..3, pool in 0usize..4, h in 3usize..=9, w in 3usize..=9, n in 1usize..=3,
+        eval in any::<bool>(), seed in any::<u64>(), portable in any::<bool>(), threads in 1usize..=2,
+    ) {
+        let (cin, cout) = (groups * icg, groups * ocg);
+        let modes = ["zeros", "reflect", "replicate", "circular"];
+        let acts = ["ReLU()", "Sigmoid()", "Tanh()"];
+        let pools = ["MaxPool2d(2, ceil_mode = True)", "AvgPool2d(2, padding = 1)", "AdaptiveAvgPool2d(2)", "MaxPool2d(3, stride = 1, padding = 1)"];
+        let bn_text = if bn { format!("BatchNorm2d({cout}), ") } else { String::new() };
+        let body = format!(
+            "Conv2d({cin}, {cout}, {k}, stride = {stride}, padding = {pad}, dilation = {dil}, groups = {groups}, bias = {}, padding_mode = \"{}\"), {bn_text}{}, {}",
+            if bias { "True" } else { "False" }, modes[mode], acts[act], pools[pool],
+        );
+        let probe = try_graph(&format!("net P(x: [N, {cin}, {h}, {w}]) = Sequential({body});"));
+        prop_assume!(probe.is_some());
+        let probe = probe.unwrap();
+        let feat: usize = probe.node(probe.outputs[0].1).ty.dims.iter().product();
+        prop_assume!(feat > 0);
+        let g = graph(&format!("net P(x: [N, {cin}, {h}, {w}]) = Sequential({body}, Flatten(), Linear({feat}, 3));"));
+        prop_assume!(!bn || eval || n * feat / cout.max(1) > 1);
+        let loss = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.1 };
+        let tg = training(&g, if eval { Mode::Eval } else { Mode::Train }, Some(loss.clone()));
+        let wts = weights(&g, seed);
+        let xs = train_inputs(&tg, Some(&loss), n, seed);
+        let e = jit_error(&tg, &wts, &xs, &Options { threads, portable, fuse: true });
+        prop_assert!(e <= TOL);
+    }
+}
