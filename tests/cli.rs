@@ -612,51 +612,55 @@ fn train_seed_004_edge_kernel_gives_pytorchs_losses_and_saves() {
     .unwrap();
     let init_path = dir.path().join("init.safetensors");
     w.save(&graph, &init_path).unwrap();
-    let out = dir.path().join("edge.safetensors");
-    let o = cnnc(&[
-        "train",
-        "examples/nets/conv1x2.cnn",
-        "--data",
-        path_str(&data),
-        "--weights",
-        path_str(&init_path),
-        "--loss",
-        "mse",
-        "--reduction",
-        "sum",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "0.03",
-        "--batch-size",
-        "1",
-        "--epochs",
-        "20",
-        "--no-shuffle",
-        "--json",
-        "--save",
-        path_str(&out),
-    ]);
-    status(&o, 0);
-    let lines: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 21, "20 steps and a summary");
-    for (line, want) in lines.iter().zip(f["losses"].as_array().unwrap()) {
-        let (got, want) = (line["loss"].as_f64().unwrap(), want.as_f64().unwrap());
-        assert!((got - want).abs() <= 1e-5 * want.abs().max(1e-6) + 1e-9, "{got} vs PyTorch {want}");
-    }
-    assert_eq!(lines[20]["steps"], 20);
-    assert!(stderr(&o).contains("epoch 20: loss"));
-    let saved = std::fs::read(&out).unwrap();
-    let st = SafeTensors::deserialize(&saved).unwrap();
-    let wt: Vec<f32> = st
-        .tensor("0.weight")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    for (g, want) in wt.iter().zip(f["final_weight"].as_array().unwrap()) {
-        assert!((f64::from(*g) - want.as_f64().unwrap()).abs() < 1e-5);
+    // On the interpreter (the default) and JIT-compiled.
+    for engine in ["--interp", "--jit"] {
+        let out = dir.path().join("edge.safetensors");
+        let o = cnnc(&[
+            "train",
+            "examples/nets/conv1x2.cnn",
+            "--data",
+            path_str(&data),
+            "--weights",
+            path_str(&init_path),
+            "--loss",
+            "mse",
+            "--reduction",
+            "sum",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.03",
+            "--batch-size",
+            "1",
+            "--epochs",
+            "20",
+            "--no-shuffle",
+            "--json",
+            "--save",
+            path_str(&out),
+            engine,
+        ]);
+        status(&o, 0);
+        let lines: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 21, "20 steps and a summary");
+        for (line, want) in lines.iter().zip(f["losses"].as_array().unwrap()) {
+            let (got, want) = (line["loss"].as_f64().unwrap(), want.as_f64().unwrap());
+            assert!((got - want).abs() <= 1e-5 * want.abs().max(1e-6) + 1e-9, "{engine}: {got} vs PyTorch {want}");
+        }
+        assert_eq!(lines[20]["steps"], 20);
+        assert!(stderr(&o).contains("epoch 20: loss"));
+        let saved = std::fs::read(&out).unwrap();
+        let st = SafeTensors::deserialize(&saved).unwrap();
+        let wt: Vec<f32> = st
+            .tensor("0.weight")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        for (g, want) in wt.iter().zip(f["final_weight"].as_array().unwrap()) {
+            assert!((f64::from(*g) - want.as_f64().unwrap()).abs() < 1e-5);
+        }
     }
     // The write went through a temporary file that is gone.
     let names: Vec<String> =

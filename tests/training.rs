@@ -211,13 +211,25 @@ fn run_source(run: &Value) -> String {
 
 #[test]
 fn optimizer_steps_of_whole_nets_match_torch_optim() {
-    for run in json("runs.json").as_array().unwrap() {
-        let name = run["name"].as_str().unwrap();
+    // On the interpreter and JIT-compiled (one and two threads).
+    for (run, engine) in json("runs.json")
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| [(r, "interpreter"), (r, "JIT, 1 thread"), (r, "JIT, 2 threads")])
+    {
+        let name = &format!("{} ({engine})", run["name"].as_str().unwrap());
+        let file = run["name"].as_str().unwrap();
         let graph = compile(&run_source(run));
-        let weights = Weights::load(&graph, fixture(&format!("{name}.initial.safetensors"))).unwrap();
-        let t = tensors(&format!("{name}.steps.safetensors"));
+        let weights = Weights::load(&graph, fixture(&format!("{file}.initial.safetensors"))).unwrap();
+        let t = tensors(&format!("{file}.steps.safetensors"));
         let loss = loss_from_torch(run["loss"].as_str().unwrap());
         let mut trainer = Trainer::new(&graph, weights, loss, optimizer_from(run)).unwrap();
+        match engine {
+            "JIT, 1 thread" => trainer.use_jit(cnnc::runtime::Options { threads: 1, ..Default::default() }),
+            "JIT, 2 threads" => trainer.use_jit(cnnc::runtime::Options { threads: 2, ..Default::default() }),
+            _ => {}
+        }
         let steps = run["steps"].as_u64().unwrap() as usize;
         for s in 0..steps {
             let x = &t[&format!("step{s}.x")];

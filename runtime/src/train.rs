@@ -349,6 +349,13 @@ pub struct Trainer {
     mode: Mode,
     rng: SplitMix64,
     steps: u64,
+    /// With `Some`, training graphs run JIT-compiled with these options (else on the
+    /// interpreter).
+    jit: Option<Options>,
+    /// Compiled training graphs per mode, with the weights version they hold.
+    compiled: HashMap<Mode, (Compiled, u64)>,
+    /// Bumped whenever the weights change.
+    version: u64,
 }
 
 fn dropout_mask(rng: &mut SplitMix64, p: f64, shape: &[usize]) -> ArrayD<f32> {
@@ -395,6 +402,9 @@ impl Trainer {
             mode: Mode::Train,
             rng: SplitMix64(0x5eed_d209),
             steps: 0,
+            jit: None,
+            compiled: HashMap::new(),
+            version: 0,
         };
         t.graph_for(Mode::Train)?;
         Ok(t)
@@ -413,6 +423,21 @@ impl Trainer {
             self.graphs.insert(mode, tg);
         }
         Ok(&self.graphs[&mode])
+    }
+
+    /// Runs the training graphs JIT-compiled with `options` (threads, kernels; fusion never
+    /// applies to a training graph) instead of on the reference interpreter. Each mode's
+    /// graph is compiled on its first step; after every optimizer step the compiled code
+    /// takes the new weights in place ([`Compiled::set_weights`]).
+    pub fn use_jit(&mut self, options: Options) {
+        self.jit = Some(Options { fuse: false, ..options });
+        self.compiled.clear();
+    }
+
+    /// Runs the training graphs on the reference interpreter (the default).
+    pub fn use_interpreter(&mut self) {
+        self.jit = None;
+        self.compiled.clear();
     }
 
     /// `model.train()`: BatchNorm uses and updates batch statistics, Dropout drops.
@@ -497,6 +522,7 @@ impl Trainer {
             self.weights.set(*pid, ParamData::F32(p))?;
         }
         self.update_running_stats(&stats, batch)?;
+        self.version += 1;
         Ok(Step { loss, output })
     }
 
@@ -557,9 +583,32 @@ impl Trainer {
                     return Err(Error::Target(format!("element {i} is {v}; MSELoss targets must be finite")));
                 }
             }
-            Loss::CrossEntropy { .. } => {}
+            Loss::CrossEntropy { .. } => {
+                let classes = self
+                    .output_type()
+                    .and_then(|t| t.dims.first().copied())
+                    .ok_or_else(|| Error::Train("cross-entropy needs logits [N, C]".into()))?;
+                if let Some((i, v)) = target
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| v.fract() != 0.0 || **v < 0.0 || f64::from(**v) >= classes as f64)
+                {
+                    return Err(Error::Target(format!(
+                        "sample {i}: class index {v} is not an integer in 0..{classes} (the logits have {classes} classes)"
+                    )));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The type of the output the loss reads.
+    fn output_type(&self) -> Option<&cnnc_compiler::shape::TensorType> {
+        let (_, id) = match &self.output {
+            Some(name) => self.forward.outputs.iter().find(|(n, _)| n == name)?,
+            None => self.forward.outputs.first()?,
+        };
+        Some(&self.forward.node(*id).ty)
     }
 
     #[allow(clippy::type_complexity)]
@@ -601,7 +650,22 @@ impl Trainer {
             None => drawn.iter().map(|a| a.view()).collect(),
         };
         let all = assemble(tg, inputs, &target, &mask_views)?;
-        let mut outs = interp::run(&tg.graph, &self.weights, &all)?;
+        let mut outs = match &self.jit {
+            None => interp::run(&tg.graph, &self.weights, &all)?,
+            Some(options) => {
+                let entry = match self.compiled.entry(mode) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert((Compiled::new(&tg.graph, &self.weights, options)?, self.version))
+                    }
+                };
+                if entry.1 != self.version {
+                    entry.0.set_weights(&self.weights)?;
+                    entry.1 = self.version;
+                }
+                entry.0.run(&all)?
+            }
+        };
         let loss = tg.loss.map_or(f32::NAN, |i| outs[i][0]);
         let output = outs[tg.prediction].clone();
         let grads = tg.param_grads.iter().map(|(p, i)| (*p, std::mem::take(&mut outs[*i]))).collect();

@@ -1,0 +1,52 @@
+//! Times one LeNet (sigmoid, average pooling) training step at batch 64 — forward,
+//! cross-entropy, backward, SGD-momentum update — on the reference interpreter and on the
+//! JIT, interleaved in the same run, and prints the medians and their ratio.
+//!
+//! `cargo run --release --example train_step_timing`
+
+use cnnc::compiler::dsl::compile_str;
+use cnnc::compiler::ops::train::{Loss, Reduction};
+use cnnc::prelude::*;
+use cnnc::runtime::train::{Optimizer, Trainer};
+use ndarray::{ArrayD, IxDyn};
+use std::time::Instant;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let src = "net LeNet(x: [N, 1, 28, 28]) = Sequential(
+        Conv2d(1, 6, 5, padding = 2), Sigmoid(), AvgPool2d(2, stride = 2),
+        Conv2d(6, 16, 5), Sigmoid(), AvgPool2d(2, stride = 2), Flatten(),
+        Linear(400, 120), Sigmoid(), Linear(120, 84), Sigmoid(), Linear(84, 10));";
+    let out = compile_str(src);
+    let graph = out.nets.last().ok_or("no net")?.clone();
+    let loss = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 };
+    let opt = || {
+        Optimizer::Sgd(cnnc::runtime::train::Sgd {
+            lr: 0.01,
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        })
+    };
+    let x = ArrayD::from_shape_fn(IxDyn(&[64, 1, 28, 28]), |i| ((i[2] * 28 + i[3]) % 17) as f32 / 17.0);
+    let y = ArrayD::from_shape_fn(IxDyn(&[64]), |i| (i[0] % 10) as f32);
+    let mut interp = Trainer::new(&graph, Weights::random(&graph, 0), loss.clone(), opt())?;
+    let mut jit = Trainer::new(&graph, Weights::random(&graph, 0), loss, opt())?;
+    jit.use_jit(Options { threads: 1, ..Options::default() });
+    let (mut ti, mut tj) = (vec![], vec![]);
+    for _ in 0..10 {
+        let s = Instant::now();
+        interp.step(x.view(), y.view())?;
+        ti.push(s.elapsed().as_secs_f64() * 1e3);
+        let s = Instant::now();
+        jit.step(x.view(), y.view())?;
+        tj.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mi, mj) = (median(&mut ti), median(&mut tj));
+    println!("LeNet b64 training step, 1 thread: interpreter {mi:.1} ms, JIT {mj:.1} ms ({:.2}x)", mi / mj);
+    Ok(())
+}
