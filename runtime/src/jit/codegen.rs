@@ -563,6 +563,31 @@ impl Fx<'_> {
         self.load_i32(a, 0)
     }
 
+    /// Loads element `idx` (an i64 value) of a constant i64 table.
+    pub fn load_i64_at(&mut self, addr: Value, idx: Value) -> Value {
+        let a = self.elem_scaled(addr, idx, 2);
+        self.b.ins().load(types::I64, load_flags(), a, 0)
+    }
+
+    /// Loads element `idx` of a constant f64 table.
+    pub fn load_f64_const(&mut self, addr: Value, idx: Value) -> Value {
+        let a = self.elem_scaled(addr, idx, 2);
+        self.b.ins().load(types::F64, load_flags(), a, 0)
+    }
+
+    /// A mutable f64 accumulator starting at 0 (a sum in registers across a loop).
+    pub fn acc_f64(&mut self) -> cranelift_frontend::Variable {
+        let z = self.d(0.0);
+        self.var(types::F64, z)
+    }
+
+    /// `acc += x` on a variable.
+    pub fn accumulate(&mut self, acc: cranelift_frontend::Variable, x: Value) {
+        let cur = self.b.use_var(acc);
+        let s = self.b.ins().fadd(cur, x);
+        self.b.def_var(acc, s);
+    }
+
     /// Loads the f32 at `addr + 4·idx` (idx an i64 value).
     pub fn load_f_at(&mut self, addr: Value, idx: Value) -> Value {
         let a = self.elem(addr, idx);

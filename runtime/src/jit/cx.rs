@@ -52,6 +52,11 @@ impl NodeCx<'_> {
         self.chw(self.in_tys[i])
     }
 
+    /// The step's scratch slot, which this kernel needs.
+    pub fn scratch_slot(&self) -> Result<usize> {
+        self.scratch.ok_or_else(|| Error::Unsupported(format!("`{}`: the plan gave no scratch", self.node.name)))
+    }
+
     /// The values of the parameter with this suffix, in standard order.
     pub fn param(&self, suffix: &str) -> Result<Vec<f32>> {
         Ok(self.param_ref(suffix)?.into_owned())

@@ -35,18 +35,6 @@ fn each(fx: &mut Fx<'_>, base: Value, plane: usize, mut body: impl FnMut(&mut Fx
     });
 }
 
-/// A mutable f64 accumulator starting at 0.
-fn acc(fx: &mut Fx<'_>) -> cranelift_frontend::Variable {
-    let z = fx.d(0.0);
-    fx.var(types::F64, z)
-}
-
-fn add_to(fx: &mut Fx<'_>, v: cranelift_frontend::Variable, x: Value) {
-    let cur = fx.b.use_var(v);
-    let s = fx.b.ins().fadd(cur, x);
-    fx.b.def_var(v, s);
-}
-
 /// `(weight, bias)` addresses of an affine BatchNorm, if affine.
 fn bn_params(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d, bias: bool) -> Result<Option<(i64, Option<i64>)>> {
     if !bn.affine {
@@ -92,22 +80,22 @@ pub(super) fn batch_stats(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
         let count = fx.muli(fx.nb, c(plane));
         let count = fx.int_to_f64(count);
         fx.for_const(0, ch_n, 1, |fx, ch| {
-            let s = acc(fx);
+            let s = fx.acc_f64();
             planes(fx, ch, ch_n, plane, |fx, base| {
                 each(fx, base, plane, |fx, i| {
                     let v = fx.load_d(x, i);
-                    add_to(fx, s, v);
+                    fx.accumulate(s, v);
                 });
             });
             let sum = fx.b.use_var(s);
             let mean = fx.b.ins().fdiv(sum, count);
-            let q = acc(fx);
+            let q = fx.acc_f64();
             planes(fx, ch, ch_n, plane, |fx, base| {
                 each(fx, base, plane, |fx, i| {
                     let v = fx.load_d(x, i);
                     let d = fx.b.ins().fsub(v, mean);
                     let dd = fx.b.ins().fmul(d, d);
-                    add_to(fx, q, dd);
+                    fx.accumulate(q, dd);
                 });
             });
             let qs = fx.b.use_var(q);
@@ -168,16 +156,16 @@ pub(super) fn bn_train_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d, in
         let count = fx.int_to_f64(count);
         fx.for_const(0, ch_n, 1, |fx, ch| {
             let (mean, inv) = mean_invstd(fx, st, ch, ch_n, eps);
-            let (sdy, sdx) = (acc(fx), acc(fx));
+            let (sdy, sdx) = (fx.acc_f64(), fx.acc_f64());
             planes(fx, ch, ch_n, plane, |fx, base| {
                 each(fx, base, plane, |fx, i| {
                     let d = fx.load_d(dy, i);
-                    add_to(fx, sdy, d);
+                    fx.accumulate(sdy, d);
                     let v = fx.load_d(x, i);
                     let xh = fx.b.ins().fsub(v, mean);
                     let t = fx.b.ins().fmul(d, xh);
                     let t = fx.b.ins().fmul(t, inv);
-                    add_to(fx, sdx, t);
+                    fx.accumulate(sdx, t);
                 });
             });
             let sum_dy = fx.b.use_var(sdy);
@@ -264,7 +252,7 @@ pub(super) fn bn_eval_weight_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm
             let sd = running_sd(fx, var, ch, eps);
             let mb = fx.addr(mean);
             let m = fx.load_d(mb, ch);
-            let s = acc(fx);
+            let s = fx.acc_f64();
             planes(fx, ch, ch_n, plane, |fx, base| {
                 each(fx, base, plane, |fx, i| {
                     let d = fx.load_d(dy, i);
@@ -272,7 +260,7 @@ pub(super) fn bn_eval_weight_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm
                     let xm = fx.b.ins().fsub(v, m);
                     let t = fx.b.ins().fmul(d, xm);
                     let t = fx.b.ins().fdiv(t, sd);
-                    add_to(fx, s, t);
+                    fx.accumulate(s, t);
                 });
             });
             let r = fx.b.use_var(s);
@@ -352,13 +340,13 @@ pub(super) fn bias_grad(jit: &mut Jit, cx: &NodeCx<'_>, axis: usize) -> Result<(
     jit.kernel(&cx.node.name, |fx| {
         let (dy, out) = (fx.slot(ds), fx.slot(os));
         fx.for_const(0, ch_n, 1, |fx, ch| {
-            let s = acc(fx);
+            let s = fx.acc_f64();
             fx.for_samples(|fx, n| {
                 fx.for_const(0, outer, 1, |fx, o| {
                     let base = fx.lin(&[(n, c(outer * ch_n * inner)), (o, c(ch_n * inner)), (ch, c(inner))], 0);
                     each(fx, base, inner, |fx, i| {
                         let v = fx.load_d(dy, i);
-                        add_to(fx, s, v);
+                        fx.accumulate(s, v);
                     });
                 });
             });
@@ -433,7 +421,7 @@ pub(super) fn reduce_grad(jit: &mut Jit, cx: &NodeCx<'_>, r: &Reduce) -> Result<
     let scratch = cx.scratch;
     let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
     if kind == ReduceKind::Max && scratch.is_none() {
-        return Err(Error::Unsupported(format!("`{}`: amax backward without scratch", cx.node.name)));
+        cx.scratch_slot()?;
     }
     jit.kernel(&cx.node.name, |fx| {
         let (x, dy, out) = (fx.slot(xs), fx.slot(ds), fx.slot(os));
@@ -575,14 +563,14 @@ pub(super) fn loss(jit: &mut Jit, cx: &NodeCx<'_>, l: &Loss, grad: bool) -> Resu
             }
             Reduction::Sum => fx.d(1.0),
         };
-        let total = acc(fx);
+        let total = fx.acc_f64();
         match &l {
             Loss::Mse { .. } => all(fx, size, |fx, i| {
                 let a = fx.load_d(p, i);
                 let b = fx.load_d(t, i);
                 let d = fx.b.ins().fsub(a, b);
                 let dd = fx.b.ins().fmul(d, d);
-                add_to(fx, total, dd);
+                fx.accumulate(total, dd);
                 if grad {
                     let two = fx.d(2.0);
                     let g = fx.b.ins().fmul(two, d);
@@ -606,13 +594,13 @@ pub(super) fn loss(jit: &mut Jit, cx: &NodeCx<'_>, l: &Loss, grad: bool) -> Resu
                         fx.b.def_var(mx, m);
                     });
                     let max = fx.b.use_var(mx);
-                    let se = acc(fx);
+                    let se = fx.acc_f64();
                     fx.for_const(0, classes, 1, |fx, j| {
                         let at = fx.add(row, j);
                         let v = fx.load_d(p, at);
                         let d = fx.b.ins().fsub(v, max);
                         let e = fx.call_f64(exp_f64 as *const () as usize, &[d]);
-                        add_to(fx, se, e);
+                        fx.accumulate(se, e);
                     });
                     let sum = fx.b.use_var(se);
                     let ln = fx.call_f64(ln_f64 as *const () as usize, &[sum]);
@@ -630,7 +618,7 @@ pub(super) fn loss(jit: &mut Jit, cx: &NodeCx<'_>, l: &Loss, grad: bool) -> Resu
                         let logp = fx.b.ins().fsub(v, lse);
                         let ql = fx.b.ins().fmul(q, logp);
                         let ql = fx.b.ins().fneg(ql);
-                        add_to(fx, total, ql);
+                        fx.accumulate(total, ql);
                         if grad {
                             let e = fx.call_f64(exp_f64 as *const () as usize, &[logp]);
                             let g = fx.b.ins().fsub(e, q);
@@ -648,13 +636,7 @@ pub(super) fn loss(jit: &mut Jit, cx: &NodeCx<'_>, l: &Loss, grad: bool) -> Resu
                     Some(a) => {
                         let base = fx.addr(a);
                         let k = fx.b.ins().urem_imm_u(i, c(last));
-                        let pa = fx.elem_scaled(base, k, 2);
-                        let pw = fx.b.ins().load(
-                            types::F64,
-                            cranelift_codegen::ir::MemFlagsData::new().with_notrap(),
-                            pa,
-                            0,
-                        );
+                        let pw = fx.load_f64_const(base, k);
                         let pm = fx.b.ins().fsub(pw, one);
                         let t = fx.b.ins().fmul(pm, y);
                         fx.b.ins().fadd(one, t)
@@ -671,7 +653,7 @@ pub(super) fn loss(jit: &mut Jit, cx: &NodeCx<'_>, l: &Loss, grad: bool) -> Resu
                 let sp = softplus(fx, nx);
                 let b = fx.b.ins().fmul(lw, sp);
                 let term = fx.b.ins().fadd(a, b);
-                add_to(fx, total, term);
+                fx.accumulate(total, term);
                 if grad {
                     let sg = sigmoid(fx, nx);
                     let u = fx.b.ins().fmul(lw, sg);

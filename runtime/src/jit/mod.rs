@@ -77,7 +77,7 @@ use cnnc_compiler::graph::Graph;
 use cranelift_jit::JITModule;
 pub use microkernel::Kernels;
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
-use plan::{Slot, SlotKind};
+use plan::SlotKind;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -250,19 +250,14 @@ pub struct Compiled {
     code: Code,
     /// Packed weights and tables the code reads; must live as long as `code` may run.
     consts: codegen::ConstPool,
-    /// The memory plan the code was generated for (replayed by [`Compiled::set_weights`]).
+    /// The memory plan the code was generated for: its slots and arena sizes for every run,
+    /// and the lowering [`Compiled::set_weights`] replays.
     plan: plan::Plan,
     /// The micro-kernel ISA and whether `fma` was allowed, as compiled.
     isa: Option<microkernel::Isa>,
     allow_fma: bool,
     /// Whether the fusion passes rewrote the graph (then the weights were rewritten too).
     fused: bool,
-    slots: Vec<Slot>,
-    arena: usize,
-    /// Floats of the arena's fixed part.
-    fixed: usize,
-    /// Whether every run is one chunk of the whole batch (a training graph).
-    whole_batch: bool,
     chunk: usize,
     threads: usize,
     /// The worker threads (none for a single-threaded model); one run uses them at a time.
@@ -282,7 +277,7 @@ impl std::fmt::Debug for Compiled {
             .field("net", &self.graph.name)
             .field("kernels", &self.kernels)
             .field("data_movement_kernels", &self.moves)
-            .field("arena_floats_per_sample", &self.arena)
+            .field("arena_floats_per_sample", &self.plan.arena)
             .field("chunk", &self.chunk)
             .field("threads", &self.threads)
             .field("const_bytes", &self.const_bytes)
@@ -364,10 +359,6 @@ impl Compiled {
             const_bytes: consts.bytes(),
             code,
             consts,
-            slots: plan.slots.clone(),
-            arena: plan.arena,
-            fixed: plan.fixed,
-            whole_batch: plan.whole_batch,
             plan,
             isa,
             allow_fma: !options.portable,
@@ -393,7 +384,7 @@ impl Compiled {
         let team = self.team.as_ref().and_then(|t| t.try_lock().ok());
         match team.as_deref() {
             None => self.run_range(&in_addrs, &out_addrs, 0, n, None, None)?,
-            Some(team) if !self.whole_batch && batch_split(n, team.threads()) => {
+            Some(team) if !self.plan.whole_batch && batch_split(n, team.threads()) => {
                 // Whole samples per thread: no synchronisation between kernels.
                 let parts = team.threads();
                 let per = n.div_ceil(parts);
@@ -450,7 +441,7 @@ impl Compiled {
             let shape = ty.concrete(n);
             let len = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
             match len {
-                Some(len) if (shape[0] == n || self.whole_batch) && len <= isize::MAX as usize / 4 => {
+                Some(len) if (shape[0] == n || self.plan.whole_batch) && len <= isize::MAX as usize / 4 => {
                     outputs.push((shape, vec![0f32; len]))
                 }
                 _ => {
@@ -516,9 +507,10 @@ impl Compiled {
         }
         let mut scratch = self.pool.lock().map_err(|_| poisoned())?.pop().unwrap_or_default();
         let need = self
+            .plan
             .arena
             .checked_mul(self.chunk.min(b - a))
-            .and_then(|v| v.checked_add(self.fixed))
+            .and_then(|v| v.checked_add(self.plan.fixed))
             .filter(|v| *v <= isize::MAX as usize / 4)
             .ok_or_else(|| Error::Batch {
                 name: self.graph.name.clone(),
@@ -528,17 +520,17 @@ impl Compiled {
         if scratch.arena.len() < need {
             scratch.arena.resize(need, 0.0);
         }
-        scratch.table.resize(self.slots.len(), 0);
+        scratch.table.resize(self.plan.slots.len(), 0);
         let arena = scratch.arena.as_mut_ptr().expose_provenance();
         let mut start = a;
         while start < b {
             let nb = self.chunk.min(b - start);
-            for (t, slot) in scratch.table.iter_mut().zip(&self.slots) {
+            for (t, slot) in scratch.table.iter_mut().zip(&self.plan.slots) {
                 *t = match slot.kind {
                     SlotKind::Input(i) => in_addrs[i] + 4 * start * slot.size,
                     SlotKind::Output(j) => out_addrs[j] + 4 * start * slot.size,
                     SlotKind::Arena(o) => arena + 4 * o * nb,
-                    SlotKind::Fixed(o) => arena + 4 * (self.arena * nb + o),
+                    SlotKind::Fixed(o) => arena + 4 * (self.plan.arena * nb + o),
                 };
             }
             self.code.run(&scratch.table, nb, team, self.parallel_min_work, times.as_deref_mut());
@@ -609,7 +601,7 @@ impl Compiled {
     /// Arena floats per sample (the memory plan's peak of simultaneously live
     /// intermediates).
     pub fn arena_per_sample(&self) -> usize {
-        self.arena
+        self.plan.arena
     }
 
     /// Most samples one kernel call processes (the arena holds this many samples).

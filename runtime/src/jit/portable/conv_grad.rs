@@ -7,12 +7,12 @@
 //! blocked, register-tiled forms are future work).
 
 use crate::error::{Error, Result};
-use crate::jit::codegen::{Fx, Jit, c};
+use crate::jit::codegen::{Jit, c};
 use crate::jit::cx::NodeCx;
 use crate::jit::tables::axis_table;
 use cnnc_compiler::ops::Conv2d;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{InstBuilder, Value, types};
+use cranelift_codegen::ir::{InstBuilder, types};
 
 /// Per padded coordinate, the source index it reads (or −1 for a zero).
 fn sources(conv: &Conv2d, pad: usize, input: usize, padded: usize) -> Result<Vec<i32>> {
@@ -29,15 +29,6 @@ fn preimages(src: &[i32], input: usize) -> (Vec<i64>, Vec<i64>) {
         start.push(list.len() as i64);
     }
     (start, list)
-}
-
-fn load_i64(fx: &mut Fx<'_>, base: Value, idx: Value) -> Value {
-    let a = fx.elem_scaled(base, idx, 2);
-    fx.b.ins().load(types::I64, cranelift_codegen::ir::MemFlagsData::new().with_notrap().with_readonly(), a, 0)
-}
-
-fn scratch(cx: &NodeCx<'_>) -> Result<usize> {
-    cx.scratch.ok_or_else(|| Error::Unsupported(format!("`{}`: conv backward without scratch", cx.node.name)))
 }
 
 /// `(dy) → dx` of a Conv2d on an input of `in_hw`; reads `weight`.
@@ -63,7 +54,7 @@ pub(in crate::jit) fn conv_input_grad(
     let (ys, yl) = preimages(&sources(conv, pt, h, ph)?, h);
     let (xs_, xl) = preimages(&sources(conv, pl, w, pw)?, w);
     let tabs = [ys, yl, xs_, xl].map(|t| jit.consts.i64s(t));
-    let sc = scratch(cx)?;
+    let sc = cx.scratch_slot()?;
     let (ds, os) = (cx.inputs[0], cx.output);
     let padded = cin * ph * pw;
     jit.kernel(&cx.node.name, |fx| {
@@ -104,24 +95,21 @@ pub(in crate::jit) fn conv_input_grad(
             // Fold the padded gradient into the input's.
             fx.for_const(0, cin, 1, |fx, chn| {
                 fx.for_const(0, h, 1, |fx, y| {
-                    let y0 = load_i64(fx, ysa, y);
+                    let y0 = fx.load_i64_at(ysa, y);
                     let y1i = fx.addi(y, 1);
-                    let y1 = load_i64(fx, ysa, y1i);
+                    let y1 = fx.load_i64_at(ysa, y1i);
                     fx.for_const(0, w, 1, |fx, x| {
-                        let x0 = load_i64(fx, xsa, x);
+                        let x0 = fx.load_i64_at(xsa, x);
                         let x1i = fx.addi(x, 1);
-                        let x1 = load_i64(fx, xsa, x1i);
-                        let zero = fx.d(0.0);
-                        let s = fx.var(types::F64, zero);
+                        let x1 = fx.load_i64_at(xsa, x1i);
+                        let s = fx.acc_f64();
                         fx.for_range(y0, y1, 1, |fx, k| {
-                            let py = load_i64(fx, yla, k);
+                            let py = fx.load_i64_at(yla, k);
                             fx.for_range(x0, x1, 1, |fx, l| {
-                                let px = load_i64(fx, xla, l);
+                                let px = fx.load_i64_at(xla, l);
                                 let pi = fx.lin(&[(chn, c(ph * pw)), (py, c(pw)), (px, 1)], 0);
                                 let v = fx.load_f64(dpad, pi);
-                                let cur = fx.b.use_var(s);
-                                let t = fx.b.ins().fadd(cur, v);
-                                fx.b.def_var(s, t);
+                                fx.accumulate(s, v);
                             });
                         });
                         let v = fx.b.use_var(s);
@@ -149,7 +137,7 @@ pub(in crate::jit) fn conv_weight_grad(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Co
     let sy = sources(conv, pt, h, ph)?;
     let sx = sources(conv, pl, w, pw)?;
     let (sya, sxa) = (jit.consts.i32s(sy), jit.consts.i32s(sx));
-    let sc = scratch(cx)?;
+    let sc = cx.scratch_slot()?;
     let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
     let padded = cin * ph * pw;
     jit.kernel(&cx.node.name, |fx| {
@@ -184,11 +172,9 @@ pub(in crate::jit) fn conv_weight_grad(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Co
                 let chn = fx.lin(&[(grp, c(cin_g)), (ic, 1)], 0);
                 fx.for_const(0, kh, 1, |fx, ky| {
                     fx.for_const(0, kw, 1, |fx, kx| {
-                        let zero = fx.d(0.0);
-                        let total = fx.var(types::F64, zero);
+                        let total = fx.acc_f64();
                         fx.for_samples(|fx, n| {
-                            let zero = fx.d(0.0);
-                            let s = fx.var(types::F64, zero);
+                            let s = fx.acc_f64();
                             fx.for_const(0, oh, 1, |fx, oy| {
                                 let row = fx.lin(
                                     &[
@@ -209,15 +195,11 @@ pub(in crate::jit) fn conv_weight_grad(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Co
                                     let xv = fx.load_f_mut(xp, pi);
                                     let xv = fx.b.ins().fpromote(types::F64, xv);
                                     let t = fx.b.ins().fmul(gv, xv);
-                                    let cur = fx.b.use_var(s);
-                                    let r = fx.b.ins().fadd(cur, t);
-                                    fx.b.def_var(s, r);
+                                    fx.accumulate(s, t);
                                 });
                             });
                             let sv = fx.b.use_var(s);
-                            let cur = fx.b.use_var(total);
-                            let r = fx.b.ins().fadd(cur, sv);
-                            fx.b.def_var(total, r);
+                            fx.accumulate(total, sv);
                         });
                         let v = fx.b.use_var(total);
                         let wi = fx.lin(&[(oc, c(cin_g * kh * kw)), (ic, c(kh * kw)), (ky, c(kw)), (kx, 1)], 0);

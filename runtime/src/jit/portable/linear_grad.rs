@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::jit::codegen::{Jit, c};
 use crate::jit::cx::NodeCx;
 use cnnc_compiler::ops::Linear;
-use cranelift_codegen::ir::{InstBuilder, types};
+use cranelift_codegen::ir::InstBuilder;
 
 /// `(dy) → dx`; reads `weight`.
 pub(in crate::jit) fn linear_input_grad(jit: &mut Jit, cx: &NodeCx<'_>, l: &Linear) -> Result<()> {
@@ -20,17 +20,14 @@ pub(in crate::jit) fn linear_input_grad(jit: &mut Jit, cx: &NodeCx<'_>, l: &Line
         let m = fx.muli(fx.nb, c(rows));
         fx.for_range(zero, m, 1, |fx, r| {
             fx.for_const(0, fi, 1, |fx, i| {
-                let z = fx.d(0.0);
-                let s = fx.var(types::F64, z);
+                let s = fx.acc_f64();
                 fx.for_const(0, fo, 1, |fx, o| {
                     let di = fx.lin(&[(r, c(fo)), (o, 1)], 0);
                     let d = fx.load_d(dy, di);
                     let wi = fx.lin(&[(o, c(fi)), (i, 1)], 0);
                     let wv = fx.load_d(wa, wi);
                     let t = fx.b.ins().fmul(d, wv);
-                    let cur = fx.b.use_var(s);
-                    let n = fx.b.ins().fadd(cur, t);
-                    fx.b.def_var(s, n);
+                    fx.accumulate(s, t);
                 });
                 let v = fx.b.use_var(s);
                 let at = fx.lin(&[(r, c(fi)), (i, 1)], 0);
@@ -51,8 +48,7 @@ pub(in crate::jit) fn linear_weight_grad(jit: &mut Jit, cx: &NodeCx<'_>, l: &Lin
         let m = fx.muli(fx.nb, c(rows));
         fx.for_const(0, fo, 1, |fx, o| {
             fx.for_const(0, fi, 1, |fx, i| {
-                let z = fx.d(0.0);
-                let s = fx.var(types::F64, z);
+                let s = fx.acc_f64();
                 let zero = fx.i(0);
                 fx.for_range(zero, m, 1, |fx, r| {
                     let di = fx.lin(&[(r, c(fo)), (o, 1)], 0);
@@ -60,9 +56,7 @@ pub(in crate::jit) fn linear_weight_grad(jit: &mut Jit, cx: &NodeCx<'_>, l: &Lin
                     let xi = fx.lin(&[(r, c(fi)), (i, 1)], 0);
                     let xv = fx.load_d(x, xi);
                     let t = fx.b.ins().fmul(d, xv);
-                    let cur = fx.b.use_var(s);
-                    let n = fx.b.ins().fadd(cur, t);
-                    fx.b.def_var(s, n);
+                    fx.accumulate(s, t);
                 });
                 let v = fx.b.use_var(s);
                 let at = fx.lin(&[(o, c(fi)), (i, 1)], 0);

@@ -5,7 +5,7 @@
 //! interpreter's order, and rounded once. Scalar loops (the vectorised forms are future
 //! work).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::jit::codegen::{Fx, Jit, c};
 use crate::jit::cx::NodeCx;
 use crate::jit::tables::axis_table;
@@ -13,10 +13,6 @@ use cnnc_compiler::ops::{AvgPool2d, MaxPool2d, PaddingMode};
 use cnnc_compiler::shape::adaptive_window;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{InstBuilder, Value};
-
-fn scratch(cx: &NodeCx<'_>) -> Result<usize> {
-    cx.scratch.ok_or_else(|| Error::Unsupported(format!("`{}`: pooling backward without scratch", cx.node.name)))
-}
 
 /// Zeroes the f64 accumulator of one plane.
 fn zero_plane(fx: &mut Fx<'_>, acc: Value, len: usize) {
@@ -41,7 +37,7 @@ pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2
     let ty = axis_table(oh, kh, p.stride.0, p.dilation.0, p.padding.0, h, PaddingMode::Zeros)?;
     let tx = axis_table(ow, kw, p.stride.1, p.dilation.1, p.padding.1, w, PaddingMode::Zeros)?;
     let (ty, tx) = (jit.consts.i32s(ty), jit.consts.i32s(tx));
-    let sc = scratch(cx)?;
+    let sc = cx.scratch_slot()?;
     let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
     let plane = h * w;
     jit.kernel(&cx.node.name, |fx| {
@@ -184,7 +180,7 @@ fn window_grad(
     let bounds = |ws: &Windows| -> Vec<i64> { ws.iter().flat_map(|&(a, b, _)| [a as i64, b as i64]).collect() };
     let (ty, tx) = (jit.consts.i64s(bounds(wy)), jit.consts.i64s(bounds(wx)));
     let dv = jit.consts.i64s(divisors.iter().map(|d| d.to_bits() as i64).collect());
-    let sc = scratch(cx)?;
+    let sc = cx.scratch_slot()?;
     let (ds, os) = (cx.inputs[0], cx.output);
     let plane = h * w;
     jit.kernel(&cx.node.name, |fx| {
@@ -197,16 +193,13 @@ fn window_grad(
             let db = fx.muli(pl, c(oh * ow));
             zero_plane(fx, acc, plane);
             fx.for_const(0, oh, 1, |fx, oy| {
-                let ya = fx.elem_scaled(tya, oy, 4);
-                let y0 = fx.b.ins().load(cranelift_codegen::ir::types::I64, mem(), ya, 0);
-                let y1 = fx.b.ins().load(cranelift_codegen::ir::types::I64, mem(), ya, 8);
+                let (i0, i1) = (fx.muli(oy, 2), fx.lin(&[(oy, 2)], 1));
+                let (y0, y1) = (fx.load_i64_at(tya, i0), fx.load_i64_at(tya, i1));
                 fx.for_const(0, ow, 1, |fx, ox| {
-                    let xa = fx.elem_scaled(txa, ox, 4);
-                    let x0 = fx.b.ins().load(cranelift_codegen::ir::types::I64, mem(), xa, 0);
-                    let x1 = fx.b.ins().load(cranelift_codegen::ir::types::I64, mem(), xa, 8);
+                    let (i0, i1) = (fx.muli(ox, 2), fx.lin(&[(ox, 2)], 1));
+                    let (x0, x1) = (fx.load_i64_at(txa, i0), fx.load_i64_at(txa, i1));
                     let o = fx.lin(&[(oy, c(ow)), (ox, 1)], 0);
-                    let da = fx.elem_scaled(dva, o, 2);
-                    let div = fx.b.ins().load(cranelift_codegen::ir::types::F64, mem(), da, 0);
+                    let div = fx.load_f64_const(dva, o);
                     let o = fx.add(db, o);
                     let g = fx.load_d(dy, o);
                     let g = fx.b.ins().fdiv(g, div);
@@ -224,8 +217,4 @@ fn window_grad(
         });
     })?;
     Ok(())
-}
-
-fn mem() -> cranelift_codegen::ir::MemFlagsData {
-    cranelift_codegen::ir::MemFlagsData::new().with_notrap().with_readonly()
 }
