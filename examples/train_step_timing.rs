@@ -2,7 +2,8 @@
 //! cross-entropy, backward, SGD-momentum update — on the reference interpreter and on the
 //! JIT, interleaved in the same run, and prints the medians and their ratio.
 //!
-//! `cargo run --release --example train_step_timing`
+//! `cargo run --release --example train_step_timing [-- --profile]` (`--profile`: also the
+//! JIT's time per kernel of the training graph, slowest first).
 
 use cnnc::compiler::dsl::compile_str;
 use cnnc::compiler::ops::train::{Loss, Reduction};
@@ -48,5 +49,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (mi, mj) = (median(&mut ti), median(&mut tj));
     println!("LeNet b64 training step, 1 thread: interpreter {mi:.1} ms, JIT {mj:.1} ms ({:.2}x)", mi / mj);
+    if std::env::args().any(|a| a == "--profile") {
+        let weights = jit.weights().clone();
+        let tg = jit.training_graph()?;
+        let compiled = Compiled::new(&tg.graph, &weights, &Options { threads: 1, ..Options::default() })?;
+        let mut times = compiled.profile(&[x.view(), y.view()], 20)?;
+        let total: f64 = times.iter().map(|t| t.median.as_secs_f64()).sum();
+        times.sort_by_key(|t| std::cmp::Reverse(t.median));
+        println!("kernels of the training graph (sum of medians {:.2} ms):", total * 1e3);
+        for t in times.iter().take(15) {
+            let gflops = t.flops.map(|f| format!("{:6.1} GFLOP/s", f as f64 / t.median.as_secs_f64() / 1e9));
+            println!("  {:>8.3} ms  {}  {}", t.median.as_secs_f64() * 1e3, gflops.unwrap_or_default(), t.name);
+        }
+    }
     Ok(())
 }

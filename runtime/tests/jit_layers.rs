@@ -18,6 +18,7 @@ const LAYERS: &[&str] = &[
     "blocked",
     "blocked::channels",
     "blocked::pool",
+    "blocked::gemm_grad",
     "blocked::conv",
     // The portable tier (plain NCHW, pure Cranelift).
     "portable",

@@ -116,6 +116,23 @@ fn conv_training_matches_the_interpreter() {
     }
 }
 
+/// The GEMM forms of Conv2d and Linear backward (`blocked/gemm_grad.rs`) at shapes that
+/// reach every edge of their loops: several column tiles and a narrower last one, row
+/// blocks and a remainder, several sample blocks and a partial last one, one sample per
+/// block (≥ 256 pixels), several rows per sample.
+#[test]
+fn gemm_shapes_match_the_interpreter() {
+    for (text, shape) in [
+        ("Conv2d(70, 9, 3, padding = 1)", vec![19, 70, 6, 6]),
+        ("Conv2d(3, 8, 3)", vec![3, 3, 20, 20]),
+        ("Conv2d(8, 10, 3, stride = 2, groups = 2, padding = 1, padding_mode = \"reflect\")", vec![13, 8, 9, 7]),
+        ("Linear(130, 70)", vec![300, 130]),
+        ("Linear(50, 7)", vec![100, 3, 50]),
+    ] {
+        check(&layer(text, &shape), Mode::Train, None, shape[0], 3);
+    }
+}
+
 #[test]
 fn pool_training_matches_the_interpreter() {
     for text in [

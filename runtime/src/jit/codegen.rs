@@ -455,6 +455,12 @@ impl Fx<'_> {
         self.b.ins().sload32(load_flags(), a, o)
     }
 
+    /// Loads one i64 at `addr + 8·elems`.
+    pub fn load_i64(&mut self, addr: Value, elems: i64) -> Value {
+        let (a, o) = self.split_off(addr, 8 * elems);
+        self.b.ins().load(types::I64, load_flags(), a, o)
+    }
+
     /// Loads an f32x4 at `addr + 4·elems` (any alignment).
     pub fn load_v(&mut self, addr: Value, elems: i64) -> Value {
         let (a, o) = self.split_off(addr, 4 * elems);
@@ -759,6 +765,47 @@ impl Fx<'_> {
         self.b.def_var(counter, k);
         self.b.ins().brif(k, head, &[], exit, &[]);
         self.b.switch_to_block(exit);
+    }
+
+    /// The f32 sum of the `len` floats at `p`: four lanes of partial sums, then across
+    /// them, then the remainder.
+    pub fn sum_run(&mut self, p: Value, len: usize) -> Value {
+        let z = self.vf(0.0);
+        let acc = self.var(V, z);
+        self.loop_n(Count::Const(len / LANES), [p], [c(4 * LANES)], |fx, [q]| {
+            let v = fx.load_v(q, 0);
+            let a = fx.b.use_var(acc);
+            let a = fx.b.ins().fadd(a, v);
+            fx.b.def_var(acc, a);
+        });
+        let a = self.b.use_var(acc);
+        let mut s = self.b.ins().extractlane(a, 0);
+        for l in 1..LANES as u8 {
+            let x = self.b.ins().extractlane(a, l);
+            s = self.b.ins().fadd(s, x);
+        }
+        for i in len / LANES * LANES..len {
+            let x = self.load_f(p, c(i));
+            s = self.b.ins().fadd(s, x);
+        }
+        s
+    }
+
+    /// `dst[i] += src[i]` for the `len` floats of each, by vectors.
+    pub fn add_run(&mut self, src: Value, dst: Value, len: usize) {
+        let full = len / LANES;
+        self.loop_n(Count::Const(full), [src, dst], [c(4 * LANES), c(4 * LANES)], |fx, [s, d]| {
+            let a = fx.load_v(s, 0);
+            let b = fx.load_v(d, 0);
+            let v = fx.b.ins().fadd(b, a);
+            fx.store_v(v, d, 0);
+        });
+        for i in full * LANES..len {
+            let a = self.load_f(src, c(i));
+            let b = self.load_f(dst, c(i));
+            let v = self.b.ins().fadd(b, a);
+            self.store_f(v, dst, c(i));
+        }
     }
 
     /// Loops over the chunk's samples: `body(n)`.

@@ -344,10 +344,18 @@ pub(super) fn bias_grad(jit: &mut Jit, cx: &NodeCx<'_>, axis: usize) -> Result<(
             fx.for_samples(|fx, n| {
                 fx.for_const(0, outer, 1, |fx, o| {
                     let base = fx.lin(&[(n, c(outer * ch_n * inner)), (o, c(ch_n * inner)), (ch, c(inner))], 0);
-                    each(fx, base, inner, |fx, i| {
-                        let v = fx.load_d(dy, i);
+                    if inner >= 8 {
+                        // A plane: summed in f32 lanes, then added in f64.
+                        let p = fx.elem(dy, base);
+                        let v = fx.sum_run(p, inner);
+                        let v = fx.b.ins().fpromote(types::F64, v);
                         fx.accumulate(s, v);
-                    });
+                    } else {
+                        each(fx, base, inner, |fx, i| {
+                            let v = fx.load_d(dy, i);
+                            fx.accumulate(s, v);
+                        });
+                    }
                 });
             });
             let r = fx.b.use_var(s);

@@ -1,7 +1,8 @@
 //! Lowering: one kernel per step of the memory plan, chosen by the node's op. This is the
 //! only place that dispatches on [`Op`] in the JIT. The training ops ([`Op::Train`]) run
-//! on plain tensors: their backward kernels are in `portable/` (conv, Linear, pooling) and
-//! `eltwise_grad.rs` (everything else).
+//! on plain tensors: Conv2d and Linear backward as GEMMs over the micro-kernel tile
+//! (`blocked/gemm_grad.rs`; their scalar forms in `portable/` without a micro-kernel ISA),
+//! pooling backward in `portable/`, everything else in `eltwise_grad.rs`.
 
 use super::codegen::Jit;
 use super::cx::NodeCx;
@@ -65,10 +66,22 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                         TrainOp::DropoutMask(_) => eltwise_grad::dropout_mask(jit, &cx)?,
                         TrainOp::Loss(l) => eltwise_grad::loss(jit, &cx, l, false)?,
                         TrainOp::LossGrad(l) => eltwise_grad::loss(jit, &cx, l, true)?,
-                        TrainOp::ConvInputGrad(c, hw) => portable::conv_grad::conv_input_grad(jit, &cx, c, *hw)?,
-                        TrainOp::ConvWeightGrad(c) => portable::conv_grad::conv_weight_grad(jit, &cx, c)?,
-                        TrainOp::LinearInputGrad(l) => portable::linear_grad::linear_input_grad(jit, &cx, l)?,
-                        TrainOp::LinearWeightGrad(l) => portable::linear_grad::linear_weight_grad(jit, &cx, l)?,
+                        TrainOp::ConvInputGrad(c, hw) => match jit.isa {
+                            Some(isa) => blocked::gemm_grad::conv_input_grad(jit, &cx, t, c, *hw, isa)?,
+                            None => portable::conv_grad::conv_input_grad(jit, &cx, c, *hw)?,
+                        },
+                        TrainOp::ConvWeightGrad(c) => match jit.isa {
+                            Some(isa) => blocked::gemm_grad::conv_weight_grad(jit, &cx, t, c, isa)?,
+                            None => portable::conv_grad::conv_weight_grad(jit, &cx, c)?,
+                        },
+                        TrainOp::LinearInputGrad(l) => match jit.isa {
+                            Some(isa) => blocked::gemm_grad::linear_input_grad(jit, &cx, l, isa)?,
+                            None => portable::linear_grad::linear_input_grad(jit, &cx, l)?,
+                        },
+                        TrainOp::LinearWeightGrad(l) => match jit.isa {
+                            Some(isa) => blocked::gemm_grad::linear_weight_grad(jit, &cx, t, l, isa)?,
+                            None => portable::linear_grad::linear_weight_grad(jit, &cx, l)?,
+                        },
                         TrainOp::BiasGrad(axis) => eltwise_grad::bias_grad(jit, &cx, *axis)?,
                         TrainOp::MaxPoolGrad(p) => portable::pool_grad::max_pool_grad(jit, &cx, p)?,
                         TrainOp::AvgPoolGrad(p, hw) => portable::pool_grad::avg_pool_grad(jit, &cx, p, *hw)?,

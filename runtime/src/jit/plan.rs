@@ -292,6 +292,8 @@ fn align(x: usize) -> usize {
 pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
     let order = graph.topo_order()?;
     let training = order.iter().any(|id| matches!(graph.node(*id).op, Op::Train(_)));
+    // With the micro-kernels, Conv2d and Linear backward run as GEMMs over their tile.
+    let gemm = blocked;
     let blocked = blocked && !training;
     let sample_batch = graph.inputs.first().map(|(_, id)| graph.node(*id).ty.batch);
     // Only what some output depends on is computed.
@@ -365,16 +367,25 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                 let output = b.slots.len() - 1;
                 value.insert(id, output);
                 let in_layout = b.slots[inputs[0]].layout;
+                let mut fixed_scratch = false;
                 let staged = match &node.op {
                     Op::Conv2d(conv) if blocked && in_layout == Layout::Plain && plane_conv(conv) => {
                         Some(plane_staged_input(conv, in_tys[0]))
                     }
                     Op::Conv2d(conv) if out.is_blocked() => staged_input(conv, in_tys[0], in_layout),
+                    Op::Train(t) if gemm => match GradScratch::of(t, &in_tys, &node.ty) {
+                        Some(g) => {
+                            fixed_scratch = true;
+                            Some(g.total)
+                        }
+                        None => train_scratch(t, &in_tys, &node.ty),
+                    },
                     Op::Train(t) => train_scratch(t, &in_tys, &node.ty),
                     _ => None,
                 };
+                let kind = if fixed_scratch { UNPLACED_FIXED } else { UNPLACED };
                 let scratch = staged.map(|size| {
-                    b.slots.push(Slot { kind: UNPLACED, size, layout: Layout::Plain });
+                    b.slots.push(Slot { kind, size, layout: Layout::Plain });
                     b.slots.len() - 1
                 });
                 b.steps.push(Step::Node { id, inputs, output, scratch });
@@ -455,6 +466,78 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
         placed.push((s, offset, len));
     }
     Ok(Plan { slots, steps, arena, fixed, whole_batch: training })
+}
+
+/// Samples per block of a GEMM weight gradient whose reduction has `pixels` terms per
+/// sample: blocks of at least 256 reduction steps, so each tile call does enough work to
+/// pay for loading and storing its partial sums.
+pub(super) fn grad_block(pixels: usize) -> usize {
+    256usize.div_ceil(pixels.max(1))
+}
+
+/// The fixed scratch of a Conv2d or Linear backward run as a GEMM over the micro-kernel
+/// tile (`blocked/gemm_grad.rs`), as offsets in floats, each 16-float aligned. One region
+/// for the whole run (not per sample): the kernels work on one sample, or one block of
+/// [`grad_block`] samples, at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct GradScratch {
+    /// Samples per block (weight gradients; 1 for the input gradient).
+    pub block: usize,
+    /// Where the padded input (weight gradient: the block's samples) or the padded
+    /// input's gradient (input gradient) starts; unused without padding.
+    pub pad: usize,
+    /// The packed `A` operand (weight gradients: the output gradient, a row per channel).
+    pub a: usize,
+    /// The packed `B` operand.
+    pub b: usize,
+    /// The input gradient's columns (`[C/groups·kh·kw, oh·ow]`) before they are scattered.
+    pub col: usize,
+    /// Floats in all.
+    pub total: usize,
+}
+
+impl GradScratch {
+    /// The layout for a training op that has a GEMM form, else `None`.
+    pub fn of(op: &TrainOp, in_tys: &[&TensorType], ty: &TensorType) -> Option<GradScratch> {
+        // Packed `B` of `n` columns by `k` steps: whole vectors of at most 16 floats.
+        let packed = |n: usize, k: usize| n.next_multiple_of(16) * k;
+        let lay = |block, pad: usize, a: usize, b: usize, col: usize| {
+            let (p0, a0) = (0, align(pad));
+            let b0 = a0 + align(a);
+            let c0 = b0 + align(b);
+            GradScratch { block, pad: p0, a: a0, b: b0, col: c0, total: c0 + align(col) }
+        };
+        match op {
+            TrainOp::ConvWeightGrad(conv) => {
+                let (cin, h, w) = in_tys[0].chw()?;
+                let (o, oh, ow) = in_tys[1].chw()?;
+                let g = conv.groups.max(1);
+                let (pt, pb, pl, pr) = conv.pads();
+                let p = oh * ow;
+                let block = grad_block(p);
+                let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { block * cin * (h + pt + pb) * (w + pl + pr) };
+                let kc = cin / g * conv.kernel.0 * conv.kernel.1;
+                Some(lay(block, pad, o * block * p, packed(kc, block * p), 0))
+            }
+            TrainOp::ConvInputGrad(conv, _) => {
+                let (cin, h, w) = ty.chw()?;
+                let (o, oh, ow) = in_tys[0].chw()?;
+                let g = conv.groups.max(1);
+                let (pt, pb, pl, pr) = conv.pads();
+                let p = oh * ow;
+                let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { cin * (h + pt + pb) * (w + pl + pr) };
+                let kc = cin / g * conv.kernel.0 * conv.kernel.1;
+                Some(lay(1, pad, 0, packed(p, o / g), kc * p))
+            }
+            TrainOp::LinearWeightGrad(l) => {
+                let rows = in_tys[0].numel_per_sample() / l.in_features.max(1);
+                let block = grad_block(rows);
+                let k = block * rows;
+                Some(lay(block, 0, l.out_features * k, packed(l.in_features, k), 0))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Floats per sample of the scratch a training kernel uses during its step, if any: a

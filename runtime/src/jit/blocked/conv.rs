@@ -672,6 +672,61 @@ pub(in crate::jit) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: 
     let rows = if cx.in_layouts[0].is_blocked() { 1 } else { cx.in_tys[0].numel_per_sample() / k.max(1) };
     let kk = if cx.in_layouts[0].is_blocked() { lda } else { k };
     let w = cx.param_ref("weight")?;
+    // Which feature each operand element holds (`None`: a padding channel, weight 0).
+    let mut source = vec![None; kk];
+    for i in 0..k {
+        source[feature_at(i)] = Some(i);
+    }
+    let tiles = o.div_ceil(isa.gemm_nr());
+    let (scale, shift) = affine(cx, lin.bias, &lin.epilogue, o, tiles * isa.gemm_nr())?;
+    let res = lin.epilogue.residual.then(|| cx.inputs[1]);
+    rows_gemm(
+        jit,
+        &cx.node.name,
+        isa,
+        RowsGemm {
+            k,
+            o,
+            rows,
+            weight: &w,
+            source: &source,
+            scale,
+            shift,
+            act: Act::of(lin.epilogue.act),
+            xs: cx.inputs[0],
+            ys: cx.output,
+            res,
+        },
+    )
+}
+
+/// A row-by-row GEMM `y[r] = W·x[r]` (+ epilogue) over the GEMM tile, the rows split
+/// between threads by column tiles.
+pub(in crate::jit) struct RowsGemm<'a> {
+    /// Features (columns of `weight`) and outputs (its rows).
+    pub k: usize,
+    pub o: usize,
+    /// Rows per sample.
+    pub rows: usize,
+    /// `[o, k]`, row-major.
+    pub weight: &'a [f32],
+    /// Per element of an operand row (its length is the row stride), the feature it holds
+    /// (`None`: a padding element, weight 0).
+    pub source: &'a [Option<usize>],
+    /// Per-column scale and shift (padded to whole tiles), the activation.
+    pub scale: Option<Vec<f32>>,
+    pub shift: Option<Vec<f32>>,
+    pub act: Act,
+    /// Operand, result and (optional) residual slots.
+    pub xs: usize,
+    pub ys: usize,
+    pub res: Option<usize>,
+}
+
+/// Emits a [`RowsGemm`] as one parallel kernel named `name`.
+pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm<'_>) -> Result<()> {
+    let RowsGemm { k, o, rows, weight: w, source, scale, shift, act, xs, ys, res } = g;
+    let kk = source.len();
     let nr = isa.gemm_nr();
     let lanes = nr / if isa == Isa::Avx512 { 4 } else { 2 };
     let tiles = o.div_ceil(nr);
@@ -680,11 +735,6 @@ pub(in crate::jit) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: 
     for t in 0..tiles {
         tile_off.push(total);
         total += kk * (o - t * nr).min(nr).next_multiple_of(lanes);
-    }
-    // Which feature each operand element holds (`None`: a padding channel, weight 0).
-    let mut source = vec![None; kk];
-    for i in 0..k {
-        source[feature_at(i)] = Some(i);
     }
     // Written in order, row by row of each tile, reading its columns' weights: the writes
     // stream and the reads stay within the tile's rows (VGG-11's first classifier layer,
@@ -705,7 +755,6 @@ pub(in crate::jit) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: 
         }
     };
     let w_addr = jit.consts.f32s_filled(total, pack);
-    let (scale, shift) = affine(cx, lin.bias, &lin.epilogue, o, tiles * nr)?;
     let tile = GemmTile {
         isa,
         k: kk,
@@ -713,11 +762,9 @@ pub(in crate::jit) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: 
         ldc: o,
         scale: scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
         shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
-        act: Act::of(lin.epilogue.act),
+        act,
     };
     let desc = jit.consts.keep(tile, 4 * total);
-    let (xs, ys) = (cx.inputs[0], cx.output);
-    let res = lin.epilogue.residual.then(|| cx.inputs[1]);
     let mr = isa.gemm_mr();
     let work = 2 * (rows * k * o) as u64;
     // Tiles but the last are `nr` wide and `kk·nr` floats apart; the reduction runs in
@@ -728,7 +775,7 @@ pub(in crate::jit) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: 
     let chunks = kk.div_ceil(KC).max(1);
     let full_tiles = o / nr;
     let last = (o % nr > 0).then(|| (o % nr, tile_off[full_tiles]));
-    jit.parallel_kernel(&cx.node.name, work, |fx| {
+    jit.parallel_kernel(name, work, |fx| {
         let x = fx.slot(xs);
         let y = fx.slot(ys);
         let r = match res {

@@ -2,11 +2,12 @@
 //! maximal element, ATen's scan order and NaN rule), average-pool (the forward's divisors)
 //! and adaptive average-pool. Window geometry comes from compile-time tables; the
 //! gradient of each input plane is accumulated in f64 in the step's scratch, in the
-//! interpreter's order, and rounded once. Scalar loops (the vectorised forms are future
-//! work).
+//! interpreter's order, and rounded once — except average pools whose windows do not
+//! overlap, where each input cell takes one output's gradient times `1 / divisor` (a
+//! gather, no accumulator). Scalar loops (the vectorised forms are future work).
 
 use crate::error::Result;
-use crate::jit::codegen::{Fx, Jit, c};
+use crate::jit::codegen::{Count, Fx, Jit, c};
 use crate::jit::cx::NodeCx;
 use crate::jit::tables::axis_table;
 use cnnc_compiler::ops::{AvgPool2d, MaxPool2d, PaddingMode};
@@ -166,6 +167,64 @@ pub(in crate::jit) fn adaptive_avg_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, in_
     window_grad(jit, cx, (h, w), &wy, &wx, divisors)
 }
 
+/// When no input cell is in two windows (stride ≥ kernel, the usual case): per input
+/// cell, the output whose window holds it (−1: none) and `1 / divisor`.
+fn disjoint(wy: &Windows, wx: &Windows, (h, w): (usize, usize), divisors: &[f64]) -> Option<(Vec<i32>, Vec<f32>)> {
+    let mut owner = vec![-1i32; h * w];
+    let mut scale = vec![0f32; h * w];
+    for (oy, &(y0, y1, _)) in wy.iter().enumerate() {
+        for (ox, &(x0, x1, _)) in wx.iter().enumerate() {
+            let o = oy * wx.len() + ox;
+            for iy in y0..y1 {
+                for ix in x0..x1 {
+                    let cell = iy * w + ix;
+                    if owner[cell] >= 0 {
+                        return None;
+                    }
+                    owner[cell] = i32::try_from(o).ok()?;
+                    scale[cell] = (1.0 / divisors[o]) as f32;
+                }
+            }
+        }
+    }
+    Some((owner, scale))
+}
+
+/// `dx[cell] = dy[owner[cell]] · scale[cell]` (zero for a cell of no window), plane by
+/// plane: the disjoint windows' gradient as one gather per input cell, no accumulator.
+fn gather_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    (ch, plane, out_plane): (usize, usize, usize),
+    owner: Vec<i32>,
+    scale: Vec<f32>,
+) -> Result<()> {
+    let (own, sca) = (jit.consts.i32s(owner), jit.consts.f32s(scale));
+    let (ds, os) = (cx.inputs[0], cx.output);
+    jit.kernel(&cx.node.name, |fx| {
+        let (dy, out) = (fx.slot(ds), fx.slot(os));
+        let planes = fx.muli(fx.nb, c(ch));
+        let steps = [c(4 * out_plane), c(4 * plane)];
+        fx.loop_n(Count::Dyn(planes), [dy, out], steps, |fx, [dp, xp]| {
+            let (oa, sa) = (fx.addr(own), fx.addr(sca));
+            fx.loop_n(Count::Const(plane), [oa, sa, xp, dp], [4, 4, 4, 0], |fx, [oa, sa, xp, dp]| {
+                let o = fx.load_i32(oa, 0);
+                let valid = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, o, 0);
+                let zero = fx.i(0);
+                let o = fx.select(valid, o, zero);
+                let a = fx.elem(dp, o);
+                let g = fx.load_f(a, 0);
+                let k = fx.load_f(sa, 0);
+                let v = fx.b.ins().fmul(g, k);
+                let z = fx.f(0.0);
+                let v = fx.b.ins().select(valid, v, z);
+                fx.store_f(v, xp, 0);
+            });
+        });
+    })?;
+    Ok(())
+}
+
 /// Each output's gradient divided by its divisor and added to every input cell of its
 /// window (an empty window adds nothing).
 fn window_grad(
@@ -177,6 +236,9 @@ fn window_grad(
     divisors: Vec<f64>,
 ) -> Result<()> {
     let (ch, oh, ow) = cx.in_chw(0)?;
+    if let Some((owner, scale)) = disjoint(wy, wx, (h, w), &divisors) {
+        return gather_grad(jit, cx, (ch, h * w, oh * ow), owner, scale);
+    }
     let bounds = |ws: &Windows| -> Vec<i64> { ws.iter().flat_map(|&(a, b, _)| [a as i64, b as i64]).collect() };
     let (ty, tx) = (jit.consts.i64s(bounds(wy)), jit.consts.i64s(bounds(wx)));
     let dv = jit.consts.i64s(divisors.iter().map(|d| d.to_bits() as i64).collect());

@@ -1,0 +1,560 @@
+//! Conv2d and Linear backward as GEMMs over the micro-kernel tile ([`microkernel::gemm_tile`]),
+//! on the plain NCHW tensors training graphs are planned in. The generated code does the
+//! packing, the loops over tiles and rows, the scatter and the fold; the tile does the FMAs
+//! (f32 accumulation, like the forward kernels).
+//!
+//! - **Weight gradient** of a Conv2d (per group): `dW[oc][j] = Σ_n Σ_q dY[n][oc][q] ·
+//!   col_n[j][q]`, `j` a (channel, ky, kx) tap, `q` an output pixel, `col` the input's
+//!   im2col (of the padded input, as `F.pad` makes it). Samples go in blocks of
+//!   [`grad_block`] so one tile call reduces ≥ 256 steps: `A` is the block's output gradient
+//!   (a row per output channel), `B` the block's im2col packed by column tiles, and the
+//!   partial sums wait in `dW` between blocks.
+//! - **Input gradient** of a Conv2d (per sample and group): `cols = Wᵀ · dY` (`A` = the
+//!   transposed weights, packed once when compiling; `B` = the packed output gradient), then
+//!   `col2im` adds each column into the padded input's gradient, which is folded into the
+//!   input's (zeros dropped; reflect, replicate and circular pixels added to their source).
+//! - **Linear**: the input gradient is the forward GEMM with `Wᵀ` ([`rows_gemm`]); the weight
+//!   gradient `dW = Σ_r dyᵀ·x` reduces over rows in blocks like the conv's.
+//!
+//! Scratch is one fixed region per kernel ([`GradScratch`]). Results equal the
+//! interpreter's f64 sums within f32 rounding (the JIT ≡ interpreter suites bound it).
+
+use super::conv::{RowsGemm, rows_gemm};
+use crate::error::{Error, Result};
+use crate::jit::codegen::{Count, Fx, Jit, c};
+use crate::jit::cx::NodeCx;
+use crate::jit::eltwise::copy_run;
+use crate::jit::microkernel::{self, Act, GemmTile, Isa};
+use crate::jit::plan::{GradScratch, grad_block};
+use crate::jit::tables::axis_table;
+use cnnc_compiler::ops::train::TrainOp;
+use cnnc_compiler::ops::{Conv2d, Linear};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{InstBuilder, Value, types};
+
+/// One GEMM of static shape, `C[m × n] (+)= A[m × k]·Bᵀ`, over the tile: `A` row-major at
+/// stride `lda`; `B` packed by column tiles as `[tile][k][width]` (tile `t` at float
+/// `t·kmax·nr`, `width` = its valid columns rounded up to whole vectors); `C` at stride
+/// `ldc`. `k ≤ kmax` may vary at run time.
+struct Gemm {
+    desc: i64,
+    m: usize,
+    n: usize,
+    kmax: usize,
+    lda: usize,
+    ldc: usize,
+    nr: usize,
+    lanes: usize,
+    mr: usize,
+}
+
+impl Gemm {
+    fn new(jit: &mut Jit, isa: Isa, m: usize, n: usize, kmax: usize, lda: usize, ldc: usize) -> Gemm {
+        let tile =
+            GemmTile { isa, k: kmax, lda, ldc, scale: std::ptr::null(), shift: std::ptr::null(), act: Act::None };
+        let desc = jit.consts.keep(tile, std::mem::size_of::<GemmTile>());
+        let nr = isa.gemm_nr();
+        let lanes = nr / if isa == Isa::Avx512 { 4 } else { 2 };
+        Gemm { desc, m, n, kmax, lda, ldc, nr, lanes, mr: isa.gemm_mr() }
+    }
+
+    /// Floats per reduction step of tile `t` in the packed `B`.
+    fn width(&self, t: usize) -> usize {
+        (self.n - t * self.nr).min(self.nr).next_multiple_of(self.lanes)
+    }
+
+    /// Column tiles of full width.
+    fn full_tiles(&self) -> usize {
+        self.n / self.nr
+    }
+
+    /// Where tile `t` starts in the packed `B`, in floats.
+    fn tile_off(&self, t: usize) -> usize {
+        t * self.kmax * self.nr
+    }
+
+    /// Emits the whole product: `kn` reduction steps (`1 ≤ kn ≤ kmax`); `first` (an i64 0
+    /// or 1): whether `C` starts from zero, else the sums add to what it holds.
+    fn emit(&self, fx: &mut Fx<'_>, a: Value, b: Value, cp: Value, kn: Value, first: Value) {
+        // kspan = kn << 32 | first << 62 | last << 63 (`a` and `b` point at step 0).
+        let k = fx.b.ins().ishl_imm_u(kn, 32);
+        let f = fx.b.ins().ishl_imm_u(first, 62);
+        let k = fx.b.ins().bor(k, f);
+        let last = fx.i(i64::MIN);
+        let kspan = fx.b.ins().bor(k, last);
+        let full = self.full_tiles();
+        let zero = fx.i(0);
+        let steps = [c(4 * self.kmax * self.nr), c(4 * self.nr), c(self.nr), 0, 0];
+        fx.loop_n(Count::Const(full), [b, cp, zero, a, kspan], steps, |fx, [bt, ct, col, a, ks]| {
+            self.rows(fx, a, bt, ct, col, self.nr, ks);
+        });
+        let rem = self.n % self.nr;
+        if rem > 0 {
+            let bt = fx.addi(b, c(4 * self.tile_off(full)));
+            let ct = fx.addi(cp, c(4 * full * self.nr));
+            let col = fx.i(c(full * self.nr));
+            self.rows(fx, a, bt, ct, col, rem, kspan);
+        }
+    }
+
+    /// Every row block of one column tile.
+    #[allow(clippy::too_many_arguments)]
+    fn rows(&self, fx: &mut Fx<'_>, a: Value, bt: Value, ct: Value, col: Value, valid: usize, ks: Value) {
+        let call = |fx: &mut Fx<'_>, ap: Value, bp: Value, cp: Value, shape: Value, ks: Value| {
+            let d = fx.i(self.desc);
+            let null = fx.i(0);
+            fx.call(microkernel::gemm_tile as *const () as usize, &[d, ap, bp, cp, null, shape, ks]);
+        };
+        // shape = mr | valid << 8 | col << 16
+        let sh = fx.b.ins().ishl_imm_u(col, 16);
+        let base = fx.addi(sh, c(valid << 8));
+        let full = self.m / self.mr;
+        let shape = fx.addi(base, c(self.mr));
+        let steps = [c(4 * self.mr * self.lda), c(4 * self.mr * self.ldc), 0, 0, 0];
+        fx.loop_n(Count::Const(full), [a, ct, bt, ks, shape], steps, |fx, [ap, cp, bp, ks, shape]| {
+            call(fx, ap, bp, cp, shape, ks);
+        });
+        let rem = self.m % self.mr;
+        if rem > 0 {
+            let ap = fx.addi(a, c(4 * full * self.mr * self.lda));
+            let cp = fx.addi(ct, c(4 * full * self.mr * self.ldc));
+            let shape = fx.addi(base, c(rem));
+            call(fx, ap, bt, cp, shape, ks);
+        }
+    }
+}
+
+/// The kernel's scratch layout, as the plan made it.
+fn scratch_of(cx: &NodeCx<'_>, op: &TrainOp) -> Result<GradScratch> {
+    GradScratch::of(op, &cx.in_tys, &cx.node.ty)
+        .ok_or_else(|| Error::Unsupported(format!("`{}`: no GEMM form for this op", cx.node.name)))
+}
+
+/// The running sample block: `min(block, nb − n0)` samples, and whether it is the first.
+fn block_count(fx: &mut Fx<'_>, n0: Value, block: usize) -> (Value, Value) {
+    let left = fx.b.ins().isub(fx.nb, n0);
+    let b = fx.i(c(block));
+    let lt = fx.b.ins().icmp(IntCC::SignedLessThan, left, b);
+    let cnt = fx.select(lt, left, b);
+    let first = fx.b.ins().icmp_imm_s(IntCC::Equal, n0, 0);
+    let first = fx.b.ins().uextend(types::I64, first);
+    (cnt, first)
+}
+
+/// Blocks of `block` samples: `⌈nb / block⌉`.
+fn blocks(fx: &mut Fx<'_>, block: usize) -> Value {
+    let n = fx.addi(fx.nb, c(block - 1));
+    fx.b.ins().udiv_imm_u(n, c(block))
+}
+
+/// The offset in a `[C, H, W]` plane stack of tap `j` = (channel, ky, kx) of a conv, for
+/// output pixel 0.
+fn tap_offset(fx: &mut Fx<'_>, conv: &Conv2d, j: Value, plane: (usize, usize)) -> Value {
+    let (kh, kw) = conv.kernel;
+    let (dh, dw) = conv.dilation;
+    let ch = fx.b.ins().udiv_imm_u(j, c(kh * kw));
+    let r = fx.b.ins().urem_imm_u(j, c(kh * kw));
+    let ky = fx.b.ins().udiv_imm_u(r, c(kw));
+    let kx = fx.b.ins().urem_imm_u(r, c(kw));
+    fx.lin(&[(ch, c(plane.0 * plane.1)), (ky, c(dh * plane.1)), (kx, c(dw))], 0)
+}
+
+/// `(x, dy) → ∂/∂weight` of a Conv2d.
+pub(in crate::jit) fn conv_weight_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    op: &TrainOp,
+    conv: &Conv2d,
+    isa: Isa,
+) -> Result<()> {
+    let (cin, h, w) = cx.in_chw(0)?;
+    let (o, oh, ow) = cx.in_chw(1)?;
+    let sc = scratch_of(cx, op)?;
+    let (pt, pb, pl, pr) = conv.pads();
+    let padded = conv.pads() != (0, 0, 0, 0);
+    let (ph, pw) = (h + pt + pb, w + pl + pr);
+    let g = conv.groups.max(1);
+    let (cin_g, cout_g) = (cin / g, o / g);
+    let (sh, sw) = conv.stride;
+    let p = oh * ow;
+    let kc = cin_g * conv.kernel.0 * conv.kernel.1;
+    let block = sc.block;
+    debug_assert_eq!(block, grad_block(p));
+    let kmax = block * p;
+    let gemm = Gemm::new(jit, isa, cout_g, kc, kmax, kmax, kc);
+    let nr = gemm.nr;
+    // Per column (tap), its byte offset from the pixel's first tap in the padded input.
+    let (kh, kw) = conv.kernel;
+    let (dh, dw_) = conv.dilation;
+    let taps: Vec<i64> =
+        (0..kc).map(|j| c(4 * ((j / (kh * kw)) * ph * pw + (j % (kh * kw) / kw) * dh * pw + (j % kw) * dw_))).collect();
+    let taps = jit.consts.i64s(taps);
+    let tabs = if padded {
+        let sy = axis_table(ph, 1, 1, 1, pt, h, conv.padding_mode)?;
+        let sx = axis_table(pw, 1, 1, 1, pl, w, conv.padding_mode)?;
+        Some((jit.consts.i32s(sy), jit.consts.i32s(sx)))
+    } else {
+        None
+    };
+    let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
+    jit.kernel(&cx.node.name, |fx| {
+        let (x, dy, dw, scr) = (fx.slot(xs), fx.slot(ds), fx.slot(os), fx.slot(ss));
+        let pad = fx.addi(scr, c(4 * sc.pad));
+        let apk = fx.addi(scr, c(4 * sc.a));
+        let bpk = fx.addi(scr, c(4 * sc.b));
+        let nblk = blocks(fx, block);
+        let zero = fx.i(0);
+        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * o * p), 0, 0, 0, 0];
+        fx.loop_n(Count::Dyn(nblk), [zero, x, dy, pad, apk, bpk, dw], steps, |fx, [n0, xb, dyb, pad, apk, bpk, dw]| {
+            let (cnt, first) = block_count(fx, n0, block);
+            // The block's padded input.
+            let src = match tabs {
+                Some((sy, sx)) => {
+                    pad_samples(fx, xb, pad, cnt, (cin, h, w), (ph, pw), (sy, sx));
+                    pad
+                }
+                None => xb,
+            };
+            // A: a row per output channel, the block's pixels sample after sample.
+            fx.loop_n(Count::Dyn(cnt), [dyb, apk], [c(4 * o * p), c(4 * p)], |fx, [s, d]| {
+                fx.loop_n(Count::Const(o), [s, d], [c(4 * p), c(4 * kmax)], |fx, [s, d]| copy_run(fx, s, d, p));
+            });
+            let kn = fx.b.ins().imul_imm_s(cnt, c(p));
+            let steps = [c(4 * cin_g * ph * pw), c(4 * cout_g * kmax), c(4 * cout_g * kc), 0, 0, 0, 0];
+            fx.loop_n(
+                Count::Const(g),
+                [src, apk, dw, bpk, cnt, kn, first],
+                steps,
+                |fx, [xg, ag, dwg, bpk, cnt, kn, first]| {
+                    // B: the im2col of the group's channels (column j = tap (channel, ky, kx)),
+                    // written pixel by pixel: each pixel's row of a tile is one contiguous run,
+                    // its values gathered through the tile's byte-offset table.
+                    let tile = |fx: &mut Fx<'_>, tab: Value, bt: Value, valid: usize, width: usize| {
+                        let steps = [c(4 * cin * ph * pw), c(4 * p * width), 0];
+                        fx.loop_n(Count::Dyn(cnt), [xg, bt, tab], steps, |fx, [xs, ds, tab]| {
+                            let steps = [c(4 * sh * pw), c(4 * ow * width), 0];
+                            fx.loop_n(Count::Const(oh), [xs, ds, tab], steps, |fx, [xr, dr, tab]| {
+                                let steps = [c(4 * sw), c(4 * width), 0];
+                                fx.loop_n(Count::Const(ow), [xr, dr, tab], steps, |fx, [xq, dq, tab]| {
+                                    for jj in 0..valid {
+                                        let o = fx.load_i64(tab, c(jj));
+                                        let a = fx.add(xq, o);
+                                        let v = fx.load_f(a, 0);
+                                        fx.store_f(v, dq, c(jj));
+                                    }
+                                });
+                            });
+                        });
+                    };
+                    let full = gemm.full_tiles();
+                    let tab0 = fx.addr(taps);
+                    let steps = [c(8 * nr), c(4 * gemm.tile_off(1))];
+                    fx.loop_n(Count::Const(full), [tab0, bpk], steps, |fx, [tab, bt]| tile(fx, tab, bt, nr, nr));
+                    if !kc.is_multiple_of(nr) {
+                        let tab = fx.addi(tab0, c(8 * full * nr));
+                        let bt = fx.addi(bpk, c(4 * gemm.tile_off(full)));
+                        tile(fx, tab, bt, kc % nr, gemm.width(full));
+                    }
+                    gemm.emit(fx, ag, bpk, dwg, kn, first);
+                },
+            );
+        });
+    })?;
+    Ok(())
+}
+
+/// Copies `cnt` samples `[C, H, W]` from `x` into `dst` padded to `[C, ph, pw]`, as `F.pad`
+/// does (`tabs`: per padded row and column, the source index or −1 for a zero).
+fn pad_samples(
+    fx: &mut Fx<'_>,
+    x: Value,
+    dst: Value,
+    cnt: Value,
+    (cin, h, w): (usize, usize, usize),
+    (ph, pw): (usize, usize),
+    (sy, sx): (i64, i64),
+) {
+    let steps = [c(4 * cin * h * w), c(4 * cin * ph * pw)];
+    fx.loop_n(Count::Dyn(cnt), [x, dst], steps, |fx, [xs, ds]| {
+        fx.loop_n(Count::Const(cin), [xs, ds], [c(4 * h * w), c(4 * ph * pw)], |fx, [xc, dc]| {
+            let zero = fx.i(0);
+            fx.loop_n(Count::Const(ph), [zero, xc, dc], [1, 0, c(4 * pw)], |fx, [py, xc, dr]| {
+                let tab = fx.addr(sy);
+                let iy = fx.load_i32_at(tab, py);
+                let vy = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, iy, 0);
+                let row = fx.b.ins().imul_imm_s(iy, c(4 * w));
+                let row = fx.add(xc, row);
+                let row = fx.select(vy, row, xc);
+                let vy = fx.b.ins().uextend(types::I64, vy);
+                let zero = fx.i(0);
+                fx.loop_n(Count::Const(pw), [zero, dr, row, vy], [1, 4, 0, 0], |fx, [px, d, row, vy]| {
+                    let tab = fx.addr(sx);
+                    let ix = fx.load_i32_at(tab, px);
+                    let vx = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, ix, 0);
+                    let vx = fx.b.ins().uextend(types::I64, vx);
+                    let ok = fx.b.ins().band(vx, vy);
+                    let off = fx.b.ins().imul_imm_s(ix, 4);
+                    let a = fx.add(row, off);
+                    let a = fx.select(ok, a, row);
+                    let v = fx.load_f(a, 0);
+                    let z = fx.f(0.0);
+                    let v = fx.b.ins().select(ok, v, z);
+                    fx.store_f(v, d, 0);
+                });
+            });
+        });
+    });
+}
+
+/// Per padded coordinate, the source index it reads (or −1 for a zero).
+fn sources(conv: &Conv2d, pad: usize, input: usize, padded: usize) -> Result<Vec<i32>> {
+    axis_table(padded, 1, 1, 1, pad, input, conv.padding_mode)
+}
+
+/// The inverse of [`sources`] as CSR: for source `i`, the padded coordinates
+/// `list[start[i]..start[i + 1]]` (ascending) that read it.
+fn preimages(src: &[i32], input: usize) -> (Vec<i64>, Vec<i64>) {
+    let mut start = vec![0i64];
+    let mut list = vec![];
+    for i in 0..input {
+        list.extend(src.iter().enumerate().filter(|(_, s)| **s == i as i32).map(|(p, _)| p as i64));
+        start.push(list.len() as i64);
+    }
+    (start, list)
+}
+
+/// Stores zero in `len` floats from `dst`.
+fn zero_floats(fx: &mut Fx<'_>, dst: Value, len: usize) {
+    let z = fx.vf(0.0);
+    fx.loop_n(Count::Const(len / 4), [dst], [16], |fx, [d]| fx.store_v(z, d, 0));
+    let zf = fx.f(0.0);
+    for i in len / 4 * 4..len {
+        fx.store_f(zf, dst, c(i));
+    }
+}
+
+/// `(dy) → dx` of a Conv2d on an input of `in_hw`; reads `weight`.
+pub(in crate::jit) fn conv_input_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    op: &TrainOp,
+    conv: &Conv2d,
+    in_hw: (usize, usize),
+    isa: Isa,
+) -> Result<()> {
+    let (o, oh, ow) = cx.in_chw(0)?;
+    let (cin, h, w) = cx.out_chw()?;
+    if in_hw != (h, w) {
+        return Err(Error::Unsupported(format!("`{}`: input size disagrees with the result", cx.node.name)));
+    }
+    let sc = scratch_of(cx, op)?;
+    let (pt, pb, pl, pr) = conv.pads();
+    let padded = conv.pads() != (0, 0, 0, 0);
+    let (ph, pw) = (h + pt + pb, w + pl + pr);
+    let g = conv.groups.max(1);
+    let (cin_g, cout_g) = (cin / g, o / g);
+    let (sh, sw) = conv.stride;
+    let p = oh * ow;
+    let kc = cin_g * conv.kernel.0 * conv.kernel.1;
+    let gemm = Gemm::new(jit, isa, kc, p, cout_g, cout_g, p);
+    // A: per group, the transposed weights `[kc, cout_g]`.
+    let weight = cx.param_ref("weight")?;
+    let wt = jit.consts.f32s_filled(g * kc * cout_g, |t| {
+        for gi in 0..g {
+            for j in 0..kc {
+                for oc in 0..cout_g {
+                    t[(gi * kc + j) * cout_g + oc] = weight[(gi * cout_g + oc) * kc + j];
+                }
+            }
+        }
+    });
+    let tabs = if padded {
+        let (ys, yl) = preimages(&sources(conv, pt, h, ph)?, h);
+        let (xs_, xl) = preimages(&sources(conv, pl, w, pw)?, w);
+        Some([ys, yl, xs_, xl].map(|t| jit.consts.i64s(t)))
+    } else {
+        None
+    };
+    let (ds, os, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
+    let nr = isa.gemm_nr();
+    let full = gemm.full_tiles();
+    let last_width = gemm.width(full);
+    jit.kernel(&cx.node.name, |fx| {
+        let (dy, dx, scr) = (fx.slot(ds), fx.slot(os), fx.slot(ss));
+        let dpad = fx.addi(scr, c(4 * sc.pad));
+        let bpk = fx.addi(scr, c(4 * sc.b));
+        let col = fx.addi(scr, c(4 * sc.col));
+        let wta = fx.addr(wt);
+        let nb = fx.nb;
+        let steps = [c(4 * o * p), c(4 * cin * h * w), 0, 0, 0, 0];
+        fx.loop_n(Count::Dyn(nb), [dy, dx, dpad, bpk, col, wta], steps, |fx, [dy, dx, dpad, bpk, col, wta]| {
+            let tgt = if padded { dpad } else { dx };
+            zero_floats(fx, tgt, cin * ph * pw);
+            let steps = [c(4 * cout_g * p), c(4 * kc * cout_g), c(4 * cin_g * ph * pw), 0, 0];
+            fx.loop_n(Count::Const(g), [dy, wta, tgt, bpk, col], steps, |fx, [dyg, wg, tg, bpk, col]| {
+                // B: the group's output gradient, by tiles of pixels.
+                let steps = [c(4 * nr), c(4 * cout_g * nr)];
+                fx.loop_n(Count::Const(full), [dyg, bpk], steps, |fx, [s, d]| {
+                    fx.loop_n(Count::Const(cout_g), [s, d], [c(4 * p), c(4 * nr)], |fx, [s, d]| copy_run(fx, s, d, nr));
+                });
+                if p % nr > 0 {
+                    let s = fx.addi(dyg, c(4 * full * nr));
+                    let d = fx.addi(bpk, c(4 * gemm.tile_off(full)));
+                    let steps = [c(4 * p), c(4 * last_width)];
+                    fx.loop_n(Count::Const(cout_g), [s, d], steps, |fx, [s, d]| copy_run(fx, s, d, p % nr));
+                }
+                let kn = fx.i(c(cout_g));
+                let first = fx.i(1);
+                gemm.emit(fx, wg, bpk, col, kn, first);
+                // col2im: each column into the padded input's gradient.
+                let zero = fx.i(0);
+                fx.loop_n(Count::Const(kc), [zero, col, tg], [1, c(4 * p), 0], |fx, [j, cj, tg]| {
+                    let off = tap_offset(fx, conv, j, (ph, pw));
+                    let d0 = fx.elem(tg, off);
+                    fx.loop_n(Count::Const(oh), [cj, d0], [c(4 * ow), c(4 * sh * pw)], |fx, [s, d]| {
+                        if sw == 1 {
+                            fx.add_run(s, d, ow);
+                        } else {
+                            fx.loop_n(Count::Const(ow), [s, d], [4, c(4 * sw)], |fx, [s, d]| {
+                                let a = fx.load_f(s, 0);
+                                let b = fx.load_f(d, 0);
+                                let v = fx.b.ins().fadd(b, a);
+                                fx.store_f(v, d, 0);
+                            });
+                        }
+                    });
+                });
+            });
+            if let Some(tabs) = tabs {
+                fold(fx, dpad, dx, (cin, h, w), (ph, pw), tabs);
+            }
+        });
+    })?;
+    Ok(())
+}
+
+/// Adds every padded position of `dpad` (`[C, ph, pw]`) into the input pixel it was read
+/// from, giving `dx` (`[C, H, W]`); `tabs`: the row and column preimages as CSR.
+fn fold(
+    fx: &mut Fx<'_>,
+    dpad: Value,
+    dx: Value,
+    (cin, h, w): (usize, usize, usize),
+    (ph, pw): (usize, usize),
+    [ys, yl, xs, xl]: [i64; 4],
+) {
+    fx.loop_n(Count::Const(cin), [dpad, dx], [c(4 * ph * pw), c(4 * h * w)], |fx, [dp, dxc]| {
+        let zero = fx.i(0);
+        fx.loop_n(Count::Const(h), [zero, dp, dxc], [1, 0, c(4 * w)], |fx, [y, dp, dxr]| {
+            let ysa = fx.addr(ys);
+            let y0 = fx.load_i64_at(ysa, y);
+            let y1i = fx.addi(y, 1);
+            let y1 = fx.load_i64_at(ysa, y1i);
+            let zero = fx.i(0);
+            fx.loop_n(Count::Const(w), [zero, dxr, dp, y0, y1], [1, 4, 0, 0, 0], |fx, [x, d, dp, y0, y1]| {
+                let xsa = fx.addr(xs);
+                let x0 = fx.load_i64_at(xsa, x);
+                let x1i = fx.addi(x, 1);
+                let x1 = fx.load_i64_at(xsa, x1i);
+                let z = fx.f(0.0);
+                let s = fx.var(types::F32, z);
+                fx.for_range(y0, y1, 1, |fx, k| {
+                    let yla = fx.addr(yl);
+                    let py = fx.load_i64_at(yla, k);
+                    let row = fx.b.ins().imul_imm_s(py, c(4 * pw));
+                    let row = fx.add(dp, row);
+                    fx.for_range(x0, x1, 1, |fx, l| {
+                        let xla = fx.addr(xl);
+                        let px = fx.load_i64_at(xla, l);
+                        let a = fx.elem(row, px);
+                        let v = fx.load_f(a, 0);
+                        let cur = fx.b.use_var(s);
+                        let n = fx.b.ins().fadd(cur, v);
+                        fx.b.def_var(s, n);
+                    });
+                });
+                let v = fx.b.use_var(s);
+                fx.store_f(v, d, 0);
+            });
+        });
+    });
+}
+
+/// `(dy) → dx` of a Linear: the forward GEMM with the transposed weight.
+pub(in crate::jit) fn linear_input_grad(jit: &mut Jit, cx: &NodeCx<'_>, l: &Linear, isa: Isa) -> Result<()> {
+    let (fi, fo) = (l.in_features, l.out_features);
+    let rows = cx.in_tys[0].numel_per_sample() / fo.max(1);
+    let w = cx.param_ref("weight")?;
+    let mut wt = vec![0f32; fi * fo];
+    for o in 0..fo {
+        for i in 0..fi {
+            wt[i * fo + o] = w[o * fi + i];
+        }
+    }
+    let source: Vec<Option<usize>> = (0..fo).map(Some).collect();
+    let spec = RowsGemm {
+        k: fo,
+        o: fi,
+        rows,
+        weight: &wt,
+        source: &source,
+        scale: None,
+        shift: None,
+        act: Act::None,
+        xs: cx.inputs[0],
+        ys: cx.output,
+        res: None,
+    };
+    rows_gemm(jit, &cx.node.name, isa, spec)
+}
+
+/// `(x, dy) → ∂/∂weight` of a Linear, `[out_features, in_features]`.
+pub(in crate::jit) fn linear_weight_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    op: &TrainOp,
+    l: &Linear,
+    isa: Isa,
+) -> Result<()> {
+    let (fi, fo) = (l.in_features, l.out_features);
+    let rows = cx.in_tys[0].numel_per_sample() / fi.max(1);
+    let sc = scratch_of(cx, op)?;
+    let block = sc.block;
+    let kmax = block * rows;
+    let gemm = Gemm::new(jit, isa, fo, fi, kmax, kmax, fi);
+    let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
+    jit.kernel(&cx.node.name, |fx| {
+        let (x, dy, dw, scr) = (fx.slot(xs), fx.slot(ds), fx.slot(os), fx.slot(ss));
+        let apk = fx.addi(scr, c(4 * sc.a));
+        let bpk = fx.addi(scr, c(4 * sc.b));
+        let nblk = blocks(fx, block);
+        let zero = fx.i(0);
+        let steps = [c(block), c(4 * block * rows * fi), c(4 * block * rows * fo), 0, 0, 0];
+        fx.loop_n(Count::Dyn(nblk), [zero, x, dy, apk, bpk, dw], steps, |fx, [n0, xb, dyb, apk, bpk, dw]| {
+            let (cnt, first) = block_count(fx, n0, block);
+            let r = fx.b.ins().imul_imm_s(cnt, c(rows));
+            // A = dyᵀ: a row per output feature.
+            fx.loop_n(Count::Dyn(r), [dyb, apk], [c(4 * fo), 4], |fx, [s, d]| {
+                fx.loop_n(Count::Const(fo), [s, d], [4, c(4 * kmax)], |fx, [s, d]| {
+                    let v = fx.load_f(s, 0);
+                    fx.store_f(v, d, 0);
+                });
+            });
+            // B: the rows of x, by tiles of features.
+            let nr = gemm.nr;
+            let full = gemm.full_tiles();
+            let steps = [c(4 * nr), c(4 * gemm.tile_off(1))];
+            fx.loop_n(Count::Const(full), [xb, bpk, r], [steps[0], steps[1], 0], |fx, [s, d, r]| {
+                fx.loop_n(Count::Dyn(r), [s, d], [c(4 * fi), c(4 * nr)], |fx, [s, d]| copy_run(fx, s, d, nr));
+            });
+            if fi % nr > 0 {
+                let s = fx.addi(xb, c(4 * full * nr));
+                let d = fx.addi(bpk, c(4 * gemm.tile_off(full)));
+                let width = gemm.width(full);
+                fx.loop_n(Count::Dyn(r), [s, d], [c(4 * fi), c(4 * width)], |fx, [s, d]| copy_run(fx, s, d, fi % nr));
+            }
+            gemm.emit(fx, apk, bpk, dw, r, first);
+        });
+    })?;
+    Ok(())
+}
