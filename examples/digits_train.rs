@@ -10,8 +10,9 @@
 //! cargo run --release --example digits_train -- 10   # fewer
 //! ```
 //!
-//! The training graph runs on the reference interpreter (about 3 s an epoch on one core);
-//! the eval model is JIT-compiled.
+//! The training graph and the held-out evaluation run JIT-compiled (about 0.3 s an epoch,
+//! 9 s in all, on an AMD EPYC Zen 4 core; `Trainer::use_interpreter` runs the reference
+//! interpreter instead, about 3 s an epoch); the eval model is JIT-compiled too.
 
 #[path = "zoo/mod.rs"]
 mod zoo;

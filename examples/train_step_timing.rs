@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let x = ArrayD::from_shape_fn(IxDyn(&[64, 1, 28, 28]), |i| ((i[2] * 28 + i[3]) % 17) as f32 / 17.0);
     let y = ArrayD::from_shape_fn(IxDyn(&[64]), |i| (i[0] % 10) as f32);
     let mut interp = Trainer::new(&graph, Weights::random(&graph, 0), loss.clone(), opt())?;
+    interp.use_interpreter();
     let mut jit = Trainer::new(&graph, Weights::random(&graph, 0), loss, opt())?;
     jit.use_jit(Options { threads: 1, ..Options::default() });
     let (mut ti, mut tj) = (vec![], vec![]);

@@ -228,7 +228,7 @@ fn optimizer_steps_of_whole_nets_match_torch_optim() {
         match engine {
             "JIT, 1 thread" => trainer.use_jit(cnnc::runtime::Options { threads: 1, ..Default::default() }),
             "JIT, 2 threads" => trainer.use_jit(cnnc::runtime::Options { threads: 2, ..Default::default() }),
-            _ => {}
+            _ => trainer.use_interpreter(),
         }
         let steps = run["steps"].as_u64().unwrap() as usize;
         for s in 0..steps {

@@ -10,8 +10,11 @@
 //! cumulative average for `momentum=None`) and `num_batches_tracked`; Dropout multiplies by
 //! a Bernoulli mask scaled by `1/(1 − p)` from a seeded generator (or a mask you give).
 //!
-//! The training graph runs on the reference interpreter (f64 accumulation); the JIT runs
-//! the eval model made from the trained weights ([`Trainer::compile`]).
+//! The training graph (and the eval-mode loss of [`Trainer::evaluate`]) runs JIT-compiled
+//! by default, with all cores; [`Trainer::use_interpreter`] runs it on the reference
+//! interpreter (f64 accumulation, the spec) instead, and the interpreter also locates the
+//! first non-finite tensor when a step fails. [`Trainer::compile`] gives the eval model of
+//! the trained weights.
 
 use crate::error::{Error, Result};
 use crate::interp;
@@ -343,14 +346,16 @@ pub struct Trainer {
     output: Option<String>,
     graphs: HashMap<Mode, TrainGraph>,
     eval_loss: Option<TrainGraph>,
+    /// The eval graph JIT-compiled, with the weights version it holds.
+    eval_compiled: Option<(Compiled, u64)>,
     weights: Weights,
     optimizer: Optimizer,
     state: Vec<ParamState>,
     mode: Mode,
     rng: SplitMix64,
     steps: u64,
-    /// With `Some`, training graphs run JIT-compiled with these options (else on the
-    /// interpreter).
+    /// With `Some` (the default), training graphs run JIT-compiled with these options (else
+    /// on the interpreter).
     jit: Option<Options>,
     /// Compiled training graphs per mode, with the weights version they hold.
     compiled: HashMap<Mode, (Compiled, u64)>,
@@ -396,13 +401,14 @@ impl Trainer {
             output: output.map(str::to_string),
             graphs: HashMap::new(),
             eval_loss: None,
+            eval_compiled: None,
             weights,
             optimizer,
             state: vec![ParamState::default(); graph.params.len()],
             mode: Mode::Train,
             rng: SplitMix64(0x5eed_d209),
             steps: 0,
-            jit: None,
+            jit: Some(Options { fuse: false, ..Options::default() }),
             compiled: HashMap::new(),
             version: 0,
         };
@@ -426,18 +432,21 @@ impl Trainer {
     }
 
     /// Runs the training graphs JIT-compiled with `options` (threads, kernels; fusion never
-    /// applies to a training graph) instead of on the reference interpreter. Each mode's
+    /// applies to a training graph); the default is `Options::default()`. Each mode's
     /// graph is compiled on its first step; after every optimizer step the compiled code
     /// takes the new weights in place ([`Compiled::set_weights`]).
     pub fn use_jit(&mut self, options: Options) {
         self.jit = Some(Options { fuse: false, ..options });
         self.compiled.clear();
+        self.eval_compiled = None;
     }
 
-    /// Runs the training graphs on the reference interpreter (the default).
+    /// Runs the training graphs on the reference interpreter (f64 accumulation, the spec;
+    /// slower).
     pub fn use_interpreter(&mut self) {
         self.jit = None;
         self.compiled.clear();
+        self.eval_compiled = None;
     }
 
     /// `model.train()`: BatchNorm uses and updates batch statistics, Dropout drops.
@@ -559,7 +568,20 @@ impl Trainer {
         let tg = self.eval_loss.as_ref().ok_or_else(|| Error::Train("no eval graph".into()))?;
         self.check_target(&target)?;
         let all = assemble(tg, inputs, &target, &[])?;
-        let outs = interp::run(&tg.graph, &self.weights, &all)?;
+        let outs = match &self.jit {
+            None => interp::run(&tg.graph, &self.weights, &all)?,
+            Some(options) => {
+                let entry = match &mut self.eval_compiled {
+                    Some(e) => e,
+                    slot @ None => slot.insert((Compiled::new(&tg.graph, &self.weights, options)?, self.version)),
+                };
+                if entry.1 != self.version {
+                    entry.0.set_weights(&self.weights)?;
+                    entry.1 = self.version;
+                }
+                entry.0.run(&all)?
+            }
+        };
         let loss = tg.loss.map_or(f32::NAN, |i| outs[i][0]);
         Ok((loss, outs[tg.prediction].clone()))
     }

@@ -114,11 +114,12 @@ pub struct TrainArgs {
     /// Write the trained weights here (a temporary file renamed into place).
     #[arg(long, value_name = "OUT.safetensors")]
     pub save: Option<PathBuf>,
-    /// Run the training graph on the reference interpreter (the default today: the JIT's
-    /// training kernels give the same numbers but are not faster yet).
+    /// Run the training graph on the reference interpreter (f64 sums, the spec; many times
+    /// slower) instead of the JIT.
     #[arg(long, conflicts_with = "jit")]
     pub interp: bool,
-    /// Run the training graph JIT-compiled (same numbers as the interpreter, within 1e-5).
+    /// Run the training graph JIT-compiled: the default (same numbers as the interpreter,
+    /// within 1e-5).
     #[arg(long)]
     pub jit: bool,
     /// Threads of the JIT (0: all cores; the interpreter runs on one).
@@ -397,7 +398,9 @@ pub fn run(args: &TrainArgs) -> Result<(), Fail> {
         LossArg::BceWithLogits => Loss::BceWithLogits { reduction, pos_weight: None },
     };
     let mut trainer = Trainer::new(&graph, weights, loss, opt)?;
-    if args.jit {
+    if args.interp {
+        trainer.use_interpreter();
+    } else {
         trainer.use_jit(cnnc::runtime::Options { threads: args.threads, ..cnnc::runtime::Options::default() });
     }
     trainer.seed_dropout(args.seed);
@@ -414,7 +417,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Fail> {
         args.batch_size,
         trainer.optimizer().name(),
         args.loss.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
-        if args.jit { "JIT" } else { "interpreter" }
+        if args.interp { "interpreter" } else { "JIT" }
     );
     for epoch in 1..=args.epochs {
         let start = Instant::now();
