@@ -11,7 +11,7 @@
 //! ```
 //!
 //! The training graph and the held-out evaluation run JIT-compiled (about 0.3 s an epoch,
-//! 9 s in all, on an AMD EPYC Zen 4 core; `Trainer::use_interpreter` runs the reference
+//! 9 s in all, on a 2-core Intel Xeon with AVX-512; `Trainer::use_interpreter` runs the reference
 //! interpreter instead, about 3 s an epoch); the eval model is JIT-compiled too.
 
 #[path = "zoo/mod.rs"]

@@ -17,8 +17,8 @@
 //! cargo run --release --example resnet_binary
 //! ```
 //!
-//! The training graph runs JIT-compiled (about 18 s on an AMD EPYC Zen 4 core; two minutes
-//! on the reference interpreter).
+//! The training graph runs JIT-compiled (about 18 s on a 2-core Intel Xeon with AVX-512; about
+//! two minutes on the reference interpreter).
 
 use cnnc::compiler::dsl::compile_str;
 use cnnc::compiler::ops::train::{Loss, Reduction};

@@ -5,7 +5,7 @@
 //! Adam, AdamW and AMSGrad), and seed 004's edge-kernel loop.
 //!
 //! Tolerance: every tensor within 1e-4 of its largest magnitude (`rel_err`; after Adam-family
-//! steps also 1% of lr per step, see below), losses within 1e-4 relative, the edge kernel's
+//! steps also 1% of lr per step on the interpreter, 2% on the JIT, see below), losses within 1e-4 relative, the edge kernel's
 //! within 1e-5.
 
 use cnnc::Graph;
@@ -246,9 +246,12 @@ fn optimizer_steps_of_whole_nets_match_torch_optim() {
         }
         // Adam's update is normalised per element (±lr for any gradient well above eps), so
         // it amplifies f32 rounding of near-zero gradients: its runs may also differ by 1% of
-        // the largest move the optimizer can make (lr per step).
+        // the largest move the optimizer can make (lr per step) on the interpreter (f64
+        // sums), 2% on the JIT, whose conv and Linear gradients sum in f32 as PyTorch's do,
+        // in another order.
+        let share = if engine == "interpreter" { 0.01 } else { 0.02 };
         let slack = match optimizer_from(run) {
-            Optimizer::Adam(a) => 0.01 * a.lr as f32 * steps as f32,
+            Optimizer::Adam(a) => share * a.lr as f32 * steps as f32,
             Optimizer::Sgd(_) => 0.0,
         };
         let mut worst = 0f32;

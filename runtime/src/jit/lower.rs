@@ -36,6 +36,10 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                 let tiled = cx.out_layout.is_blocked();
                 match &node.op {
                     Op::Conv2d(c) if tiled => blocked::conv::conv(jit, &cx, c)?,
+                    Op::Conv2d(c) if plan.whole_batch && jit.isa.is_some() => {
+                        let isa = jit.isa.ok_or_else(|| Error::Unsupported("no ISA".into()))?;
+                        blocked::gemm_grad::conv_forward(jit, &cx, c, isa)?
+                    }
                     Op::Conv2d(c)
                         if cx.in_layouts[0] == Layout::Plain && cx.scratch.is_some() && plan::plane_conv(c) =>
                     {

@@ -373,6 +373,13 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                         Some(plane_staged_input(conv, in_tys[0]))
                     }
                     Op::Conv2d(conv) if out.is_blocked() => staged_input(conv, in_tys[0], in_layout),
+                    Op::Conv2d(conv) if gemm && training => {
+                        let (Some(i), Some(r)) = (in_tys[0].chw(), node.ty.chw()) else {
+                            return Err(Error::Unsupported(format!("`{}`: a Conv2d needs NCHW", node.name)));
+                        };
+                        fixed_scratch = true;
+                        Some(GradScratch::conv_forward(conv, i, r).total)
+                    }
                     Op::Train(t) if gemm => match GradScratch::of(t, &in_tys, &node.ty) {
                         Some(g) => {
                             fixed_scratch = true;
@@ -497,6 +504,23 @@ pub(super) struct GradScratch {
 }
 
 impl GradScratch {
+    /// The layout for a training graph's forward Conv2d as a GEMM (one sample at a time):
+    /// the padded input at `pad`, the im2col (`[oh·ow, C/groups·kh·kw]`) at `a`, the
+    /// transposed result of one group (`[oh·ow, O/groups]`) at `col`.
+    pub fn conv_forward(
+        conv: &Conv2d,
+        (cin, h, w): (usize, usize, usize),
+        (o, oh, ow): (usize, usize, usize),
+    ) -> GradScratch {
+        let g = conv.groups.max(1);
+        let (pt, pb, pl, pr) = conv.pads();
+        let p = oh * ow;
+        let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { cin * (h + pt + pb) * (w + pl + pr) };
+        let kc = cin / g * conv.kernel.0 * conv.kernel.1;
+        let (a0, b0) = (align(pad), align(pad) + align(p * kc));
+        GradScratch { block: 1, pad: 0, a: a0, b: b0, col: b0, total: b0 + align(p * (o / g)) }
+    }
+
     /// The layout for a training op that has a GEMM form, else `None`.
     pub fn of(op: &TrainOp, in_tys: &[&TensorType], ty: &TensorType) -> Option<GradScratch> {
         // Packed `B` of `n` columns by `k` steps: whole vectors of at most 16 floats.

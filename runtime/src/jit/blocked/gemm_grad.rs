@@ -184,11 +184,7 @@ pub(in crate::jit) fn conv_weight_grad(
     let gemm = Gemm::new(jit, isa, cout_g, kc, kmax, kmax, kc);
     let nr = gemm.nr;
     // Per column (tap), its byte offset from the pixel's first tap in the padded input.
-    let (kh, kw) = conv.kernel;
-    let (dh, dw_) = conv.dilation;
-    let taps: Vec<i64> =
-        (0..kc).map(|j| c(4 * ((j / (kh * kw)) * ph * pw + (j % (kh * kw) / kw) * dh * pw + (j % kw) * dw_))).collect();
-    let taps = jit.consts.i64s(taps);
+    let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
     let tabs = if padded {
         let sy = axis_table(ph, 1, 1, 1, pt, h, conv.padding_mode)?;
         let sx = axis_table(pw, 1, 1, 1, pl, w, conv.padding_mode)?;
@@ -230,21 +226,8 @@ pub(in crate::jit) fn conv_weight_grad(
                     // written pixel by pixel: each pixel's row of a tile is one contiguous run,
                     // its values gathered through the tile's byte-offset table.
                     let tile = |fx: &mut Fx<'_>, tab: Value, bt: Value, valid: usize, width: usize| {
-                        let steps = [c(4 * cin * ph * pw), c(4 * p * width), 0];
-                        fx.loop_n(Count::Dyn(cnt), [xg, bt, tab], steps, |fx, [xs, ds, tab]| {
-                            let steps = [c(4 * sh * pw), c(4 * ow * width), 0];
-                            fx.loop_n(Count::Const(oh), [xs, ds, tab], steps, |fx, [xr, dr, tab]| {
-                                let steps = [c(4 * sw), c(4 * width), 0];
-                                fx.loop_n(Count::Const(ow), [xr, dr, tab], steps, |fx, [xq, dq, tab]| {
-                                    for jj in 0..valid {
-                                        let o = fx.load_i64(tab, c(jj));
-                                        let a = fx.add(xq, o);
-                                        let v = fx.load_f(a, 0);
-                                        fx.store_f(v, dq, c(jj));
-                                    }
-                                });
-                            });
-                        });
+                        let geo = Taps { sample: cin * ph * pw, pw, out: (oh, ow), stride: (sh, sw), pixel: width };
+                        gather_taps(fx, &geo, xg, bt, Count::Dyn(cnt), tab, valid);
                     };
                     let full = gemm.full_tiles();
                     let tab0 = fx.addr(taps);
@@ -258,6 +241,147 @@ pub(in crate::jit) fn conv_weight_grad(
                     gemm.emit(fx, ag, bpk, dwg, kn, first);
                 },
             );
+        });
+    })?;
+    Ok(())
+}
+
+/// The geometry of an im2col gather: floats per (padded) input sample, the padded row
+/// length, the output size, the stride, and the floats between two pixels' rows of the
+/// destination.
+struct Taps {
+    sample: usize,
+    pw: usize,
+    out: (usize, usize),
+    stride: (usize, usize),
+    pixel: usize,
+}
+
+/// For `cnt` samples from `x` and each of their output pixels, `valid` taps gathered through
+/// the byte-offset table `tab` into one contiguous run of the destination (a pixel's run
+/// `geo.pixel` floats after the previous one's, a sample's `out.0·out.1` pixels after the
+/// previous sample's).
+fn gather_taps(fx: &mut Fx<'_>, geo: &Taps, x: Value, dst: Value, cnt: Count, tab: Value, valid: usize) {
+    let ((oh, ow), (sh, sw), pw, width) = (geo.out, geo.stride, geo.pw, geo.pixel);
+    let steps = [c(4 * geo.sample), c(4 * oh * ow * width), 0];
+    fx.loop_n(cnt, [x, dst, tab], steps, |fx, [xs, ds, tab]| {
+        let steps = [c(4 * sh * pw), c(4 * ow * width), 0];
+        fx.loop_n(Count::Const(oh), [xs, ds, tab], steps, |fx, [xr, dr, tab]| {
+            let steps = [c(4 * sw), c(4 * width), 0];
+            fx.loop_n(Count::Const(ow), [xr, dr, tab], steps, |fx, [xq, dq, tab]| {
+                for jj in 0..valid {
+                    let o = fx.load_i64(tab, c(jj));
+                    let a = fx.add(xq, o);
+                    let v = fx.load_f(a, 0);
+                    fx.store_f(v, dq, c(jj));
+                }
+            });
+        });
+    });
+}
+
+/// Per tap `j` = (channel, ky, kx) of a conv, its byte offset from a pixel's first tap in
+/// the (padded) input of `plane` = `(ph, pw)`.
+fn tap_bytes(conv: &Conv2d, kc: usize, (ph, pw): (usize, usize)) -> Vec<i64> {
+    let (kh, kw) = conv.kernel;
+    let (dh, dw) = conv.dilation;
+    (0..kc).map(|j| c(4 * ((j / (kh * kw)) * ph * pw + (j % (kh * kw) / kw) * dh * pw + (j % kw) * dw))).collect()
+}
+
+/// The forward Conv2d of a training graph (plain NCHW, no fused epilogue) as a GEMM per
+/// sample and group: `yᵀ[q][oc] = Σ_j col[q][j] · W[oc][j]` — `A` the sample's im2col,
+/// a row of taps per output pixel (gathered as for the weight gradient), `B` the weights
+/// packed once — then transposed into `y` with the bias added.
+pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d, isa: Isa) -> Result<()> {
+    if conv.epilogue != Default::default() {
+        return Err(Error::Unsupported(format!("`{}`: a fused epilogue in a training graph", cx.node.name)));
+    }
+    let (cin, h, w) = cx.in_chw(0)?;
+    let (o, oh, ow) = cx.out_chw()?;
+    let sc = GradScratch::conv_forward(conv, (cin, h, w), (o, oh, ow));
+    let (pt, pb, pl, pr) = conv.pads();
+    let padded = conv.pads() != (0, 0, 0, 0);
+    let (ph, pw) = (h + pt + pb, w + pl + pr);
+    let g = conv.groups.max(1);
+    let (cin_g, cout_g) = (cin / g, o / g);
+    let p = oh * ow;
+    let kc = cin_g * conv.kernel.0 * conv.kernel.1;
+    let gemm = Gemm::new(jit, isa, p, cout_g, kc, kc, cout_g);
+    let nr = gemm.nr;
+    let weight = cx.param_ref("weight")?;
+    let full = gemm.full_tiles();
+    let packed_len = gemm.tile_off(full) + if cout_g % nr > 0 { kc * gemm.width(full) } else { 0 };
+    let wp = jit.consts.f32s_filled(g * packed_len, |b| {
+        for gi in 0..g {
+            for t in 0..cout_g.div_ceil(nr) {
+                let width = gemm.width(t);
+                let base = gi * packed_len + gemm.tile_off(t);
+                for k in 0..kc {
+                    for jj in 0..(cout_g - t * nr).min(nr) {
+                        b[base + k * width + jj] = weight[(gi * cout_g + t * nr + jj) * kc + k];
+                    }
+                }
+            }
+        }
+    });
+    let bias = if conv.bias { cx.param("bias")? } else { vec![0.0; o] };
+    let bias = jit.consts.f32s(bias);
+    let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
+    let tabs = if padded {
+        let sy = axis_table(ph, 1, 1, 1, pt, h, conv.padding_mode)?;
+        let sx = axis_table(pw, 1, 1, 1, pl, w, conv.padding_mode)?;
+        Some((jit.consts.i32s(sy), jit.consts.i32s(sx)))
+    } else {
+        None
+    };
+    let (xs, ys, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
+    let (sh, sw) = conv.stride;
+    jit.kernel(&cx.node.name, |fx| {
+        let (x, y, scr) = (fx.slot(xs), fx.slot(ys), fx.slot(ss));
+        let pad = fx.addi(scr, c(4 * sc.pad));
+        let col = fx.addi(scr, c(4 * sc.a));
+        let out = fx.addi(scr, c(4 * sc.col));
+        let nb = fx.nb;
+        let steps = [c(4 * cin * h * w), c(4 * o * p), 0, 0, 0];
+        fx.loop_n(Count::Dyn(nb), [x, y, pad, col, out], steps, |fx, [xn, yn, pad, col, out]| {
+            let src = match tabs {
+                Some((sy, sx)) => {
+                    let one = fx.i(1);
+                    pad_samples(fx, xn, pad, one, (cin, h, w), (ph, pw), (sy, sx));
+                    pad
+                }
+                None => xn,
+            };
+            let (wpa, ba) = (fx.addr(wp), fx.addr(bias));
+            let steps = [c(4 * cin_g * ph * pw), c(4 * packed_len), c(4 * cout_g * p), c(4 * cout_g), 0, 0];
+            fx.loop_n(Count::Const(g), [src, wpa, yn, ba, col, out], steps, |fx, [xg, wg, yg, bg, col, out]| {
+                // A: the group's im2col, a row of kc taps per pixel, by runs of nr taps.
+                let geo = Taps { sample: cin * ph * pw, pw, out: (oh, ow), stride: (sh, sw), pixel: kc };
+                let tab0 = fx.addr(taps);
+                let chunks = kc / nr;
+                let one = Count::Const(1);
+                fx.loop_n(Count::Const(chunks), [tab0, col, xg], [c(8 * nr), c(4 * nr), 0], |fx, [tab, d, xg]| {
+                    gather_taps(fx, &geo, xg, d, one, tab, nr);
+                });
+                if !kc.is_multiple_of(nr) {
+                    let tab = fx.addi(tab0, c(8 * chunks * nr));
+                    let d = fx.addi(col, c(4 * chunks * nr));
+                    gather_taps(fx, &geo, xg, d, one, tab, kc % nr);
+                }
+                let kn = fx.i(c(kc));
+                let first = fx.i(1);
+                gemm.emit(fx, col, wg, out, kn, first);
+                // y[oc][q] = out[q][oc] + bias[oc].
+                let steps = [c(4 * p), 4, 4];
+                fx.loop_n(Count::Const(cout_g), [yg, bg, out], steps, |fx, [yc, bc, oc]| {
+                    let b = fx.load_f(bc, 0);
+                    fx.loop_n(Count::Const(p), [yc, oc], [4, c(4 * cout_g)], |fx, [yq, oq]| {
+                        let v = fx.load_f(oq, 0);
+                        let v = fx.b.ins().fadd(v, b);
+                        fx.store_f(v, yq, 0);
+                    });
+                });
+            });
         });
     })?;
     Ok(())

@@ -3,8 +3,8 @@
 //! padded position added to the source pixel it was read from — dropped for zeros,
 //! mirrored, clamped or wrapped for reflect, replicate and circular) and the weight
 //! gradient (a reduction over samples and pixels of the padded input times the output
-//! gradient). Sums in f64 in the interpreter's order, rounded once; scalar loops (the
-//! blocked, register-tiled forms are future work).
+//! gradient). Sums in f64 in the interpreter's order, rounded once; scalar loops, used
+//! without a micro-kernel ISA (`Options::portable`; with one, `blocked/gemm_grad.rs`).
 
 use crate::error::{Error, Result};
 use crate::jit::codegen::{Jit, c};

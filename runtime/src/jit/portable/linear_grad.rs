@@ -1,6 +1,6 @@
 //! Linear backward: the input gradient `dy · W` and the weight gradient `Σ_rows dyᵀ · x`
 //! (every leading dimension is a row). Sums in f64 in the interpreter's order, rounded
-//! once; scalar loops (the GEMM-tiled forms are future work).
+//! once; scalar loops, used without a micro-kernel ISA (with one, `blocked/gemm_grad.rs`).
 
 use crate::error::Result;
 use crate::jit::codegen::{Jit, c};
