@@ -1,6 +1,6 @@
 //! Lowering: one kernel per step of the memory plan, chosen by the node's op. This is the
 //! only place that dispatches on [`Op`] in the JIT. The training ops ([`Op::Train`]) run
-//! on plain tensors: Conv2d and Linear backward as GEMMs over the micro-kernel tile
+//! on plain tensors: Conv2d (forward too) and Linear backward as GEMMs over the micro-kernel tile
 //! (`blocked/gemm_grad.rs`; their scalar forms in `portable/` without a micro-kernel ISA),
 //! pooling backward in `portable/`, everything else in `eltwise_grad.rs`.
 

@@ -15,6 +15,9 @@
 //!   input's (zeros dropped; reflect, replicate and circular pixels added to their source).
 //! - **Linear**: the input gradient is the forward GEMM with `Wᵀ` ([`rows_gemm`]); the weight
 //!   gradient `dW = Σ_r dyᵀ·x` reduces over rows in blocks like the conv's.
+//! - **The forward Conv2d of a training graph** ([`conv_forward`]): per sample and group,
+//!   `yᵀ = col · Wᵀ` — a row of taps per output pixel times the weights packed once — then
+//!   transposed into `y` with the bias.
 //!
 //! Scratch is one fixed region per kernel ([`GradScratch`]). Results equal the
 //! interpreter's f64 sums within f32 rounding (the JIT ≡ interpreter suites bound it).

@@ -6,7 +6,7 @@
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernels {
     /// AVX-512F if the CPU has it, else AVX2+FMA, else the portable code (also what
-    /// [`super::Options::portable`] turns off).
+    /// `Options::portable` turns off).
     #[default]
     Auto,
     /// The AVX-512F micro-kernels (an error if the CPU lacks AVX-512F).
