@@ -1,9 +1,10 @@
-//! Times one LeNet (sigmoid, average pooling) training step at batch 64 — forward,
-//! cross-entropy, backward, SGD-momentum update — on the reference interpreter and on the
-//! JIT, interleaved in the same run, and prints the medians and their ratio.
+//! Times one training step at batch 64 — forward, cross-entropy, backward, SGD-momentum
+//! update — of LeNet (sigmoid, average pooling) or, with `--cifar10`, the CIFAR-10 net of
+//! the study notes, on the reference interpreter and on the JIT, interleaved in the same
+//! run, and prints the medians and their ratio.
 //!
-//! `cargo run --release --example train_step_timing [-- --profile]` (`--profile`: also the
-//! JIT's time per kernel of the training graph, slowest first).
+//! `cargo run --release --example train_step_timing [-- [--cifar10] [--profile]]`
+//! (`--profile`: also the JIT's time per kernel of the training graph, slowest first).
 
 use cnnc::compiler::dsl::compile_str;
 use cnnc::compiler::ops::train::{Loss, Reduction};
@@ -13,10 +14,26 @@ use ndarray::{ArrayD, IxDyn};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let src = "net LeNet(x: [N, 1, 28, 28]) = Sequential(
-        Conv2d(1, 6, 5, padding = 2), Sigmoid(), AvgPool2d(2, stride = 2),
-        Conv2d(6, 16, 5), Sigmoid(), AvgPool2d(2, stride = 2), Flatten(),
-        Linear(400, 120), Sigmoid(), Linear(120, 84), Sigmoid(), Linear(84, 10));";
+    let args: Vec<String> = std::env::args().collect();
+    let cifar = args.iter().any(|a| a == "--cifar10");
+    let (src, shape, name) = if cifar {
+        (
+            "net Cifar10(x: [N, 3, 32, 32]) = Sequential(
+            Conv2d(3, 32, 5, padding = 2), MaxPool2d(2), Conv2d(32, 32, 5, padding = 2), MaxPool2d(2),
+            Conv2d(32, 64, 5, padding = 2), MaxPool2d(2), Flatten(), Linear(1024, 64), Linear(64, 10));",
+            [64, 3, 32, 32],
+            "CIFAR-10 net",
+        )
+    } else {
+        (
+            "net LeNet(x: [N, 1, 28, 28]) = Sequential(
+            Conv2d(1, 6, 5, padding = 2), Sigmoid(), AvgPool2d(2, stride = 2),
+            Conv2d(6, 16, 5), Sigmoid(), AvgPool2d(2, stride = 2), Flatten(),
+            Linear(400, 120), Sigmoid(), Linear(120, 84), Sigmoid(), Linear(84, 10));",
+            [64, 1, 28, 28],
+            "LeNet",
+        )
+    };
     let out = compile_str(src);
     let graph = out.nets.last().ok_or("no net")?.clone();
     let loss = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 };
@@ -29,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             weight_decay: 0.0,
         })
     };
-    let x = ArrayD::from_shape_fn(IxDyn(&[64, 1, 28, 28]), |i| ((i[2] * 28 + i[3]) % 17) as f32 / 17.0);
+    let x = ArrayD::from_shape_fn(IxDyn(&shape), |i| ((i[1] * 7 + i[2] * 28 + i[3]) % 17) as f32 / 17.0);
     let y = ArrayD::from_shape_fn(IxDyn(&[64]), |i| (i[0] % 10) as f32);
     let mut interp = Trainer::new(&graph, Weights::random(&graph, 0), loss.clone(), opt())?;
     interp.use_interpreter();
@@ -49,8 +66,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         v[v.len() / 2]
     };
     let (mi, mj) = (median(&mut ti), median(&mut tj));
-    println!("LeNet b64 training step, 1 thread: interpreter {mi:.1} ms, JIT {mj:.1} ms ({:.2}x)", mi / mj);
-    if std::env::args().any(|a| a == "--profile") {
+    println!("{name} b64 training step, 1 thread: interpreter {mi:.1} ms, JIT {mj:.1} ms ({:.2}x)", mi / mj);
+    if args.iter().any(|a| a == "--profile") {
         let weights = jit.weights().clone();
         let tg = jit.training_graph()?;
         let compiled = Compiled::new(&tg.graph, &weights, &Options { threads: 1, ..Options::default() })?;

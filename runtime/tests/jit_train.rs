@@ -133,6 +133,23 @@ fn gemm_shapes_match_the_interpreter() {
     }
 }
 
+/// Max-pool backward sends a window's gradient to its first maximum: inputs with many ties
+/// (and a NaN) on the tiled fast path and the general one.
+#[test]
+fn max_pool_ties_go_to_the_first_maximum() {
+    for text in ["MaxPool2d(2)", "MaxPool2d(3)", "MaxPool2d(2, stride = 1)"] {
+        let g = layer(text, &[2, 3, 7, 6]);
+        let tg = training(&g, Mode::Train, None);
+        let w = weights(&g, 0);
+        let mut xs = train_inputs(&tg, None, 2, 5);
+        xs[0].mapv_inplace(|v| (v * 1.5).round());
+        xs[0][[1, 2, 3, 3]] = f32::NAN;
+        for (portable, threads) in [(false, 1), (true, 1)] {
+            jit_error(&tg, &w, &xs, &Options { threads, portable, fuse: true });
+        }
+    }
+}
+
 #[test]
 fn pool_training_matches_the_interpreter() {
     for text in [

@@ -4,7 +4,8 @@
 //! gradient of each input plane is accumulated in f64 in the step's scratch, in the
 //! interpreter's order, and rounded once — except average pools whose windows do not
 //! overlap, where each input cell takes one output's gradient times `1 / divisor` (a
-//! gather, no accumulator). Scalar loops (the vectorised forms are future work).
+//! gather, no accumulator), and `MaxPool2d(k)` tiling its input (each window's gradient
+//! stored at its first maximum of a zeroed plane). Scalar loops (the vectorised forms are future work).
 
 use crate::error::Result;
 use crate::jit::codegen::{Count, Fx, Jit, c};
@@ -35,6 +36,9 @@ pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2
     let (ch, h, w) = cx.in_chw(0)?;
     let (_, oh, ow) = cx.in_chw(1)?;
     let (kh, kw) = p.kernel;
+    if p.padding == (0, 0) && p.dilation == (1, 1) && p.stride == p.kernel && oh * kh <= h && ow * kw <= w {
+        return tiled_max_pool_grad(jit, cx, (ch, h, w), (oh, ow), p.kernel);
+    }
     let ty = axis_table(oh, kh, p.stride.0, p.dilation.0, p.padding.0, h, PaddingMode::Zeros)?;
     let tx = axis_table(ow, kw, p.stride.1, p.dilation.1, p.padding.1, w, PaddingMode::Zeros)?;
     let (ty, tx) = (jit.consts.i32s(ty), jit.consts.i32s(tx));
@@ -102,6 +106,62 @@ pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2
                 });
             });
             store_plane(fx, acc, out, xb, plane);
+        });
+    })?;
+    Ok(())
+}
+
+/// Max-pool backward when the windows tile the input without padding, dilation, overlap or
+/// a partial window (`stride == kernel`, the usual `MaxPool2d(k)`): each window scanned
+/// with constant offsets from its corner (the same first-maximum and NaN rule), its output
+/// gradient stored at the chosen cell of a zeroed plane — each cell takes at most one, so
+/// no accumulator is needed and the result is the general form's bit for bit.
+fn tiled_max_pool_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    (ch, h, w): (usize, usize, usize),
+    (oh, ow): (usize, usize),
+    (kh, kw): (usize, usize),
+) -> Result<()> {
+    let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
+    let plane = h * w;
+    jit.kernel(&cx.node.name, |fx| {
+        let (x, dy, out) = (fx.slot(xs), fx.slot(ds), fx.slot(os));
+        let planes = fx.muli(fx.nb, c(ch));
+        let steps = [c(4 * plane), c(4 * oh * ow), c(4 * plane)];
+        fx.loop_n(Count::Dyn(planes), [x, dy, out], steps, |fx, [xp, dp, op]| {
+            let z = fx.vf(0.0);
+            fx.loop_n(Count::Const(plane / 4), [op], [16], |fx, [o]| fx.store_v(z, o, 0));
+            let zf = fx.f(0.0);
+            for i in plane / 4 * 4..plane {
+                fx.store_f(zf, op, c(i));
+            }
+            let steps = [c(4 * kh * w), c(4 * ow), c(4 * kh * w)];
+            fx.loop_n(Count::Const(oh), [xp, dp, op], steps, |fx, [xr, dr, orow]| {
+                let steps = [c(4 * kw), 4, c(4 * kw)];
+                fx.loop_n(Count::Const(ow), [xr, dr, orow], steps, |fx, [xw, d, ow_]| {
+                    let mut best = fx.load_f(xw, 0);
+                    let mut at = fx.i(0);
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            if ky == 0 && kx == 0 {
+                                continue;
+                            }
+                            let off = c(ky * w + kx);
+                            let v = fx.load_f(xw, off);
+                            let gt = fx.b.ins().fcmp(FloatCC::GreaterThan, v, best);
+                            let nan = fx.b.ins().fcmp(FloatCC::Unordered, v, v);
+                            let better = fx.b.ins().bor(gt, nan);
+                            best = fx.b.ins().select(better, v, best);
+                            let o = fx.i(off);
+                            at = fx.select(better, o, at);
+                        }
+                    }
+                    let g = fx.load_f(d, 0);
+                    let a = fx.elem(ow_, at);
+                    fx.store_f(g, a, 0);
+                });
+            });
         });
     })?;
     Ok(())
