@@ -73,6 +73,9 @@ fn jit_error(tg: &TrainGraph, w: &Weights, xs: &[ArrayD<f32>], opts: &Options) -
     let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
     let want = interp::run(&tg.graph, w, &views).unwrap_or_else(|e| panic!("interp: {e}"));
     let net = Compiled::new(&tg.graph, w, opts).unwrap_or_else(|e| panic!("compile: {e}\n{}", tg.graph));
+    // With several threads, every kernel that can be shared is: sample-wise kernels by
+    // ranges of samples (a range may be empty), weight gradients by column tiles.
+    let net = if opts.threads > 1 { net.with_parallel_threshold(0) } else { net };
     let got = net.run(&views).unwrap_or_else(|e| panic!("run: {e}"));
     assert_eq!(got.len(), want.len());
     got.iter()

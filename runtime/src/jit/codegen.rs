@@ -14,8 +14,11 @@
 //! i64)`: `table[s]` is the address of buffer slot `s` for the current chunk of `nb` samples
 //! (see [`super::plan`]); per-sample sizes, strides and weights' addresses are constants in
 //! the code. A kernel defined with [`Jit::parallel_kernel`] does part `part` of `parts` of its
-//! work (several threads call it at once with the same table); any other kernel is called
-//! once, with `part = 0, parts = 1`, and ignores both.
+//! work (several threads call it at once with the same table); a **sample-wise** kernel of a
+//! training graph ([`Jit::mark_samplewise`]) may be called by several threads at once, each
+//! with the table and `nb` of its own range of samples and its `part` (which picks its copy
+//! of a fixed scratch region); any other kernel is called once, with `part = 0, parts = 1`,
+//! and ignores both.
 
 use crate::error::{Error, Result};
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -331,8 +334,21 @@ impl Jit {
         let r = self.module.define_function(id, &mut self.ctx);
         self.module.clear_context(&mut self.ctx);
         r.map_err(|e| jit_err(node, format!("{e:?}")))?;
-        self.funcs.push(KernelInfo { id, name: node.to_string(), work, data_movement: moves });
+        self.funcs.push(KernelInfo { id, name: node.to_string(), work, data_movement: moves, samples: None });
         Ok(id)
+    }
+
+    /// Marks the kernels defined since the first `from` as **sample-wise**: each sample of
+    /// its batch-major operands is computed from that sample alone (reading fixed-size
+    /// operands, such as batch statistics, as given), so threads may run it on disjoint
+    /// ranges of samples, each called with `table` and `nb` of its own range (see
+    /// `Compiled`); `work` is the operations per sample. A kernel that already splits its
+    /// own work ([`Jit::parallel_kernel`]) stays as it is. A sample-wise kernel with a
+    /// fixed-size scratch region uses copy `part` of it (the plan makes one per thread).
+    pub fn mark_samplewise(&mut self, from: usize, work: u64) {
+        for f in self.funcs.iter_mut().skip(from).filter(|f| f.work.is_none()) {
+            f.samples = Some(work);
+        }
     }
 }
 
@@ -347,6 +363,8 @@ pub(super) struct KernelInfo {
     pub work: Option<u64>,
     /// Whether it only moves data (a reorder or a padded copy).
     pub data_movement: bool,
+    /// For a sample-wise kernel ([`Jit::mark_samplewise`]): operations per sample.
+    pub samples: Option<u64>,
 }
 
 /// A function being emitted.

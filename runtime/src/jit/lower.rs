@@ -10,9 +10,10 @@ use super::plan::{self, Layout, Plan, Step};
 use super::{blocked, eltwise, eltwise_grad, portable};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
-use cnnc_compiler::graph::Graph;
+use cnnc_compiler::graph::{Graph, Node};
 use cnnc_compiler::ops::Op;
 use cnnc_compiler::ops::train::TrainOp;
+use cnnc_compiler::shape::TensorType;
 
 /// Emits the kernels of every step, in order.
 pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan) -> Result<()> {
@@ -34,6 +35,12 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                     scratch: *scratch,
                 };
                 let tiled = cx.out_layout.is_blocked();
+                let first = jit.funcs.len();
+                let samplewise = if plan.whole_batch && plan.slots[*output].batched {
+                    samplewise_work(node, &cx.in_tys)
+                } else {
+                    None
+                };
                 match &node.op {
                     Op::Conv2d(c) if tiled => blocked::conv::conv(jit, &cx, c)?,
                     Op::Conv2d(c) if plan.whole_batch && jit.isa.is_some() => {
@@ -114,6 +121,9 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                         )));
                     }
                 }
+                if let Some(work) = samplewise {
+                    jit.mark_samplewise(first, work);
+                }
             }
             Step::Copy { from, to } => {
                 eltwise::copy(jit, "<output copy>", *from, *to, plan.slots[*to].size)?;
@@ -124,4 +134,40 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
         }
     }
     Ok(())
+}
+
+/// For a node of a training graph whose kernels compute every sample from that sample alone
+/// (given the fixed-size operands they read, such as batch statistics): the operations
+/// per sample, the measure [`Jit::mark_samplewise`] takes. `None` for an op that reduces
+/// over the batch (weight and bias gradients, batch statistics, BatchNorm's training
+/// backward, the losses and their gradients, which divide by the batch) or works across
+/// samples (a slice of the batch dimension).
+fn samplewise_work(node: &Node, in_tys: &[&TensorType]) -> Option<u64> {
+    let elems = 8 * node.ty.numel_per_sample() as u64;
+    let macs = 2 * node.op.def().macs(in_tys, &node.ty);
+    match &node.op {
+        Op::Conv2d(_) | Op::Linear(_) => Some(macs),
+        Op::MaxPool2d(_)
+        | Op::AvgPool2d(_)
+        | Op::AdaptiveAvgPool2d(_)
+        | Op::BatchNorm2d(_)
+        | Op::Activation(_)
+        | Op::Add(_)
+        | Op::Concat(_) => Some(elems),
+        Op::Reduce(r) if !r.dims.contains(&0) => Some(8 * in_tys.first()?.numel_per_sample() as u64),
+        Op::Train(t) => match t {
+            TrainOp::ConvInputGrad(..) | TrainOp::LinearInputGrad(_) => Some(macs),
+            TrainOp::DropoutMask(_)
+            | TrainOp::BatchNormTrain(_)
+            | TrainOp::BatchNormEvalInputGrad(_)
+            | TrainOp::ActivationGrad(_)
+            | TrainOp::MaxPoolGrad(_)
+            | TrainOp::AvgPoolGrad(..)
+            | TrainOp::AdaptiveAvgPoolGrad(..) => Some(elems),
+            TrainOp::Slice { dim, .. } if *dim != 0 => Some(elems),
+            TrainOp::ReduceGrad(r) if !r.dims.contains(&0) => Some(elems),
+            _ => None,
+        },
+        _ => None,
+    }
 }

@@ -131,6 +131,18 @@ struct Entry {
     work: Option<u64>,
     /// Whether it only moves data (its `work` is then not floating-point operations).
     moves: bool,
+    /// For a sample-wise kernel of a training graph: operations per sample (threads may
+    /// run it on disjoint ranges of samples; see [`Code::run`]).
+    samples: Option<u64>,
+}
+
+/// The slot tables of a whole-batch chunk cut into one range of samples per thread, for
+/// the sample-wise kernels: part `p` computes samples `ranges[p]`, and `tables[p]` holds
+/// every batch-major slot's address advanced to the range's first sample (fixed-size
+/// slots as they are).
+struct PartTables {
+    tables: Vec<Vec<usize>>,
+    ranges: Vec<(usize, usize)>,
 }
 
 // SAFETY: `Code` holds the finalised module only to keep its executable memory alive and to
@@ -164,10 +176,12 @@ impl Code {
     /// `table[s]` must be the address of slot `s`'s buffer for a chunk of `nb ≥ 1` samples:
     /// at least `nb · size(s)` floats, inputs not written by anyone during the call,
     /// outputs and the arena used by this call only (or, for a parallel kernel, by calls
-    /// with the same table and the other parts). `parts > 1` only for a kernel with `work`.
+    /// with the same table and the other parts; for a sample-wise kernel, by calls with the
+    /// tables of the other, disjoint ranges of samples of the same chunk and the other
+    /// parts). `parts > 1` only for a kernel with `work` or `samples`.
     fn call(&self, k: usize, table: &[usize], nb: usize, part: usize, parts: usize) {
         let entry = &self.entries[k];
-        debug_assert!(parts == 1 || entry.work.is_some());
+        debug_assert!(parts == 1 || entry.work.is_some() || entry.samples.is_some());
         // SAFETY: `entry.code` is a finalised function of `self.module` (alive while `self`
         // is) with the Cranelift signature `fn(i64, i64, i64, i64)` in the platform's C
         // calling convention, i.e. `extern "C" fn(*const usize, i64, i64, i64)`. The kernel
@@ -178,7 +192,11 @@ impl Code {
         // padding taps are either skipped by those bounds or redirected to an in-bounds
         // neutral row — never read outside. It writes only its result slot, which the plan
         // keeps disjoint from its operands; a parallel kernel writes only the part of it
-        // that `part` owns (`part < parts`, both passed as given here). `Compiled::run`
+        // that `part` owns (`part < parts`, both passed as given here); a sample-wise
+        // kernel writes only the samples its table and `nb` describe (its range; the other
+        // parts' ranges are disjoint) and only copy `part` of a fixed scratch region, of
+        // which the plan made `parts` copies (`plan::plan` with the model's thread count,
+        // the most parts a run splits into). `Compiled::run`
         // sizes every buffer for `nb` and gives each thread its own arena and output range,
         // or, when threads share a kernel, waits for every part before the next kernel.
         unsafe {
@@ -188,22 +206,35 @@ impl Code {
     }
 
     /// Runs every kernel, in order, on one chunk, splitting the kernels worth it between
-    /// the threads of `team` (if any). With `times`, adds each kernel's wall time to its
-    /// entry.
+    /// the threads of `team` (if any): a kernel with `work` by its own parts, a sample-wise
+    /// kernel by the ranges of samples of `split` (given for a whole-batch chunk of a
+    /// training graph). With `times`, adds each kernel's wall time to its entry.
     fn run(
         &self,
         table: &[usize],
         nb: usize,
         team: Option<&team::Team>,
+        split: Option<&PartTables>,
         min_work: u64,
         mut times: Option<&mut [Duration]>,
     ) {
         for (k, e) in self.entries.iter().enumerate() {
             let start = times.is_some().then(Instant::now);
-            match (team, e.work) {
-                (Some(t), Some(w)) if w.saturating_mul(nb as u64) >= min_work => {
+            match (team, e.work, e.samples, split) {
+                (Some(t), Some(w), _, _) if w.saturating_mul(nb as u64) >= min_work => {
                     let parts = t.threads();
                     t.run(parts, &|p| self.call(k, table, nb, p, parts));
+                }
+                (Some(t), None, Some(w), Some(split))
+                    if w.saturating_mul(nb as u64) >= min_work && split.ranges.len() == t.threads() =>
+                {
+                    let parts = t.threads();
+                    t.run(parts, &|p| {
+                        let (a, b) = split.ranges[p];
+                        if b > a {
+                            self.call(k, &split.tables[p], b - a, p, parts);
+                        }
+                    });
                 }
                 _ => self.call(k, table, nb, 0, 1),
             }
@@ -332,7 +363,11 @@ impl Compiled {
         let kernels = if options.portable { Kernels::Portable } else { kernels };
         let isa = microkernel::Isa::detect(kernels).map_err(Error::Unsupported)?;
         let fused_graph = options.fuse && !training;
-        let plan = plan::plan(graph, isa.is_some())?;
+        let threads = match options.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            t => t,
+        };
+        let plan = plan::plan(graph, isa.is_some(), threads)?;
         let mut jit = codegen::Jit::new(!options.portable, isa)?;
         lower::lower(&mut jit, graph, weights, &plan)?;
         let codegen::Jit { mut module, funcs, consts, .. } = jit;
@@ -344,13 +379,10 @@ impl Compiled {
                 name: f.name.clone(),
                 work: f.work,
                 moves: f.data_movement,
+                samples: f.samples,
             })
             .collect();
         let code = Code { module: Some(module), entries };
-        let threads = match options.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            t => t,
-        };
         let chunk = if plan.whole_batch { usize::MAX } else { chunk_for(4 * plan.arena) };
         Ok(Compiled {
             graph: graph.clone(),
@@ -533,11 +565,34 @@ impl Compiled {
                     SlotKind::Fixed(o) => arena + 4 * (self.plan.arena * nb + o),
                 };
             }
-            self.code.run(&scratch.table, nb, team, self.parallel_min_work, times.as_deref_mut());
+            let split = match team {
+                Some(t) if self.plan.whole_batch && t.threads() > 1 => {
+                    Some(self.part_tables(&scratch.table, nb, t.threads()))
+                }
+                _ => None,
+            };
+            self.code.run(&scratch.table, nb, team, split.as_ref(), self.parallel_min_work, times.as_deref_mut());
             start += nb;
         }
         self.pool.lock().map_err(|_| poisoned())?.push(scratch);
         Ok(())
+    }
+
+    /// The chunk's slot tables per range of samples (see [`PartTables`]): `parts` ranges of
+    /// as equal sizes as whole samples allow.
+    fn part_tables(&self, table: &[usize], nb: usize, parts: usize) -> PartTables {
+        let ranges: Vec<(usize, usize)> = (0..parts).map(|p| (p * nb / parts, (p + 1) * nb / parts)).collect();
+        let tables = ranges
+            .iter()
+            .map(|&(a, _)| {
+                table
+                    .iter()
+                    .zip(&self.plan.slots)
+                    .map(|(t, slot)| if slot.batched { t + 4 * a * slot.size } else { *t })
+                    .collect()
+            })
+            .collect();
+        PartTables { tables, ranges }
     }
 
     /// Sets the floating-point operations a kernel call must do before the threads share it

@@ -91,6 +91,9 @@ pub(super) struct Slot {
     pub size: usize,
     /// Arrangement of the elements.
     pub layout: Layout,
+    /// Whether the buffer is batch-major, `size` floats per sample (every slot but the
+    /// fixed-size values and scratch regions of a training graph).
+    pub batched: bool,
 }
 
 /// One step of a run.
@@ -172,7 +175,7 @@ impl Builder {
             (Layout::Blocked { c, h, w }, _) | (_, Layout::Blocked { c, h, w }) => c * h * w,
             (Layout::Plain, Layout::Plain) => self.slots[s].size,
         };
-        self.slots.push(Slot { kind: UNPLACED, size: want.size(numel), layout: want });
+        self.slots.push(Slot { kind: UNPLACED, size: want.size(numel), layout: want, batched: true });
         let t = self.slots.len() - 1;
         self.steps.push(Step::Reorder { from: s, to: t });
         self.converted.insert((s, want), t);
@@ -288,8 +291,9 @@ fn align(x: usize) -> usize {
 ///
 /// A graph with training ops ([`Op::Train`]) is planned in the plain layout, to run the
 /// whole batch as one chunk: its values of the first input's batch are per-sample slots as
-/// usual, every other value (of a fixed shape) gets a fixed slot.
-pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
+/// usual, every other value (of a fixed shape) gets a fixed slot. `parts`: the most threads
+/// that may share one of its kernels (each gets its own copy of a fixed scratch region).
+pub(super) fn plan(graph: &Graph, blocked: bool, parts: usize) -> Result<Plan> {
     let order = graph.topo_order()?;
     let training = order.iter().any(|id| matches!(graph.node(*id).op, Op::Train(_)));
     // With the micro-kernels, Conv2d and Linear backward run as GEMMs over their tile.
@@ -334,7 +338,7 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                 let i = graph.inputs.iter().position(|(_, n)| *n == id).ok_or_else(|| {
                     Error::Unsupported(format!("input node `{}` is not among the graph's inputs", node.name))
                 })?;
-                b.slots.push(Slot { kind: SlotKind::Input(i), size: numel, layout: Layout::Plain });
+                b.slots.push(Slot { kind: SlotKind::Input(i), size: numel, layout: Layout::Plain, batched: true });
                 value.insert(id, b.slots.len() - 1);
             }
             Op::Flatten(_) | Op::Dropout(_) | Op::Train(TrainOp::Reshape(_)) => {
@@ -363,7 +367,7 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                     }
                     _ => (UNPLACED, out.size(numel)),
                 };
-                b.slots.push(Slot { kind, size, layout: out });
+                b.slots.push(Slot { kind, size, layout: out, batched: kind != UNPLACED_FIXED });
                 let output = b.slots.len() - 1;
                 value.insert(id, output);
                 let in_layout = b.slots[inputs[0]].layout;
@@ -392,7 +396,10 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
                 };
                 let kind = if fixed_scratch { UNPLACED_FIXED } else { UNPLACED };
                 let scratch = staged.map(|size| {
-                    b.slots.push(Slot { kind, size, layout: Layout::Plain });
+                    // A fixed scratch region: one copy per thread (sample-wise and
+                    // column-split kernels use copy `part`).
+                    let size = if fixed_scratch { size * parts.max(1) } else { size };
+                    b.slots.push(Slot { kind, size, layout: Layout::Plain, batched: !fixed_scratch });
                     b.slots.len() - 1
                 });
                 b.steps.push(Step::Node { id, inputs, output, scratch });
@@ -405,7 +412,8 @@ pub(super) fn plan(graph: &Graph, blocked: bool) -> Result<Plan> {
             SlotKind::Fixed(_) => b.slots[s].size,
             _ => graph.node(*id).ty.numel_per_sample(),
         };
-        let out = Slot { kind: SlotKind::Output(j), size: numel, layout: Layout::Plain };
+        let batched = b.slots[s].batched;
+        let out = Slot { kind: SlotKind::Output(j), size: numel, layout: Layout::Plain, batched };
         if b.slots[s].layout.is_blocked() {
             b.slots.push(out);
             b.steps.push(Step::Reorder { from: s, to: b.slots.len() - 1 });
@@ -620,7 +628,7 @@ mod tests {
 
     #[test]
     fn a_chain_ping_pongs_between_two_buffers() {
-        let p = plan(&chain(5), false).unwrap();
+        let p = plan(&chain(5), false, 1).unwrap();
         let offsets: Vec<usize> = p
             .slots
             .iter()
@@ -642,7 +650,7 @@ mod tests {
         b.output("a", r);
         b.output("b", r);
         b.output("c", x);
-        let p = plan(&b.finish(), false).unwrap();
+        let p = plan(&b.finish(), false, 1).unwrap();
         assert_eq!(p.slots[1].kind, SlotKind::Output(0));
         assert_eq!(p.steps[1], Step::Copy { from: 1, to: 2 });
         assert_eq!(p.steps[2], Step::Copy { from: 0, to: 3 });

@@ -24,7 +24,7 @@
 
 use super::conv::{RowsGemm, rows_gemm};
 use crate::error::{Error, Result};
-use crate::jit::codegen::{Count, Fx, Jit, c};
+use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
 use crate::jit::cx::NodeCx;
 use crate::jit::eltwise::copy_run;
 use crate::jit::microkernel::{self, Act, GemmTile, Isa};
@@ -100,6 +100,61 @@ impl Gemm {
         }
     }
 
+    /// As [`Gemm::emit`], for the column tiles `lo..lo + nfull` (all full; `nfull` may be
+    /// ≤ 0) and, if `rem` (an i64 0 or 1) is 1, the last, partial tile.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_range(
+        &self,
+        fx: &mut Fx<'_>,
+        a: Value,
+        b: Value,
+        cp: Value,
+        kn: Value,
+        first: Value,
+        (lo, nfull, rem): (Value, Value, Value),
+    ) {
+        let k = fx.b.ins().ishl_imm_u(kn, 32);
+        let f = fx.b.ins().ishl_imm_u(first, 62);
+        let k = fx.b.ins().bor(k, f);
+        let last = fx.i(i64::MIN);
+        let kspan = fx.b.ins().bor(k, last);
+        let bt = fx.b.ins().imul_imm_s(lo, c(4 * self.kmax * self.nr));
+        let bt = fx.add(b, bt);
+        let ct = fx.b.ins().imul_imm_s(lo, c(4 * self.nr));
+        let ct = fx.add(cp, ct);
+        let col = fx.b.ins().imul_imm_s(lo, c(self.nr));
+        let steps = [c(4 * self.kmax * self.nr), c(4 * self.nr), c(self.nr), 0, 0];
+        fx.loop_n(Count::Dyn(nfull), [bt, ct, col, a, kspan], steps, |fx, [bt, ct, col, a, ks]| {
+            self.rows(fx, a, bt, ct, col, self.nr, ks);
+        });
+        let valid = self.n % self.nr;
+        if valid > 0 {
+            let full = self.full_tiles();
+            let bt = fx.addi(b, c(4 * self.tile_off(full)));
+            let ct = fx.addi(cp, c(4 * full * self.nr));
+            let col = fx.i(c(full * self.nr));
+            fx.loop_n(Count::Dyn(rem), [bt, ct, col, a, kspan], [0; 5], |fx, [bt, ct, col, a, ks]| {
+                self.rows(fx, a, bt, ct, col, valid, ks);
+            });
+        }
+    }
+
+    /// This part's share of the column tiles ([`part_range`] of them): `(lo, nfull, rem)`
+    /// as [`Gemm::emit_range`] takes them.
+    fn part_tiles(&self, fx: &mut Fx<'_>) -> (Value, Value, Value) {
+        let full = self.full_tiles();
+        let tiles = fx.i(c(self.n.div_ceil(self.nr)));
+        let (lo, hi) = part_range(fx, tiles);
+        let fc = fx.i(c(full));
+        let over = fx.b.ins().icmp(IntCC::SignedGreaterThan, hi, fc);
+        let end = fx.select(over, fc, hi);
+        let nfull = fx.b.ins().isub(end, lo);
+        let some = fx.b.ins().icmp(IntCC::SignedLessThan, lo, hi);
+        let rem = fx.b.ins().band(over, some);
+        let rem = fx.b.ins().uextend(types::I64, rem);
+        (lo, nfull, rem)
+    }
+
     /// Every row block of one column tile.
     #[allow(clippy::too_many_arguments)]
     fn rows(&self, fx: &mut Fx<'_>, a: Value, bt: Value, ct: Value, col: Value, valid: usize, ks: Value) {
@@ -131,6 +186,13 @@ impl Gemm {
 fn scratch_of(cx: &NodeCx<'_>, op: &TrainOp) -> Result<GradScratch> {
     GradScratch::of(op, &cx.in_tys, &cx.node.ty)
         .ok_or_else(|| Error::Unsupported(format!("`{}`: no GEMM form for this op", cx.node.name)))
+}
+
+/// This part's copy of a fixed scratch region of `total` floats (the plan makes one per
+/// thread; see `plan::plan`).
+fn part_scratch(fx: &mut Fx<'_>, scr: Value, total: usize) -> Value {
+    let off = fx.b.ins().imul_imm_s(fx.part, c(4 * total));
+    fx.add(scr, off)
 }
 
 /// The running sample block: `min(block, nb − n0)` samples, and whether it is the first.
@@ -196,15 +258,22 @@ pub(in crate::jit) fn conv_weight_grad(
         None
     };
     let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
-    jit.kernel(&cx.node.name, |fx| {
+    let work = 2 * (o * p * kc) as u64;
+    // Threads share it by column tiles (taps), each with its own scratch: the padded
+    // block and the packed output gradient are copied by every part (a small fraction of
+    // the GEMM's work), each im2col tile by the part that owns it.
+    jit.parallel_kernel(&cx.node.name, work, |fx| {
         let (x, dy, dw, scr) = (fx.slot(xs), fx.slot(ds), fx.slot(os), fx.slot(ss));
+        let scr = part_scratch(fx, scr, sc.total);
         let pad = fx.addi(scr, c(4 * sc.pad));
         let apk = fx.addi(scr, c(4 * sc.a));
         let bpk = fx.addi(scr, c(4 * sc.b));
+        let (lo, nfull, rem) = gemm.part_tiles(fx);
         let nblk = blocks(fx, block);
         let zero = fx.i(0);
-        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * o * p), 0, 0, 0, 0];
-        fx.loop_n(Count::Dyn(nblk), [zero, x, dy, pad, apk, bpk, dw], steps, |fx, [n0, xb, dyb, pad, apk, bpk, dw]| {
+        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * o * p), 0, 0, 0, 0, 0, 0, 0];
+        let vals = [zero, x, dy, pad, apk, bpk, dw, lo, nfull, rem];
+        fx.loop_n(Count::Dyn(nblk), vals, steps, |fx, [n0, xb, dyb, pad, apk, bpk, dw, lo, nfull, rem]| {
             let (cnt, first) = block_count(fx, n0, block);
             // The block's padded input.
             let src = match tabs {
@@ -219,29 +288,39 @@ pub(in crate::jit) fn conv_weight_grad(
                 fx.loop_n(Count::Const(o), [s, d], [c(4 * p), c(4 * kmax)], |fx, [s, d]| copy_run(fx, s, d, p));
             });
             let kn = fx.b.ins().imul_imm_s(cnt, c(p));
-            let steps = [c(4 * cin_g * ph * pw), c(4 * cout_g * kmax), c(4 * cout_g * kc), 0, 0, 0, 0];
+            let steps = [c(4 * cin_g * ph * pw), c(4 * cout_g * kmax), c(4 * cout_g * kc), 0, 0, 0, 0, 0, 0, 0];
             fx.loop_n(
                 Count::Const(g),
-                [src, apk, dw, bpk, cnt, kn, first],
+                [src, apk, dw, bpk, cnt, kn, first, lo, nfull, rem],
                 steps,
-                |fx, [xg, ag, dwg, bpk, cnt, kn, first]| {
+                |fx, [xg, ag, dwg, bpk, cnt, kn, first, lo, nfull, rem]| {
                     // B: the im2col of the group's channels (column j = tap (channel, ky, kx)),
                     // written pixel by pixel: each pixel's row of a tile is one contiguous run,
-                    // its values gathered through the tile's byte-offset table.
-                    let tile = |fx: &mut Fx<'_>, tab: Value, bt: Value, valid: usize, width: usize| {
-                        let geo = Taps { sample: cin * ph * pw, pw, out: (oh, ow), stride: (sh, sw), pixel: width };
-                        gather_taps(fx, &geo, xg, bt, Count::Dyn(cnt), tab, valid);
-                    };
+                    // its values gathered through the tile's byte-offset table. Only this
+                    // part's tiles.
+                    let tile =
+                        |fx: &mut Fx<'_>, tab: Value, bt: Value, xg: Value, cnt: Value, valid: usize, width: usize| {
+                            let geo = Taps { sample: cin * ph * pw, pw, out: (oh, ow), stride: (sh, sw), pixel: width };
+                            gather_taps(fx, &geo, xg, bt, Count::Dyn(cnt), tab, valid);
+                        };
                     let full = gemm.full_tiles();
                     let tab0 = fx.addr(taps);
-                    let steps = [c(8 * nr), c(4 * gemm.tile_off(1))];
-                    fx.loop_n(Count::Const(full), [tab0, bpk], steps, |fx, [tab, bt]| tile(fx, tab, bt, nr, nr));
+                    let t0 = fx.b.ins().imul_imm_s(lo, c(8 * nr));
+                    let tab = fx.add(tab0, t0);
+                    let b0 = fx.b.ins().imul_imm_s(lo, c(4 * gemm.tile_off(1)));
+                    let bt = fx.add(bpk, b0);
+                    let steps = [c(8 * nr), c(4 * gemm.tile_off(1)), 0, 0];
+                    fx.loop_n(Count::Dyn(nfull), [tab, bt, xg, cnt], steps, |fx, [tab, bt, xg, cnt]| {
+                        tile(fx, tab, bt, xg, cnt, nr, nr)
+                    });
                     if !kc.is_multiple_of(nr) {
                         let tab = fx.addi(tab0, c(8 * full * nr));
                         let bt = fx.addi(bpk, c(4 * gemm.tile_off(full)));
-                        tile(fx, tab, bt, kc % nr, gemm.width(full));
+                        fx.loop_n(Count::Dyn(rem), [tab, bt, xg, cnt], [0; 4], |fx, [tab, bt, xg, cnt]| {
+                            tile(fx, tab, bt, xg, cnt, kc % nr, gemm.width(full))
+                        });
                     }
-                    gemm.emit(fx, ag, bpk, dwg, kn, first);
+                    gemm.emit_range(fx, ag, bpk, dwg, kn, first, (lo, nfull, rem));
                 },
             );
         });
@@ -341,6 +420,8 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
     let (sh, sw) = conv.stride;
     jit.kernel(&cx.node.name, |fx| {
         let (x, y, scr) = (fx.slot(xs), fx.slot(ys), fx.slot(ss));
+        // Sample-wise: this thread's copy of the scratch (see `lower::samplewise_work`).
+        let scr = part_scratch(fx, scr, sc.total);
         let pad = fx.addi(scr, c(4 * sc.pad));
         let col = fx.addi(scr, c(4 * sc.a));
         let out = fx.addi(scr, c(4 * sc.col));
@@ -508,6 +589,8 @@ pub(in crate::jit) fn conv_input_grad(
     let last_width = gemm.width(full);
     jit.kernel(&cx.node.name, |fx| {
         let (dy, dx, scr) = (fx.slot(ds), fx.slot(os), fx.slot(ss));
+        // Sample-wise: this thread's copy of the scratch (see `lower::samplewise_work`).
+        let scr = part_scratch(fx, scr, sc.total);
         let dpad = fx.addi(scr, c(4 * sc.pad));
         let bpk = fx.addi(scr, c(4 * sc.b));
         let col = fx.addi(scr, c(4 * sc.col));
@@ -650,14 +733,19 @@ pub(in crate::jit) fn linear_weight_grad(
     let kmax = block * rows;
     let gemm = Gemm::new(jit, isa, fo, fi, kmax, kmax, fi);
     let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
-    jit.kernel(&cx.node.name, |fx| {
+    let work = 2 * (rows * fi * fo) as u64;
+    // Threads share it by column tiles (input features), as the conv's weight gradient.
+    jit.parallel_kernel(&cx.node.name, work, |fx| {
         let (x, dy, dw, scr) = (fx.slot(xs), fx.slot(ds), fx.slot(os), fx.slot(ss));
+        let scr = part_scratch(fx, scr, sc.total);
         let apk = fx.addi(scr, c(4 * sc.a));
         let bpk = fx.addi(scr, c(4 * sc.b));
+        let (lo, nfull, rem) = gemm.part_tiles(fx);
         let nblk = blocks(fx, block);
         let zero = fx.i(0);
-        let steps = [c(block), c(4 * block * rows * fi), c(4 * block * rows * fo), 0, 0, 0];
-        fx.loop_n(Count::Dyn(nblk), [zero, x, dy, apk, bpk, dw], steps, |fx, [n0, xb, dyb, apk, bpk, dw]| {
+        let steps = [c(block), c(4 * block * rows * fi), c(4 * block * rows * fo), 0, 0, 0, 0, 0, 0];
+        let vals = [zero, x, dy, apk, bpk, dw, lo, nfull, rem];
+        fx.loop_n(Count::Dyn(nblk), vals, steps, |fx, [n0, xb, dyb, apk, bpk, dw, lo, nfull, rem]| {
             let (cnt, first) = block_count(fx, n0, block);
             let r = fx.b.ins().imul_imm_s(cnt, c(rows));
             // A = dyᵀ: a row per output feature.
@@ -667,20 +755,28 @@ pub(in crate::jit) fn linear_weight_grad(
                     fx.store_f(v, d, 0);
                 });
             });
-            // B: the rows of x, by tiles of features.
+            // B: the rows of x, by tiles of features (this part's tiles).
             let nr = gemm.nr;
             let full = gemm.full_tiles();
-            let steps = [c(4 * nr), c(4 * gemm.tile_off(1))];
-            fx.loop_n(Count::Const(full), [xb, bpk, r], [steps[0], steps[1], 0], |fx, [s, d, r]| {
+            let steps = [c(4 * nr), c(4 * gemm.tile_off(1)), 0];
+            let s0 = fx.b.ins().imul_imm_s(lo, c(4 * nr));
+            let s0 = fx.add(xb, s0);
+            let d0 = fx.b.ins().imul_imm_s(lo, c(4 * gemm.tile_off(1)));
+            let d0 = fx.add(bpk, d0);
+            fx.loop_n(Count::Dyn(nfull), [s0, d0, r], steps, |fx, [s, d, r]| {
                 fx.loop_n(Count::Dyn(r), [s, d], [c(4 * fi), c(4 * nr)], |fx, [s, d]| copy_run(fx, s, d, nr));
             });
             if fi % nr > 0 {
                 let s = fx.addi(xb, c(4 * full * nr));
                 let d = fx.addi(bpk, c(4 * gemm.tile_off(full)));
                 let width = gemm.width(full);
-                fx.loop_n(Count::Dyn(r), [s, d], [c(4 * fi), c(4 * width)], |fx, [s, d]| copy_run(fx, s, d, fi % nr));
+                fx.loop_n(Count::Dyn(rem), [s, d, r], [0; 3], |fx, [s, d, r]| {
+                    fx.loop_n(Count::Dyn(r), [s, d], [c(4 * fi), c(4 * width)], |fx, [s, d]| {
+                        copy_run(fx, s, d, fi % nr)
+                    });
+                });
             }
-            gemm.emit(fx, apk, bpk, dw, r, first);
+            gemm.emit_range(fx, apk, bpk, dw, r, first, (lo, nfull, rem));
         });
     })?;
     Ok(())
