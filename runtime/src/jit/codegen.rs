@@ -730,7 +730,8 @@ impl Fx<'_> {
     }
 
     /// A counted loop that carries values: `vals[i]` starts as given and advances by
-    /// `steps[i]` per iteration (pointers in bytes, counters in units; 0 for an invariant);
+    /// `steps[i]` per iteration (pointers in bytes, counters in units; 0 for an invariant,
+    /// which may also be a float or a vector);
     /// `body` receives the current values. Runs `count` times (a constant, or a runtime
     /// value that may be ≤ 0).
     ///
@@ -775,7 +776,14 @@ impl Fx<'_> {
         let cur = vars.map(|v| self.b.use_var(v));
         body(self, cur);
         for ((v, p), s) in vars.iter().zip(cur).zip(steps) {
-            let next = self.b.ins().iadd_imm_s(p, s);
+            let next = if self.b.func.dfg.value_type(p).is_int() {
+                self.b.ins().iadd_imm_s(p, s)
+            } else {
+                // A float or vector invariant (`s` is 0): `p | p`, which the e-graph pass
+                // folds back to `p` after the parameter is kept.
+                debug_assert_eq!(s, 0, "only integers advance");
+                self.b.ins().bor(p, p)
+            };
             self.b.def_var(*v, next);
         }
         let k = self.b.use_var(counter);

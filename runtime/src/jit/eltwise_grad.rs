@@ -2,34 +2,29 @@
 //! and its gradients (and the eval-mode ones), Dropout's mask, the losses and their
 //! gradients, activation backward, bias gradients, slices and reduction backward.
 //!
-//! They follow the interpreter's arithmetic exactly — sums in f64 in the same order,
-//! rounded to f32 once — so a training graph gives the interpreter's numbers up to the
-//! last bit in these ops. They run the whole batch (a training graph runs as one chunk:
-//! see [`super::plan`]); values of a fixed shape (statistics, gradients of parameters, the
-//! loss) are written once, not per sample. Straightforward scalar loops: the fast,
-//! vectorised forms are future work.
+//! They run the whole batch (a training graph runs as one chunk: see [`super::plan`]);
+//! values of a fixed shape (statistics, gradients of parameters, the loss) are written
+//! once, not per sample. BatchNorm and activation backward run on f32x4: a per-channel sum
+//! adds f32 lanes over runs of at most 64 elements and those partial sums in f64
+//! ([`add_sums`]); elementwise results use per-channel factors made in f64 and rounded
+//! once (as ATen's CPU kernels do, in f32). Per-channel reductions are shared between
+//! threads by channels; elementwise kernels are sample-wise (`lower::samplewise_work`).
+//! The losses, slices and reduction backward follow the interpreter's arithmetic exactly
+//! (sums in f64 in its order, rounded once), in scalar loops.
 
-use super::codegen::{Fx, Jit, c};
+use super::codegen::{Count, Fx, Jit, LANES, V, c, part_range};
 use super::cx::NodeCx;
-use super::math::{exp_f64, ln_1p_f64, ln_f64};
+use super::math::{exp_f64, ln_1p_f64, ln_f64, vsel};
 use crate::error::{Error, Result};
 use cnnc_compiler::ops::train::{Loss, Reduction};
 use cnnc_compiler::ops::{Activation, BatchNorm2d, Reduce, ReduceKind};
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{InstBuilder, Value, types};
+use cranelift_frontend::Variable;
 
-/// `(N·C planes, plane)` loop: `body(n, ch, base)` for each sample and channel, `base` the
-/// plane's first element index in an `[N, C, plane]` tensor.
-fn planes(fx: &mut Fx<'_>, ch: Value, ch_count: usize, plane: usize, mut body: impl FnMut(&mut Fx<'_>, Value)) {
-    fx.for_samples(|fx, n| {
-        let base = fx.lin(&[(n, c(ch_count * plane)), (ch, c(plane))], 0);
-        body(fx, base);
-    });
-}
-
-/// `for i in 0..plane { body(base + i) }`.
-fn each(fx: &mut Fx<'_>, base: Value, plane: usize, mut body: impl FnMut(&mut Fx<'_>, Value)) {
-    fx.for_const(0, plane, 1, |fx, i| {
+/// `for i in 0..len { body(base + i) }`.
+fn each(fx: &mut Fx<'_>, base: Value, len: usize, mut body: impl FnMut(&mut Fx<'_>, Value)) {
+    fx.for_const(0, len, 1, |fx, i| {
         let at = fx.add(base, i);
         body(fx, at);
     });
@@ -69,37 +64,177 @@ fn mean_invstd(fx: &mut Fx<'_>, stats: Value, ch: Value, channels: usize, eps: f
     (mean, inv)
 }
 
-/// `x [N, C, H, W] → [2, C]`: per-channel mean and biased variance, two passes in f64.
+/// Per-channel factors a vector loop uses (f32x4 splats), carried through the loop as
+/// invariants (see [`Fx::loop_n`]).
+type Factors = [Value; 4];
+
+/// `dst[i] = f(a[i], b[i], factors)` for `len` floats on f32x4 (the last 1–3 as a partial
+/// vector, the missing lanes loaded as 0); the loop carries its pointers and the factors.
+fn map_run(
+    fx: &mut Fx<'_>,
+    [a, b]: [Value; 2],
+    dst: Value,
+    len: usize,
+    k: Factors,
+    mut f: impl FnMut(&mut Fx<'_>, [Value; 2], Factors) -> Value,
+) {
+    let full = len / LANES;
+    let vals = [a, b, dst, k[0], k[1], k[2], k[3]];
+    fx.loop_n(Count::Const(full), vals, [16, 16, 16, 0, 0, 0, 0], |fx, [a, b, d, k0, k1, k2, k3]| {
+        let (va, vb) = (fx.load_v(a, 0), fx.load_v(b, 0));
+        let r = f(fx, [va, vb], [k0, k1, k2, k3]);
+        fx.store_v(r, d, 0);
+    });
+    let rem = len % LANES;
+    if rem > 0 {
+        let off = c(4 * full * LANES);
+        let (a, b, d) = (fx.addi(a, off), fx.addi(b, off), fx.addi(dst, off));
+        let (va, vb) = (fx.load_partial(a, 0, rem), fx.load_partial(b, 0, rem));
+        let r = f(fx, [va, vb], k);
+        fx.store_partial(r, d, 0, rem);
+    }
+}
+
+/// Vectors per f32 partial sum before it is added into its f64 total (64 floats: a lane
+/// sums at most 16 terms in f32).
+const SUM_CHUNK: usize = 16;
+
+/// Adds into the f64 totals `accs` the sums over `len` floats from the pointers `p` of the
+/// `K` terms `terms(fx, [pointers at the current vector], k, lanes)` makes (f32x4 each; of
+/// a partial vector of `lanes < 4` only the first `lanes` count; `k` a per-channel factor
+/// carried through the loops). Terms are summed in f32
+/// lanes over at most [`SUM_CHUNK`] vectors, then each lane is added into the total in f64.
+fn add_sums<const K: usize>(
+    fx: &mut Fx<'_>,
+    p: [Value; 2],
+    len: usize,
+    k: Value,
+    accs: [Variable; K],
+    mut terms: impl FnMut(&mut Fx<'_>, [Value; 2], Value, usize) -> [Value; K],
+) {
+    type Terms<'t, const K: usize> = dyn FnMut(&mut Fx<'_>, [Value; 2], Value, usize) -> [Value; K] + 't;
+    let vectors = len / LANES;
+    let chunk = |fx: &mut Fx<'_>, p: [Value; 2], k: Value, count: usize, terms: &mut Terms<'_, K>| {
+        let lanes: [Variable; K] = std::array::from_fn(|_| {
+            let z = fx.vf(0.0);
+            fx.var(V, z)
+        });
+        fx.loop_n(Count::Const(count), [p[0], p[1], k], [16, 16, 0], |fx, [p0, p1, k]| {
+            let t = terms(fx, [p0, p1], k, LANES);
+            for (l, t) in lanes.iter().zip(t) {
+                let cur = fx.b.use_var(*l);
+                let s = fx.b.ins().fadd(cur, t);
+                fx.b.def_var(*l, s);
+            }
+        });
+        for (l, acc) in lanes.iter().zip(accs) {
+            let v = fx.b.use_var(*l);
+            lane_total(fx, v, LANES, acc);
+        }
+    };
+    let chunks = vectors / SUM_CHUNK;
+    if chunks > 0 {
+        let step = c(16 * SUM_CHUNK);
+        fx.loop_n(Count::Const(chunks), [p[0], p[1], k], [step, step, 0], |fx, [p0, p1, k]| {
+            chunk(fx, [p0, p1], k, SUM_CHUNK, &mut terms)
+        });
+    }
+    let left = vectors % SUM_CHUNK;
+    let done = c(4 * chunks * SUM_CHUNK * LANES);
+    if left > 0 {
+        let q = [fx.addi(p[0], done), fx.addi(p[1], done)];
+        chunk(fx, q, k, left, &mut terms);
+    }
+    let rem = len % LANES;
+    if rem > 0 {
+        let off = c(4 * vectors * LANES);
+        let q = [fx.addi(p[0], off), fx.addi(p[1], off)];
+        let t = terms(fx, q, k, rem);
+        for (t, acc) in t.into_iter().zip(accs) {
+            lane_total(fx, t, rem, acc);
+        }
+    }
+}
+
+/// Adds the first `lanes` lanes of the f32x4 `v` into the f64 variable `acc`.
+fn lane_total(fx: &mut Fx<'_>, v: Value, lanes: usize, acc: Variable) {
+    for j in 0..lanes {
+        let x = fx.b.ins().extractlane(v, j as u8);
+        let x = fx.b.ins().fpromote(types::F64, x);
+        fx.accumulate(acc, x);
+    }
+}
+
+/// Loops over this part's channels (channels are split between the parts of a parallel
+/// kernel) carrying the channel index and each pointer advanced to that channel's plane of
+/// sample 0: `body(fx, ch, pointers)`.
+fn for_channels(
+    fx: &mut Fx<'_>,
+    (ch_n, plane): (usize, usize),
+    p: [Value; 3],
+    body: impl FnOnce(&mut Fx<'_>, Value, [Value; 3]),
+) {
+    let n = fx.i(c(ch_n));
+    let (lo, hi) = part_range(fx, n);
+    let count = fx.b.ins().isub(hi, lo);
+    let off = fx.b.ins().imul_imm_s(lo, c(4 * plane));
+    let q = p.map(|p| fx.add(p, off));
+    let step = c(4 * plane);
+    fx.loop_n(Count::Dyn(count), [lo, q[0], q[1], q[2]], [1, step, step, step], |fx, [ch, a, b, d]| {
+        body(fx, ch, [a, b, d])
+    });
+}
+
+/// Loops over the chunk's samples, each pointer advanced by one sample of `[C, plane]`.
+fn for_samples_of(
+    fx: &mut Fx<'_>,
+    (ch_n, plane): (usize, usize),
+    p: [Value; 3],
+    body: impl FnOnce(&mut Fx<'_>, [Value; 3]),
+) {
+    let step = c(4 * ch_n * plane);
+    fx.loop_n(Count::Dyn(fx.nb), p, [step; 3], body);
+}
+
+/// Operations per sample of a per-channel reduction over `[C, plane]` (what decides
+/// whether threads share it, by channels).
+fn reduction_work(ch_n: usize, plane: usize) -> u64 {
+    8 * (ch_n * plane) as u64
+}
+
+/// `x [N, C, H, W] → [2, C]`: per-channel mean and biased variance, two passes (the mean,
+/// then the squared deviations from it), summed as [`add_sums`] does. Threads share it by
+/// channels.
 pub(super) fn batch_stats(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
     let (ch_n, h, w) = cx.in_chw(0)?;
     let plane = h * w;
     let (xs, os) = (cx.inputs[0], cx.output);
-    jit.kernel(&cx.node.name, |fx| {
-        let x = fx.slot(xs);
-        let out = fx.slot(os);
-        let count = fx.muli(fx.nb, c(plane));
-        let count = fx.int_to_f64(count);
-        fx.for_const(0, ch_n, 1, |fx, ch| {
+    jit.parallel_kernel(&cx.node.name, reduction_work(ch_n, plane), |fx| {
+        let (x, out) = (fx.slot(xs), fx.slot(os));
+        for_channels(fx, (ch_n, plane), [x, out, out], |fx, ch, [xc, _, _]| {
             let s = fx.acc_f64();
-            planes(fx, ch, ch_n, plane, |fx, base| {
-                each(fx, base, plane, |fx, i| {
-                    let v = fx.load_d(x, i);
-                    fx.accumulate(s, v);
-                });
+            let z = fx.vf(0.0);
+            for_samples_of(fx, (ch_n, plane), [xc, xc, xc], |fx, [xp, _, _]| {
+                add_sums(fx, [xp, xp], plane, z, [s], |fx, [p, _], _, lanes| [fx.load_partial(p, 0, lanes)]);
             });
             let sum = fx.b.use_var(s);
+            let count = fx.muli(fx.nb, c(plane));
+            let count = fx.int_to_f64(count);
             let mean = fx.b.ins().fdiv(sum, count);
+            let m32 = fx.b.ins().fdemote(types::F32, mean);
+            let mv = fx.b.ins().splat(V, m32);
             let q = fx.acc_f64();
-            planes(fx, ch, ch_n, plane, |fx, base| {
-                each(fx, base, plane, |fx, i| {
-                    let v = fx.load_d(x, i);
-                    let d = fx.b.ins().fsub(v, mean);
-                    let dd = fx.b.ins().fmul(d, d);
-                    fx.accumulate(q, dd);
+            let step = c(4 * ch_n * plane);
+            fx.loop_n(Count::Dyn(fx.nb), [xc, mv], [step, 0], |fx, [xp, mv]| {
+                add_sums(fx, [xp, xp], plane, mv, [q], |fx, [p, _], mv, lanes| {
+                    let v = fx.load_partial(p, 0, lanes);
+                    let d = fx.b.ins().fsub(v, mv);
+                    [fx.b.ins().fmul(d, d)]
                 });
             });
             let qs = fx.b.use_var(q);
             let var = fx.b.ins().fdiv(qs, count);
+            let out = fx.slot(os);
             fx.store_d(mean, out, ch);
             let vi = fx.addi(ch, c(ch_n));
             fx.store_d(var, out, vi);
@@ -108,7 +243,8 @@ pub(super) fn batch_stats(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
     Ok(())
 }
 
-/// `(x, stats) → (x − mean)·invstd·weight + bias`.
+/// `(x, stats) → (x − mean)·(invstd·weight) + bias` on f32x4, the per-channel factors made
+/// in f64 and rounded once. Sample-wise.
 pub(super) fn bn_train(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d) -> Result<()> {
     let (ch_n, h, w) = cx.in_chw(0)?;
     let plane = h * w;
@@ -117,24 +253,28 @@ pub(super) fn bn_train(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d) -> Resu
     let eps = bn.eps;
     jit.kernel(&cx.node.name, |fx| {
         let (x, st, y) = (fx.slot(xs), fx.slot(ss), fx.slot(ys));
-        fx.for_const(0, ch_n, 1, |fx, ch| {
-            let (mean, inv) = mean_invstd(fx, st, ch, ch_n, eps);
-            let g = gamma(fx, p.map(|p| p.0), ch);
-            let b = match p.and_then(|p| p.1) {
-                Some(a) => {
-                    let base = fx.addr(a);
-                    fx.load_d(base, ch)
-                }
-                None => fx.d(0.0),
-            };
-            planes(fx, ch, ch_n, plane, |fx, base| {
-                each(fx, base, plane, |fx, i| {
-                    let v = fx.load_d(x, i);
-                    let d = fx.b.ins().fsub(v, mean);
-                    let d = fx.b.ins().fmul(d, inv);
-                    let d = fx.b.ins().fmul(d, g);
-                    let r = fx.b.ins().fadd(d, b);
-                    fx.store_d(r, y, i);
+        let sample = c(4 * ch_n * plane);
+        fx.loop_n(Count::Dyn(fx.nb), [x, y, st], [sample, sample, 0], |fx, [xn, yn, st]| {
+            let zero = fx.i(0);
+            let step = c(4 * plane);
+            fx.loop_n(Count::Const(ch_n), [zero, xn, yn, st], [1, step, step, 0], |fx, [ch, xp, yp, st]| {
+                let (mean, inv) = mean_invstd(fx, st, ch, ch_n, eps);
+                let g = gamma(fx, p.map(|p| p.0), ch);
+                let b = match p.and_then(|p| p.1) {
+                    Some(a) => {
+                        let base = fx.addr(a);
+                        fx.load_d(base, ch)
+                    }
+                    None => fx.d(0.0),
+                };
+                let a = fx.b.ins().fmul(inv, g);
+                let [mv, av, bv] = [mean, a, b].map(|v| {
+                    let v = fx.b.ins().fdemote(types::F32, v);
+                    fx.b.ins().splat(V, v)
+                });
+                map_run(fx, [xp, xp], yp, plane, [mv, av, bv, bv], |fx, [v, _], [mv, av, bv, _]| {
+                    let d = fx.b.ins().fsub(v, mv);
+                    fx.fma(d, av, bv)
                 });
             });
         });
@@ -142,53 +282,65 @@ pub(super) fn bn_train(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d) -> Resu
     Ok(())
 }
 
-/// `(x, stats, dy) → dx` (`input`) or `→ Σ dy·x̂` per channel, as the interpreter's
-/// `bn_train_grad`.
+/// `(x, stats, dy) → dx` (`input`) or `→ Σ dy·x̂` per channel (the weight's gradient), as
+/// the interpreter's `bn_train_grad`: per channel the sums `Σ dy` and `Σ dy·(x − mean)`
+/// ([`add_sums`]), then `dx = (dy − mean(dy) − (x − mean)·invstd·mean(dy·x̂))·weight·invstd`
+/// on f32x4. Threads share it by channels.
 pub(super) fn bn_train_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d, input: bool) -> Result<()> {
     let (ch_n, h, w) = cx.in_chw(0)?;
     let plane = h * w;
     let p = if input { bn_params(jit, cx, bn, false)? } else { None };
     let (xs, ss, ds, os) = (cx.inputs[0], cx.inputs[1], cx.inputs[2], cx.output);
     let eps = bn.eps;
-    jit.kernel(&cx.node.name, |fx| {
-        let (x, st, dy, out) = (fx.slot(xs), fx.slot(ss), fx.slot(ds), fx.slot(os));
-        let count = fx.muli(fx.nb, c(plane));
-        let count = fx.int_to_f64(count);
-        fx.for_const(0, ch_n, 1, |fx, ch| {
+    jit.parallel_kernel(&cx.node.name, reduction_work(ch_n, plane), |fx| {
+        let (x, dy, out) = (fx.slot(xs), fx.slot(ds), fx.slot(os));
+        // The result's pointer advances by channel only for the input gradient.
+        let ptrs = [x, dy, if input { out } else { x }];
+        for_channels(fx, (ch_n, plane), ptrs, |fx, ch, [xc, dc, oc]| {
+            let st = fx.slot(ss);
             let (mean, inv) = mean_invstd(fx, st, ch, ch_n, eps);
+            let m32 = fx.b.ins().fdemote(types::F32, mean);
+            let mv = fx.b.ins().splat(V, m32);
             let (sdy, sdx) = (fx.acc_f64(), fx.acc_f64());
-            planes(fx, ch, ch_n, plane, |fx, base| {
-                each(fx, base, plane, |fx, i| {
-                    let d = fx.load_d(dy, i);
-                    fx.accumulate(sdy, d);
-                    let v = fx.load_d(x, i);
-                    let xh = fx.b.ins().fsub(v, mean);
-                    let t = fx.b.ins().fmul(d, xh);
-                    let t = fx.b.ins().fmul(t, inv);
-                    fx.accumulate(sdx, t);
+            let step = c(4 * ch_n * plane);
+            fx.loop_n(Count::Dyn(fx.nb), [xc, dc, mv], [step, step, 0], |fx, [xp, dp, mv]| {
+                add_sums(fx, [xp, dp], plane, mv, [sdy, sdx], |fx, [xq, dq], mv, lanes| {
+                    let d = fx.load_partial(dq, 0, lanes);
+                    let v = fx.load_partial(xq, 0, lanes);
+                    let xm = fx.b.ins().fsub(v, mv);
+                    [d, fx.b.ins().fmul(d, xm)]
                 });
             });
             let sum_dy = fx.b.use_var(sdy);
-            let sum_dyx = fx.b.use_var(sdx);
+            let sum_dxm = fx.b.use_var(sdx);
+            let sum_dyx = fx.b.ins().fmul(sum_dxm, inv);
             if !input {
+                let out = fx.slot(os);
                 fx.store_d(sum_dyx, out, ch);
                 return;
             }
+            let count = fx.muli(fx.nb, c(plane));
+            let count = fx.int_to_f64(count);
             let g = gamma(fx, p.map(|p| p.0), ch);
             let mdy = fx.b.ins().fdiv(sum_dy, count);
             let mdyx = fx.b.ins().fdiv(sum_dyx, count);
+            let k = fx.b.ins().fmul(inv, mdyx);
             let ginv = fx.b.ins().fmul(g, inv);
-            planes(fx, ch, ch_n, plane, |fx, base| {
-                each(fx, base, plane, |fx, i| {
-                    let v = fx.load_d(x, i);
-                    let xh = fx.b.ins().fsub(v, mean);
-                    let xh = fx.b.ins().fmul(xh, inv);
-                    let d = fx.load_d(dy, i);
+            let [mdy, k, ginv] = [mdy, k, ginv].map(|v| {
+                let v = fx.b.ins().fdemote(types::F32, v);
+                fx.b.ins().splat(V, v)
+            });
+            // The factors are carried through the sample loop too.
+            let step = c(4 * ch_n * plane);
+            let vals = [xc, dc, oc, mv, mdy, k, ginv];
+            fx.loop_n(Count::Dyn(fx.nb), vals, [step, step, step, 0, 0, 0, 0], |fx, [xp, dp, op, mv, mdy, k, ginv]| {
+                let ms = [mv, mdy, k, ginv];
+                map_run(fx, [xp, dp], op, plane, ms, |fx, [v, d], [mv, mdy, k, ginv]| {
+                    let xm = fx.b.ins().fsub(v, mv);
                     let t = fx.b.ins().fsub(d, mdy);
-                    let u = fx.b.ins().fmul(xh, mdyx);
+                    let u = fx.b.ins().fmul(xm, k);
                     let t = fx.b.ins().fsub(t, u);
-                    let r = fx.b.ins().fmul(ginv, t);
-                    fx.store_d(r, out, i);
+                    fx.b.ins().fmul(t, ginv)
                 });
             });
         });
@@ -212,7 +364,8 @@ fn running_sd(fx: &mut Fx<'_>, var: i64, ch: Value, eps: f64) -> Value {
     fx.b.ins().sqrt(s)
 }
 
-/// `(dy) → dy·weight/sqrt(running_var + eps)` (eval-mode BatchNorm).
+/// `(dy) → dy·(weight/sqrt(running_var + eps))` (eval-mode BatchNorm) on f32x4.
+/// Sample-wise.
 pub(super) fn bn_eval_input_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d) -> Result<()> {
     let (ch_n, h, w) = cx.out_chw()?;
     let plane = h * w;
@@ -222,23 +375,24 @@ pub(super) fn bn_eval_input_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2
     let eps = bn.eps;
     jit.kernel(&cx.node.name, |fx| {
         let (dy, out) = (fx.slot(ds), fx.slot(os));
-        fx.for_const(0, ch_n, 1, |fx, ch| {
-            let g = gamma(fx, p.map(|p| p.0), ch);
-            let sd = running_sd(fx, var, ch, eps);
-            planes(fx, ch, ch_n, plane, |fx, base| {
-                each(fx, base, plane, |fx, i| {
-                    let d = fx.load_d(dy, i);
-                    let t = fx.b.ins().fmul(d, g);
-                    let r = fx.b.ins().fdiv(t, sd);
-                    fx.store_d(r, out, i);
-                });
+        for_samples_of(fx, (ch_n, plane), [dy, out, out], |fx, [dn, on, _]| {
+            let zero = fx.i(0);
+            let step = c(4 * plane);
+            fx.loop_n(Count::Const(ch_n), [zero, dn, on], [1, step, step], |fx, [ch, dp, op]| {
+                let g = gamma(fx, p.map(|p| p.0), ch);
+                let sd = running_sd(fx, var, ch, eps);
+                let f = fx.b.ins().fdiv(g, sd);
+                let f = fx.b.ins().fdemote(types::F32, f);
+                let f = fx.b.ins().splat(V, f);
+                map_run(fx, [dp, dp], op, plane, [f; 4], |fx, [d, _], [f, ..]| fx.b.ins().fmul(d, f));
             });
         });
     })?;
     Ok(())
 }
 
-/// `(x, dy) → Σ dy·(x − running_mean)/sqrt(running_var + eps)` per channel.
+/// `(x, dy) → Σ dy·(x − running_mean)/sqrt(running_var + eps)` per channel. Threads share
+/// it by channels.
 pub(super) fn bn_eval_weight_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d) -> Result<()> {
     let (ch_n, h, w) = cx.in_chw(0)?;
     let plane = h * w;
@@ -246,24 +400,26 @@ pub(super) fn bn_eval_weight_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm
     let mean = mean.ok_or_else(|| Error::Unsupported("running_mean".into()))?;
     let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
     let eps = bn.eps;
-    jit.kernel(&cx.node.name, |fx| {
-        let (x, dy, out) = (fx.slot(xs), fx.slot(ds), fx.slot(os));
-        fx.for_const(0, ch_n, 1, |fx, ch| {
+    jit.parallel_kernel(&cx.node.name, reduction_work(ch_n, plane), |fx| {
+        let (x, dy) = (fx.slot(xs), fx.slot(ds));
+        for_channels(fx, (ch_n, plane), [x, dy, dy], |fx, ch, [xc, dc, _]| {
             let sd = running_sd(fx, var, ch, eps);
             let mb = fx.addr(mean);
-            let m = fx.load_d(mb, ch);
+            let m = fx.load_f_at(mb, ch);
+            let mv = fx.b.ins().splat(V, m);
             let s = fx.acc_f64();
-            planes(fx, ch, ch_n, plane, |fx, base| {
-                each(fx, base, plane, |fx, i| {
-                    let d = fx.load_d(dy, i);
-                    let v = fx.load_d(x, i);
-                    let xm = fx.b.ins().fsub(v, m);
-                    let t = fx.b.ins().fmul(d, xm);
-                    let t = fx.b.ins().fdiv(t, sd);
-                    fx.accumulate(s, t);
+            let step = c(4 * ch_n * plane);
+            fx.loop_n(Count::Dyn(fx.nb), [xc, dc, mv], [step, step, 0], |fx, [xp, dp, mv]| {
+                add_sums(fx, [xp, dp], plane, mv, [s], |fx, [xq, dq], mv, lanes| {
+                    let d = fx.load_partial(dq, 0, lanes);
+                    let v = fx.load_partial(xq, 0, lanes);
+                    let xm = fx.b.ins().fsub(v, mv);
+                    [fx.b.ins().fmul(d, xm)]
                 });
             });
             let r = fx.b.use_var(s);
+            let r = fx.b.ins().fdiv(r, sd);
+            let out = fx.slot(os);
             fx.store_d(r, out, ch);
         });
     })?;
@@ -296,35 +452,35 @@ pub(super) fn dropout_mask(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
     Ok(())
 }
 
-/// `(y, dy) → dx` of an activation from its output, in f64 as the interpreter.
+/// `(y, dy) → dx` of an activation from its output, on f32x4 (ReLU passes `dy` where
+/// `y > 0`; Sigmoid `dy·y·(1 − y)`; Tanh `dy·(1 − y²)`). Sample-wise.
 pub(super) fn activation_grad(jit: &mut Jit, cx: &NodeCx<'_>, a: Activation) -> Result<()> {
     let size = cx.out_size();
     let (ys, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
     jit.kernel(&cx.node.name, |fx| {
         let (y, dy, out) = (fx.slot(ys), fx.slot(ds), fx.slot(os));
-        all(fx, size, |fx, i| {
-            let g = fx.load_d(dy, i);
-            let v = fx.load_d(y, i);
-            let r = match a {
+        let step = c(4 * size);
+        fx.loop_n(Count::Dyn(fx.nb), [y, dy, out], [step; 3], |fx, [y, dy, out]| {
+            let z = fx.vf(0.0);
+            map_run(fx, [y, dy], out, size, [z; 4], |fx, [v, g], _| match a {
                 Activation::Relu => {
-                    let z = fx.d(0.0);
+                    let z = fx.vf(0.0);
                     let pos = fx.b.ins().fcmp(FloatCC::GreaterThan, v, z);
-                    fx.b.ins().select(pos, g, z)
+                    vsel(fx, pos, g, z)
                 }
                 Activation::Sigmoid => {
-                    let one = fx.d(1.0);
+                    let one = fx.vf(1.0);
                     let t = fx.b.ins().fmul(g, v);
                     let u = fx.b.ins().fsub(one, v);
                     fx.b.ins().fmul(t, u)
                 }
                 Activation::Tanh => {
-                    let one = fx.d(1.0);
+                    let one = fx.vf(1.0);
                     let vv = fx.b.ins().fmul(v, v);
                     let u = fx.b.ins().fsub(one, vv);
                     fx.b.ins().fmul(g, u)
                 }
-            };
-            fx.store_d(r, out, i);
+            });
         });
     })?;
     Ok(())
