@@ -585,7 +585,15 @@ fn train_scratch(op: &TrainOp, in_tys: &[&TensorType], ty: &TensorType) -> Optio
         TrainOp::ConvInputGrad(conv, _) => Some(2 * padded(conv, ty.chw()?)),
         TrainOp::ConvWeightGrad(conv) => Some(padded(conv, in_tys[0].chw()?)),
         // One input plane's gradient in f64.
-        TrainOp::MaxPoolGrad(_) | TrainOp::AvgPoolGrad(..) | TrainOp::AdaptiveAvgPoolGrad(..) => {
+        // The f64 plane of the general form, or the padded input and gradient planes of
+        // the vectorised one (`tables::max_pool_plane`).
+        TrainOp::MaxPoolGrad(p) => {
+            let (_, h, w) = ty.chw()?;
+            let (_, oh, ow) = in_tys[1].chw()?;
+            let padded = super::tables::max_pool_plane(p.kernel, p.stride, p.dilation, p.padding, (h, w), (oh, ow));
+            Some(padded.map_or(0, |(r, c)| 2 * r * c).max(2 * h * w))
+        }
+        TrainOp::AvgPoolGrad(..) | TrainOp::AdaptiveAvgPoolGrad(..) => {
             ty.chw().map(|(_, h, w)| 2 * h * w)
         }
         TrainOp::ReduceGrad(r) => (r.kind == cnnc_compiler::ops::ReduceKind::Max).then(|| {

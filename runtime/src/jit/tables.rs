@@ -79,3 +79,48 @@ pub(in crate::jit) fn avg_factor(o: usize, k: usize, s: usize, p: usize, input: 
     let valid = end.min(input as i64) - start.max(0);
     (if count_include_pad { pool } else { valid }) as f32
 }
+
+/// One axis of the vectorised max-pool backward (`portable/pool_grad.rs`), which scans the
+/// windows of 4 neighbouring outputs at once on a padded copy of each input plane (real
+/// cells at `pad..pad + input`, −∞ around them): the padded length, which every window of
+/// the outputs rounded up to whole vectors reads inside (and one cell more for stride-2
+/// loads), and per output (rounded up) the offset, along this axis, of its window's first
+/// tap inside the input — ATen's first candidate. `None` when some window has no tap
+/// inside the input (the general form handles it).
+pub(in crate::jit) fn max_pool_axis(
+    out: usize,
+    k: usize,
+    s: usize,
+    d: usize,
+    pad: usize,
+    input: usize,
+) -> Option<(usize, Vec<i32>)> {
+    let rounded = out.div_ceil(LANES) * LANES;
+    let need = (rounded - 1) * s + (k - 1) * d + 1 + usize::from(s == 2);
+    let len = need.max(pad + input);
+    let mut first = Vec::with_capacity(rounded);
+    for o in 0..rounded {
+        let tap = (0..k).find(|t| (pad..pad + input).contains(&(o * s + t * d)));
+        match tap {
+            Some(t) => first.push(i32::try_from(t * d).ok()?),
+            None if o < out => return None,
+            None => first.push(0),
+        }
+    }
+    Some((len, first))
+}
+
+/// The padded plane `(rows, columns)` of the vectorised max-pool backward of a pool with
+/// this geometry on an `input` plane with `out` outputs, if it applies.
+pub(in crate::jit) fn max_pool_plane(
+    (kh, kw): (usize, usize),
+    (sh, sw): (usize, usize),
+    (dh, dw): (usize, usize),
+    (ph, pw): (usize, usize),
+    input: (usize, usize),
+    out: (usize, usize),
+) -> Option<(usize, usize)> {
+    let (rows, _) = max_pool_axis(out.0, kh, sh, dh, ph, input.0)?;
+    let (cols, _) = max_pool_axis(out.1, kw, sw, dw, pw, input.1)?;
+    Some((rows, cols))
+}

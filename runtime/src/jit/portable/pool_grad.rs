@@ -10,11 +10,13 @@
 use crate::error::Result;
 use crate::jit::codegen::{Count, Fx, Jit, c};
 use crate::jit::cx::NodeCx;
-use crate::jit::tables::axis_table;
+use crate::jit::eltwise::copy_run;
+use crate::jit::math::vsel;
+use crate::jit::tables::{axis_table, max_pool_axis};
 use cnnc_compiler::ops::{AvgPool2d, MaxPool2d, PaddingMode};
 use cnnc_compiler::shape::adaptive_window;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Value, types};
 
 /// Zeroes the f64 accumulator of one plane.
 fn zero_plane(fx: &mut Fx<'_>, acc: Value, len: usize) {
@@ -38,6 +40,11 @@ pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2
     let (kh, kw) = p.kernel;
     if p.padding == (0, 0) && p.dilation == (1, 1) && p.stride == p.kernel && oh * kh <= h && ow * kw <= w {
         return tiled_max_pool_grad(jit, cx, (ch, h, w), (oh, ow), p.kernel);
+    }
+    let rows = max_pool_axis(oh, kh, p.stride.0, p.dilation.0, p.padding.0, h);
+    let cols = max_pool_axis(ow, kw, p.stride.1, p.dilation.1, p.padding.1, w);
+    if let (Some(rows), Some(cols)) = (rows, cols) {
+        return vector_max_pool_grad(jit, cx, p, (ch, h, w), (oh, ow), (rows, cols));
     }
     let ty = axis_table(oh, kh, p.stride.0, p.dilation.0, p.padding.0, h, PaddingMode::Zeros)?;
     let tx = axis_table(ow, kw, p.stride.1, p.dilation.1, p.padding.1, w, PaddingMode::Zeros)?;
@@ -106,6 +113,116 @@ pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2
                 });
             });
             store_plane(fx, acc, out, xb, plane);
+        });
+    })?;
+    Ok(())
+}
+
+/// Max-pool backward with padding, strides, dilation or overlapping windows, four outputs of a
+/// row at a time: each input plane is copied into a padded plane (`rows × cols` of
+/// [`max_pool_axis`], −∞ around the input), every window is at constant offsets from its
+/// corner there, and 4 windows (`stride` apart) are scanned at once with strided vector
+/// loads — ATen's rule: the first tap inside the input is the candidate, a later tap wins if
+/// it is greater or NaN; −∞ padding never wins. Each window's gradient is then added at its
+/// winner in a padded f32 gradient plane (in output order), whose interior is the result.
+/// The padded input's border is written once per call (planes only overwrite the interior).
+fn vector_max_pool_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    p: &MaxPool2d,
+    (ch, h, w): (usize, usize, usize),
+    (oh, ow): (usize, usize),
+    ((rows, row_first), (cols, col_first)): ((usize, Vec<i32>), (usize, Vec<i32>)),
+) -> Result<()> {
+    let (kh, kw) = p.kernel;
+    let (sh, sw) = p.stride;
+    let (dh, dw) = p.dilation;
+    let (pt, pl) = p.padding;
+    let row_first: Vec<i32> = row_first.iter().map(|f| f * cols as i32).collect();
+    let (rf, cf) = (jit.consts.i32s(row_first), jit.consts.i32s(col_first));
+    let sc = cx.scratch_slot()?;
+    let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
+    let (plane, padded) = (h * w, rows * cols);
+    let groups = ow / 4;
+    let rem = ow % 4;
+    jit.kernel(&cx.node.name, |fx| {
+        let (x, dy, out, scr) = (fx.slot(xs), fx.slot(ds), fx.slot(os), fx.slot(sc));
+        let xp = scr;
+        let gp = fx.addi(scr, c(4 * padded));
+        let ninf = fx.vf(f32::NEG_INFINITY);
+        fx.loop_n(Count::Const(padded / 4), [xp, ninf], [16, 0], |fx, [d, v]| fx.store_v(v, d, 0));
+        let ninf_s = fx.f(f32::NEG_INFINITY);
+        for i in padded / 4 * 4..padded {
+            fx.store_f(ninf_s, xp, c(i));
+        }
+        let planes = fx.muli(fx.nb, c(ch));
+        let steps = [c(4 * plane), c(4 * oh * ow), c(4 * plane), 0, 0];
+        fx.loop_n(Count::Dyn(planes), [x, dy, out, xp, gp], steps, |fx, [xn, dn, on, xp, gp]| {
+            // The padded input and a zeroed padded gradient.
+            let x0 = fx.addi(xp, c(4 * (pt * cols + pl)));
+            fx.loop_n(Count::Const(h), [xn, x0], [c(4 * w), c(4 * cols)], |fx, [s, d]| copy_run(fx, s, d, w));
+            let z = fx.vf(0.0);
+            fx.loop_n(Count::Const(padded / 4), [gp, z], [16, 0], |fx, [d, z]| fx.store_v(z, d, 0));
+            let zs = fx.f(0.0);
+            for i in padded / 4 * 4..padded {
+                fx.store_f(zs, gp, c(i));
+            }
+            let (rfa, cfa) = (fx.addr(rf), fx.addr(cf));
+            let row = c(4 * sh * cols);
+            let steps = [row, c(4 * ow), row, 4, 0];
+            fx.loop_n(Count::Const(oh), [xp, dn, gp, rfa, cfa], steps, |fx, [xr, dr, gr, rfp, cfa]| {
+                let first_row = fx.load_i32(rfp, 0);
+                let first_row = fx.b.ins().ireduce(types::I32, first_row);
+                let first_row = fx.b.ins().splat(types::I32X4, first_row);
+                // Four windows: their winners' offsets from their corners, then the scatter.
+                let scan = |fx: &mut Fx<'_>, xw: Value, cfp: Value| -> Value {
+                    let firsts = fx.load_v(cfp, 0);
+                    let firsts = fx.bitcast(types::I32X4, firsts);
+                    let mut at = fx.b.ins().iadd(first_row, firsts);
+                    let mut best = fx.vf(f32::NEG_INFINITY);
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let off = ky * dh * cols + kx * dw;
+                            let v = fx.load_strided(xw, c(off), sw);
+                            let gt = fx.b.ins().fcmp(FloatCC::GreaterThan, v, best);
+                            let nan = fx.b.ins().fcmp(FloatCC::Unordered, v, v);
+                            let take = fx.b.ins().bor(gt, nan);
+                            best = vsel(fx, take, v, best);
+                            let o = fx.vi(off as i32);
+                            at = fx.b.ins().bitselect(take, o, at);
+                        }
+                    }
+                    at
+                };
+                let scatter = |fx: &mut Fx<'_>, at: Value, d: Value, g: Value, lanes: usize| {
+                    for j in 0..lanes {
+                        let a = fx.b.ins().extractlane(at, j as u8);
+                        let a = fx.b.ins().sextend(types::I64, a);
+                        let a = fx.addi(a, c(j * sw));
+                        let v = fx.load_f(d, c(j));
+                        let cur = fx.load_f_mut(g, a);
+                        let s = fx.b.ins().fadd(cur, v);
+                        let ga = fx.elem(g, a);
+                        fx.store_f(s, ga, 0);
+                    }
+                };
+                let steps = [c(16 * sw), 16, c(16 * sw), 16];
+                fx.loop_n(Count::Const(groups), [xr, dr, gr, cfa], steps, |fx, [xw, d, g, cfp]| {
+                    let at = scan(fx, xw, cfp);
+                    scatter(fx, at, d, g, 4);
+                });
+                if rem > 0 {
+                    let xw = fx.addi(xr, c(4 * groups * 4 * sw));
+                    let d = fx.addi(dr, c(4 * groups * 4));
+                    let g = fx.addi(gr, c(4 * groups * 4 * sw));
+                    let cfp = fx.addi(cfa, c(4 * groups * 4));
+                    let at = scan(fx, xw, cfp);
+                    scatter(fx, at, d, g, rem);
+                }
+            });
+            // The interior is the input's gradient.
+            let g0 = fx.addi(gp, c(4 * (pt * cols + pl)));
+            fx.loop_n(Count::Const(h), [g0, on], [c(4 * cols), c(4 * w)], |fx, [s, d]| copy_run(fx, s, d, w));
         });
     })?;
     Ok(())
