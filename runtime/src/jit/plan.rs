@@ -490,6 +490,27 @@ pub(super) fn grad_block(pixels: usize) -> usize {
     256usize.div_ceil(pixels.max(1))
 }
 
+/// Samples per block of a GEMM whose rows are output pixels (a training graph's forward
+/// Conv2d, a transposed input gradient) and whose other operand is the weights `[·, kc]`:
+/// the rows of several samples share one pass over the weights, which on small maps are
+/// larger than the cache (ResNet's last stage: 9.4 MB) and would otherwise be read from
+/// memory once per sample. At least 256 rows, while a block's `kc`-wide rows take at most
+/// 2 MiB.
+pub(super) fn row_block(p: usize, kc: usize) -> usize {
+    let by_rows = 256usize.div_ceil(p.max(1));
+    let by_bytes = ((2 << 20) / (4 * p.max(1) * kc.max(1))).max(1);
+    by_rows.min(by_bytes).max(1)
+}
+
+/// Whether a Conv2d's input gradient on `p` output pixels runs as the transposed GEMM
+/// `colsᵀ = dyᵀ·W` (pixels as the tile's rows, the `C·kh·kw` taps as its columns) rather
+/// than `cols = Wᵀ·dy` (pixels as columns): on small maps, where fewer than 64 pixels fill
+/// less than one 64-column tile (ResNet's last stages at small inputs). Ungrouped convs
+/// only.
+pub(super) fn input_grad_transposed(p: usize, groups: usize) -> bool {
+    p < 64 && groups <= 1
+}
+
 /// The fixed scratch of a Conv2d or Linear backward run as a GEMM over the micro-kernel
 /// tile (`blocked/gemm_grad.rs`), as offsets in floats, each 16-float aligned. One region
 /// for the whole run (not per sample): the kernels work on one sample, or one block of
@@ -501,20 +522,23 @@ pub(super) struct GradScratch {
     /// Where the padded input (weight gradient: the block's samples) or the padded
     /// input's gradient (input gradient) starts; unused without padding.
     pub pad: usize,
-    /// The packed `A` operand (weight gradients: the output gradient, a row per channel).
+    /// The packed `A` operand (weight gradients: the output gradient, a row per channel;
+    /// a transposed input gradient: the output gradient transposed, a row per pixel).
     pub a: usize,
     /// The packed `B` operand.
     pub b: usize,
-    /// The input gradient's columns (`[C/groups·kh·kw, oh·ow]`) before they are scattered.
+    /// The input gradient's columns (`[C/groups·kh·kw, oh·ow]`, or transposed) before they
+    /// are scattered.
     pub col: usize,
     /// Floats in all.
     pub total: usize,
 }
 
 impl GradScratch {
-    /// The layout for a training graph's forward Conv2d as a GEMM (one sample at a time):
-    /// the padded input at `pad`, the im2col (`[oh·ow, C/groups·kh·kw]`) at `a`, the
-    /// transposed result of one group (`[oh·ow, O/groups]`) at `col`.
+    /// The layout for a training graph's forward Conv2d as a GEMM (a block of [`row_block`]
+    /// samples at a time): the block's padded inputs at `pad`, its im2col (`[block·oh·ow,
+    /// C/groups·kh·kw]`) at `a`, the transposed result of one group (`[block·oh·ow,
+    /// O/groups]`) at `col`.
     pub fn conv_forward(
         conv: &Conv2d,
         (cin, h, w): (usize, usize, usize),
@@ -523,10 +547,11 @@ impl GradScratch {
         let g = conv.groups.max(1);
         let (pt, pb, pl, pr) = conv.pads();
         let p = oh * ow;
-        let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { cin * (h + pt + pb) * (w + pl + pr) };
         let kc = cin / g * conv.kernel.0 * conv.kernel.1;
-        let (a0, b0) = (align(pad), align(pad) + align(p * kc));
-        GradScratch { block: 1, pad: 0, a: a0, b: b0, col: b0, total: b0 + align(p * (o / g)) }
+        let block = row_block(p, kc);
+        let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { block * cin * (h + pt + pb) * (w + pl + pr) };
+        let (a0, b0) = (align(pad), align(pad) + align(block * p * kc));
+        GradScratch { block, pad: 0, a: a0, b: b0, col: b0, total: b0 + align(block * p * (o / g)) }
     }
 
     /// The layout for a training op that has a GEMM form, else `None`.
@@ -559,7 +584,12 @@ impl GradScratch {
                 let p = oh * ow;
                 let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { cin * (h + pt + pb) * (w + pl + pr) };
                 let kc = cin / g * conv.kernel.0 * conv.kernel.1;
-                Some(lay(1, pad, 0, packed(p, o / g), kc * p))
+                if input_grad_transposed(p, g) {
+                    let block = row_block(p, kc);
+                    Some(lay(block, pad, block * p * (o / g), 0, block * kc * p))
+                } else {
+                    Some(lay(1, pad, 0, packed(p, o / g), kc * p))
+                }
             }
             TrainOp::LinearWeightGrad(l) => {
                 let rows = in_tys[0].numel_per_sample() / l.in_features.max(1);
@@ -593,9 +623,7 @@ fn train_scratch(op: &TrainOp, in_tys: &[&TensorType], ty: &TensorType) -> Optio
             let padded = super::tables::max_pool_plane(p.kernel, p.stride, p.dilation, p.padding, (h, w), (oh, ow));
             Some(padded.map_or(0, |(r, c)| 2 * r * c).max(2 * h * w))
         }
-        TrainOp::AvgPoolGrad(..) | TrainOp::AdaptiveAvgPoolGrad(..) => {
-            ty.chw().map(|(_, h, w)| 2 * h * w)
-        }
+        TrainOp::AvgPoolGrad(..) | TrainOp::AdaptiveAvgPoolGrad(..) => ty.chw().map(|(_, h, w)| 2 * h * w),
         TrainOp::ReduceGrad(r) => (r.kind == cnnc_compiler::ops::ReduceKind::Max).then(|| {
             let kept: usize = in_tys[0]
                 .dims

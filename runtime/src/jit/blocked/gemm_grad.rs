@@ -28,7 +28,7 @@ use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
 use crate::jit::cx::NodeCx;
 use crate::jit::eltwise::copy_run;
 use crate::jit::microkernel::{self, Act, GemmTile, Isa};
-use crate::jit::plan::{GradScratch, grad_block};
+use crate::jit::plan::{GradScratch, grad_block, input_grad_transposed};
 use crate::jit::tables::axis_table;
 use cnnc_compiler::ops::train::TrainOp;
 use cnnc_compiler::ops::{Conv2d, Linear};
@@ -137,6 +137,60 @@ impl Gemm {
                 self.rows(fx, a, bt, ct, col, valid, ks);
             });
         }
+    }
+
+    /// As [`Gemm::emit`] with `m` rows counted at run time (`1 ≤ m ≤ self.m`).
+    #[allow(clippy::too_many_arguments)]
+    fn emit_rows(&self, fx: &mut Fx<'_>, a: Value, b: Value, cp: Value, kn: Value, first: Value, m: Value) {
+        let k = fx.b.ins().ishl_imm_u(kn, 32);
+        let f = fx.b.ins().ishl_imm_u(first, 62);
+        let k = fx.b.ins().bor(k, f);
+        let last = fx.i(i64::MIN);
+        let kspan = fx.b.ins().bor(k, last);
+        let full = self.full_tiles();
+        let zero = fx.i(0);
+        let steps = [c(4 * self.kmax * self.nr), c(4 * self.nr), c(self.nr), 0, 0, 0];
+        fx.loop_n(Count::Const(full), [b, cp, zero, a, kspan, m], steps, |fx, [bt, ct, col, a, ks, m]| {
+            self.rows_dyn(fx, a, bt, ct, col, self.nr, ks, m);
+        });
+        let rem = self.n % self.nr;
+        if rem > 0 {
+            let bt = fx.addi(b, c(4 * self.tile_off(full)));
+            let ct = fx.addi(cp, c(4 * full * self.nr));
+            let col = fx.i(c(full * self.nr));
+            self.rows_dyn(fx, a, bt, ct, col, rem, kspan, m);
+        }
+    }
+
+    /// As [`Gemm::rows`] for `m` rows counted at run time.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_dyn(&self, fx: &mut Fx<'_>, a: Value, bt: Value, ct: Value, col: Value, valid: usize, ks: Value, m: Value) {
+        let call = |fx: &mut Fx<'_>, ap: Value, bp: Value, cp: Value, shape: Value, ks: Value| {
+            let d = fx.i(self.desc);
+            let null = fx.i(0);
+            fx.call(microkernel::gemm_tile as *const () as usize, &[d, ap, bp, cp, null, shape, ks]);
+        };
+        // shape = rows | valid << 8 | col << 16
+        let sh = fx.b.ins().ishl_imm_u(col, 16);
+        let base = fx.addi(sh, c(valid << 8));
+        let full = fx.b.ins().udiv_imm_u(m, c(self.mr));
+        let shape = fx.addi(base, c(self.mr));
+        let steps = [c(4 * self.mr * self.lda), c(4 * self.mr * self.ldc), 0, 0, 0];
+        fx.loop_n(Count::Dyn(full), [a, ct, bt, ks, shape], steps, |fx, [ap, cp, bp, ks, shape]| {
+            call(fx, ap, bp, cp, shape, ks);
+        });
+        let rem = fx.b.ins().urem_imm_u(m, c(self.mr));
+        let some = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, rem, 0);
+        let some = fx.b.ins().uextend(types::I64, some);
+        let done = fx.b.ins().imul_imm_s(full, c(self.mr));
+        let ap = fx.b.ins().imul_imm_s(done, c(4 * self.lda));
+        let ap = fx.add(a, ap);
+        let cp = fx.b.ins().imul_imm_s(done, c(4 * self.ldc));
+        let cp = fx.add(ct, cp);
+        let shape = fx.add(base, rem);
+        fx.loop_n(Count::Dyn(some), [ap, bt, cp, shape, ks], [0; 5], |fx, [ap, bp, cp, shape, ks]| {
+            call(fx, ap, bp, cp, shape, ks);
+        });
     }
 
     /// This part's share of the column tiles ([`part_range`] of them): `(lo, nfull, rem)`
@@ -371,9 +425,10 @@ fn tap_bytes(conv: &Conv2d, kc: usize, (ph, pw): (usize, usize)) -> Vec<i64> {
 }
 
 /// The forward Conv2d of a training graph (plain NCHW, no fused epilogue) as a GEMM per
-/// sample and group: `yᵀ[q][oc] = Σ_j col[q][j] · W[oc][j]` — `A` the sample's im2col,
-/// a row of taps per output pixel (gathered as for the weight gradient), `B` the weights
-/// packed once — then transposed into `y` with the bias added.
+/// block of samples ([`crate::jit::plan::row_block`]) and group: `yᵀ[(s, q)][oc] = Σ_j
+/// col[(s, q)][j] · W[oc][j]` — `A` the block's im2col, a row of taps per output pixel
+/// (gathered as for the weight gradient), `B` the weights packed once and read once per
+/// block — then transposed into each sample's `y` with the bias added.
 pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d, isa: Isa) -> Result<()> {
     if conv.epilogue != Default::default() {
         return Err(Error::Unsupported(format!("`{}`: a fused epilogue in a training graph", cx.node.name)));
@@ -388,7 +443,8 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
     let (cin_g, cout_g) = (cin / g, o / g);
     let p = oh * ow;
     let kc = cin_g * conv.kernel.0 * conv.kernel.1;
-    let gemm = Gemm::new(jit, isa, p, cout_g, kc, kc, cout_g);
+    let block = sc.block;
+    let gemm = Gemm::new(jit, isa, block * p, cout_g, kc, kc, cout_g);
     let nr = gemm.nr;
     let weight = cx.param_ref("weight")?;
     let full = gemm.full_tiles();
@@ -425,44 +481,51 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
         let pad = fx.addi(scr, c(4 * sc.pad));
         let col = fx.addi(scr, c(4 * sc.a));
         let out = fx.addi(scr, c(4 * sc.col));
-        let nb = fx.nb;
-        let steps = [c(4 * cin * h * w), c(4 * o * p), 0, 0, 0];
-        fx.loop_n(Count::Dyn(nb), [x, y, pad, col, out], steps, |fx, [xn, yn, pad, col, out]| {
-            let src = match tabs {
+        let nblk = blocks(fx, block);
+        let zero = fx.i(0);
+        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * o * p), 0, 0, 0];
+        fx.loop_n(Count::Dyn(nblk), [zero, x, y, pad, col, out], steps, |fx, [n0, xb, yb, pad, col, out]| {
+            let (cnt, _) = block_count(fx, n0, block);
+            let (src, sample) = match tabs {
                 Some((sy, sx)) => {
-                    let one = fx.i(1);
-                    pad_samples(fx, xn, pad, one, (cin, h, w), (ph, pw), (sy, sx));
-                    pad
+                    pad_samples(fx, xb, pad, cnt, (cin, h, w), (ph, pw), (sy, sx));
+                    (pad, cin * ph * pw)
                 }
-                None => xn,
+                None => (xb, cin * h * w),
             };
+            let m = fx.b.ins().imul_imm_s(cnt, c(p));
             let (wpa, ba) = (fx.addr(wp), fx.addr(bias));
-            let steps = [c(4 * cin_g * ph * pw), c(4 * packed_len), c(4 * cout_g * p), c(4 * cout_g), 0, 0];
-            fx.loop_n(Count::Const(g), [src, wpa, yn, ba, col, out], steps, |fx, [xg, wg, yg, bg, col, out]| {
-                // A: the group's im2col, a row of kc taps per pixel, by runs of nr taps.
-                let geo = Taps { sample: cin * ph * pw, pw, out: (oh, ow), stride: (sh, sw), pixel: kc };
+            let steps = [c(4 * cin_g * ph * pw), c(4 * packed_len), c(4 * cout_g * p), c(4 * cout_g), 0, 0, 0, 0];
+            let vals = [src, wpa, yb, ba, col, out, cnt, m];
+            fx.loop_n(Count::Const(g), vals, steps, |fx, [xg, wg, yg, bg, col, out, cnt, m]| {
+                // A: the block's im2col for the group, a row of kc taps per pixel (sample
+                // after sample), by runs of nr taps.
+                let geo = Taps { sample, pw, out: (oh, ow), stride: (sh, sw), pixel: kc };
                 let tab0 = fx.addr(taps);
                 let chunks = kc / nr;
-                let one = Count::Const(1);
-                fx.loop_n(Count::Const(chunks), [tab0, col, xg], [c(8 * nr), c(4 * nr), 0], |fx, [tab, d, xg]| {
-                    gather_taps(fx, &geo, xg, d, one, tab, nr);
+                let steps = [c(8 * nr), c(4 * nr), 0, 0];
+                fx.loop_n(Count::Const(chunks), [tab0, col, xg, cnt], steps, |fx, [tab, d, xg, cnt]| {
+                    gather_taps(fx, &geo, xg, d, Count::Dyn(cnt), tab, nr);
                 });
                 if !kc.is_multiple_of(nr) {
                     let tab = fx.addi(tab0, c(8 * chunks * nr));
                     let d = fx.addi(col, c(4 * chunks * nr));
-                    gather_taps(fx, &geo, xg, d, one, tab, kc % nr);
+                    gather_taps(fx, &geo, xg, d, Count::Dyn(cnt), tab, kc % nr);
                 }
                 let kn = fx.i(c(kc));
                 let first = fx.i(1);
-                gemm.emit(fx, col, wg, out, kn, first);
-                // y[oc][q] = out[q][oc] + bias[oc].
-                let steps = [c(4 * p), 4, 4];
-                fx.loop_n(Count::Const(cout_g), [yg, bg, out], steps, |fx, [yc, bc, oc]| {
-                    let b = fx.load_f(bc, 0);
-                    fx.loop_n(Count::Const(p), [yc, oc], [4, c(4 * cout_g)], |fx, [yq, oq]| {
-                        let v = fx.load_f(oq, 0);
-                        let v = fx.b.ins().fadd(v, b);
-                        fx.store_f(v, yq, 0);
+                gemm.emit_rows(fx, col, wg, out, kn, first, m);
+                // y[s][oc][q] = out[(s, q)][oc] + bias[oc].
+                let steps = [c(4 * o * p), c(4 * p * cout_g), 0];
+                fx.loop_n(Count::Dyn(cnt), [yg, out, bg], steps, |fx, [ys, os, bg]| {
+                    let steps = [c(4 * p), 4, 4];
+                    fx.loop_n(Count::Const(cout_g), [ys, bg, os], steps, |fx, [yc, bc, oc]| {
+                        let b = fx.load_f(bc, 0);
+                        fx.loop_n(Count::Const(p), [yc, oc], [4, c(4 * cout_g)], |fx, [yq, oq]| {
+                            let v = fx.load_f(oq, 0);
+                            let v = fx.b.ins().fadd(v, b);
+                            fx.store_f(v, yq, 0);
+                        });
                     });
                 });
             });
@@ -564,6 +627,9 @@ pub(in crate::jit) fn conv_input_grad(
     let (sh, sw) = conv.stride;
     let p = oh * ow;
     let kc = cin_g * conv.kernel.0 * conv.kernel.1;
+    if input_grad_transposed(p, g) {
+        return conv_input_grad_t(jit, cx, conv, sc, (cin, h, w), (o, oh, ow), isa);
+    }
     let gemm = Gemm::new(jit, isa, kc, p, cout_g, cout_g, p);
     // A: per group, the transposed weights `[kc, cout_g]`.
     let weight = cx.param_ref("weight")?;
@@ -641,6 +707,130 @@ pub(in crate::jit) fn conv_input_grad(
         });
     })?;
     Ok(())
+}
+
+/// The input gradient of an ungrouped Conv2d on a small map ([`input_grad_transposed`]),
+/// per block of samples ([`crate::jit::plan::row_block`]): `dyᵀ` (a row per pixel, the
+/// block's samples one after the other) copied into `A`, `colsᵀ = dyᵀ·W` with the weights
+/// packed once by column tiles of taps (read once per block), then, sample by sample, each
+/// column of `colsᵀ` added into the padded input's gradient (reading down the column) and
+/// folded as in [`conv_input_grad`].
+fn conv_input_grad_t(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    conv: &Conv2d,
+    sc: GradScratch,
+    (cin, h, w): (usize, usize, usize),
+    (o, oh, ow): (usize, usize, usize),
+    isa: Isa,
+) -> Result<()> {
+    let (pt, pb, pl, pr) = conv.pads();
+    let padded = conv.pads() != (0, 0, 0, 0);
+    let (ph, pw) = (h + pt + pb, w + pl + pr);
+    let g = conv.groups.max(1);
+    let (cin_g, cout_g) = (cin / g, o / g);
+    let (sh, sw) = conv.stride;
+    let p = oh * ow;
+    let kc = cin_g * conv.kernel.0 * conv.kernel.1;
+    let block = sc.block;
+    let gemm = Gemm::new(jit, isa, block * p, kc, cout_g, cout_g, kc);
+    let nr = gemm.nr;
+    let full = gemm.full_tiles();
+    let packed_len = gemm.tile_off(full) + if kc % nr > 0 { cout_g * gemm.width(full) } else { 0 };
+    // B: per group, W[oc][j] by column tiles of taps: [tile][oc][width].
+    let weight = cx.param_ref("weight")?;
+    let wp = jit.consts.f32s_filled(g * packed_len, |b| {
+        for gi in 0..g {
+            for t in 0..kc.div_ceil(nr) {
+                let width = gemm.width(t);
+                let base = gi * packed_len + gemm.tile_off(t);
+                for k in 0..cout_g {
+                    for jj in 0..(kc - t * nr).min(nr) {
+                        b[base + k * width + jj] = weight[(gi * cout_g + k) * kc + t * nr + jj];
+                    }
+                }
+            }
+        }
+    });
+    let tabs = if padded {
+        let (ys, yl) = preimages(&sources(conv, pt, h, ph)?, h);
+        let (xs_, xl) = preimages(&sources(conv, pl, w, pw)?, w);
+        Some([ys, yl, xs_, xl].map(|t| jit.consts.i64s(t)))
+    } else {
+        None
+    };
+    let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
+    let (ds, os, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
+    jit.kernel(&cx.node.name, |fx| {
+        let (dy, dx, scr) = (fx.slot(ds), fx.slot(os), fx.slot(ss));
+        // Sample-wise: this thread's copy of the scratch (see `lower::samplewise_work`).
+        let scr = part_scratch(fx, scr, sc.total);
+        let dpad = fx.addi(scr, c(4 * sc.pad));
+        let apk = fx.addi(scr, c(4 * sc.a));
+        let col = fx.addi(scr, c(4 * sc.col));
+        let nblk = blocks(fx, block);
+        let zero = fx.i(0);
+        let steps = [c(block), c(4 * block * o * p), c(4 * block * cin * h * w), 0, 0, 0];
+        fx.loop_n(Count::Dyn(nblk), [zero, dy, dx, dpad, apk, col], steps, |fx, [n0, dyb, dxb, dpad, apk, col]| {
+            let (cnt, _) = block_count(fx, n0, block);
+            let m = fx.b.ins().imul_imm_s(cnt, c(p));
+            // A = dyᵀ of the block: a row of channels per pixel, sample after sample.
+            let steps = [c(4 * o * p), c(4 * p * o)];
+            fx.loop_n(Count::Dyn(cnt), [dyb, apk], steps, |fx, [ds, as_]| {
+                fx.loop_n(Count::Const(o), [ds, as_], [c(4 * p), 4], |fx, [s, d]| {
+                    fx.loop_n(Count::Const(p), [s, d], [4, c(4 * o)], |fx, [s, d]| {
+                        let v = fx.load_f(s, 0);
+                        fx.store_f(v, d, 0);
+                    });
+                });
+            });
+            let kn = fx.i(c(o));
+            let first = fx.i(1);
+            let wpa = fx.addr(wp);
+            gemm.emit_rows(fx, apk, wpa, col, kn, first, m);
+            // col2im and the fold, sample by sample.
+            let steps = [c(4 * p * kc), c(4 * cin * h * w), 0, 0];
+            fx.loop_n(Count::Dyn(cnt), [col, dxb, dpad, cnt], steps, |fx, [cs, dxs, dpad, _]| {
+                let tgt = if padded { dpad } else { dxs };
+                zero_floats(fx, tgt, cin * ph * pw);
+                let tab = fx.addr(taps);
+                col2im_t(fx, tab, cs, tgt, kc, (oh, ow), (sh, sw), pw);
+                if let Some(tabs) = tabs {
+                    fold(fx, dpad, dxs, (cin, h, w), (ph, pw), tabs);
+                }
+            });
+        });
+    })?;
+    Ok(())
+}
+
+/// Adds column `j` of the transposed columns `colsᵀ` (`[oh·ow, kc]`, row-major) into the
+/// padded input's gradient `tg` at tap `j`'s offset (`tab[j]`, bytes), for every `j < kc`.
+#[allow(clippy::too_many_arguments)]
+fn col2im_t(
+    fx: &mut Fx<'_>,
+    tab: Value,
+    cols: Value,
+    tg: Value,
+    kc: usize,
+    (oh, ow): (usize, usize),
+    (sh, sw): (usize, usize),
+    pw: usize,
+) {
+    fx.loop_n(Count::Const(kc), [tab, cols, tg], [8, 4, 0], |fx, [tab, cj, tg]| {
+        let off = fx.load_i64(tab, 0);
+        let d0 = fx.add(tg, off);
+        let steps = [c(4 * ow * kc), c(4 * sh * pw)];
+        fx.loop_n(Count::Const(oh), [cj, d0], steps, |fx, [s, d]| {
+            fx.loop_n(Count::Const(ow), [s, d], [c(4 * kc), c(4 * sw)], |fx, [s, d]| {
+                let a = fx.load_f(s, 0);
+                let zero = fx.i(0);
+                let b = fx.load_f_mut(d, zero);
+                let v = fx.b.ins().fadd(b, a);
+                fx.store_f(v, d, 0);
+            });
+        });
+    });
 }
 
 /// Adds every padded position of `dpad` (`[C, ph, pw]`) into the input pixel it was read
