@@ -736,7 +736,7 @@ fn conv_input_grad_t(
     let gemm = Gemm::new(jit, isa, block * p, kc, cout_g, cout_g, kc);
     let nr = gemm.nr;
     let full = gemm.full_tiles();
-    let packed_len = gemm.tile_off(full) + if kc % nr > 0 { cout_g * gemm.width(full) } else { 0 };
+    let packed_len = gemm.tile_off(full) + if !kc.is_multiple_of(nr) { cout_g * gemm.width(full) } else { 0 };
     // B: per group, W[oc][j] by column tiles of taps: [tile][oc][width].
     let weight = cx.param_ref("weight")?;
     let wp = jit.consts.f32s_filled(g * packed_len, |b| {
