@@ -502,6 +502,15 @@ pub(super) fn row_block(p: usize, kc: usize) -> usize {
     by_rows.min(by_bytes).max(1)
 }
 
+/// Output rows per chunk of a Conv2d's input gradient as `cols = Wᵀ·dy` (an `oh × ow` map,
+/// `kc` taps): at least 256 pixels, while the chunk's columns (`kc` rows of them) take at
+/// most 1 MiB, so they are still in cache when col2im reads them.
+pub(super) fn input_grad_rows(oh: usize, ow: usize, kc: usize) -> usize {
+    let by_pixels = 256usize.div_ceil(ow.max(1));
+    let by_bytes = (1 << 20) / (4 * ow.max(1) * kc.max(1));
+    by_pixels.min(by_bytes).clamp(1, oh.max(1))
+}
+
 /// Whether a Conv2d's input gradient on `p` output pixels runs as the transposed GEMM
 /// `colsᵀ = dyᵀ·W` (pixels as the tile's rows, the `C·kh·kw` taps as its columns) rather
 /// than `cols = Wᵀ·dy` (pixels as columns): on small maps, where fewer than 64 pixels fill
@@ -588,7 +597,8 @@ impl GradScratch {
                     let block = row_block(p, kc);
                     Some(lay(block, pad, block * p * (o / g), 0, block * kc * p))
                 } else {
-                    Some(lay(1, pad, 0, packed(p, o / g), kc * p))
+                    let n = input_grad_rows(oh, ow, kc) * ow;
+                    Some(lay(1, pad, 0, packed(n, o / g), kc * n))
                 }
             }
             TrainOp::LinearWeightGrad(l) => {

@@ -28,7 +28,7 @@ use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
 use crate::jit::cx::NodeCx;
 use crate::jit::eltwise::copy_run;
 use crate::jit::microkernel::{self, Act, GemmTile, Isa};
-use crate::jit::plan::{GradScratch, grad_block, input_grad_transposed};
+use crate::jit::plan::{GradScratch, grad_block, input_grad_rows, input_grad_transposed};
 use crate::jit::tables::axis_table;
 use cnnc_compiler::ops::train::TrainOp;
 use cnnc_compiler::ops::{Conv2d, Linear};
@@ -515,18 +515,49 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
                 let kn = fx.i(c(kc));
                 let first = fx.i(1);
                 gemm.emit_rows(fx, col, wg, out, kn, first, m);
-                // y[s][oc][q] = out[(s, q)][oc] + bias[oc].
+                // y[s][oc][q] = out[(s, q)][oc] + bias[oc], four pixels at a time: the four
+                // rows of `out` read (in cache) across the channels, each channel's four
+                // values stored as one vector — not a pass over all of `out` per channel.
                 let steps = [c(4 * o * p), c(4 * p * cout_g), 0];
                 fx.loop_n(Count::Dyn(cnt), [yg, out, bg], steps, |fx, [ys, os, bg]| {
-                    let steps = [c(4 * p), 4, 4];
-                    fx.loop_n(Count::Const(cout_g), [ys, bg, os], steps, |fx, [yc, bc, oc]| {
-                        let b = fx.load_f(bc, 0);
-                        fx.loop_n(Count::Const(p), [yc, oc], [4, c(4 * cout_g)], |fx, [yq, oq]| {
-                            let v = fx.load_f(oq, 0);
+                    let quads = p / 4;
+                    let steps = [16, c(16 * cout_g), 0];
+                    fx.loop_n(Count::Const(quads), [ys, os, bg], steps, |fx, [yq, oq, bg]| {
+                        let steps = [c(4 * p), 4, 4];
+                        fx.loop_n(Count::Const(cout_g), [yq, oq, bg], steps, |fx, [yc, oc, bc]| {
+                            let b = fx.load_splat(bc, 0);
+                            // Lane by lane (a stride-2 vector load would read past the
+                            // last row).
+                            let v = match cout_g {
+                                1 => fx.load_v(oc, 0),
+                                2 => {
+                                    let mut v = fx.vf(0.0);
+                                    for j in 0..4 {
+                                        let x = fx.load_f(oc, c(2 * j));
+                                        v = fx.b.ins().insertlane(v, x, j as u8);
+                                    }
+                                    v
+                                }
+                                _ => fx.load_strided(oc, 0, cout_g),
+                            };
                             let v = fx.b.ins().fadd(v, b);
-                            fx.store_f(v, yq, 0);
+                            fx.store_v(v, yc, 0);
                         });
                     });
+                    let done = quads * 4;
+                    if done < p {
+                        let yq = fx.addi(ys, c(4 * done));
+                        let oq = fx.addi(os, c(4 * done * cout_g));
+                        let steps = [c(4 * p), 4, 4];
+                        fx.loop_n(Count::Const(cout_g), [yq, oq, bg], steps, |fx, [yc, oc, bc]| {
+                            let b = fx.load_f(bc, 0);
+                            for q in 0..p - done {
+                                let v = fx.load_f(oc, c(q * cout_g));
+                                let v = fx.b.ins().fadd(v, b);
+                                fx.store_f(v, yc, c(q));
+                            }
+                        });
+                    }
                 });
             });
         });
@@ -630,7 +661,13 @@ pub(in crate::jit) fn conv_input_grad(
     if input_grad_transposed(p, g) {
         return conv_input_grad_t(jit, cx, conv, sc, (cin, h, w), (o, oh, ow), isa);
     }
-    let gemm = Gemm::new(jit, isa, kc, p, cout_g, cout_g, p);
+    // Chunks of `rows` output rows: the GEMM's columns for one chunk stay in cache for the
+    // col2im that follows (a whole map's columns are `kc·oh·ow` floats: 7 MB for a 3×3
+    // conv of 64 channels at 56×56).
+    let rows = input_grad_rows(oh, ow, kc);
+    let (chunks, last_rows) = (oh / rows, oh % rows);
+    let gemm = Gemm::new(jit, isa, kc, rows * ow, cout_g, cout_g, rows * ow);
+    let last = (last_rows > 0).then(|| Gemm::new(jit, isa, kc, last_rows * ow, cout_g, cout_g, last_rows * ow));
     // A: per group, the transposed weights `[kc, cout_g]`.
     let weight = cx.param_ref("weight")?;
     let wt = jit.consts.f32s_filled(g * kc * cout_g, |t| {
@@ -650,9 +687,6 @@ pub(in crate::jit) fn conv_input_grad(
         None
     };
     let (ds, os, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
-    let nr = isa.gemm_nr();
-    let full = gemm.full_tiles();
-    let last_width = gemm.width(full);
     jit.kernel(&cx.node.name, |fx| {
         let (dy, dx, scr) = (fx.slot(ds), fx.slot(os), fx.slot(ss));
         // Sample-wise: this thread's copy of the scratch (see `lower::samplewise_work`).
@@ -668,38 +702,52 @@ pub(in crate::jit) fn conv_input_grad(
             zero_floats(fx, tgt, cin * ph * pw);
             let steps = [c(4 * cout_g * p), c(4 * kc * cout_g), c(4 * cin_g * ph * pw), 0, 0];
             fx.loop_n(Count::Const(g), [dy, wta, tgt, bpk, col], steps, |fx, [dyg, wg, tg, bpk, col]| {
-                // B: the group's output gradient, by tiles of pixels.
-                let steps = [c(4 * nr), c(4 * cout_g * nr)];
-                fx.loop_n(Count::Const(full), [dyg, bpk], steps, |fx, [s, d]| {
-                    fx.loop_n(Count::Const(cout_g), [s, d], [c(4 * p), c(4 * nr)], |fx, [s, d]| copy_run(fx, s, d, nr));
-                });
-                if p % nr > 0 {
-                    let s = fx.addi(dyg, c(4 * full * nr));
-                    let d = fx.addi(bpk, c(4 * gemm.tile_off(full)));
-                    let steps = [c(4 * p), c(4 * last_width)];
-                    fx.loop_n(Count::Const(cout_g), [s, d], steps, |fx, [s, d]| copy_run(fx, s, d, p % nr));
-                }
-                let kn = fx.i(c(cout_g));
-                let first = fx.i(1);
-                gemm.emit(fx, wg, bpk, col, kn, first);
-                // col2im: each column into the padded input's gradient.
-                let zero = fx.i(0);
-                fx.loop_n(Count::Const(kc), [zero, col, tg], [1, c(4 * p), 0], |fx, [j, cj, tg]| {
-                    let off = tap_offset(fx, conv, j, (ph, pw));
-                    let d0 = fx.elem(tg, off);
-                    fx.loop_n(Count::Const(oh), [cj, d0], [c(4 * ow), c(4 * sh * pw)], |fx, [s, d]| {
-                        if sw == 1 {
-                            fx.add_run(s, d, ow);
-                        } else {
-                            fx.loop_n(Count::Const(ow), [s, d], [4, c(4 * sw)], |fx, [s, d]| {
-                                let a = fx.load_f(s, 0);
-                                let b = fx.load_f(d, 0);
-                                let v = fx.b.ins().fadd(b, a);
-                                fx.store_f(v, d, 0);
-                            });
-                        }
+                // One chunk of `r` output rows starting at `dyc` (the group's output
+                // gradient) and, in the padded input's gradient, at `tc`.
+                let chunk = |fx: &mut Fx<'_>, gemm: &Gemm, r: usize, [dyc, tc, wg, bpk, col]: [Value; 5]| {
+                    let n = r * ow;
+                    let (nr, full) = (gemm.nr, gemm.full_tiles());
+                    // B: the chunk's output gradient, by tiles of pixels.
+                    let steps = [c(4 * nr), c(4 * gemm.tile_off(1))];
+                    fx.loop_n(Count::Const(full), [dyc, bpk], steps, |fx, [s, d]| {
+                        fx.loop_n(Count::Const(cout_g), [s, d], [c(4 * p), c(4 * nr)], |fx, [s, d]| copy_run(fx, s, d, nr));
                     });
-                });
+                    if n % nr > 0 {
+                        let s = fx.addi(dyc, c(4 * full * nr));
+                        let d = fx.addi(bpk, c(4 * gemm.tile_off(full)));
+                        let steps = [c(4 * p), c(4 * gemm.width(full))];
+                        fx.loop_n(Count::Const(cout_g), [s, d], steps, |fx, [s, d]| copy_run(fx, s, d, n % nr));
+                    }
+                    let kn = fx.i(c(cout_g));
+                    let first = fx.i(1);
+                    gemm.emit(fx, wg, bpk, col, kn, first);
+                    // col2im: each column into the padded input's gradient.
+                    let zero = fx.i(0);
+                    fx.loop_n(Count::Const(kc), [zero, col, tc], [1, c(4 * n), 0], |fx, [j, cj, tg]| {
+                        let off = tap_offset(fx, conv, j, (ph, pw));
+                        let d0 = fx.elem(tg, off);
+                        fx.loop_n(Count::Const(r), [cj, d0], [c(4 * ow), c(4 * sh * pw)], |fx, [s, d]| {
+                            if sw == 1 {
+                                fx.add_run(s, d, ow);
+                            } else {
+                                fx.loop_n(Count::Const(ow), [s, d], [4, c(4 * sw)], |fx, [s, d]| {
+                                    let a = fx.load_f(s, 0);
+                                    let zero = fx.i(0);
+                                    let b = fx.load_f_mut(d, zero);
+                                    let v = fx.b.ins().fadd(b, a);
+                                    fx.store_f(v, d, 0);
+                                });
+                            }
+                        });
+                    });
+                };
+                let steps = [c(4 * rows * ow), c(4 * rows * sh * pw), 0, 0, 0];
+                fx.loop_n(Count::Const(chunks), [dyg, tg, wg, bpk, col], steps, |fx, v| chunk(fx, &gemm, rows, v));
+                if let Some(last) = &last {
+                    let dyc = fx.addi(dyg, c(4 * chunks * rows * ow));
+                    let tc = fx.addi(tg, c(4 * chunks * rows * sh * pw));
+                    chunk(fx, last, last_rows, [dyc, tc, wg, bpk, col]);
+                }
             });
             if let Some(tabs) = tabs {
                 fold(fx, dpad, dx, (cin, h, w), (ph, pw), tabs);
