@@ -30,6 +30,9 @@ pub(in crate::jit) struct NodeCx<'a> {
     pub out_len: usize,
     /// The step's scratch slot, if the plan gave it one.
     pub scratch: Option<usize>,
+    /// Values that stand for the node's `weight` parameter (a Conv2d input gradient run as
+    /// the forward convolution with the flipped, transposed weights).
+    pub weight: Option<Vec<f32>>,
 }
 
 impl NodeCx<'_> {
@@ -65,6 +68,9 @@ impl NodeCx<'_> {
     /// As [`NodeCx::param`], borrowed when the stored array is contiguous (a model's big
     /// weights are read once, while packing).
     pub fn param_ref(&self, suffix: &str) -> Result<std::borrow::Cow<'_, [f32]>> {
+        if let (Some(w), "weight") = (&self.weight, suffix) {
+            return Ok(std::borrow::Cow::Borrowed(w));
+        }
         let missing = || Error::Unsupported(format!("`{}` has no f32 parameter `{suffix}`", self.node.name));
         let pos = self.node.op.def().params().iter().position(|p| p.suffix == suffix).ok_or_else(missing)?;
         let id = *self.node.params.get(pos).ok_or_else(missing)?;

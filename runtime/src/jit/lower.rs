@@ -33,6 +33,7 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                     in_lens: inputs.iter().map(|s| plan.slots[*s].size).collect(),
                     out_len: plan.slots[*output].size,
                     scratch: *scratch,
+                    weight: None,
                 };
                 let tiled = cx.out_layout.is_blocked();
                 let first = jit.funcs.len();
@@ -71,6 +72,15 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                     Op::Concat(_) if tiled => blocked::channels::concat(jit, &cx)?,
                     Op::Concat(cat) => eltwise::concat(jit, &cx, cat)?,
                     Op::Reduce(r) => eltwise::reduce(jit, &cx, r)?,
+                    Op::Train(TrainOp::ConvInputGrad(c, _)) if tiled => {
+                        // The forward convolution of the output gradient (`plan::input_grad_conv`).
+                        let flipped = plan::input_grad_conv(c).ok_or_else(|| {
+                            Error::Unsupported(format!("`{}`: no convolution form of this input gradient", node.name))
+                        })?;
+                        let weight = flipped_weight(c, &cx.param_ref("weight")?);
+                        let cx = NodeCx { weight: Some(weight), ..cx };
+                        blocked::conv::conv(jit, &cx, &flipped)?
+                    }
                     Op::Train(t) => match t {
                         TrainOp::BatchStats(_) => eltwise_grad::batch_stats(jit, &cx)?,
                         TrainOp::BatchNormTrain(bn) => eltwise_grad::bn_train(jit, &cx, bn)?,
@@ -129,7 +139,12 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                 eltwise::copy(jit, "<output copy>", *from, *to, plan.slots[*to].size)?;
             }
             Step::Reorder { from, to } => {
+                let first = jit.funcs.len();
                 blocked::channels::reorder(jit, (*from, plan.slots[*from].layout), (*to, plan.slots[*to].layout))?;
+                // A reorder computes each sample alone.
+                if plan.whole_batch && plan.slots[*to].batched && plan.slots[*from].batched {
+                    jit.mark_samplewise(first, 2 * plan.slots[*to].size as u64);
+                }
             }
         }
     }
@@ -170,4 +185,22 @@ fn samplewise_work(node: &Node, in_tys: &[&TensorType]) -> Option<u64> {
         },
         _ => None,
     }
+}
+
+/// `W'[ci][co][ky][kx] = W[co][ci][kh − 1 − ky][kw − 1 − kx]`: a Conv2d's weights as those of
+/// the convolution that computes its input gradient (`plan::input_grad_conv`).
+fn flipped_weight(conv: &cnnc_compiler::ops::Conv2d, w: &[f32]) -> Vec<f32> {
+    let (o, i) = (conv.out_channels, conv.in_channels);
+    let (kh, kw) = conv.kernel;
+    let mut out = vec![0f32; w.len()];
+    for co in 0..o {
+        for ci in 0..i {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    out[((ci * o + co) * kh + kh - 1 - ky) * kw + kw - 1 - kx] = w[((co * i + ci) * kh + ky) * kw + kx];
+                }
+            }
+        }
+    }
+    out
 }

@@ -357,7 +357,23 @@ pub(super) fn plan(graph: &Graph, blocked: bool, parts: usize) -> Result<Plan> {
                 let operands = graph.operands(id);
                 let have: Vec<Layout> = operands.iter().map(|o| b.slots[value[o]].layout).collect();
                 let in_tys: Vec<&TensorType> = operands.iter().map(|o| &graph.node(*o).ty).collect();
-                let (out, mut want) = choose(&node.op, &node.ty, &in_tys, &have, blocked);
+                // In a training graph only the forward Conv2d runs on the blocked tier (the
+                // inference kernels, twice as fast as its GEMM form); the ops around it
+                // take its result in whatever layout their kernels read, reordered once.
+                // So does a stride-1 Conv2d's input gradient, as the forward convolution it
+                // is ([`input_grad_conv`]).
+                let flipped = match &node.op {
+                    Op::Train(TrainOp::ConvInputGrad(conv, _)) if gemm => input_grad_conv(conv).map(Op::Conv2d),
+                    _ => None,
+                };
+                let op = flipped.as_ref().unwrap_or(&node.op);
+                let may_block = match op {
+                    Op::Conv2d(conv) if training => gemm && conv_blocked(conv) && !plane_conv(conv),
+                    _ => blocked,
+                };
+                let (out, mut want) = choose(op, &node.ty, &in_tys, &have, may_block);
+                // The input gradient's own GEMM form where the blocked conv is not used.
+                let op = if out.is_blocked() { op } else { &node.op };
                 // A fused residual operand has the result's layout.
                 want.resize(have.len(), out);
                 let inputs: Vec<usize> = operands.iter().zip(want).map(|(o, l)| b.convert(value[o], l)).collect();
@@ -372,7 +388,7 @@ pub(super) fn plan(graph: &Graph, blocked: bool, parts: usize) -> Result<Plan> {
                 value.insert(id, output);
                 let in_layout = b.slots[inputs[0]].layout;
                 let mut fixed_scratch = false;
-                let staged = match &node.op {
+                let staged = match op {
                     Op::Conv2d(conv) if blocked && in_layout == Layout::Plain && plane_conv(conv) => {
                         Some(plane_staged_input(conv, in_tys[0]))
                     }
@@ -500,6 +516,34 @@ pub(super) fn row_block(p: usize, kc: usize) -> usize {
     let by_rows = 256usize.div_ceil(p.max(1));
     let by_bytes = ((2 << 20) / (4 * p.max(1) * kc.max(1))).max(1);
     by_rows.min(by_bytes).max(1)
+}
+
+/// A stride-1 Conv2d's input gradient as a forward convolution of the output gradient:
+/// `dx = conv(dy, W')` with `W'[ci][co] = W[co][ci]` flipped in both spatial axes and
+/// padding `k − 1 − p`, so it runs on the blocked tier's kernels (`None` where that form
+/// does not hold — strides, dilation, groups, asymmetric or non-zero padding, a padding
+/// wider than `k − 1` — or does not pay: fewer than 16 input channels, the gradient's
+/// channels, would fill part of one block).
+pub(super) fn input_grad_conv(conv: &Conv2d) -> Option<Conv2d> {
+    let (pt, pb, pl, pr) = conv.pads();
+    let (kh, kw) = conv.kernel;
+    let ok = conv.stride == (1, 1)
+        && conv.in_channels >= BLOCK
+        && conv.dilation == (1, 1)
+        && conv.groups == 1
+        && conv.padding_mode == cnnc_compiler::ops::PaddingMode::Zeros
+        && pt == pb
+        && pl == pr
+        && pt < kh
+        && pl < kw
+        && conv.epilogue == Default::default();
+    ok.then(|| Conv2d {
+        in_channels: conv.out_channels,
+        out_channels: conv.in_channels,
+        padding: cnnc_compiler::ops::PaddingSpec::Explicit(kh - 1 - pt, kw - 1 - pl),
+        bias: false,
+        ..conv.clone()
+    })
 }
 
 /// Output rows per chunk of a Conv2d's input gradient as `cols = Wᵀ·dy` (an `oh × ow` map,

@@ -710,7 +710,9 @@ pub(in crate::jit) fn conv_input_grad(
                     // B: the chunk's output gradient, by tiles of pixels.
                     let steps = [c(4 * nr), c(4 * gemm.tile_off(1))];
                     fx.loop_n(Count::Const(full), [dyc, bpk], steps, |fx, [s, d]| {
-                        fx.loop_n(Count::Const(cout_g), [s, d], [c(4 * p), c(4 * nr)], |fx, [s, d]| copy_run(fx, s, d, nr));
+                        fx.loop_n(Count::Const(cout_g), [s, d], [c(4 * p), c(4 * nr)], |fx, [s, d]| {
+                            copy_run(fx, s, d, nr)
+                        });
                     });
                     if n % nr > 0 {
                         let s = fx.addi(dyc, c(4 * full * nr));
