@@ -714,7 +714,7 @@ pub(in crate::jit) fn conv_input_grad(
                             copy_run(fx, s, d, nr)
                         });
                     });
-                    if n % nr > 0 {
+                    if !n.is_multiple_of(nr) {
                         let s = fx.addi(dyc, c(4 * full * nr));
                         let d = fx.addi(bpk, c(4 * gemm.tile_off(full)));
                         let steps = [c(4 * p), c(4 * gemm.width(full))];
