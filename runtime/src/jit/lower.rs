@@ -1,8 +1,12 @@
 //! Lowering: one kernel per step of the memory plan, chosen by the node's op. This is the
-//! only place that dispatches on [`Op`] in the JIT. The training ops ([`Op::Train`]) run
-//! on plain tensors: Conv2d (forward too) and Linear backward as GEMMs over the micro-kernel tile
+//! only place that dispatches on [`Op`] in the JIT. In a training graph the forward Conv2d
+//! and a stride-1 Conv2d's input gradient (as the forward convolution of `dy` with the
+//! flipped, transposed weights, `plan::input_grad_conv`) run on the blocked tier's
+//! convolution; the other Conv2d and Linear backward ops (and forward convolutions the
+//! blocked kernels do not take) as GEMMs over the micro-kernel tile
 //! (`blocked/gemm_grad.rs`; their scalar forms in `portable/` without a micro-kernel ISA),
-//! pooling backward in `portable/`, everything else in `eltwise_grad.rs`.
+//! pooling backward in `portable/`, everything else in `eltwise_grad.rs`. Which kernels
+//! threads may run on ranges of samples is decided here ([`samplewise_work`]).
 
 use super::codegen::Jit;
 use super::cx::NodeCx;

@@ -40,7 +40,13 @@
 //! net on its own arena, without synchronisation. A smaller batch (a batch of 1) runs on
 //! one arena, and every kernel that can split its work (Conv2d, Linear, pooling,
 //! BatchNorm: by output rows or column tiles) and has enough of it is run by all threads
-//! at once, each doing its part; the others run on the caller's thread. A run that finds
+//! at once, each doing its part; the others run on the caller's thread. A training graph
+//! runs as one chunk of the whole batch (its weight gradients and batch statistics reduce
+//! over every sample): there the threads share each big kernel — a sample-wise kernel
+//! (`Jit::mark_samplewise`: forward ops, input gradients, activation and pooling
+//! backward, reorders) by ranges of samples, each thread calling it with the slot table
+//! of its range ([`PartTables`]); a weight gradient by column tiles, a per-channel
+//! reduction by channels. A run that finds
 //! the team busy with another run goes single-threaded. Arenas (with their slot tables)
 //! live in a pool that grows on the first run needing a bigger chunk or more of them, so a
 //! steady-state run allocates only its outputs.

@@ -8,18 +8,24 @@
 //!   im2col (of the padded input, as `F.pad` makes it). Samples go in blocks of
 //!   [`grad_block`] so one tile call reduces ≥ 256 steps: `A` is the block's output gradient
 //!   (a row per output channel), `B` the block's im2col packed by column tiles, and the
-//!   partial sums wait in `dW` between blocks.
-//! - **Input gradient** of a Conv2d (per sample and group): `cols = Wᵀ · dY` (`A` = the
-//!   transposed weights, packed once when compiling; `B` = the packed output gradient), then
-//!   `col2im` adds each column into the padded input's gradient, which is folded into the
-//!   input's (zeros dropped; reflect, replicate and circular pixels added to their source).
+//!   partial sums wait in `dW` between blocks. Threads share it by column tiles.
+//! - **Input gradient** of a Conv2d where the blocked tier's convolution does not serve
+//!   (`plan::input_grad_conv`: strided, dilated, grouped, padded other than by zeros):
+//!   per sample and group, `cols = Wᵀ · dY` (`A` = the transposed weights, packed once
+//!   when compiling; `B` = the packed output gradient), in chunks of output rows
+//!   (`plan::input_grad_rows`) whose columns `col2im` adds, still in cache, into the padded
+//!   input's gradient, which is folded into the input's (zeros dropped; reflect, replicate
+//!   and circular pixels added to their source). On small maps (fewer than 64 pixels) the
+//!   transposed product `colsᵀ = dYᵀ · W` instead, pixels as rows, for a block of samples
+//!   per pass over the weights ([`conv_input_grad_t`]).
 //! - **Linear**: the input gradient is the forward GEMM with `Wᵀ` ([`rows_gemm`]); the weight
 //!   gradient `dW = Σ_r dyᵀ·x` reduces over rows in blocks like the conv's.
-//! - **The forward Conv2d of a training graph** ([`conv_forward`]): per sample and group,
-//!   `yᵀ = col · Wᵀ` — a row of taps per output pixel times the weights packed once — then
-//!   transposed into `y` with the bias.
+//! - **The forward Conv2d of a training graph** where the blocked tier's kernels do not
+//!   apply (few channels, groups) ([`conv_forward`]): per block of samples and group,
+//!   `yᵀ = col · Wᵀ` — a row of taps per output pixel times the weights packed once —
+//!   then transposed into `y` with the bias, four pixels at a time.
 //!
-//! Scratch is one fixed region per kernel ([`GradScratch`]). Results equal the
+//! Scratch is one fixed region per kernel and thread ([`GradScratch`]). Results equal the
 //! interpreter's f64 sums within f32 rounding (the JIT ≡ interpreter suites bound it).
 
 use super::conv::{RowsGemm, rows_gemm};
