@@ -171,35 +171,25 @@ impl Optimizer {
         st.step += 1;
         match self {
             Optimizer::Sgd(s) => {
-                let mut d: Vec<f32> = grad.to_vec();
-                if s.weight_decay != 0.0 {
-                    let wd = s.weight_decay as f32;
-                    for (d, p) in d.iter_mut().zip(param.iter()) {
-                        *d += wd * *p;
+                // One pass, torch.optim's arithmetic element by element: `d = g + wd·p`;
+                // with momentum `b = d` on the first step, else `b = m·b + (1 − dampening)·d`,
+                // then `d = d + m·b` (Nesterov) or `d = b`; `p = p − lr·d`.
+                let (wd, m, damp, lr) =
+                    (s.weight_decay as f32, s.momentum as f32, (1.0 - s.dampening) as f32, -(s.lr as f32));
+                let first = st.momentum_buffer.is_none();
+                let mut buf =
+                    (s.momentum != 0.0).then(|| st.momentum_buffer.get_or_insert_with(|| vec![0.0; param.len()]));
+                for (i, (p, g)) in param.iter_mut().zip(grad).enumerate() {
+                    let mut d = *g;
+                    if s.weight_decay != 0.0 {
+                        d += wd * *p;
                     }
-                }
-                if s.momentum != 0.0 {
-                    let (m, damp) = (s.momentum as f32, (1.0 - s.dampening) as f32);
-                    let buf = match st.momentum_buffer.as_mut() {
-                        None => st.momentum_buffer.insert(d.clone()),
-                        Some(b) => {
-                            for (b, d) in b.iter_mut().zip(&d) {
-                                *b = *b * m + damp * *d;
-                            }
-                            b
-                        }
-                    };
-                    if s.nesterov {
-                        for (d, b) in d.iter_mut().zip(buf.iter()) {
-                            *d += m * *b;
-                        }
-                    } else {
-                        d.copy_from_slice(buf);
+                    if let Some(buf) = buf.as_mut() {
+                        let b = &mut buf[i];
+                        *b = if first { d } else { *b * m + damp * d };
+                        d = if s.nesterov { d + m * *b } else { *b };
                     }
-                }
-                let lr = -(s.lr as f32);
-                for (p, d) in param.iter_mut().zip(&d) {
-                    *p += lr * *d;
+                    *p += lr * d;
                 }
             }
             Optimizer::Adam(a) => {
@@ -514,19 +504,28 @@ impl Trainer {
         if !loss.is_finite() {
             return Err(self.non_finite(step, "the loss", inputs, target.clone(), masks));
         }
-        if grads.iter().any(|(_, g)| g.iter().any(|v| !v.is_finite())) {
+        let finite = |g: &ArrayD<f32>| match g.as_slice() {
+            Some(s) => s.iter().all(|v| v.is_finite()),
+            None => g.iter().all(|v| v.is_finite()),
+        };
+        if !grads.iter().all(|(_, g)| finite(g)) {
             return Err(self.non_finite(step, "a gradient", inputs, target, masks));
         }
         self.steps = step;
         for (pid, g) in &grads {
+            let gs = g.as_slice().ok_or_else(|| Error::Train("a gradient is not contiguous".into()))?;
+            // In place where the values are stored contiguously (always, after a first set).
+            if let Some(ps) = self.weights.f32_values_mut(*pid) {
+                self.optimizer.update(ps, gs, &mut self.state[pid.0]);
+                continue;
+            }
             let mut p = self
                 .weights
                 .f32(*pid)
                 .ok_or_else(|| Error::Train("a gradient of a non-float parameter".into()))?
-                .clone();
-            let (Some(ps), Some(gs)) = (p.as_slice_mut(), g.as_slice()) else {
-                return Err(Error::Train("a parameter or gradient is not contiguous".into()));
-            };
+                .as_standard_layout()
+                .into_owned();
+            let ps = p.as_slice_mut().ok_or_else(|| Error::Train("a parameter is not contiguous".into()))?;
             self.optimizer.update(ps, gs, &mut self.state[pid.0]);
             self.weights.set(*pid, ParamData::F32(p))?;
         }

@@ -519,6 +519,16 @@ impl Weights {
         self.data.get(id.0).and_then(ParamData::as_f32)
     }
 
+    /// The values of a float parameter in standard order, to change in place (its shape and
+    /// dtype stay the declared ones); `None` for an integer parameter, an id out of range or
+    /// values not stored contiguously.
+    pub fn f32_values_mut(&mut self, id: ParamId) -> Option<&mut [f32]> {
+        match self.data.get_mut(id.0)? {
+            ParamData::F32(a) => a.as_slice_mut(),
+            _ => None,
+        }
+    }
+
     /// The tensor of a parameter.
     ///
     /// # Panics

@@ -30,9 +30,10 @@ pub(in crate::jit) struct NodeCx<'a> {
     pub out_len: usize,
     /// The step's scratch slot, if the plan gave it one.
     pub scratch: Option<usize>,
-    /// Values that stand for the node's `weight` parameter (a Conv2d input gradient run as
-    /// the forward convolution with the flipped, transposed weights).
-    pub weight: Option<Vec<f32>>,
+    /// Whether a convolution kernel reads the node's `weight` (`[O, I, kh, kw]`) as the
+    /// flipped, transposed weights `W'[i][o][ky][kx] = W[o][i][kh − 1 − ky][kw − 1 − kx]`
+    /// (a Conv2d's input gradient run as a forward convolution, `plan::input_grad_conv`).
+    pub flipped: bool,
 }
 
 impl NodeCx<'_> {
@@ -68,9 +69,6 @@ impl NodeCx<'_> {
     /// As [`NodeCx::param`], borrowed when the stored array is contiguous (a model's big
     /// weights are read once, while packing).
     pub fn param_ref(&self, suffix: &str) -> Result<std::borrow::Cow<'_, [f32]>> {
-        if let (Some(w), "weight") = (&self.weight, suffix) {
-            return Ok(std::borrow::Cow::Borrowed(w));
-        }
         let missing = || Error::Unsupported(format!("`{}` has no f32 parameter `{suffix}`", self.node.name));
         let pos = self.node.op.def().params().iter().position(|p| p.suffix == suffix).ok_or_else(missing)?;
         let id = *self.node.params.get(pos).ok_or_else(missing)?;

@@ -37,7 +37,7 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                     in_lens: inputs.iter().map(|s| plan.slots[*s].size).collect(),
                     out_len: plan.slots[*output].size,
                     scratch: *scratch,
-                    weight: None,
+                    flipped: false,
                 };
                 let tiled = cx.out_layout.is_blocked();
                 let first = jit.funcs.len();
@@ -81,8 +81,7 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan
                         let flipped = plan::input_grad_conv(c).ok_or_else(|| {
                             Error::Unsupported(format!("`{}`: no convolution form of this input gradient", node.name))
                         })?;
-                        let weight = flipped_weight(c, &cx.param_ref("weight")?);
-                        let cx = NodeCx { weight: Some(weight), ..cx };
+                        let cx = NodeCx { flipped: true, ..cx };
                         blocked::conv::conv(jit, &cx, &flipped)?
                     }
                     Op::Train(t) => match t {
@@ -189,22 +188,4 @@ fn samplewise_work(node: &Node, in_tys: &[&TensorType]) -> Option<u64> {
         },
         _ => None,
     }
-}
-
-/// `W'[ci][co][ky][kx] = W[co][ci][kh − 1 − ky][kw − 1 − kx]`: a Conv2d's weights as those of
-/// the convolution that computes its input gradient (`plan::input_grad_conv`).
-fn flipped_weight(conv: &cnnc_compiler::ops::Conv2d, w: &[f32]) -> Vec<f32> {
-    let (o, i) = (conv.out_channels, conv.in_channels);
-    let (kh, kw) = conv.kernel;
-    let mut out = vec![0f32; w.len()];
-    for co in 0..o {
-        for ci in 0..i {
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    out[((ci * o + co) * kh + kh - 1 - ky) * kw + kw - 1 - kx] = w[((co * i + ci) * kh + ky) * kw + kx];
-                }
-            }
-        }
-    }
-    out
 }

@@ -471,6 +471,9 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
             ocb += nb;
         }
     }
+    // A flipped weight (`NodeCx::flipped`, one group) is the stored `[ic][oc][kh][kw]`
+    // read with both spatial axes reversed.
+    let flipped = cx.flipped;
     let pack = |packed: &mut [f32]| {
         for grp in &gs {
             let width = grp.nb * BLOCK;
@@ -479,13 +482,21 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
             // never cross into the next group: with several groups each has whole blocks;
             // channels past `cout` stay zero).
             let valid = width.min(cout.saturating_sub(grp.ocb0 * BLOCK));
-            let src = &w[grp.ocb0 * BLOCK * icg * ntaps..][..valid * icg * ntaps];
+            let o0 = grp.ocb0 * BLOCK;
             for ic in 0..icg {
                 let (b, ch) = (ic / c_full, ic % c_full);
                 for tap in 0..ntaps {
                     let out = &mut packed[grp.w_off + ((b * ntaps + tap) * c_full + ch) * width..][..valid];
-                    for (j, v) in out.iter_mut().enumerate() {
-                        *v = src[(j * icg + ic) * ntaps + tap];
+                    if flipped {
+                        let src = &w[(ic * cout + o0) * ntaps..][..valid * ntaps];
+                        for (j, v) in out.iter_mut().enumerate() {
+                            *v = src[j * ntaps + ntaps - 1 - tap];
+                        }
+                    } else {
+                        let src = &w[o0 * icg * ntaps..][..valid * icg * ntaps];
+                        for (j, v) in out.iter_mut().enumerate() {
+                            *v = src[(j * icg + ic) * ntaps + tap];
+                        }
                     }
                 }
             }
