@@ -627,7 +627,8 @@ impl GradScratch {
                 let block = grad_block(p);
                 let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { block * cin * (h + pt + pb) * (w + pl + pr) };
                 let kc = cin / g * conv.kernel.0 * conv.kernel.1;
-                Some(lay(block, pad, o * block * p, packed(kc, block * p), 0))
+                // `B` holds one column tile (of at most 64 taps) at a time.
+                Some(lay(block, pad, o * block * p, packed(kc.min(64), block * p), 0))
             }
             TrainOp::ConvInputGrad(conv, _) => {
                 let (cin, h, w) = ty.chw()?;

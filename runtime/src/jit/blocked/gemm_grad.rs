@@ -199,6 +199,30 @@ impl Gemm {
         });
     }
 
+    /// Column tile `t` alone (`valid` columns), its packed `B` at `bt`: every row block.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_tile(
+        &self,
+        fx: &mut Fx<'_>,
+        a: Value,
+        bt: Value,
+        cp: Value,
+        kn: Value,
+        first: Value,
+        t: Value,
+        valid: usize,
+    ) {
+        let k = fx.b.ins().ishl_imm_u(kn, 32);
+        let f = fx.b.ins().ishl_imm_u(first, 62);
+        let k = fx.b.ins().bor(k, f);
+        let last = fx.i(i64::MIN);
+        let kspan = fx.b.ins().bor(k, last);
+        let ct = fx.b.ins().imul_imm_s(t, c(4 * self.nr));
+        let ct = fx.add(cp, ct);
+        let col = fx.b.ins().imul_imm_s(t, c(self.nr));
+        self.rows(fx, a, bt, ct, col, valid, kspan);
+    }
+
     /// This part's share of the column tiles ([`part_range`] of them): `(lo, nfull, rem)`
     /// as [`Gemm::emit_range`] takes them.
     fn part_tiles(&self, fx: &mut Fx<'_>) -> (Value, Value, Value) {
@@ -363,24 +387,27 @@ pub(in crate::jit) fn conv_weight_grad(
                             let geo = Taps { sample: cin * ph * pw, pw, out: (oh, ow), stride: (sh, sw), pixel: width };
                             gather_taps(fx, &geo, xg, bt, Count::Dyn(cnt), tab, valid);
                         };
+                    // Tile by tile, each gathered into the one tile region of `B` and
+                    // reduced right away, while it is still in cache.
                     let full = gemm.full_tiles();
                     let tab0 = fx.addr(taps);
                     let t0 = fx.b.ins().imul_imm_s(lo, c(8 * nr));
                     let tab = fx.add(tab0, t0);
-                    let b0 = fx.b.ins().imul_imm_s(lo, c(4 * gemm.tile_off(1)));
-                    let bt = fx.add(bpk, b0);
-                    let steps = [c(8 * nr), c(4 * gemm.tile_off(1)), 0, 0];
-                    fx.loop_n(Count::Dyn(nfull), [tab, bt, xg, cnt], steps, |fx, [tab, bt, xg, cnt]| {
-                        tile(fx, tab, bt, xg, cnt, nr, nr)
+                    let vals = [tab, lo, xg, cnt, ag, dwg, kn, first, bpk];
+                    let steps = [c(8 * nr), 1, 0, 0, 0, 0, 0, 0, 0];
+                    fx.loop_n(Count::Dyn(nfull), vals, steps, |fx, [tab, t, xg, cnt, ag, dwg, kn, first, bpk]| {
+                        tile(fx, tab, bpk, xg, cnt, nr, nr);
+                        gemm.emit_tile(fx, ag, bpk, dwg, kn, first, t, nr);
                     });
                     if !kc.is_multiple_of(nr) {
                         let tab = fx.addi(tab0, c(8 * full * nr));
-                        let bt = fx.addi(bpk, c(4 * gemm.tile_off(full)));
-                        fx.loop_n(Count::Dyn(rem), [tab, bt, xg, cnt], [0; 4], |fx, [tab, bt, xg, cnt]| {
-                            tile(fx, tab, bt, xg, cnt, kc % nr, gemm.width(full))
+                        let t = fx.i(c(full));
+                        let vals = [tab, t, xg, cnt, ag, dwg, kn, first, bpk];
+                        fx.loop_n(Count::Dyn(rem), vals, [0; 9], |fx, [tab, t, xg, cnt, ag, dwg, kn, first, bpk]| {
+                            tile(fx, tab, bpk, xg, cnt, kc % nr, gemm.width(full));
+                            gemm.emit_tile(fx, ag, bpk, dwg, kn, first, t, kc % nr);
                         });
                     }
-                    gemm.emit_range(fx, ag, bpk, dwg, kn, first, (lo, nfull, rem));
                 },
             );
         });
