@@ -13,7 +13,7 @@ use cnnc_compiler::autodiff::{self, GradSpec, Mode, Seed, TrainGraph};
 use cnnc_compiler::dsl::compile_str;
 use cnnc_compiler::ops::train::{Loss, Reduction};
 use cnnc_runtime::weights::Weights;
-use cnnc_runtime::{Compiled, Options, interp};
+use cnnc_runtime::{Compiled, Error, Kernels, Options, interp};
 use jit_common::{error, random, weights};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
@@ -70,23 +70,34 @@ fn train_inputs(tg: &TrainGraph, loss: Option<&Loss>, n: usize, seed: u64) -> Ve
 
 /// The worst error of the JIT against the interpreter over every output of `tg`.
 fn jit_error(tg: &TrainGraph, w: &Weights, xs: &[ArrayD<f32>], opts: &Options) -> f32 {
+    jit_error_with(tg, w, xs, opts, Kernels::Auto).unwrap_or(0.0)
+}
+
+/// As [`jit_error`] with the given micro-kernels; `None` when the CPU lacks them.
+fn jit_error_with(tg: &TrainGraph, w: &Weights, xs: &[ArrayD<f32>], opts: &Options, kernels: Kernels) -> Option<f32> {
     let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
     let want = interp::run(&tg.graph, w, &views).unwrap_or_else(|e| panic!("interp: {e}"));
-    let net = Compiled::new(&tg.graph, w, opts).unwrap_or_else(|e| panic!("compile: {e}\n{}", tg.graph));
+    let net = match Compiled::with_kernels(&tg.graph, w, opts, kernels) {
+        Ok(net) => net,
+        Err(Error::Unsupported(why)) if why.contains("cannot run") => return None,
+        Err(e) => panic!("compile ({kernels:?}): {e}\n{}", tg.graph),
+    };
     // With several threads, every kernel that can be shared is: sample-wise kernels by
     // ranges of samples (a range may be empty), weight gradients by column tiles.
     let net = if opts.threads > 1 { net.with_parallel_threshold(0) } else { net };
     let got = net.run(&views).unwrap_or_else(|e| panic!("run: {e}"));
     assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(&want)
-        .zip(&tg.graph.outputs)
-        .map(|((a, b), (name, _))| {
-            let e = error(a, b);
-            assert!(e <= TOL, "output `{name}`: error {e:e}\n{}", tg.graph);
-            e
-        })
-        .fold(0f32, f32::max)
+    Some(
+        got.iter()
+            .zip(&want)
+            .zip(&tg.graph.outputs)
+            .map(|((a, b), (name, _))| {
+                let e = error(a, b);
+                assert!(e <= TOL, "output `{name}` ({kernels:?}): error {e:e}\n{}", tg.graph);
+                e
+            })
+            .fold(0f32, f32::max),
+    )
 }
 
 /// Checks `g` in `mode` with `loss` at batch `n`, on both paths and two thread counts.
@@ -97,6 +108,8 @@ fn check(g: &Graph, mode: Mode, loss: Option<Loss>, n: usize, seed: u64) {
     for (portable, threads) in [(false, 1), (true, 2), (false, 2)] {
         jit_error(&tg, &w, &xs, &Options { threads, portable, fuse: true });
     }
+    // The AVX2 register tiles (16-column GEMM tiles, 8-channel halves), where the CPU has them.
+    jit_error_with(&tg, &w, &xs, &Options { threads: 2, portable: false, fuse: true }, Kernels::Avx2);
 }
 
 #[test]

@@ -7,8 +7,9 @@
 //!   col_n[j][q]`, `j` a (channel, ky, kx) tap, `q` an output pixel, `col` the input's
 //!   im2col (of the padded input, as `F.pad` makes it). Samples go in blocks of
 //!   [`grad_block`] so one tile call reduces ≥ 256 steps: `A` is the block's output gradient
-//!   (a row per output channel), `B` the block's im2col packed by column tiles, and the
-//!   partial sums wait in `dW` between blocks. Threads share it by column tiles.
+//!   (a row per output channel), `B` the block's im2col, gathered one column tile of taps
+//!   at a time and reduced while it is in cache, and the partial sums wait in `dW` between
+//!   blocks. Threads share it by column tiles.
 //! - **Input gradient** of a Conv2d where the blocked tier's convolution does not serve
 //!   (`plan::input_grad_conv`: strided, dilated, grouped, padded other than by zeros):
 //!   per sample and group, `cols = Wᵀ · dY` (`A` = the transposed weights, packed once
