@@ -747,19 +747,37 @@ pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm
         tile_off.push(total);
         total += kk * (o - t * nr).min(nr).next_multiple_of(lanes);
     }
-    // Written in order, row by row of each tile, reading its columns' weights: the writes
-    // stream and the reads stay within the tile's rows (VGG-11's first classifier layer,
-    // 411 MB, packs several times faster than scattering each weight row).
+    // Each tile's packed row `p` holds feature `source[p]` of its `valid` output rows. The
+    // tile's weight rows are read in feature order, in runs of `RUN` features per row (each
+    // run a few cache lines, read whole), so reads stream even when the operand's layout
+    // permutes the features (a Flatten of a blocked map); each packed row is one contiguous
+    // write. (Reading across the rows in packed order, one float per row per feature, took
+    // VGG-11's first classifier layer — 411 MB — over a second.)
+    const RUN: usize = 64;
+    let mut dest = vec![usize::MAX; k];
+    for (p, src) in source.iter().enumerate() {
+        if let Some(i) = *src {
+            dest[i] = p;
+        }
+    }
     let pack = |packed: &mut [f32]| {
+        let mut buf = vec![0f32; RUN * nr];
         for (t, &base) in tile_off.iter().enumerate() {
             let valid = (o - t * nr).min(nr);
             let width = valid.next_multiple_of(lanes);
             let rows = &w[t * nr * k..][..valid * k];
-            for (p, src) in source.iter().enumerate() {
-                if let Some(i) = *src {
-                    let out = &mut packed[base + p * width..][..valid];
-                    for (j, v) in out.iter_mut().enumerate() {
-                        *v = rows[j * k + i];
+            for i0 in (0..k).step_by(RUN) {
+                let n = RUN.min(k - i0);
+                // buf[i][j] = rows[j][i0 + i]: a run of each row, transposed.
+                for j in 0..valid {
+                    for (i, v) in rows[j * k + i0..][..n].iter().enumerate() {
+                        buf[i * nr + j] = *v;
+                    }
+                }
+                for i in 0..n {
+                    let p = dest[i0 + i];
+                    if p != usize::MAX {
+                        packed[base + p * width..][..valid].copy_from_slice(&buf[i * nr..][..valid]);
                     }
                 }
             }
