@@ -1,11 +1,14 @@
 //! Pooling backward on plain NCHW tensors: max-pool (each window's gradient to its first
 //! maximal element, ATen's scan order and NaN rule), average-pool (the forward's divisors)
-//! and adaptive average-pool. Window geometry comes from compile-time tables; the
-//! gradient of each input plane is accumulated in f64 in the step's scratch, in the
-//! interpreter's order, and rounded once — except average pools whose windows do not
-//! overlap, where each input cell takes one output's gradient times `1 / divisor` (a
-//! gather, no accumulator), and `MaxPool2d(k)` tiling its input (each window's gradient
-//! stored at its first maximum of a zeroed plane). Scalar loops (the vectorised forms are future work).
+//! and adaptive average-pool. Window geometry comes from compile-time tables. Max-pool
+//! backward scans four windows at once on a padded copy of each plane and adds their
+//! gradients in f32 (any padding, stride, dilation, overlap), or, for `MaxPool2d(k)`
+//! tiling its input, stores each window's gradient at its first maximum of a zeroed
+//! plane; a window with no tap inside the input falls back to the general scalar form.
+//! Average-pool backward takes, where windows do not overlap, each input cell's one output
+//! gradient times `1 / divisor` (a gather); otherwise, like adaptive pooling, it
+//! accumulates each input plane's gradient in f64 in the step's scratch, in the
+//! interpreter's order, and rounds once (scalar loops).
 
 use crate::error::Result;
 use crate::jit::codegen::{Count, Fx, Jit, c};
