@@ -274,26 +274,10 @@ class CnncEngine:
         return load_file(f"{self.out_prefix}_{threads}t.safetensors")["output"]
 
     def times(self, threads, n):
-        p = self.procs[threads]
-        p.stdin.write(f"0 {n}\n")
-        p.stdin.flush()
-        line = p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"bench_engine exited: {p.stderr.read().strip()}")
-        return json.loads(line)["times_ms"]
+        return request_times(self.procs[threads], n, "bench_engine")
 
     def close(self):
-        for p in self.procs.values():
-            try:
-                p.stdin.write("quit\n")
-                p.stdin.flush()
-                p.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        close_servers(self.procs.values())
         self.procs.clear()
 
 
@@ -302,16 +286,42 @@ class CnncEngine:
 # --------------------------------------------------------------------------------------------
 
 
-def build_cnnc(args):
+def build_cnnc(args, example="bench_engine"):
+    """The release binary of the cnnc engine `example` (built unless --no-build or --cnnc-bin)."""
     if args.cnnc_bin:
         return Path(args.cnnc_bin)
-    binary = ROOT / "target" / "release" / "examples" / "bench_engine"
+    binary = ROOT / "target" / "release" / "examples" / example
     if not args.no_build:
-        print("building: cargo build --release --example bench_engine", flush=True)
-        subprocess.run(["cargo", "build", "--release", "--example", "bench_engine"], cwd=ROOT, check=True)
+        print(f"building: cargo build --release --example {example}", flush=True)
+        subprocess.run(["cargo", "build", "--release", "--example", example], cwd=ROOT, check=True)
     if not binary.exists():
-        raise SystemExit(f"{binary} not found; build it with `cargo build --release --example bench_engine`")
+        raise SystemExit(f"{binary} not found; build it with `cargo build --release --example {example}`")
     return binary
+
+
+def request_times(p, n, name):
+    """Asks a serving subprocess for `n` timed runs (`0 N` on stdin) and returns their times."""
+    p.stdin.write(f"0 {n}\n")
+    p.stdin.flush()
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{name} exited: {p.stderr.read().strip()}")
+    return json.loads(line)["times_ms"]
+
+
+def close_servers(procs):
+    """Asks each serving subprocess to quit, then waits for it (kills it after 30 s)."""
+    for p in procs:
+        try:
+            p.stdin.write("quit\n")
+            p.stdin.flush()
+            p.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def max_abs_diff(a, b):

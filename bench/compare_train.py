@@ -227,13 +227,7 @@ class Engine:
             self.procs[t], self.ready[t] = p, json.loads(line)
 
     def times(self, t, n):
-        p = self.procs[t]
-        p.stdin.write(f"0 {n}\n")
-        p.stdin.flush()
-        line = p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.name} engine exited: {p.stderr.read().strip()}")
-        return json.loads(line)["times_ms"]
+        return compare.request_times(self.procs[t], n, f"the {self.name} engine")
 
     def peak_rss_mb(self, t):
         try:
@@ -248,29 +242,7 @@ class Engine:
         return [p.pid for p in self.procs.values()]
 
     def close(self):
-        for p in self.procs.values():
-            try:
-                p.stdin.write("quit\n")
-                p.stdin.flush()
-                p.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-def build_cnnc(args):
-    if args.cnnc_bin:
-        return Path(args.cnnc_bin)
-    binary = ROOT / "target" / "release" / "examples" / "train_engine"
-    if not args.no_build:
-        print("building: cargo build --release --example train_engine", flush=True)
-        subprocess.run(["cargo", "build", "--release", "--example", "train_engine"], cwd=ROOT, check=True)
-    if not binary.exists():
-        raise SystemExit(f"{binary} not found; build it with `cargo build --release --example train_engine`")
-    return binary
+        compare.close_servers(self.procs.values())
 
 
 def state_diff(a_path, b_path):
@@ -433,7 +405,7 @@ def main():
         import torch.nn as nn
     except ImportError as e:
         raise SystemExit(f"{e}\nneeds: pip install torch safetensors")
-    binary = build_cnnc(args)
+    binary = compare.build_cnnc(args, "train_engine")
     info = compare.machine()
     info.update(torch=torch.__version__)
     started = datetime.datetime.now().astimezone()

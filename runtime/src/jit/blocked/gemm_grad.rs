@@ -267,6 +267,87 @@ impl Gemm {
     }
 }
 
+/// A Conv2d's geometry as the GEMM forms use it: the padded input `ph × pw` (as `F.pad`
+/// makes it), the channels per group, the output pixels `p` and the taps per group `kc`.
+struct Geo {
+    pads: (usize, usize, usize, usize),
+    padded: bool,
+    ph: usize,
+    pw: usize,
+    g: usize,
+    cin_g: usize,
+    cout_g: usize,
+    p: usize,
+    kc: usize,
+}
+
+impl Geo {
+    fn new(conv: &Conv2d, (cin, h, w): (usize, usize, usize), (o, oh, ow): (usize, usize, usize)) -> Geo {
+        let pads = conv.pads();
+        let (pt, pb, pl, pr) = pads;
+        let g = conv.groups.max(1);
+        let cin_g = cin / g;
+        Geo {
+            pads,
+            padded: pads != (0, 0, 0, 0),
+            ph: h + pt + pb,
+            pw: w + pl + pr,
+            g,
+            cin_g,
+            cout_g: o / g,
+            p: oh * ow,
+            kc: cin_g * conv.kernel.0 * conv.kernel.1,
+        }
+    }
+
+    /// Per padded row and column, the input index it reads (or −1 for a zero), as
+    /// constants — for padding the input; `None` without padding.
+    fn pad_tables(&self, jit: &mut Jit, conv: &Conv2d, (h, w): (usize, usize)) -> Result<Option<(i64, i64)>> {
+        if !self.padded {
+            return Ok(None);
+        }
+        let (pt, _, pl, _) = self.pads;
+        let sy = axis_table(self.ph, 1, 1, 1, pt, h, conv.padding_mode)?;
+        let sx = axis_table(self.pw, 1, 1, 1, pl, w, conv.padding_mode)?;
+        Ok(Some((jit.consts.i32s(sy), jit.consts.i32s(sx))))
+    }
+
+    /// The row and column preimages ([`preimages`]) of the padding, as constants — for
+    /// folding a padded gradient back ([`fold`]); `None` without padding.
+    fn fold_tables(&self, jit: &mut Jit, conv: &Conv2d, (h, w): (usize, usize)) -> Result<Option<[i64; 4]>> {
+        if !self.padded {
+            return Ok(None);
+        }
+        let (pt, _, pl, _) = self.pads;
+        let (ys, yl) = preimages(&sources(conv, pt, h, self.ph)?, h);
+        let (xs, xl) = preimages(&sources(conv, pl, w, self.pw)?, w);
+        Ok(Some([ys, yl, xs, xl].map(|t| jit.consts.i64s(t))))
+    }
+}
+
+impl Gemm {
+    /// Packs `B` for each of `groups` groups as the tiles read it (`[tile][k][width]`, the
+    /// groups `len` floats apart): `b(group, k, column)`. Returns the address and `len`.
+    fn pack_b(&self, jit: &mut Jit, groups: usize, b: impl Fn(usize, usize, usize) -> f32) -> (i64, usize) {
+        let (nr, full) = (self.nr, self.full_tiles());
+        let len = self.tile_off(full) + if self.n.is_multiple_of(nr) { 0 } else { self.kmax * self.width(full) };
+        let addr = jit.consts.f32s_filled(groups * len, |out| {
+            for gi in 0..groups {
+                for t in 0..self.n.div_ceil(nr) {
+                    let width = self.width(t);
+                    let base = gi * len + self.tile_off(t);
+                    for k in 0..self.kmax {
+                        for jj in 0..(self.n - t * nr).min(nr) {
+                            out[base + k * width + jj] = b(gi, k, t * nr + jj);
+                        }
+                    }
+                }
+            }
+        });
+        (addr, len)
+    }
+}
+
 /// The kernel's scratch layout, as the plan made it.
 fn scratch_of(cx: &NodeCx<'_>, op: &TrainOp) -> Result<GradScratch> {
     GradScratch::of(op, &cx.in_tys, &cx.node.ty)
@@ -320,14 +401,9 @@ pub(in crate::jit) fn conv_weight_grad(
     let (cin, h, w) = cx.in_chw(0)?;
     let (o, oh, ow) = cx.in_chw(1)?;
     let sc = scratch_of(cx, op)?;
-    let (pt, pb, pl, pr) = conv.pads();
-    let padded = conv.pads() != (0, 0, 0, 0);
-    let (ph, pw) = (h + pt + pb, w + pl + pr);
-    let g = conv.groups.max(1);
-    let (cin_g, cout_g) = (cin / g, o / g);
+    let geo = Geo::new(conv, (cin, h, w), (o, oh, ow));
+    let Geo { ph, pw, g, cin_g, cout_g, p, kc, .. } = geo;
     let (sh, sw) = conv.stride;
-    let p = oh * ow;
-    let kc = cin_g * conv.kernel.0 * conv.kernel.1;
     let block = sc.block;
     debug_assert_eq!(block, grad_block(p));
     let kmax = block * p;
@@ -335,13 +411,7 @@ pub(in crate::jit) fn conv_weight_grad(
     let nr = gemm.nr;
     // Per column (tap), its byte offset from the pixel's first tap in the padded input.
     let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
-    let tabs = if padded {
-        let sy = axis_table(ph, 1, 1, 1, pt, h, conv.padding_mode)?;
-        let sx = axis_table(pw, 1, 1, 1, pl, w, conv.padding_mode)?;
-        Some((jit.consts.i32s(sy), jit.consts.i32s(sx)))
-    } else {
-        None
-    };
+    let tabs = geo.pad_tables(jit, conv, (h, w))?;
     let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
     let work = 2 * (o * p * kc) as u64;
     // Threads share it by column tiles (taps), each with its own scratch: the padded
@@ -470,42 +540,18 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
     let (cin, h, w) = cx.in_chw(0)?;
     let (o, oh, ow) = cx.out_chw()?;
     let sc = GradScratch::conv_forward(conv, (cin, h, w), (o, oh, ow));
-    let (pt, pb, pl, pr) = conv.pads();
-    let padded = conv.pads() != (0, 0, 0, 0);
-    let (ph, pw) = (h + pt + pb, w + pl + pr);
-    let g = conv.groups.max(1);
-    let (cin_g, cout_g) = (cin / g, o / g);
-    let p = oh * ow;
-    let kc = cin_g * conv.kernel.0 * conv.kernel.1;
+    let geo = Geo::new(conv, (cin, h, w), (o, oh, ow));
+    let Geo { ph, pw, g, cin_g, cout_g, p, kc, .. } = geo;
     let block = sc.block;
     let gemm = Gemm::new(jit, isa, block * p, cout_g, kc, kc, cout_g);
     let nr = gemm.nr;
+    // B: per group, Wᵀ — W[oc][j] at step j, column oc.
     let weight = cx.param_ref("weight")?;
-    let full = gemm.full_tiles();
-    let packed_len = gemm.tile_off(full) + if cout_g % nr > 0 { kc * gemm.width(full) } else { 0 };
-    let wp = jit.consts.f32s_filled(g * packed_len, |b| {
-        for gi in 0..g {
-            for t in 0..cout_g.div_ceil(nr) {
-                let width = gemm.width(t);
-                let base = gi * packed_len + gemm.tile_off(t);
-                for k in 0..kc {
-                    for jj in 0..(cout_g - t * nr).min(nr) {
-                        b[base + k * width + jj] = weight[(gi * cout_g + t * nr + jj) * kc + k];
-                    }
-                }
-            }
-        }
-    });
+    let (wp, packed_len) = gemm.pack_b(jit, g, |gi, k, col| weight[(gi * cout_g + col) * kc + k]);
     let bias = if conv.bias { cx.param("bias")? } else { vec![0.0; o] };
     let bias = jit.consts.f32s(bias);
     let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
-    let tabs = if padded {
-        let sy = axis_table(ph, 1, 1, 1, pt, h, conv.padding_mode)?;
-        let sx = axis_table(pw, 1, 1, 1, pl, w, conv.padding_mode)?;
-        Some((jit.consts.i32s(sy), jit.consts.i32s(sx)))
-    } else {
-        None
-    };
+    let tabs = geo.pad_tables(jit, conv, (h, w))?;
     let (xs, ys, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
     let (sh, sw) = conv.stride;
     jit.kernel(&cx.node.name, |fx| {
@@ -684,14 +730,9 @@ pub(in crate::jit) fn conv_input_grad(
         return Err(Error::Unsupported(format!("`{}`: input size disagrees with the result", cx.node.name)));
     }
     let sc = scratch_of(cx, op)?;
-    let (pt, pb, pl, pr) = conv.pads();
-    let padded = conv.pads() != (0, 0, 0, 0);
-    let (ph, pw) = (h + pt + pb, w + pl + pr);
-    let g = conv.groups.max(1);
-    let (cin_g, cout_g) = (cin / g, o / g);
+    let geo = Geo::new(conv, (cin, h, w), (o, oh, ow));
+    let Geo { padded, ph, pw, g, cin_g, cout_g, p, kc, .. } = geo;
     let (sh, sw) = conv.stride;
-    let p = oh * ow;
-    let kc = cin_g * conv.kernel.0 * conv.kernel.1;
     if input_grad_transposed(p, g) {
         return conv_input_grad_t(jit, cx, conv, sc, (cin, h, w), (o, oh, ow), isa);
     }
@@ -713,13 +754,7 @@ pub(in crate::jit) fn conv_input_grad(
             }
         }
     });
-    let tabs = if padded {
-        let (ys, yl) = preimages(&sources(conv, pt, h, ph)?, h);
-        let (xs_, xl) = preimages(&sources(conv, pl, w, pw)?, w);
-        Some([ys, yl, xs_, xl].map(|t| jit.consts.i64s(t)))
-    } else {
-        None
-    };
+    let tabs = geo.fold_tables(jit, conv, (h, w))?;
     let (ds, os, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
     jit.kernel(&cx.node.name, |fx| {
         let (dy, dx, scr) = (fx.slot(ds), fx.slot(os), fx.slot(ss));
@@ -808,41 +843,15 @@ fn conv_input_grad_t(
     (o, oh, ow): (usize, usize, usize),
     isa: Isa,
 ) -> Result<()> {
-    let (pt, pb, pl, pr) = conv.pads();
-    let padded = conv.pads() != (0, 0, 0, 0);
-    let (ph, pw) = (h + pt + pb, w + pl + pr);
-    let g = conv.groups.max(1);
-    let (cin_g, cout_g) = (cin / g, o / g);
+    let geo = Geo::new(conv, (cin, h, w), (o, oh, ow));
+    let Geo { padded, ph, pw, g, cout_g, p, kc, .. } = geo;
     let (sh, sw) = conv.stride;
-    let p = oh * ow;
-    let kc = cin_g * conv.kernel.0 * conv.kernel.1;
     let block = sc.block;
     let gemm = Gemm::new(jit, isa, block * p, kc, cout_g, cout_g, kc);
-    let nr = gemm.nr;
-    let full = gemm.full_tiles();
-    let packed_len = gemm.tile_off(full) + if !kc.is_multiple_of(nr) { cout_g * gemm.width(full) } else { 0 };
-    // B: per group, W[oc][j] by column tiles of taps: [tile][oc][width].
+    // B: W itself — W[oc][j] at step oc, column j (one group).
     let weight = cx.param_ref("weight")?;
-    let wp = jit.consts.f32s_filled(g * packed_len, |b| {
-        for gi in 0..g {
-            for t in 0..kc.div_ceil(nr) {
-                let width = gemm.width(t);
-                let base = gi * packed_len + gemm.tile_off(t);
-                for k in 0..cout_g {
-                    for jj in 0..(kc - t * nr).min(nr) {
-                        b[base + k * width + jj] = weight[(gi * cout_g + k) * kc + t * nr + jj];
-                    }
-                }
-            }
-        }
-    });
-    let tabs = if padded {
-        let (ys, yl) = preimages(&sources(conv, pt, h, ph)?, h);
-        let (xs_, xl) = preimages(&sources(conv, pl, w, pw)?, w);
-        Some([ys, yl, xs_, xl].map(|t| jit.consts.i64s(t)))
-    } else {
-        None
-    };
+    let (wp, _) = gemm.pack_b(jit, g, |gi, k, col| weight[(gi * cout_g + k) * kc + col]);
+    let tabs = geo.fold_tables(jit, conv, (h, w))?;
     let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
     let (ds, os, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
     jit.kernel(&cx.node.name, |fx| {
