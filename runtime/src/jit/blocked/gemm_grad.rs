@@ -312,6 +312,11 @@ impl Geo {
         Ok(Some((jit.consts.i32s(sy), jit.consts.i32s(sx))))
     }
 
+    /// `(top, left)` padding when it is zeros (the fast copy of [`pad_samples`]).
+    fn zero_padding(&self, conv: &Conv2d) -> Option<(usize, usize)> {
+        (conv.padding_mode == cnnc_compiler::ops::PaddingMode::Zeros).then_some((self.pads.0, self.pads.2))
+    }
+
     /// The row and column preimages ([`preimages`]) of the padding, as constants — for
     /// folding a padded gradient back ([`fold`]); `None` without padding.
     fn fold_tables(&self, jit: &mut Jit, conv: &Conv2d, (h, w): (usize, usize)) -> Result<Option<[i64; 4]>> {
@@ -412,6 +417,7 @@ pub(in crate::jit) fn conv_weight_grad(
     // Per column (tap), its byte offset from the pixel's first tap in the padded input.
     let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
     let tabs = geo.pad_tables(jit, conv, (h, w))?;
+    let zeros = geo.zero_padding(conv);
     let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
     let work = 2 * (o * p * kc) as u64;
     // Threads share it by column tiles (taps), each with its own scratch: the padded
@@ -433,7 +439,7 @@ pub(in crate::jit) fn conv_weight_grad(
             // The block's padded input.
             let src = match tabs {
                 Some((sy, sx)) => {
-                    pad_samples(fx, xb, pad, cnt, (cin, h, w), (ph, pw), (sy, sx));
+                    pad_samples(fx, xb, pad, cnt, (cin, h, w), (ph, pw), (sy, sx), zeros);
                     pad
                 }
                 None => xb,
@@ -552,6 +558,7 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
     let bias = jit.consts.f32s(bias);
     let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
     let tabs = geo.pad_tables(jit, conv, (h, w))?;
+    let zeros = geo.zero_padding(conv);
     let (xs, ys, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
     let (sh, sw) = conv.stride;
     jit.kernel(&cx.node.name, |fx| {
@@ -568,7 +575,7 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
             let (cnt, _) = block_count(fx, n0, block);
             let (src, sample) = match tabs {
                 Some((sy, sx)) => {
-                    pad_samples(fx, xb, pad, cnt, (cin, h, w), (ph, pw), (sy, sx));
+                    pad_samples(fx, xb, pad, cnt, (cin, h, w), (ph, pw), (sy, sx), zeros);
                     (pad, cin * ph * pw)
                 }
                 None => (xb, cin * h * w),
@@ -646,7 +653,10 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
 }
 
 /// Copies `cnt` samples `[C, H, W]` from `x` into `dst` padded to `[C, ph, pw]`, as `F.pad`
-/// does (`tabs`: per padded row and column, the source index or −1 for a zero).
+/// does (`tabs`: per padded row and column, the source index or −1 for a zero). Zero
+/// padding (`zeros`: the top and left padding) copies each row's interior by vectors
+/// and zeroes the border instead of going through the tables.
+#[allow(clippy::too_many_arguments)]
 fn pad_samples(
     fx: &mut Fx<'_>,
     x: Value,
@@ -655,7 +665,25 @@ fn pad_samples(
     (cin, h, w): (usize, usize, usize),
     (ph, pw): (usize, usize),
     (sy, sx): (i64, i64),
+    zeros: Option<(usize, usize)>,
 ) {
+    if let Some((pt, pl)) = zeros {
+        let planes = fx.b.ins().imul_imm_s(cnt, c(cin));
+        fx.loop_n(Count::Dyn(planes), [x, dst], [c(4 * h * w), c(4 * ph * pw)], |fx, [xc, dc]| {
+            zero_floats(fx, dc, pt * pw);
+            let db = fx.addi(dc, c(4 * (pt + h) * pw));
+            zero_floats(fx, db, (ph - pt - h) * pw);
+            let d0 = fx.addi(dc, c(4 * pt * pw));
+            fx.loop_n(Count::Const(h), [xc, d0], [c(4 * w), c(4 * pw)], |fx, [s, d]| {
+                zero_floats(fx, d, pl);
+                let dm = fx.addi(d, c(4 * pl));
+                copy_run(fx, s, dm, w);
+                let dr = fx.addi(d, c(4 * (pl + w)));
+                zero_floats(fx, dr, pw - pl - w);
+            });
+        });
+        return;
+    }
     let steps = [c(4 * cin * h * w), c(4 * cin * ph * pw)];
     fx.loop_n(Count::Dyn(cnt), [x, dst], steps, |fx, [xs, ds]| {
         fx.loop_n(Count::Const(cin), [xs, ds], [c(4 * h * w), c(4 * ph * pw)], |fx, [xc, dc]| {
