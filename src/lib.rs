@@ -59,7 +59,7 @@ pub trait Net {
 pub mod prelude {
     pub use crate::{IoSpec, Net, Summary, cnn};
     pub use cnnc_compiler::ops::train::{Loss, Reduction};
-    pub use cnnc_runtime::gradcam::{Cam, grad_cam};
+    pub use cnnc_runtime::gradcam::{Cam, grad_cam, grad_cam_on};
     pub use cnnc_runtime::jit::{Compiled, Options};
     pub use cnnc_runtime::train::{Optimizer, Trainer};
     pub use cnnc_runtime::weights::Weights;

@@ -4,7 +4,7 @@
 use cnnc::Graph;
 use cnnc::compiler::dsl::compile_str;
 use cnnc::images;
-use cnnc::runtime::gradcam::{grad_cam, jet, normalize, overlay};
+use cnnc::runtime::gradcam::{grad_cam, grad_cam_on, jet, normalize, overlay};
 use cnnc::runtime::weights::Weights;
 use ndarray::{Array2, Array3, ArrayD, IxDyn};
 use safetensors::SafeTensors;
@@ -60,6 +60,11 @@ fn raw_maps_match_pytorch_hooks_grad_cam() {
         let want = &t[&format!("{}.cam", case["key"].as_str().unwrap())];
         let err = rel_err(&cam.raw.clone().into_dyn(), want);
         assert!(err <= 1e-4, "{layer} {given:?}: relative error {err:e}");
+        // The reference interpreter gives the same maps.
+        let on_interp = grad_cam_on(&graph, &weights, t["x"].view(), layer, given.as_deref(), None).unwrap();
+        let err = rel_err(&on_interp.raw.clone().into_dyn(), want);
+        assert!(err <= 1e-4, "{layer} {given:?} (interpreter): relative error {err:e}");
+        assert_eq!(on_interp.class, cam.class);
         let classes: Vec<usize> =
             case["classes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         assert_eq!(cam.class, classes);

@@ -7,7 +7,9 @@
 //! `h×w`; sum over channels; ReLU. The result is the raw map `[N, h, w]`
 //! ([`grad_cam`]). The backward is a training graph ([`cnnc_compiler::autodiff`]) seeded
 //! with the one-hot class vector, with no parameter gradients; the tapped layer is an
-//! output of that graph, so nothing fuses across it.
+//! output of that graph, so nothing fuses across it. Both run JIT-compiled ([`grad_cam`];
+//! an op the JIT does not run falls back to the interpreter), or on the reference
+//! interpreter ([`grad_cam_on`] with `None`).
 //!
 //! Helpers turn a raw map into a picture: [`normalize`] (per-image min-max with eps 1e-7,
 //! as `scale_cam_image`), [`upsample`] (bilinear, `align_corners=False`), [`jet`] (the
@@ -16,6 +18,7 @@
 
 use crate::error::{Error, Result};
 use crate::interp;
+use crate::jit::{Compiled, Options};
 use crate::weights::Weights;
 use cnnc_compiler::autodiff::{self, GradSpec, Mode, Seed};
 use cnnc_compiler::graph::Graph;
@@ -46,6 +49,29 @@ pub fn grad_cam(
     layer: &str,
     class: Option<&[usize]>,
 ) -> Result<Cam> {
+    grad_cam_on(graph, weights, input, layer, class, Some(&Options { fuse: false, ..Options::default() }))
+}
+
+/// As [`grad_cam`], JIT-compiled with `options`, or on the reference interpreter (`None`).
+///
+/// Errors: as [`grad_cam`].
+pub fn grad_cam_on(
+    graph: &Graph,
+    weights: &Weights,
+    input: ArrayViewD<'_, f32>,
+    layer: &str,
+    class: Option<&[usize]>,
+    options: Option<&Options>,
+) -> Result<Cam> {
+    // A graph on the chosen engine; the interpreter for what the JIT does not run.
+    let run = |g: &Graph, inputs: &[ArrayViewD<'_, f32>]| match options {
+        Some(o) => match Compiled::new(g, weights, o) {
+            Ok(c) => c.run(inputs),
+            Err(Error::Unsupported(_)) => interp::run(g, weights, inputs),
+            Err(e) => Err(e),
+        },
+        None => interp::run(g, weights, inputs),
+    };
     let node = autodiff::resolve_node(graph, layer)?;
     let ty = &graph.node(node).ty;
     if ty.chw().is_none() {
@@ -63,7 +89,7 @@ pub fn grad_cam(
         )));
     };
     // The forward, for the predicted classes and the scores.
-    let logits = interp::run(graph, weights, &[input.view()])?.swap_remove(0);
+    let logits = run(graph, &[input.view()])?.swap_remove(0);
     let n = logits.shape()[0];
     let chosen: Vec<usize> = match class {
         Some(c) if c.len() != n => {
@@ -95,7 +121,7 @@ pub fn grad_cam(
     };
     let tg = autodiff::build(graph, &spec)?;
     let seed = ArrayD::from_shape_fn(IxDyn(&[n, classes]), |i| if chosen[i[0]] == i[1] { 1f32 } else { 0.0 });
-    let outs = interp::run(&tg.graph, weights, &crate::train::assemble(&tg, &[input.view()], &seed.view(), &[])?)?;
+    let outs = run(&tg.graph, &crate::train::assemble(&tg, &[input.view()], &seed.view(), &[])?)?;
     let grad = &outs[tg.node_grads[0].1];
     let act = &outs[tg.node_values[0].1];
     let &[_, c, h, w] = act.shape() else {
