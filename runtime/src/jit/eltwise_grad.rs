@@ -486,16 +486,20 @@ pub(super) fn activation_grad(jit: &mut Jit, cx: &NodeCx<'_>, a: Activation) -> 
     Ok(())
 }
 
-/// `(dy) → [C]`: the sum over every dimension but per-sample axis `axis`.
+/// `(dy) → [C]`: the sum over every dimension but per-sample axis `axis`. Threads share it
+/// by channels.
 pub(super) fn bias_grad(jit: &mut Jit, cx: &NodeCx<'_>, axis: usize) -> Result<()> {
     let dims = &cx.in_tys[0].dims;
     let ch_n = *dims.get(axis).ok_or_else(|| Error::Unsupported(format!("`{}`: bias axis", cx.node.name)))?;
     let inner: usize = dims[axis + 1..].iter().product();
     let outer: usize = dims[..axis].iter().product();
     let (ds, os) = (cx.inputs[0], cx.output);
-    jit.kernel(&cx.node.name, |fx| {
+    // Threads share it by channels.
+    jit.parallel_kernel(&cx.node.name, reduction_work(ch_n, outer * inner), |fx| {
         let (dy, out) = (fx.slot(ds), fx.slot(os));
-        fx.for_const(0, ch_n, 1, |fx, ch| {
+        let channels = fx.i(c(ch_n));
+        let (lo, hi) = part_range(fx, channels);
+        fx.for_range(lo, hi, 1, |fx, ch| {
             let s = fx.acc_f64();
             fx.for_samples(|fx, n| {
                 fx.for_const(0, outer, 1, |fx, o| {
