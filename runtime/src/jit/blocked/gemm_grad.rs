@@ -83,28 +83,32 @@ impl Gemm {
         t * self.kmax * self.nr
     }
 
-    /// Emits the whole product: `kn` reduction steps (`1 ≤ kn ≤ kmax`); `first` (an i64 0
-    /// or 1): whether `C` starts from zero, else the sums add to what it holds.
-    fn emit(&self, fx: &mut Fx<'_>, a: Value, b: Value, cp: Value, kn: Value, first: Value) {
-        // kspan = kn << 32 | first << 62 | last << 63 (`a` and `b` point at step 0).
+    /// The tile's `kspan` for a whole reduction of `kn` steps (`a` and `b` point at step 0):
+    /// `kn << 32 | first << 62 | last << 63`, `first` (an i64 0 or 1) saying whether `C`
+    /// starts from zero, else the sums add to what it holds.
+    fn kspan(fx: &mut Fx<'_>, kn: Value, first: Value) -> Value {
         let k = fx.b.ins().ishl_imm_u(kn, 32);
         let f = fx.b.ins().ishl_imm_u(first, 62);
         let k = fx.b.ins().bor(k, f);
         let last = fx.i(i64::MIN);
-        let kspan = fx.b.ins().bor(k, last);
-        let full = self.full_tiles();
-        let zero = fx.i(0);
-        let steps = [c(4 * self.kmax * self.nr), c(4 * self.nr), c(self.nr), 0, 0];
-        fx.loop_n(Count::Const(full), [b, cp, zero, a, kspan], steps, |fx, [bt, ct, col, a, ks]| {
-            self.rows(fx, a, bt, ct, col, self.nr, ks);
-        });
-        let rem = self.n % self.nr;
-        if rem > 0 {
-            let bt = fx.addi(b, c(4 * self.tile_off(full)));
-            let ct = fx.addi(cp, c(4 * full * self.nr));
-            let col = fx.i(c(full * self.nr));
-            self.rows(fx, a, bt, ct, col, rem, kspan);
-        }
+        fx.b.ins().bor(k, last)
+    }
+
+    /// Emits the whole product: `kn` reduction steps (`1 ≤ kn ≤ kmax`), `first` as for
+    /// [`Gemm::kspan`].
+    fn emit(&self, fx: &mut Fx<'_>, a: Value, b: Value, cp: Value, kn: Value, first: Value) {
+        let m = fx.i(c(self.m));
+        self.emit_rows(fx, a, b, cp, kn, first, m);
+    }
+
+    /// As [`Gemm::emit`] with `m` rows counted at run time (`1 ≤ m ≤ self.m`).
+    #[allow(clippy::too_many_arguments)]
+    fn emit_rows(&self, fx: &mut Fx<'_>, a: Value, b: Value, cp: Value, kn: Value, first: Value, m: Value) {
+        let lo = fx.i(0);
+        let nfull = fx.i(c(self.full_tiles()));
+        let rem = fx.i(i64::from(!self.n.is_multiple_of(self.nr)));
+        let ks = Gemm::kspan(fx, kn, first);
+        self.tiles(fx, [a, b, cp, ks, m], (lo, nfull, rem));
     }
 
     /// As [`Gemm::emit`], for the column tiles `lo..lo + nfull` (all full; `nfull` may be
@@ -118,60 +122,73 @@ impl Gemm {
         cp: Value,
         kn: Value,
         first: Value,
-        (lo, nfull, rem): (Value, Value, Value),
+        range: (Value, Value, Value),
     ) {
-        let k = fx.b.ins().ishl_imm_u(kn, 32);
-        let f = fx.b.ins().ishl_imm_u(first, 62);
-        let k = fx.b.ins().bor(k, f);
-        let last = fx.i(i64::MIN);
-        let kspan = fx.b.ins().bor(k, last);
+        let m = fx.i(c(self.m));
+        let ks = Gemm::kspan(fx, kn, first);
+        self.tiles(fx, [a, b, cp, ks, m], range);
+    }
+
+    /// Column tile `t` alone (`valid` columns), its packed `B` at `bt`: every row block.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_tile(
+        &self,
+        fx: &mut Fx<'_>,
+        a: Value,
+        bt: Value,
+        cp: Value,
+        kn: Value,
+        first: Value,
+        t: Value,
+        valid: usize,
+    ) {
+        let ks = Gemm::kspan(fx, kn, first);
+        let ct = fx.b.ins().imul_imm_s(t, c(4 * self.nr));
+        let ct = fx.add(cp, ct);
+        let col = fx.b.ins().imul_imm_s(t, c(self.nr));
+        let m = fx.i(c(self.m));
+        self.rows(fx, [a, bt, ct, col, ks, m], valid);
+    }
+
+    /// The column tiles `lo..lo + nfull` (full) and, if `rem` is 1, the partial last one,
+    /// each over `m` rows: `[a, b, cp, kspan, m]`.
+    fn tiles(&self, fx: &mut Fx<'_>, [a, b, cp, ks, m]: [Value; 5], (lo, nfull, rem): (Value, Value, Value)) {
         let bt = fx.b.ins().imul_imm_s(lo, c(4 * self.kmax * self.nr));
         let bt = fx.add(b, bt);
         let ct = fx.b.ins().imul_imm_s(lo, c(4 * self.nr));
         let ct = fx.add(cp, ct);
         let col = fx.b.ins().imul_imm_s(lo, c(self.nr));
-        let steps = [c(4 * self.kmax * self.nr), c(4 * self.nr), c(self.nr), 0, 0];
-        fx.loop_n(Count::Dyn(nfull), [bt, ct, col, a, kspan], steps, |fx, [bt, ct, col, a, ks]| {
-            self.rows(fx, a, bt, ct, col, self.nr, ks);
-        });
+        let steps = [0, c(4 * self.kmax * self.nr), c(4 * self.nr), c(self.nr), 0, 0];
+        fx.loop_n(Count::Dyn(nfull), [a, bt, ct, col, ks, m], steps, |fx, v| self.rows(fx, v, self.nr));
         let valid = self.n % self.nr;
         if valid > 0 {
             let full = self.full_tiles();
             let bt = fx.addi(b, c(4 * self.tile_off(full)));
             let ct = fx.addi(cp, c(4 * full * self.nr));
             let col = fx.i(c(full * self.nr));
-            fx.loop_n(Count::Dyn(rem), [bt, ct, col, a, kspan], [0; 5], |fx, [bt, ct, col, a, ks]| {
-                self.rows(fx, a, bt, ct, col, valid, ks);
-            });
+            fx.loop_n(Count::Dyn(rem), [a, bt, ct, col, ks, m], [0; 6], |fx, v| self.rows(fx, v, valid));
         }
     }
 
-    /// As [`Gemm::emit`] with `m` rows counted at run time (`1 ≤ m ≤ self.m`).
-    #[allow(clippy::too_many_arguments)]
-    fn emit_rows(&self, fx: &mut Fx<'_>, a: Value, b: Value, cp: Value, kn: Value, first: Value, m: Value) {
-        let k = fx.b.ins().ishl_imm_u(kn, 32);
-        let f = fx.b.ins().ishl_imm_u(first, 62);
-        let k = fx.b.ins().bor(k, f);
-        let last = fx.i(i64::MIN);
-        let kspan = fx.b.ins().bor(k, last);
+    /// This part's share of the column tiles ([`part_range`] of them): `(lo, nfull, rem)`
+    /// as [`Gemm::emit_range`] takes them.
+    fn part_tiles(&self, fx: &mut Fx<'_>) -> (Value, Value, Value) {
         let full = self.full_tiles();
-        let zero = fx.i(0);
-        let steps = [c(4 * self.kmax * self.nr), c(4 * self.nr), c(self.nr), 0, 0, 0];
-        fx.loop_n(Count::Const(full), [b, cp, zero, a, kspan, m], steps, |fx, [bt, ct, col, a, ks, m]| {
-            self.rows_dyn(fx, a, bt, ct, col, self.nr, ks, m);
-        });
-        let rem = self.n % self.nr;
-        if rem > 0 {
-            let bt = fx.addi(b, c(4 * self.tile_off(full)));
-            let ct = fx.addi(cp, c(4 * full * self.nr));
-            let col = fx.i(c(full * self.nr));
-            self.rows_dyn(fx, a, bt, ct, col, rem, kspan, m);
-        }
+        let tiles = fx.i(c(self.n.div_ceil(self.nr)));
+        let (lo, hi) = part_range(fx, tiles);
+        let fc = fx.i(c(full));
+        let over = fx.b.ins().icmp(IntCC::SignedGreaterThan, hi, fc);
+        let end = fx.select(over, fc, hi);
+        let nfull = fx.b.ins().isub(end, lo);
+        let some = fx.b.ins().icmp(IntCC::SignedLessThan, lo, hi);
+        let rem = fx.b.ins().band(over, some);
+        let rem = fx.b.ins().uextend(types::I64, rem);
+        (lo, nfull, rem)
     }
 
-    /// As [`Gemm::rows`] for `m` rows counted at run time.
-    #[allow(clippy::too_many_arguments)]
-    fn rows_dyn(&self, fx: &mut Fx<'_>, a: Value, bt: Value, ct: Value, col: Value, valid: usize, ks: Value, m: Value) {
+    /// Every row block of one column tile (`valid` columns) over `m` rows:
+    /// `[a, bt, ct, col, kspan, m]`.
+    fn rows(&self, fx: &mut Fx<'_>, [a, bt, ct, col, ks, m]: [Value; 6], valid: usize) {
         let call = |fx: &mut Fx<'_>, ap: Value, bp: Value, cp: Value, shape: Value, ks: Value| {
             let d = fx.i(self.desc);
             let null = fx.i(0);
@@ -198,72 +215,6 @@ impl Gemm {
         fx.loop_n(Count::Dyn(some), [ap, bt, cp, shape, ks], [0; 5], |fx, [ap, bp, cp, shape, ks]| {
             call(fx, ap, bp, cp, shape, ks);
         });
-    }
-
-    /// Column tile `t` alone (`valid` columns), its packed `B` at `bt`: every row block.
-    #[allow(clippy::too_many_arguments)]
-    fn emit_tile(
-        &self,
-        fx: &mut Fx<'_>,
-        a: Value,
-        bt: Value,
-        cp: Value,
-        kn: Value,
-        first: Value,
-        t: Value,
-        valid: usize,
-    ) {
-        let k = fx.b.ins().ishl_imm_u(kn, 32);
-        let f = fx.b.ins().ishl_imm_u(first, 62);
-        let k = fx.b.ins().bor(k, f);
-        let last = fx.i(i64::MIN);
-        let kspan = fx.b.ins().bor(k, last);
-        let ct = fx.b.ins().imul_imm_s(t, c(4 * self.nr));
-        let ct = fx.add(cp, ct);
-        let col = fx.b.ins().imul_imm_s(t, c(self.nr));
-        self.rows(fx, a, bt, ct, col, valid, kspan);
-    }
-
-    /// This part's share of the column tiles ([`part_range`] of them): `(lo, nfull, rem)`
-    /// as [`Gemm::emit_range`] takes them.
-    fn part_tiles(&self, fx: &mut Fx<'_>) -> (Value, Value, Value) {
-        let full = self.full_tiles();
-        let tiles = fx.i(c(self.n.div_ceil(self.nr)));
-        let (lo, hi) = part_range(fx, tiles);
-        let fc = fx.i(c(full));
-        let over = fx.b.ins().icmp(IntCC::SignedGreaterThan, hi, fc);
-        let end = fx.select(over, fc, hi);
-        let nfull = fx.b.ins().isub(end, lo);
-        let some = fx.b.ins().icmp(IntCC::SignedLessThan, lo, hi);
-        let rem = fx.b.ins().band(over, some);
-        let rem = fx.b.ins().uextend(types::I64, rem);
-        (lo, nfull, rem)
-    }
-
-    /// Every row block of one column tile.
-    #[allow(clippy::too_many_arguments)]
-    fn rows(&self, fx: &mut Fx<'_>, a: Value, bt: Value, ct: Value, col: Value, valid: usize, ks: Value) {
-        let call = |fx: &mut Fx<'_>, ap: Value, bp: Value, cp: Value, shape: Value, ks: Value| {
-            let d = fx.i(self.desc);
-            let null = fx.i(0);
-            fx.call(microkernel::gemm_tile as *const () as usize, &[d, ap, bp, cp, null, shape, ks]);
-        };
-        // shape = mr | valid << 8 | col << 16
-        let sh = fx.b.ins().ishl_imm_u(col, 16);
-        let base = fx.addi(sh, c(valid << 8));
-        let full = self.m / self.mr;
-        let shape = fx.addi(base, c(self.mr));
-        let steps = [c(4 * self.mr * self.lda), c(4 * self.mr * self.ldc), 0, 0, 0];
-        fx.loop_n(Count::Const(full), [a, ct, bt, ks, shape], steps, |fx, [ap, cp, bp, ks, shape]| {
-            call(fx, ap, bp, cp, shape, ks);
-        });
-        let rem = self.m % self.mr;
-        if rem > 0 {
-            let ap = fx.addi(a, c(4 * full * self.mr * self.lda));
-            let cp = fx.addi(ct, c(4 * full * self.mr * self.ldc));
-            let shape = fx.addi(base, c(rem));
-            call(fx, ap, bt, cp, shape, ks);
-        }
     }
 }
 
