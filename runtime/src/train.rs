@@ -514,20 +514,11 @@ impl Trainer {
         self.steps = step;
         for (pid, g) in &grads {
             let gs = g.as_slice().ok_or_else(|| Error::Train("a gradient is not contiguous".into()))?;
-            // In place where the values are stored contiguously (always, after a first set).
-            if let Some(ps) = self.weights.f32_values_mut(*pid) {
-                self.optimizer.update(ps, gs, &mut self.state[pid.0]);
-                continue;
-            }
-            let mut p = self
+            let ps = self
                 .weights
-                .f32(*pid)
-                .ok_or_else(|| Error::Train("a gradient of a non-float parameter".into()))?
-                .as_standard_layout()
-                .into_owned();
-            let ps = p.as_slice_mut().ok_or_else(|| Error::Train("a parameter is not contiguous".into()))?;
+                .f32_values_mut(*pid)
+                .ok_or_else(|| Error::Train("a gradient of a non-float parameter".into()))?;
             self.optimizer.update(ps, gs, &mut self.state[pid.0]);
-            self.weights.set(*pid, ParamData::F32(p))?;
         }
         self.update_running_stats(&stats, batch)?;
         self.version += 1;

@@ -520,8 +520,8 @@ impl Weights {
     }
 
     /// The values of a float parameter in standard order, to change in place (its shape and
-    /// dtype stay the declared ones); `None` for an integer parameter, an id out of range or
-    /// values not stored contiguously.
+    /// dtype stay the declared ones; values are always stored in standard layout); `None`
+    /// for an integer parameter or an id out of range.
     pub fn f32_values_mut(&mut self, id: ParamId) -> Option<&mut [f32]> {
         match self.data.get_mut(id.0)? {
             ParamData::F32(a) => a.as_slice_mut(),
