@@ -169,6 +169,7 @@ fn conv_backward_matches_finite_differences() {
         "Conv2d(2, 3, 3, stride = 2, padding = 1)",
         "Conv2d(2, 3, (2, 3), stride = (1, 2), padding = (2, 1), bias = False)",
         "Conv2d(2, 3, 3, padding = \"same\", dilation = 2)",
+        "Conv2d(2, 3, 3, stride = 2, padding = (0, 1, 2, 1))",
         "Conv2d(2, 3, 2, padding = \"same\")",
         "Conv2d(4, 6, 3, groups = 2)",
         "Conv2d(4, 4, 3, groups = 4, padding = 1)",
@@ -216,9 +217,12 @@ fn batchnorm_linear_activations_reshapes_match_finite_differences() {
         eval.mode = Mode::Eval;
         cases.push(eval);
     }
-    let mut relu = layer("ReLU()", &[2, 3, 4]);
-    relu.spread = true;
-    cases.push(relu);
+    // Spread inputs stay at least 0.025 from every kink.
+    for text in ["ReLU()", "Hardtanh(-0.3, 0.4)"] {
+        let mut c = layer(text, &[2, 3, 4]);
+        c.spread = true;
+        cases.push(c);
+    }
     for c in &cases {
         check(c, 3);
     }

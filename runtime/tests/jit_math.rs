@@ -37,6 +37,7 @@ fn reference(act: Activation, x: f32) -> f64 {
         Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
         Activation::Tanh => x.tanh(),
         Activation::Relu => x.max(0.0),
+        Activation::Hardtanh(lo, hi) => x.clamp(f64::from(lo.get()), f64::from(hi.get())),
     }
 }
 
@@ -152,5 +153,29 @@ fn special_values_are_exact() {
         assert_eq!(&r[..2], &[f32::INFINITY, 0.0]);
         assert!(r[2].is_nan());
         assert_eq!(&r[5..8], &[1e-40, 0.0, 0.0]);
+    }
+}
+
+#[test]
+fn hardtanh_and_relu6_clamp_exactly_standalone_and_fused() {
+    let xs = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0, -0.0, 1e-40, -1e-40, -200.0, 5.999, 6.5, -1.5, 0.25];
+    for act in [Activation::relu6(), Activation::hardtanh(-1.0, 1.0)] {
+        // The fused form runs after a Linear(1, 1) whose sum starts at +0.0 (so −0.0 → +0.0).
+        let want =
+            |fused: bool| -> Vec<f32> { xs.iter().map(|x| act.apply(if fused { 0.0 + *x } else { *x })).collect() };
+        let mut got: Vec<(String, Vec<f32>, Vec<f32>)> = vec![];
+        for portable in [false, true] {
+            got.push((format!("portable={portable}"), run(act, &xs, portable), want(false)));
+        }
+        for kernels in [Kernels::Avx512, Kernels::Avx2] {
+            if let Some(y) = run_fused(act, &xs, kernels) {
+                got.push((format!("fused {kernels:?}"), y, want(true)));
+            }
+        }
+        for (how, y, want) in got {
+            for ((x, w), g) in xs.iter().zip(&want).zip(&y) {
+                assert!(w.to_bits() == g.to_bits() || (w.is_nan() && g.is_nan()), "{act:?} {how}: x={x}: {g} != {w}");
+            }
+        }
     }
 }

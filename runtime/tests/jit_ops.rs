@@ -56,6 +56,33 @@ fn conv_groups_and_depthwise() {
     conv(&[6, 12, 12], &[int(6), int(6), int(3)], &[("groups", int(6)), ("stride", int(2)), ("padding", int(1))]);
 }
 
+fn sides(t: i64, b: i64, l: i64, r: i64) -> cnnc_compiler::ops::args::ArgValue {
+    cnnc_compiler::ops::args::ArgValue::Tuple(vec![int(t), int(b), int(l), int(r)])
+}
+
+#[test]
+fn conv_padding_by_sides() {
+    conv(&[3, 9, 10], &[int(3), int(5), int(3)], &[("padding", sides(0, 1, 2, 0))]);
+    conv(&[4, 16, 16], &[int(4), int(16), int(3)], &[("padding", sides(0, 1, 0, 1)), ("stride", int(2))]);
+    conv(&[20, 8, 8], &[int(20), int(20), int(3)], &[("padding", sides(1, 2, 2, 1)), ("groups", int(20))]);
+    conv(&[3, 7, 7], &[int(3), int(2), int(2)], &[("padding", sides(1, 0, 0, 1)), ("padding_mode", s("reflect"))]);
+}
+
+/// The interpreter's meaning of `(top, bottom, left, right)`: padding (1, 0, 1, 0) is
+/// padding 1 all round with the last row and column of the output dropped.
+#[test]
+fn padding_by_sides_is_the_symmetric_padding_cropped() {
+    let asym = one_layer(&[2, 6, 7], layer("Conv2d", &[int(2), int(3), int(3)], &[("padding", sides(1, 0, 1, 0))]));
+    let sym = one_layer(&[2, 6, 7], layer("Conv2d", &[int(2), int(3), int(3)], &[("padding", int(1))]));
+    let w = weights(&asym, 3);
+    let x: Vec<_> = inputs(&asym, 2, 4);
+    let x: Vec<_> = x.iter().map(|a| a.view()).collect();
+    let a = cnnc_runtime::interp::run(&asym, &w, &x).unwrap().remove(0);
+    let s = cnnc_runtime::interp::run(&sym, &w, &x).unwrap().remove(0);
+    assert_eq!(a.shape(), &[2, 3, 5, 6]);
+    assert_eq!(a, s.slice(ndarray::s![.., .., ..5, ..6]).into_dyn());
+}
+
 #[test]
 fn conv_asymmetric_kernel_and_same_padding() {
     conv(&[3, 9, 10], &[int(3), int(5), pair(1, 2)], &[]);

@@ -209,7 +209,9 @@ fn batchnorm_linear_activations_dropout_match_the_interpreter() {
         ("Linear(4, 5), Sigmoid(), Linear(5, 2)", &[2, 4]),
         ("Linear(4, 5), Tanh(), Dropout(0.3), Linear(5, 2)", &[2, 4]),
         ("Linear(4, 5), ReLU(), Linear(5, 2)", &[2, 4]),
+        ("Linear(4, 5), Hardtanh(-0.2, 0.3), Linear(5, 2), ReLU6()", &[2, 4]),
         ("Conv2d(3, 2, 1), Flatten(start_dim = 2)", &[2, 3, 2, 2]),
+        ("Conv2d(3, 2, 3, padding = (1, 0, 0, 2)), Flatten()", &[2, 3, 4, 4]),
         ("Conv2d(3, 4, 3, padding = 1), ReLU(), Dropout(0.5), Flatten(), Linear(24, 3)", &[2, 3, 2, 3]),
     ] {
         for mode in [Mode::Train, Mode::Eval] {
@@ -328,12 +330,12 @@ proptest! {
         groups in 1usize..=2, icg in 1usize..=3, ocg in 1usize..=5,
         k in 1usize..=3, stride in 1usize..=2, pad in 0usize..=1, dil in 1usize..=2,
         mode in 0usize..4, bias in any::<bool>(), bn in any::<bool>(),
-        act in 0usize..3, pool in 0usize..4, h in 3usize..=9, w in 3usize..=9, n in 1usize..=3,
+        act in 0usize..4, pool in 0usize..4, h in 3usize..=9, w in 3usize..=9, n in 1usize..=3,
         eval in any::<bool>(), seed in any::<u64>(), portable in any::<bool>(), threads in 1usize..=2,
     ) {
         let (cin, cout) = (groups * icg, groups * ocg);
         let modes = ["zeros", "reflect", "replicate", "circular"];
-        let acts = ["ReLU()", "Sigmoid()", "Tanh()"];
+        let acts = ["ReLU()", "Sigmoid()", "Tanh()", "ReLU6()"];
         let pools = ["MaxPool2d(2, ceil_mode = True)", "AvgPool2d(2, padding = 1)", "AdaptiveAvgPool2d(2)", "MaxPool2d(3, stride = 1, padding = 1)"];
         let bn_text = if bn { format!("BatchNorm2d({cout}), ") } else { String::new() };
         let body = format!(

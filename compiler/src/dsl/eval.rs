@@ -1494,6 +1494,7 @@ impl Evaluator {
             "relu" | "relu_" => Some(Activation::Relu),
             "sigmoid" => Some(Activation::Sigmoid),
             "tanh" => Some(Activation::Tanh),
+            "relu6" => Some(Activation::relu6()),
             _ => None,
         };
         let fname = self.fn_name(fwd, name);

@@ -44,6 +44,9 @@ pub enum PaddingSpec {
     Same,
     /// `padding="valid"`.
     Valid,
+    /// `padding=(top, bottom, left, right)`: a cnnc extension for asymmetric padding (ONNX's
+    /// explicit `pads` and `auto_pad="SAME_UPPER"` on strided convolutions).
+    Sides(usize, usize, usize, usize),
 }
 
 /// A 2-D convolution, optionally with a fused epilogue.
@@ -77,6 +80,7 @@ impl Conv2d {
         match self.padding {
             PaddingSpec::Explicit(h, w) => (h, h, w, w),
             PaddingSpec::Valid => (0, 0, 0, 0),
+            PaddingSpec::Sides(t, b, l, r) => (t, b, l, r),
             PaddingSpec::Same => {
                 let (t, b) = same_padding(self.kernel.0, self.dilation.0);
                 let (l, r) = same_padding(self.kernel.1, self.dilation.1);
@@ -136,6 +140,27 @@ fn build(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
                 None
             }
         },
+        Some((ArgValue::Tuple(t), span)) if t.len() == 4 => {
+            let sides: Vec<usize> = t
+                .iter()
+                .filter_map(|v| match v {
+                    ArgValue::Int(i) if (0..=crate::shape::MAX_SIZE as i64).contains(i) => Some(*i as usize),
+                    _ => None,
+                })
+                .collect();
+            if let [t, b, l, r] = sides[..] {
+                Some(PaddingSpec::Sides(t, b, l, r))
+            } else {
+                errs.push(Diagnostic::error(
+                    span,
+                    format!(
+                        "Conv2d: padding (top, bottom, left, right) must be four non-negative ints, found {}",
+                        ArgValue::Tuple(t.clone())
+                    ),
+                ));
+                None
+            }
+        }
         Some(_) => collect(b.pair("padding", (0, 0), 0), &mut errs).map(|(h, w)| PaddingSpec::Explicit(h, w)),
     };
     let padding_mode = match b.raw("padding_mode") {
@@ -343,6 +368,7 @@ impl OpDef for Conv2d {
             PaddingSpec::Explicit(h, w) => s += &format!(", padding={}", pair_text((h, w))),
             PaddingSpec::Same => s += ", padding=same",
             PaddingSpec::Valid => s += ", padding=valid",
+            PaddingSpec::Sides(t, b, l, r) => s += &format!(", padding=({t}, {b}, {l}, {r})"),
         }
         if self.dilation != (1, 1) {
             s += &format!(", dilation={}", pair_text(self.dilation));

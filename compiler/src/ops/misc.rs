@@ -14,15 +14,59 @@ pub enum Activation {
     Sigmoid,
     /// `tanh(x)`.
     Tanh,
+    /// `clamp(x, min, max)`: `nn.Hardtanh(min_val, max_val)`, `nn.ReLU6` (`(0, 6)`), ONNX's
+    /// `Clip`. NaN passes through, as in PyTorch.
+    Hardtanh(Limit, Limit),
+}
+
+/// An f32 bound of [`Activation::Hardtanh`], kept as its bits so activations stay `Eq + Hash`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Limit(u32);
+
+impl Limit {
+    /// The bound `v` (`-0.0` is kept as `0.0`).
+    pub fn new(v: f32) -> Limit {
+        Limit(if v == 0.0 { 0 } else { v.to_bits() })
+    }
+    /// The bound's value.
+    pub fn get(self) -> f32 {
+        f32::from_bits(self.0)
+    }
+}
+
+impl std::fmt::Debug for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.get())
+    }
 }
 
 impl Activation {
+    /// `nn.Hardtanh(min_val, max_val)`.
+    pub fn hardtanh(min: f32, max: f32) -> Activation {
+        Activation::Hardtanh(Limit::new(min), Limit::new(max))
+    }
+
+    /// `nn.ReLU6()`.
+    pub fn relu6() -> Activation {
+        Activation::hardtanh(0.0, 6.0)
+    }
+
+    /// The bounds of a Hardtanh.
+    pub fn limits(self) -> Option<(f32, f32)> {
+        match self {
+            Activation::Hardtanh(lo, hi) => Some((lo.get(), hi.get())),
+            _ => None,
+        }
+    }
+
     /// PyTorch class name.
     pub fn kind_name(self) -> &'static str {
         match self {
             Activation::Relu => "ReLU",
             Activation::Sigmoid => "Sigmoid",
             Activation::Tanh => "Tanh",
+            a if a == Activation::relu6() => "ReLU6",
+            Activation::Hardtanh(..) => "Hardtanh",
         }
     }
 
@@ -38,6 +82,16 @@ impl Activation {
             }
             Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             Activation::Tanh => x.tanh(),
+            // Compare-and-select like ATen's clamp: NaN and −0.0 pass through.
+            Activation::Hardtanh(lo, hi) => {
+                if x < lo.get() {
+                    lo.get()
+                } else if x > hi.get() {
+                    hi.get()
+                } else {
+                    x
+                }
+            }
         }
     }
 }
@@ -54,6 +108,31 @@ pub(super) const SIGMOID_CTOR: LayerCtor =
     LayerCtor { name: "Sigmoid", sig: &[], build: |b| build_act_noarg(b, Activation::Sigmoid) };
 pub(super) const TANH_CTOR: LayerCtor =
     LayerCtor { name: "Tanh", sig: &[], build: |b| build_act_noarg(b, Activation::Tanh) };
+pub(super) const RELU6_CTOR: LayerCtor =
+    LayerCtor { name: "ReLU6", sig: &[opt("inplace")], build: |b| build_act(b, Activation::relu6()) };
+pub(super) const HARDTANH_CTOR: LayerCtor = LayerCtor {
+    name: "Hardtanh",
+    sig: &[opt("min_val"), opt("max_val"), opt("inplace")],
+    build: |b| {
+        let mut errs = vec![];
+        let lo = collect(b.float("min_val", -1.0), &mut errs);
+        let hi = collect(b.float("max_val", 1.0), &mut errs);
+        collect(b.bool("inplace", false), &mut errs);
+        match (lo, hi) {
+            (Some(lo), Some(hi)) if errs.is_empty() => {
+                if lo.is_finite() && hi.is_finite() && lo <= hi {
+                    Ok(Op::Activation(Activation::hardtanh(lo as f32, hi as f32)))
+                } else {
+                    Err(vec![Diagnostic::error(
+                        b.span_of("max_val"),
+                        format!("Hardtanh: max_val ({hi}) must be finite and at least min_val ({lo})"),
+                    )])
+                }
+            }
+            _ => Err(errs),
+        }
+    },
+};
 
 fn build_act_noarg(_b: &Bound, a: Activation) -> Result<Op, Vec<Diagnostic>> {
     Ok(Op::Activation(a))
@@ -67,7 +146,12 @@ impl OpDef for Activation {
         Ok(Inferred::ok(inputs[0].ty.clone()))
     }
     fn describe(&self) -> String {
-        format!("{}()", self.kind_name())
+        match self {
+            Activation::Hardtanh(lo, hi) if *self != Activation::relu6() => {
+                format!("Hardtanh(min_val={:?}, max_val={:?})", lo.get(), hi.get())
+            }
+            _ => format!("{}()", self.kind_name()),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ pub mod train;
 
 pub use conv::{Conv2d, PaddingMode, PaddingSpec};
 pub use linear::Linear;
-pub use misc::{Activation, Add, Concat, Dropout, Flatten, Reduce, ReduceKind};
+pub use misc::{Activation, Add, Concat, Dropout, Flatten, Limit, Reduce, ReduceKind};
 pub use norm::BatchNorm2d;
 pub use pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 pub use train::{Loss, Reduction, TrainOp};
@@ -230,7 +230,7 @@ pub enum Op {
     AdaptiveAvgPool2d(AdaptiveAvgPool2d),
     /// `nn.BatchNorm2d` (inference).
     BatchNorm2d(BatchNorm2d),
-    /// `nn.ReLU`, `nn.Sigmoid`, `nn.Tanh`.
+    /// `nn.ReLU`, `nn.Sigmoid`, `nn.Tanh`, `nn.Hardtanh`/`nn.ReLU6`.
     Activation(Activation),
     /// `nn.Dropout` (identity at inference).
     Dropout(Dropout),
@@ -311,6 +311,8 @@ pub const LAYERS: &[LayerCtor] = &[
     misc::RELU_CTOR,
     misc::SIGMOID_CTOR,
     misc::TANH_CTOR,
+    misc::RELU6_CTOR,
+    misc::HARDTANH_CTOR,
     misc::DROPOUT_CTOR,
     misc::FLATTEN_CTOR,
 ];

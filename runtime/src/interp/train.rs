@@ -646,6 +646,15 @@ fn activation_grad(
             }
             Activation::Sigmoid => g * yv * (1.0 - yv),
             Activation::Tanh => g * (1.0 - yv * yv),
+            // PyTorch's hardtanh_backward: the gradient passes strictly inside the bounds
+            // (the output lies strictly inside exactly where the input does).
+            Activation::Hardtanh(lo, hi) => {
+                if yv > f64::from(lo.get()) && yv < f64::from(hi.get()) {
+                    g
+                } else {
+                    0.0
+                }
+            }
         } as f32;
     });
     Ok(out)

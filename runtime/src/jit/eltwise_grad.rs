@@ -453,7 +453,8 @@ pub(super) fn dropout_mask(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
 }
 
 /// `(y, dy) → dx` of an activation from its output, on f32x4 (ReLU passes `dy` where
-/// `y > 0`; Sigmoid `dy·y·(1 − y)`; Tanh `dy·(1 − y²)`). Sample-wise.
+/// `y > 0`; Sigmoid `dy·y·(1 − y)`; Tanh `dy·(1 − y²)`; Hardtanh `dy` where
+/// `min < y < max`). Sample-wise.
 pub(super) fn activation_grad(jit: &mut Jit, cx: &NodeCx<'_>, a: Activation) -> Result<()> {
     let size = cx.out_size();
     let (ys, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
@@ -479,6 +480,13 @@ pub(super) fn activation_grad(jit: &mut Jit, cx: &NodeCx<'_>, a: Activation) -> 
                     let vv = fx.b.ins().fmul(v, v);
                     let u = fx.b.ins().fsub(one, vv);
                     fx.b.ins().fmul(g, u)
+                }
+                Activation::Hardtanh(lo, hi) => {
+                    let (lo, hi, z) = (fx.vf(lo.get()), fx.vf(hi.get()), fx.vf(0.0));
+                    let above = fx.b.ins().fcmp(FloatCC::GreaterThan, v, lo);
+                    let g = vsel(fx, above, g, z);
+                    let below = fx.b.ins().fcmp(FloatCC::LessThan, v, hi);
+                    vsel(fx, below, g, z)
                 }
             });
         });

@@ -157,6 +157,14 @@ pub(super) fn act_v(fx: &mut Fx<'_>, act: Activation, x: Value) -> Value {
         Activation::Relu => relu_v(fx, x),
         Activation::Sigmoid => sigmoid_v(fx, x),
         Activation::Tanh => tanh_v(fx, x),
+        Activation::Hardtanh(lo, hi) => {
+            // Compare-and-select, so a NaN passes through (as in PyTorch and the tiles).
+            let (lo, hi) = (fx.vf(lo.get()), fx.vf(hi.get()));
+            let below = fx.b.ins().fcmp(FloatCC::LessThan, x, lo);
+            let x = vsel(fx, below, lo, x);
+            let above = fx.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
+            vsel(fx, above, hi, x)
+        }
     }
 }
 

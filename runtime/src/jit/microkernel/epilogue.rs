@@ -5,13 +5,14 @@
 use super::simd::{MAGIC, Simd};
 
 /// The activation of a tile's epilogue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(in crate::jit) enum Act {
     None,
     Relu,
     Sigmoid,
     Tanh,
+    /// `clamp(x, lo, hi)`, NaN passing through.
+    Clamp(f32, f32),
 }
 
 impl Act {
@@ -23,6 +24,7 @@ impl Act {
             Some(A::Relu) => Act::Relu,
             Some(A::Sigmoid) => Act::Sigmoid,
             Some(A::Tanh) => Act::Tanh,
+            Some(A::Hardtanh(lo, hi)) => Act::Clamp(lo.get(), hi.get()),
         }
     }
 }
@@ -105,6 +107,10 @@ pub(super) unsafe fn activate<V: Simd>(v: V, act: Act) -> V {
             Act::Relu => v.relu(),
             Act::Sigmoid => sigmoid_v(v),
             Act::Tanh => tanh_v(v),
+            Act::Clamp(lo, hi) => {
+                let v = V::select_lt(v, V::constant(lo), V::constant(lo), v);
+                V::select_gt(v, V::constant(hi), V::constant(hi), v)
+            }
         }
     }
 }
