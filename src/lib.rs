@@ -25,6 +25,8 @@
 //! - [`compiler`] (`cnnc-compiler`): the DSL, the graph IR, shapes, accounting and passes;
 //! - [`runtime`] (`cnnc-runtime`): weights, the reference interpreter and the Cranelift JIT;
 //! - `cnnc-macros`: the [`cnn!`] macro;
+//! - [`onnx`] (`cnnc-onnx`): ONNX import — a model file becomes a graph, its weights and
+//!   `.cnn` source;
 //! - [`images`]: PNG/JPEG in (torchvision's preprocessing), overlays out.
 #![warn(missing_docs)]
 
@@ -33,6 +35,73 @@ pub use cnnc_macros::cnn;
 pub use cnnc_runtime as runtime;
 
 pub mod images;
+
+/// ONNX import: run the models people already have.
+///
+/// ```no_run
+/// use cnnc::prelude::*;
+///
+/// let (graph, weights) = cnnc::onnx::load("resnet18.onnx".as_ref()).unwrap();
+/// let net = Compiled::new(&graph, &weights, &Options::default()).unwrap();
+/// let x = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 3, 224, 224]));
+/// let logits = net.run(&[x.view()]).unwrap();
+/// ```
+pub mod onnx {
+    use cnnc_compiler::Graph;
+    pub use cnnc_onnx::{
+        Const, Data, ImportError, Imported, Options, ParamValue, SUPPORTED_OPS, Sym, Unsupported, import_bytes,
+        import_file, read_tensor,
+    };
+    use cnnc_runtime::WeightsError;
+    use cnnc_runtime::weights::{ParamData, Weights};
+    use ndarray::{ArrayD, IxDyn};
+
+    /// Why [`load`] failed.
+    #[derive(Debug, thiserror::Error)]
+    pub enum LoadError {
+        /// The model could not be imported.
+        #[error(transparent)]
+        Import(#[from] ImportError),
+        /// The weights do not fit the graph (an importer bug, reported rather than hidden).
+        #[error(transparent)]
+        Weights(#[from] WeightsError),
+    }
+
+    /// The imported weights as [`Weights`] of the imported graph.
+    pub fn weights(imported: &Imported) -> Result<Weights, WeightsError> {
+        let data = imported
+            .graph
+            .params
+            .iter()
+            .zip(&imported.values)
+            .map(|(p, v)| {
+                let shape = IxDyn(&p.spec.shape);
+                let bad = |n: usize| WeightsError::Mismatch {
+                    net: imported.graph.name.clone(),
+                    missing: vec![],
+                    unexpected: vec![],
+                    misshaped: vec![(p.name.clone(), p.spec.shape.clone(), vec![n])],
+                };
+                Ok(match v {
+                    ParamValue::F32(v) => {
+                        ParamData::F32(ArrayD::from_shape_vec(shape, v.clone()).map_err(|_| bad(v.len()))?)
+                    }
+                    ParamValue::I64(v) => {
+                        ParamData::I64(ArrayD::from_shape_vec(shape, v.clone()).map_err(|_| bad(v.len()))?)
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, WeightsError>>()?;
+        Weights::from_params(&imported.graph, data)
+    }
+
+    /// Imports the model at `path` with default options: its graph and weights.
+    pub fn load(path: &std::path::Path) -> Result<(Graph, Weights), LoadError> {
+        let imported = import_file(path, &Options::default())?;
+        let w = weights(&imported)?;
+        Ok((imported.graph, w))
+    }
+}
 
 pub use cnnc_compiler::{Graph, Summary, TensorType};
 
