@@ -789,3 +789,72 @@ fn train_rejects_bad_data_cleanly() {
     status(&o, 1);
     assert!(!p("never.safetensors").exists());
 }
+
+fn onnx_fixture(name: &str) -> PathBuf {
+    Path::new(ROOT).join("tests/fixtures/onnx/small").join(name)
+}
+
+fn max_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter().zip(b.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// `cnnc import` writes `.cnn` text and a state_dict that `cnnc run` runs to PyTorch's numbers,
+/// as `cnnc run model.onnx` does directly.
+#[test]
+fn import_writes_cnn_text_and_weights_that_run_like_the_onnx_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cnn, st) = (dir.path().join("lenet.cnn"), dir.path().join("lenet.safetensors"));
+    let model = onnx_fixture("lenet.onnx");
+    let o = cnnc(&["import", path_str(&model), "-o", path_str(&cnn), "--weights", path_str(&st)]);
+    status(&o, 0);
+    assert!(stderr(&o).contains("imported `Lenet` (pytorch"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("61,706 params"), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&cnn).unwrap();
+    assert!(text.contains("net Lenet(x: [N, 1, 28, 28])"), "{text}");
+    assert!(text.contains("flatten("), "x.view(x.size(0), -1) became a flatten:\n{text}");
+    let want: ArrayD<f32> = read_npy(onnx_fixture("lenet_y.npy")).unwrap();
+    let x = onnx_fixture("lenet_x.npy");
+    for (net, weights) in [(model.clone(), None), (cnn.clone(), Some(st.clone()))] {
+        let y = dir.path().join("y.npy");
+        let mut args = vec!["run", path_str(&net), "--input", path_str(&x), "--output", path_str(&y)];
+        if let Some(w) = &weights {
+            args.extend(["--weights", path_str(w)]);
+        }
+        let o = cnnc(&args);
+        status(&o, 0);
+        let got: ArrayD<f32> = read_npy(&y).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "{net:?}: {}", max_diff(&got, &want));
+    }
+    // The other commands take the model too.
+    for cmd in ["summary", "fuse-report", "dot"] {
+        status(&cnnc(&[cmd, path_str(&model)]), 0);
+    }
+    let o = cnnc(&["check", path_str(&model)]);
+    status(&o, 0);
+    assert!(stdout(&o).contains("ok: Lenet(x: [N, 1, 28, 28]) -> (output: [N, 10]); 61,706 params"), "{}", stdout(&o));
+}
+
+#[test]
+fn import_notes_what_it_folded() {
+    let o = cnnc(&["import", path_str(&onnx_fixture("rewrites.onnx"))]);
+    status(&o, 0);
+    let err = stderr(&o);
+    assert!(err.contains("folded into the conv's padding (reflect)"), "{err}");
+    assert!(err.contains("(MatMul) + `/Add` (Add) → one Linear"), "{err}");
+    assert!(stdout(&o).contains("padding_mode = \"reflect\""), "{}", stdout(&o));
+}
+
+#[test]
+fn onnx_errors_list_every_unsupported_node_and_name_the_file() {
+    let o = cnnc(&["check", path_str(&onnx_fixture("unsupported.onnx"))]);
+    fails(&o, 1, "2 unsupported nodes");
+    let err = stderr(&o);
+    assert!(err.contains("node `/LeakyRelu` (LeakyRelu, opset 17)"), "{err}");
+    assert!(err.contains("node `/Softmax` (Softmax, opset 17)"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"\x08\x07not a protobuf at all \xff\xff\xff").unwrap();
+    fails(&cnnc(&["run", path_str(&junk), "--input", "x.npy"]), 1, "not an ONNX model");
+    fails(&cnnc(&["import", path_str(&dir.path().join("missing.onnx"))]), 1, "missing.onnx");
+}

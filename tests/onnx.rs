@@ -243,3 +243,78 @@ fn torchvision_alexnet_matches_onnx_runtime() {
 fn torchvision_vgg11_matches_onnx_runtime() {
     check_model("vgg11", 1);
 }
+
+fn small(name: &str) -> PathBuf {
+    fixtures().join("small").join(name)
+}
+
+/// PyTorch exports with shape arithmetic (`x.view(x.size(0), -1)`), a reflect Pad folded into
+/// a conv, a zero Pad alone, ReLU6, a one-sided clamp and `x @ W + b`: PyTorch's outputs, on
+/// the JIT and the interpreter, at the exported batch and another.
+#[test]
+fn small_pytorch_exports_match_pytorch() {
+    for name in ["lenet", "rewrites"] {
+        let m = onnx::import_file(&small(&format!("{name}.onnx")), &Options::default()).unwrap();
+        let w = onnx::weights(&m).unwrap();
+        let x: ArrayD<f32> = ndarray_npy::read_npy(small(&format!("{name}_x.npy"))).unwrap();
+        let want: ArrayD<f32> = ndarray_npy::read_npy(small(&format!("{name}_y.npy"))).unwrap();
+        let net = Compiled::new(&m.graph, &w, &cnnc::runtime::Options::default()).unwrap();
+        close(&net.run(&[x.view()]).unwrap()[0], &want, 1e-5, 1e-6).unwrap_or_else(|e| panic!("{name} JIT: {e}"));
+        close(&interp::run(&m.graph, &w, &[x.view()]).unwrap()[0], &want, 1e-5, 1e-6)
+            .unwrap_or_else(|e| panic!("{name} interpreter: {e}"));
+        // The batch is symbolic: one sample gives that sample's row.
+        let one = x.slice_axis(ndarray::Axis(0), ndarray::Slice::from(1..2)).to_owned();
+        let row = want.slice_axis(ndarray::Axis(0), ndarray::Slice::from(1..2)).to_owned();
+        close(&net.run(&[one.view()]).unwrap()[0], &row, 1e-5, 1e-6).unwrap_or_else(|e| panic!("{name} b1: {e}"));
+    }
+    let m = onnx::import_file(&small("rewrites.onnx"), &Options::default()).unwrap();
+    assert!(m.notes.iter().any(|n| n.contains("folded into the conv's padding (reflect)")), "{:?}", m.notes);
+    assert!(m.notes.iter().any(|n| n.contains("1×1 depthwise conv")), "{:?}", m.notes);
+    assert!(m.notes.iter().any(|n| n.contains("one Linear")), "{:?}", m.notes);
+    assert_eq!(m.opset, 11);
+}
+
+#[test]
+fn unsupported_models_list_every_node_with_its_opset() {
+    let e = onnx::import_file(&small("unsupported.onnx"), &Options::default()).unwrap_err();
+    let onnx::ImportError::Unsupported(list) = &e else { panic!("{e}") };
+    let ops: Vec<(&str, &str, i64)> = list.iter().map(|u| (u.node.as_str(), u.op.as_str(), u.opset)).collect();
+    assert_eq!(ops, [("/LeakyRelu", "LeakyRelu", 17), ("/Softmax", "Softmax", 17)]);
+}
+
+/// Malformed files are errors, never panics: junk, every truncation of a real model, and
+/// external data that is missing, short, or outside the model's folder.
+#[test]
+fn malformed_models_are_errors() {
+    assert!(matches!(
+        onnx::import_bytes(b"\xff\xff\xff\xff", None, &Options::default()),
+        Err(onnx::ImportError::Decode(_))
+    ));
+    let bytes = std::fs::read(small("lenet.onnx")).unwrap();
+    for cut in (0..bytes.len()).step_by(997) {
+        let _ = onnx::import_bytes(&bytes[..cut], None, &Options::default());
+    }
+    let (dir, path) = materialise("squeezenet1_1");
+    let model_bytes = std::fs::read(&path).unwrap();
+    // External data read through the model's folder, not given as bytes without one.
+    let e = onnx::import_bytes(&model_bytes, None, &Options::default()).unwrap_err().to_string();
+    assert!(e.contains("external file"), "{e}");
+    // A short data file.
+    let blob = std::fs::read(dir.path().join("weights.bin")).unwrap();
+    std::fs::write(dir.path().join("weights.bin"), &blob[..blob.len() / 2]).unwrap();
+    let e = onnx::import_file(&path, &Options::default()).unwrap_err().to_string();
+    assert!(e.contains("but the tensor asks for"), "{e}");
+    // A location outside the folder.
+    let mut model = cnnc_onnx::proto::ModelProto::decode(model_bytes.as_slice()).unwrap();
+    let k = model.graph.as_ref().unwrap().initializer.iter().position(|t| !t.external_data.is_empty()).unwrap();
+    for bad in ["../weights.bin", "/etc/passwd", ""] {
+        for e in &mut model.graph.as_mut().unwrap().initializer[k].external_data {
+            if e.key.as_deref() == Some("location") {
+                e.value = Some(bad.into());
+            }
+        }
+        let e =
+            onnx::import_bytes(&model.encode_to_vec(), Some(dir.path()), &Options::default()).unwrap_err().to_string();
+        assert!(e.contains("must be a relative path inside the model's folder"), "{bad}: {e}");
+    }
+}

@@ -85,7 +85,7 @@ pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> 
         var: HashMap::new(),
         params: vec![],
         notes: vec![],
-        idents: ["self", "fn", "let", "net", "block", "for", "in", "if", "else", "const", "pub", "x"]
+        idents: ["self", "fn", "let", "net", "block", "for", "in", "if", "else", "const", "pub"]
             .into_iter()
             .map(String::from)
             .collect(),
@@ -154,7 +154,13 @@ pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> 
         let op = op_name(n);
         let node = node_name(n, i);
         let poisoned = n.input.iter().any(|s| matches!(im.values.get(s), Some(Value::Poison)));
-        let result = if poisoned { Ok(vec![Value::Poison]) } else { im.node(graph, i, n) };
+        let known = matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx"))
+            && crate::SUPPORTED_OPS.contains(&op.as_str());
+        let result = match (poisoned, known) {
+            (_, false) => Err(Fail::Unsupported("no cnnc op for it".into())),
+            (true, true) => Ok(vec![Value::Poison]),
+            (false, true) => im.node(graph, i, n),
+        };
         match result {
             Ok(outs) => {
                 for (o, v) in n.output.iter().zip(outs) {
@@ -1273,8 +1279,11 @@ impl Importer<'_> {
             (Some("padding"), padding),
             (Some("groups"), int(c)),
             (Some("bias"), boolean(false)),
-            (Some("padding_mode"), ArgValue::Str(mode.into())),
         ];
+        let mut args = args;
+        if mode != "zeros" {
+            args.push((Some("padding_mode"), ArgValue::Str(mode.into())));
+        }
         self.notes.push(format!(
             "Pad `{}` runs as a 1×1 depthwise conv of weight 1 with {mode} padding",
             n.name.clone().unwrap_or_default()
@@ -1446,39 +1455,38 @@ fn gather(data: &Const, idx: &Const, ax: usize) -> R<Const> {
 }
 
 fn slice(x: &Const, starts: &[i64], ends: &[i64], axes: Option<Vec<i64>>, steps: Option<Vec<i64>>) -> R<Const> {
-    if x.dims.len() != 1 {
-        return unsupported(format!("Slice of a constant of rank {} (cnnc folds 1-D shape slices)", x.dims.len()));
+    let r = x.dims.len().max(1);
+    let axes: Vec<usize> = match axes {
+        Some(a) => a.iter().map(|a| axis(*a, r)).collect::<R<_>>()?,
+        None => (0..starts.len()).collect(),
+    };
+    if starts.len() != axes.len() || ends.len() != axes.len() {
+        return invalid(format!("Slice with {} starts, {} ends and {} axes", starts.len(), ends.len(), axes.len()));
     }
-    if let Some(a) = &axes
-        && a.iter().any(|a| *a != 0 && *a != -1)
-    {
-        return invalid(format!("Slice axes {a:?} on a 1-D constant"));
-    }
-    let step = steps.and_then(|s| s.first().copied()).unwrap_or(1);
-    if step == 0 {
-        return invalid("Slice step 0");
-    }
-    let n = x.dims[0] as i64;
-    let norm = |v: i64, lo: i64, hi: i64| (if v < 0 { v + n } else { v }).clamp(lo, hi);
-    let (start, end) = (starts.first().copied().unwrap_or(0), ends.first().copied().unwrap_or(i64::MAX));
-    let ids: Vec<usize> = if step > 0 {
-        let (s, e) = (norm(start, 0, n), norm(end.min(n), 0, n));
-        (s..e).step_by(step as usize).map(|i| i as usize).collect()
-    } else {
-        let (s, e) = (norm(start, -1, n - 1), norm(end.max(-n - 1), -1, n - 1));
-        let mut v = vec![];
-        let mut i = s;
-        while i > e {
-            v.push(i as usize);
-            i += step;
+    let mut out = if x.dims.is_empty() { Const { dims: vec![1], data: x.data.clone() } } else { x.clone() };
+    for (k, &ax) in axes.iter().enumerate() {
+        let step = steps.as_ref().and_then(|s| s.get(k).copied()).unwrap_or(1);
+        if step == 0 {
+            return invalid("Slice step 0");
         }
-        v
-    };
-    let data = match &x.data {
-        Data::F32(v) => Data::F32(ids.iter().map(|i| v[*i]).collect()),
-        Data::I64(v) => Data::I64(ids.iter().map(|i| v[*i]).collect()),
-    };
-    Ok(Const { dims: vec![ids.len()], data })
+        let n = out.dims[ax] as i64;
+        let norm = |v: i64, lo: i64, hi: i64| (if v < 0 { v.saturating_add(n) } else { v }).clamp(lo, hi);
+        let ids: Vec<Sym> = if step > 0 {
+            let (s, e) = (norm(starts[k], 0, n), norm(ends[k], 0, n));
+            (s..e).step_by(step as usize).map(Sym::Known).collect()
+        } else {
+            let (s, e) = (norm(starts[k], -1, n - 1), norm(ends[k], -1, n - 1));
+            let mut v = vec![];
+            let mut i = s;
+            while i > e {
+                v.push(Sym::Known(i));
+                i += step;
+            }
+            v
+        };
+        out = gather(&out, &Const::ints(ids), ax)?;
+    }
+    Ok(out)
 }
 
 fn arith(a: &Const, b: &Const, op: &str) -> R<Const> {

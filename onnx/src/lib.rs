@@ -178,6 +178,14 @@ pub fn import_bytes(bytes: &[u8], dir: Option<&Path>, opts: &Options) -> Result<
     import::import(&model, dir, opts)
 }
 
+/// The names of the model's graph inputs that are not initializers (its data inputs), in order.
+pub fn input_names(bytes: &[u8]) -> Result<Vec<String>, ImportError> {
+    let model = proto::ModelProto::decode(bytes).map_err(|e| ImportError::Decode(e.to_string()))?;
+    let graph = model.graph.ok_or_else(|| ImportError::Invalid("the model has no graph".into()))?;
+    let inits: Vec<&str> = graph.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
+    Ok(graph.input.iter().filter_map(|i| i.name.clone()).filter(|n| !inits.contains(&n.as_str())).collect())
+}
+
 /// Reads a serialized `TensorProto` (the `.pb` files of ONNX's test data sets).
 pub fn read_tensor(bytes: &[u8]) -> Result<Const, ImportError> {
     let t = proto::TensorProto::decode(bytes).map_err(|e| ImportError::Decode(e.to_string()))?;

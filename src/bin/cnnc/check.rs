@@ -10,9 +10,23 @@ use std::path::PathBuf;
 /// Arguments of `cnnc check`.
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    /// The `.cnn` files to check.
+    /// The `.cnn` files (or `.onnx` models) to check.
     #[arg(value_name = "FILE", required = true)]
     pub files: Vec<PathBuf>,
+}
+
+/// `file: ok: Net(x: [N, 1, 28, 28]) -> (output: [N, 10]); 61,706 params, … MACs per sample`.
+fn print_ok(shown: &str, g: &cnnc::Graph) {
+    let s = Summary::of(g);
+    let outs: Vec<String> = g.outputs.iter().map(|(n, id)| format!("{n}: {}", g.node(*id).ty)).collect();
+    println!(
+        "{shown}: ok: {}({}) -> ({}); {} params, {} MACs per sample",
+        g.name,
+        s.inputs.join(", "),
+        outs.join(", "),
+        thousands(s.total_params as u64),
+        thousands(s.total_macs)
+    );
 }
 
 /// Checks every file; all diagnostics of all files are printed before failing.
@@ -20,6 +34,16 @@ pub fn run(args: &CheckArgs) -> Result<(), Fail> {
     let (mut errors, mut warnings) = (0, 0);
     let mut unreadable = None;
     for path in &args.files {
+        if crate::import::is_onnx(path) {
+            match crate::import::import(path, &[], None) {
+                Ok(m) => print_ok(&path.display().to_string(), &m.graph),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    errors += 1;
+                }
+            }
+            continue;
+        }
         let src = match Source::read(path) {
             Ok(s) => s,
             Err(e) => {
@@ -38,17 +62,7 @@ pub fn run(args: &CheckArgs) -> Result<(), Fail> {
             println!("{}: ok (no nets, only blocks and constants)", src.shown);
         }
         for g in &compiled.nets {
-            let s = Summary::of(g);
-            let outs: Vec<String> = g.outputs.iter().map(|(n, id)| format!("{n}: {}", g.node(*id).ty)).collect();
-            println!(
-                "{}: ok: {}({}) -> ({}); {} params, {} MACs per sample",
-                src.shown,
-                g.name,
-                s.inputs.join(", "),
-                outs.join(", "),
-                thousands(s.total_params as u64),
-                thousands(s.total_macs)
-            );
+            print_ok(&src.shown, g);
         }
     }
     if errors > 0 {

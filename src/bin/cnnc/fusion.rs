@@ -52,7 +52,7 @@ pub fn run(args: &FuseArgs) -> Result<(), Fail> {
     let (_, graph) = source::load_net(&args.net, &args.shapes)?;
     let weights = match &args.weights {
         Some(_) => crate::run::weights(&graph, args.weights.as_deref(), args.seed)?,
-        None => Weights::random(&graph, args.seed),
+        None => crate::import::imported_weights(&graph).unwrap_or_else(|| Weights::random(&graph, args.seed)),
     };
     let out = if args.check {
         let check = NumericCheck { tolerance: args.tolerance, seed: args.seed, ..NumericCheck::default() };

@@ -1,8 +1,9 @@
-//! `cnnc`: the command-line tool for nets kept in `.cnn` files (the grammar of `cnn! { … }`).
+//! `cnnc`: the command-line tool for nets kept in `.cnn` files (the grammar of `cnn! { … }`) or
+//! imported from `.onnx` models.
 //!
-//! Commands: `check`, `summary`, `dot`, `fuse-report`, `run`, `bench`, `train`, `gradcam` — see
+//! Commands: `check`, `summary`, `dot`, `fuse-report`, `run`, `bench`, `train`, `gradcam`, `import` — see
 //! `docs/cli.md`.
-//! Exit status: 0 on success, 1 when an input (a `.cnn`, `.npy` or `.safetensors` file) is
+//! Exit status: 0 on success, 1 when an input (a `.cnn`, `.onnx`, `.npy` or `.safetensors` file) is
 //! wrong, 2 when the command line is (unknown option, bad `--input` shape, missing `dot`).
 //! Every failure is one `error: …` message on stderr, never a panic.
 
@@ -12,6 +13,7 @@ mod dot;
 mod fail;
 mod fusion;
 mod gradcam;
+mod import;
 mod npy;
 mod run;
 mod source;
@@ -114,6 +116,18 @@ Examples:
   cnnc gradcam examples/nets/lenet.cnn --weights lenet.safetensors --input digits4.npy --layer 3 -o cam.png
   cnnc gradcam net.cnn --weights w.safetensors --image cat.jpg --layer layer4 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225")]
     Gradcam(gradcam::GradcamArgs),
+    /// Import an ONNX model: readable `.cnn` text and its weights as a safetensors state_dict.
+    #[command(after_help = "\
+Every other command also takes an .onnx file where it takes a .cnn one (run, bench and
+fuse-report then use the model's own weights unless --weights is given). What the importer
+folded (shape arithmetic into Flatten, MatMul + Add into Linear, a Pad into the next Conv) is
+noted on stderr; a model with unsupported ops is refused with every such node listed.
+
+Examples:
+  cnnc import resnet18.onnx -o resnet18.cnn --weights resnet18.safetensors
+  cnnc import model.onnx --input N,3,224,224 > model.cnn   (symbolic height and width)
+  cnnc run resnet18.onnx --input images.npy")]
+    Import(import::ImportArgs),
 }
 
 /// Prints a value as one line of JSON on stdout.
@@ -167,6 +181,7 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::run(a),
         Command::Gradcam(a) => gradcam::run(a),
+        Command::Import(a) => import::run(a),
     };
     if let Err(e) = result {
         if !e.message.is_empty() {

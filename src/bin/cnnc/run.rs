@@ -65,8 +65,14 @@ pub struct RunArgs {
     pub unfused: bool,
 }
 
-/// Loads weights from `path`, or makes seeded random ones (saying so on stderr).
+/// Loads weights from `path`, else takes an `.onnx` model's own, else makes seeded random ones
+/// (saying so on stderr).
 pub fn weights(graph: &Graph, path: Option<&Path>, seed: u64) -> Result<Weights, Fail> {
+    if path.is_none()
+        && let Some(w) = crate::import::imported_weights(graph)
+    {
+        return Ok(w);
+    }
     match path {
         Some(p) => Weights::load(graph, p).map_err(|e| {
             let f = Fail::from(e);

@@ -13,7 +13,7 @@ use std::str::FromStr;
 /// The file and the net in it, shared by every command that works on one net.
 #[derive(Args, Debug, Clone)]
 pub struct NetFile {
-    /// The `.cnn` file (the same grammar as inside `cnn! { … }`).
+    /// The `.cnn` file (the same grammar as inside `cnn! { … }`), or an `.onnx` model.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
     /// Which net of the file to use [default: the only net, or the last one].
@@ -114,6 +114,9 @@ fn parse(text: &str) -> Option<ast::File> {
 /// diagnostics) and picks the net. Any error in the file fails the whole load, as in a
 /// compiler.
 pub fn load_net(sel: &NetFile, shapes: &[String]) -> Result<(Source, Graph), Fail> {
+    if crate::import::is_onnx(&sel.file) {
+        return crate::import::load(&sel.file, shapes);
+    }
     let mut src = Source::read(&sel.file)?;
     let declared = declared_nets(&src.text);
     if let Some(name) = &sel.net
