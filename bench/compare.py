@@ -164,7 +164,8 @@ ROWS = {
 }
 
 ENGINES = ("pytorch", "ort", "cnnc")  # plus "cnnc_fused" with --fused
-ENGINE_LABEL = {"pytorch": "PyTorch", "ort": "ORT", "cnnc": "cnnc", "cnnc_fused": "cnnc fused"}
+ENGINE_LABEL = {"pytorch": "PyTorch", "ort": "ORT", "cnnc": "cnnc", "cnnc_fused": "cnnc fused",
+                "cnnc_onnx": "cnnc on the .onnx"}
 
 
 def parse_row(spec: str):
@@ -254,9 +255,9 @@ class CnncEngine:
         self.procs, self.ready = {}, {}
         for t in threads:
             cmd = [
-                str(binary), "--net", str(cnn), "--weights", str(weights), "--input", str(inp),
+                str(binary), "--net", str(cnn), "--input", str(inp),
                 "--threads", str(t), "--serve", "--save-output", f"{out_prefix}_{t}t.safetensors",
-            ] + (["--fused"] if fused else [])
+            ] + (["--weights", str(weights)] if weights else []) + (["--fused"] if fused else [])
             p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, bufsize=1, cwd=ROOT)
             line = p.stdout.readline()
@@ -384,6 +385,10 @@ def measure_row(args, torch, nn, ort, binary, row, workdir):
         if "cnnc_fused" in args.engines:
             engines["cnnc_fused"] = CnncEngine(binary, cnn, weights, inp, workdir / f"{rid}_cnnc_fused_out", threads,
                                                fused=True)
+        if "cnnc_onnx" in args.engines:
+            # The very file ORT runs, imported by cnnc with the weights inside it, fused.
+            engines["cnnc_onnx"] = CnncEngine(binary, onnx_path, None, inp, workdir / f"{rid}_cnnc_onnx_out", threads,
+                                              fused=True)
         for e in args.engines[2:]:
             result[f"{e}_compile_ms"] = {t_: r["compile_ms"] for t_, r in engines[e].ready.items()}
             result[f"{e}_kernels"] = next(iter(engines[e].ready.values()))["kernels"]
@@ -587,9 +592,11 @@ def table(results, threads):
     best = best_cnnc(results)
     cn = ENGINE_LABEL[best]
     fused_col = f"| cnnc fused ms ({tl}) " if best == "cnnc_fused" else ""
+    onnx = any(k.startswith("cnnc_onnx") for r in results for k in r["engines"])
+    onnx_col = f"| cnnc on the .onnx ms ({tl}) | ORT/cnnc on the .onnx ({tl}) " if onnx else ""
     head = (f"| Net | Batch | PyTorch ms ({tl}) | ORT ms ({tl}) | cnnc ms ({tl}) {fused_col}| ORT/{cn} ({tl}) "
-            f"| PyTorch/{cn} ({tl}) | max abs diff cnnc vs PyTorch |")
-    ncols = 7 if best == "cnnc_fused" else 6
+            f"| PyTorch/{cn} ({tl}) {onnx_col}| max abs diff cnnc vs PyTorch |")
+    ncols = 6 + (best == "cnnc_fused") + 2 * onnx
     lines = [head, "|" + "---|" * 2 + "---:|" * ncols]
     for r in results:
         if r.get("skipped"):
@@ -608,7 +615,9 @@ def table(results, threads):
             + (f"| {col(lambda t: fmt_ms(med(r, 'cnnc_fused', t)))} " if best == "cnnc_fused" else "")
             + f"| {col(lambda t: fmt_ratio(ratio(med(r, 'ort', t), med(r, best, t))))} "
             f"| {col(lambda t: fmt_ratio(ratio(med(r, 'pytorch', t), med(r, best, t))))} "
-            f"| {diff:.1e} (of max {r['max_abs_output']:.2g}) |"
+            + (f"| {col(lambda t: fmt_ms(med(r, 'cnnc_onnx', t)))} "
+               f"| {col(lambda t: fmt_ratio(ratio(med(r, 'ort', t), med(r, 'cnnc_onnx', t))))} " if onnx else "")
+            + f"| {diff:.1e} (of max {r['max_abs_output']:.2g}) |"
         )
     return "\n".join(lines)
 
@@ -806,6 +815,8 @@ def main():
                     help="CPU use of other processes that counts as quiet (default 0.3 cores)")
     ap.add_argument("--fused", action="store_true",
                     help="also run cnnc with the fusion passes (bench_engine --fused); the ratios then use it")
+    ap.add_argument("--onnx", action="store_true",
+                    help="also run cnnc on the very .onnx file ORT runs (imported with its weights, fused)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write every measurement as JSON")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "performance_ratios.svg"),
@@ -824,7 +835,7 @@ def main():
     args.burst = args.burst or (0.3 if args.quick else 1.0)
     args.warm = 0.3 if args.quick else 1.0
     args.min_iters, args.max_iters = 1, 2000
-    args.engines = list(ENGINES) + (["cnnc_fused"] if args.fused else [])
+    args.engines = list(ENGINES) + (["cnnc_fused"] if args.fused else []) + (["cnnc_onnx"] if args.onnx else [])
     rows = [parse_row(r) for r in args.rows.split(",") if r.strip()]
     if args.from_json:
         doc = json.loads(Path(args.from_json).read_text())

@@ -8,7 +8,8 @@
 //!
 //! Options:
 //!
-//! - `--net FILE` the `.cnn` file (required); `--name NAME` picks a net of it (default: the last);
+//! - `--net FILE` the `.cnn` file, or an `.onnx` model (imported with its own weights)
+//!   (required); `--name NAME` picks a net of a `.cnn` file (default: the last);
 //! - `--weights FILE` a PyTorch `state_dict` saved with `safetensors.torch.save_file`
 //!   (default: `Weights::random` seeded by `--seed`);
 //! - `--input FILE` a safetensors file whose tensor `input` is the batch (f32, the net's input
@@ -242,8 +243,13 @@ fn measure(model: &Compiled, x: &ArrayD<f32>, warmup: usize, iters: usize) -> Re
     Ok((times, last))
 }
 
-fn main() -> Res<()> {
-    let args = parse_args()?;
+/// The net of `--net`: a `.cnn` file compiled, or an `.onnx` model imported with its weights.
+fn load_net(args: &Args) -> Res<(cnnc::Graph, Option<Weights>)> {
+    if args.net.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
+        let m = cnnc::onnx::import_file(&args.net, &cnnc::onnx::Options::default())?;
+        let w = cnnc::onnx::weights(&m)?;
+        return Ok((m.graph, Some(w)));
+    }
     let text = std::fs::read_to_string(&args.net).map_err(|e| format!("cannot read `{}`: {e}", args.net.display()))?;
     let out = dsl::compile_str(&text);
     if out.has_errors() {
@@ -256,14 +262,22 @@ fn main() -> Res<()> {
         Some(n) => out.net(n).ok_or_else(|| format!("no net `{n}` in `{}`", args.net.display()))?,
         None => out.nets.last().ok_or_else(|| format!("no net in `{}`", args.net.display()))?,
     };
+    Ok((graph.clone(), None))
+}
+
+fn main() -> Res<()> {
+    let args = parse_args()?;
+    let (graph, onnx_weights) = load_net(&args)?;
+    let graph = &graph;
     if graph.inputs.len() != 1 {
         return Err(
             format!("net `{}` has {} inputs; bench_engine feeds exactly one", graph.name, graph.inputs.len()).into()
         );
     }
-    let weights = match &args.weights {
-        Some(p) => Weights::load(graph, p)?,
-        None => Weights::random(graph, args.seed),
+    let weights = match (&args.weights, onnx_weights) {
+        (Some(p), _) => Weights::load(graph, p)?,
+        (None, Some(w)) => w,
+        (None, None) => Weights::random(graph, args.seed),
     };
     let x = match &args.input {
         Some(p) => load_input(p)?,

@@ -28,12 +28,16 @@
 //! - [`onnx`] (`cnnc-onnx`): ONNX import — a model file becomes a graph, its weights and
 //!   `.cnn` source;
 //! - [`images`]: PNG/JPEG in (torchvision's preprocessing), overlays out.
+//! - [`data`]: `.npy` arrays and `.npz` training sets.
 #![warn(missing_docs)]
 
 pub use cnnc_compiler as compiler;
 pub use cnnc_macros::cnn;
 pub use cnnc_runtime as runtime;
 
+pub mod data;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod images;
 
 /// ONNX import: run the models people already have.

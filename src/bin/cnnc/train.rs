@@ -6,10 +6,10 @@ use crate::source::{self, NetFile, io_text};
 use clap::{Args, ValueEnum};
 use cnnc::compiler::graph::Graph;
 use cnnc::compiler::ops::train::{Loss, Reduction};
+use cnnc::data::Targets;
 use cnnc::runtime::train::{Adam, Optimizer, Sgd, Trainer};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use ndarray::{ArrayD, Axis, IxDyn};
-use ndarray_npy::{NpzReader, ReadNpyError, ReadNpzError};
+use ndarray::{ArrayD, Axis};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -136,74 +136,16 @@ struct Data {
     y: ArrayD<f32>,
 }
 
-fn npz_error(path: &Path, name: &str, e: ReadNpzError) -> Fail {
-    match e {
-        ReadNpzError::Npy(ReadNpyError::WrongDescriptor(d)) => {
-            input(format!("`{}`: array `{name}` has dtype {d}, which this loss cannot use", path.display()))
-        }
-        other => input(format!("`{}`: cannot read array `{name}`: {other}", path.display())),
-    }
-}
-
 fn read_data(path: &Path, loss: LossArg) -> Result<Data, Fail> {
     let file =
         std::fs::File::open(path).map_err(|e| input(format!("cannot read `{}`: {}", path.display(), io_text(&e))))?;
-    let mut npz =
-        NpzReader::new(file).map_err(|e| input(format!("`{}` is not a valid .npz file: {e}", path.display())))?;
-    let names = npz.names().map_err(|e| input(format!("`{}` is not a valid .npz file: {e}", path.display())))?;
-    for want in ["x", "y"] {
-        if !names.iter().any(|n| n == want || n == &format!("{want}.npy")) {
-            return Err(input(format!(
-                "`{}` has no array `{want}` (it has: {}); save it with np.savez(path, x=..., y=...)",
-                path.display(),
-                names.iter().map(|n| n.trim_end_matches(".npy")).collect::<Vec<_>>().join(", ")
-            )));
-        }
-    }
-    let x: ArrayD<f32> = match npz.by_name::<ndarray::OwnedRepr<f32>, IxDyn>("x") {
-        Ok(a) => a,
-        Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(_))) => {
-            npz.by_name::<ndarray::OwnedRepr<f64>, IxDyn>("x").map_err(|e| npz_error(path, "x", e))?.mapv(|v| v as f32)
-        }
-        Err(e) => return Err(npz_error(path, "x", e)),
+    let targets = match loss {
+        LossArg::CrossEntropy => Targets::Classes,
+        LossArg::Mse => Targets::Floats("mse"),
+        LossArg::BceWithLogits => Targets::Floats("bce_with_logits"),
     };
-    let y: ArrayD<f32> = if loss == LossArg::CrossEntropy {
-        match npz.by_name::<ndarray::OwnedRepr<i64>, IxDyn>("y") {
-            Ok(a) => {
-                if let Some(v) = a.iter().find(|v| **v < 0 || **v >= 1 << 24) {
-                    return Err(input(format!("`{}`: class index {v} in `y` is out of range", path.display())));
-                }
-                a.mapv(|v| v as f32)
-            }
-            Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(d))) => {
-                return Err(input(format!(
-                    "`{}`: `y` has dtype {d}, but cross_entropy needs int64 class indices (y.astype(np.int64))",
-                    path.display()
-                )));
-            }
-            Err(e) => return Err(npz_error(path, "y", e)),
-        }
-    } else {
-        match npz.by_name::<ndarray::OwnedRepr<f32>, IxDyn>("y") {
-            Ok(a) => a,
-            Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(d))) => {
-                return Err(input(format!(
-                    "`{}`: `y` has dtype {d}, but {} needs float32 targets (y.astype(np.float32))",
-                    path.display(),
-                    if loss == LossArg::Mse { "mse" } else { "bce_with_logits" }
-                )));
-            }
-            Err(e) => return Err(npz_error(path, "y", e)),
-        }
-    };
-    let (x, y) = (x.as_standard_layout().into_owned(), y.as_standard_layout().into_owned());
-    let n = x.shape().first().copied().unwrap_or(0);
-    if n == 0 {
-        return Err(input(format!("`{}`: `x` holds no samples", path.display())));
-    }
-    if y.shape().first() != Some(&n) {
-        return Err(input(format!("`{}`: `x` has {n} samples but `y` has shape {:?}", path.display(), y.shape())));
-    }
+    let (x, y) = cnnc::data::read_npz(std::io::BufReader::new(file), targets)
+        .map_err(|e| input(format!("`{}`{e}", path.display())))?;
     Ok(Data { x, y })
 }
 
