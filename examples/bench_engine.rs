@@ -15,7 +15,7 @@
 //! - `--input FILE` a safetensors file whose tensor `input` is the batch (f32, the net's input
 //!   shape); otherwise a uniform `[-1, 1)` input of `--batch` samples seeded by `--seed`;
 //! - `--batch B` (default 1), `--threads T` (default 1; 0 = all cores), `--portable`;
-//! - `--fused` runs the compiler's fusion passes (`fusion_check::optimize`, as `cnnc run
+//! - `--fused` runs the compiler's fusion passes (`fusion_check::optimize_owned`, as `cnnc run
 //!   --fused`) on the net and its weights before compiling;
 //! - `--profile` prints each kernel's median time (`Compiled::profile`) instead of timing
 //!   whole runs;
@@ -291,12 +291,16 @@ fn main() -> Res<()> {
     let batch = x.shape().first().copied().unwrap_or(1);
 
     let t = Instant::now();
-    let fused = if args.fused { Some(fusion_check::optimize(graph, &weights)?) } else { None };
-    let fuse_ms = t.elapsed().as_secs_f64() * 1e3;
-    let (graph, weights) = match &fused {
-        Some(f) => (&f.graph, &f.weights),
-        None => (graph, &weights),
+    // The weights move through the passes: the ones no pass rewrites are not copied.
+    let (fused_graph, weights) = if args.fused {
+        let f = fusion_check::optimize_owned(graph, weights)?;
+        (Some(f.graph), f.weights)
+    } else {
+        (None, weights)
     };
+    let fuse_ms = t.elapsed().as_secs_f64() * 1e3;
+    let graph = fused_graph.as_ref().unwrap_or(graph);
+    let weights = &weights;
     let t = Instant::now();
     let model =
         Compiled::new(graph, weights, &Options { threads: args.threads, portable: args.portable, fuse: false })?;

@@ -28,6 +28,30 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+/// Where compiled code reads parameter values: [`Weights`], or the fusion passes'
+/// copy-on-write store over them ([`crate::fusion_check::WeightsStore`]).
+pub trait ParamSource {
+    /// The f32 values of parameter `id` in standard order (`None` for a non-f32 parameter or
+    /// an id out of range), borrowed where they are stored contiguously.
+    fn f32_values(&self, id: ParamId) -> Option<Cow<'_, [f32]>>;
+}
+
+impl ParamSource for Weights {
+    fn f32_values(&self, id: ParamId) -> Option<Cow<'_, [f32]>> {
+        let a = self.f32(id)?;
+        Some(match a.as_slice() {
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(to_vec(a)),
+        })
+    }
+}
+
+impl ParamSource for crate::fusion_check::WeightsStore<'_> {
+    fn f32_values(&self, id: ParamId) -> Option<Cow<'_, [f32]>> {
+        self.values(id).map(Cow::Borrowed)
+    }
+}
+
 /// The values of one parameter.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ParamData {
@@ -304,6 +328,11 @@ fn default_init(spec: &ParamSpec, role: Role) -> Init {
 }
 
 impl Weights {
+    /// The values, in parameter order, moved out.
+    pub fn into_data(self) -> Vec<ParamData> {
+        self.data
+    }
+
     fn new_unchecked(graph: &Graph, data: Vec<ParamData>) -> Weights {
         Weights { net: graph.name.clone(), params: graph.params.clone(), data }
     }

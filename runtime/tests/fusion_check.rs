@@ -209,3 +209,27 @@ fn a_linear_residual_and_activation_run_in_one_kernel_in_both_engines() {
     let got = jit.run(&[x.view()]).unwrap();
     assert!(relative_error(&got[0], &want[0]) <= 1e-5, "{}", relative_error(&got[0], &want[0]));
 }
+
+/// The three ways into the passes agree: `optimize` (a copy), `optimize_owned` (the weights
+/// moved in) and `optimize_view` (copy-on-write, what `Compiled::new` packs from) give the
+/// same graph and the same values, and the JIT's own fused compile runs like the JIT on
+/// `optimize`'s output (a Flatten of a blocked map into a Linear included).
+#[test]
+fn copied_moved_and_viewed_weights_optimise_alike() {
+    let g = net("net N(x: [N, 3, 8, 8]) = Sequential(
+        Conv2d(3, 20, 3, padding = 1, bias = False), BatchNorm2d(20), ReLU(),
+        MaxPool2d(2), Flatten(), Linear(320, 37), ReLU(), Dropout(), Linear(37, 5));");
+    let w = weights(&g, 11);
+    let copied = optimize(&g, &w).unwrap();
+    let moved = cnnc_runtime::fusion_check::optimize_owned(&g, w.clone()).unwrap();
+    assert_eq!(copied.graph.to_string(), moved.graph.to_string());
+    assert_eq!(copied.weights, moved.weights);
+    let (vg, store, _) = cnnc_runtime::fusion_check::optimize_view(&g, &w).unwrap();
+    assert_eq!(vg.to_string(), copied.graph.to_string());
+    assert_eq!(store.to_weights(&vg).unwrap(), copied.weights);
+    let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, 8, 8]), |i| ((i[1] * 64 + i[2] * 8 + i[3]) as f32 * 0.37).sin());
+    let own = Compiled::new(&g, &w, &Options::default()).unwrap().run(&[x.view()]).unwrap().remove(0);
+    let unfused = Options { fuse: false, ..Options::default() };
+    let of = Compiled::new(&copied.graph, &copied.weights, &unfused).unwrap().run(&[x.view()]).unwrap().remove(0);
+    assert_eq!(own, of);
+}

@@ -4,7 +4,7 @@
 
 use super::plan::Layout;
 use crate::error::{Error, Result};
-use crate::weights::Weights;
+use crate::weights::ParamSource;
 use cnnc_compiler::graph::Node;
 use cnnc_compiler::shape::TensorType;
 
@@ -13,7 +13,7 @@ pub(in crate::jit) struct NodeCx<'a> {
     /// The node.
     pub node: &'a Node,
     /// All weights (the node's are found through `node.params`).
-    pub weights: &'a Weights,
+    pub weights: &'a dyn ParamSource,
     /// Operand slots, in operand order.
     pub inputs: Vec<usize>,
     /// Operand types, in operand order.
@@ -72,10 +72,6 @@ impl NodeCx<'_> {
         let missing = || Error::Unsupported(format!("`{}` has no f32 parameter `{suffix}`", self.node.name));
         let pos = self.node.op.def().params().iter().position(|p| p.suffix == suffix).ok_or_else(missing)?;
         let id = *self.node.params.get(pos).ok_or_else(missing)?;
-        let a = self.weights.f32(id).ok_or_else(missing)?;
-        Ok(match a.as_slice() {
-            Some(s) => std::borrow::Cow::Borrowed(s),
-            None => std::borrow::Cow::Owned(crate::weights::to_vec(a)),
-        })
+        self.weights.f32_values(id).ok_or_else(missing)
     }
 }

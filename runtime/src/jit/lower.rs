@@ -13,14 +13,14 @@ use super::cx::NodeCx;
 use super::plan::{self, Layout, Plan, Step};
 use super::{blocked, eltwise, eltwise_grad, portable};
 use crate::error::{Error, Result};
-use crate::weights::Weights;
+use crate::weights::ParamSource;
 use cnnc_compiler::graph::{Graph, Node};
 use cnnc_compiler::ops::Op;
 use cnnc_compiler::ops::train::TrainOp;
 use cnnc_compiler::shape::TensorType;
 
 /// Emits the kernels of every step, in order.
-pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &Weights, plan: &Plan) -> Result<()> {
+pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &dyn ParamSource, plan: &Plan) -> Result<()> {
     for step in &plan.steps {
         match step {
             Step::Node { id, inputs, output, scratch } => {

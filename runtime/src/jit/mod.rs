@@ -356,13 +356,14 @@ impl Compiled {
             )));
         }
         let fused;
-        // Inference rewrites never apply to a training graph.
-        let (graph, weights) = if options.fuse && !training {
-            fused = crate::fusion_check::optimize(graph, weights).map_err(|e| match e {
+        // Inference rewrites never apply to a training graph. The fused graph's parameters
+        // stay a copy-on-write view of `weights`: only what a pass rewrote is new memory.
+        let (graph, weights): (&Graph, &dyn crate::weights::ParamSource) = if options.fuse && !training {
+            fused = crate::fusion_check::optimize_view(graph, weights).map_err(|e| match e {
                 crate::fusion_check::FusionError::Run(e) => e,
                 e => Error::Fusion { net: graph.name.clone(), message: e.to_string() },
             })?;
-            (&fused.graph, &fused.weights)
+            (&fused.0, &fused.1)
         } else {
             (graph, weights)
         };

@@ -156,7 +156,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
     let mut weights = crate::run::weights(&graph, args.weights.as_deref(), args.seed)?;
     let fuse = !args.unfused;
     if fuse {
-        let fused = crate::fusion::optimize(&graph, &weights)?;
+        let fused = crate::fusion::optimize_owned(&graph, weights)?;
         (graph, weights) = (fused.graph, fused.weights);
     }
 

@@ -42,6 +42,11 @@ pub fn optimize(graph: &Graph, weights: &Weights) -> Result<Optimized, Fail> {
     fusion_check::optimize(graph, weights).map_err(|e| input(format!("fusion of `{}` failed: {e}", graph.name)))
 }
 
+/// As [`optimize`], moving the weights in (the untouched ones are not copied).
+pub fn optimize_owned(graph: &Graph, weights: Weights) -> Result<Optimized, Fail> {
+    fusion_check::optimize_owned(graph, weights).map_err(|e| input(format!("fusion of `{}` failed: {e}", graph.name)))
+}
+
 /// The fused graph with seeded random weights (for `dot --fused`, where values do not show).
 pub fn fuse(graph: &Graph) -> Result<Graph, Fail> {
     Ok(optimize(graph, &Weights::random(graph, 0))?.graph)

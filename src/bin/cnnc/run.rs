@@ -227,7 +227,7 @@ pub fn run(args: &RunArgs) -> Result<(), Fail> {
     // the declared one unless told otherwise.
     let fuse = if args.interp { args.fused } else { !args.unfused };
     if fuse {
-        let fused = crate::fusion::optimize(&graph, &weights)?;
+        let fused = crate::fusion::optimize_owned(&graph, weights)?;
         (graph, weights) = (fused.graph, fused.weights);
     }
     let views: Vec<ArrayViewD<'_, f32>> = arrays.iter().map(|a| a.view()).collect();

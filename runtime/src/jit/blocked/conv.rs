@@ -748,37 +748,49 @@ pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm
         total += kk * (o - t * nr).min(nr).next_multiple_of(lanes);
     }
     // Each tile's packed row `p` holds feature `source[p]` of its `valid` output rows. The
-    // tile's weight rows are read in feature order, in runs of `RUN` features per row (each
-    // run a few cache lines, read whole), so reads stream even when the operand's layout
-    // permutes the features (a Flatten of a blocked map); each packed row is one contiguous
-    // write. (Reading across the rows in packed order, one float per row per feature, took
-    // VGG-11's first classifier layer — 411 MB — over a second.)
+    // packed rows are written a chunk of `CHUNK` rows (a few tens of KB) at a time, so the
+    // writes stay within a few pages of fresh memory; within a chunk, its features are taken
+    // in runs of consecutive features, each run read from every weight row as one contiguous
+    // slice, transposed in a small buffer, and written to its (possibly permuted) packed rows
+    // as whole rows. Scattering each weight run over the whole packed buffer instead (a
+    // Flatten of a blocked map permutes the features) took VGG-11's fused first classifier
+    // layer (411 MB) 1.3 s on a VM, where every scattered write is a TLB miss; reading across
+    // the rows one float per row per feature took it over a second too.
+    const CHUNK: usize = 256;
     const RUN: usize = 64;
-    let mut dest = vec![usize::MAX; k];
-    for (p, src) in source.iter().enumerate() {
-        if let Some(i) = *src {
-            dest[i] = p;
-        }
-    }
+    // Per chunk: its (feature, packed row) pairs sorted by feature, cut into runs.
+    let chunks: Vec<Vec<(usize, usize)>> = (0..kk)
+        .step_by(CHUNK)
+        .map(|p0| {
+            let mut pairs: Vec<(usize, usize)> =
+                (p0..kk.min(p0 + CHUNK)).filter_map(|p| source[p].map(|i| (i, p))).collect();
+            pairs.sort_unstable();
+            pairs
+        })
+        .collect();
     let pack = |packed: &mut [f32]| {
         let mut buf = vec![0f32; RUN * nr];
         for (t, &base) in tile_off.iter().enumerate() {
             let valid = (o - t * nr).min(nr);
             let width = valid.next_multiple_of(lanes);
             let rows = &w[t * nr * k..][..valid * k];
-            for i0 in (0..k).step_by(RUN) {
-                let n = RUN.min(k - i0);
-                // buf[i][j] = rows[j][i0 + i]: a run of each row, transposed.
-                for j in 0..valid {
-                    for (i, v) in rows[j * k + i0..][..n].iter().enumerate() {
-                        buf[i * nr + j] = *v;
+            for pairs in &chunks {
+                let mut a = 0;
+                while a < pairs.len() {
+                    let mut b = a + 1;
+                    while b < pairs.len() && b - a < RUN && pairs[b].0 == pairs[b - 1].0 + 1 {
+                        b += 1;
                     }
-                }
-                for i in 0..n {
-                    let p = dest[i0 + i];
-                    if p != usize::MAX {
-                        packed[base + p * width..][..valid].copy_from_slice(&buf[i * nr..][..valid]);
+                    let (i0, len) = (pairs[a].0, b - a);
+                    for (j, row) in rows.chunks_exact(k).enumerate() {
+                        for (q, v) in row[i0..i0 + len].iter().enumerate() {
+                            buf[q * nr + j] = *v;
+                        }
                     }
+                    for (q, &(_, p)) in pairs[a..b].iter().enumerate() {
+                        packed[base + p * width..][..valid].copy_from_slice(&buf[q * nr..][..valid]);
+                    }
+                    a = b;
                 }
             }
         }
