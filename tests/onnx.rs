@@ -249,11 +249,12 @@ fn small(name: &str) -> PathBuf {
 }
 
 /// PyTorch exports with shape arithmetic (`x.view(x.size(0), -1)`), a reflect Pad folded into
-/// a conv, a zero Pad alone, ReLU6, a one-sided clamp and `x @ W + b`: PyTorch's outputs, on
-/// the JIT and the interpreter, at the exported batch and another.
+/// a conv, a zero Pad alone, ReLU6, a one-sided clamp and `x @ W + b` (PyTorch's outputs),
+/// and TensorFlow-style SAME_UPPER and asymmetric pooling (ONNX Runtime's): on the JIT and the
+/// interpreter, at the exported batch and another.
 #[test]
-fn small_pytorch_exports_match_pytorch() {
-    for name in ["lenet", "rewrites"] {
+fn small_exports_match_their_reference() {
+    for name in ["lenet", "rewrites", "same_upper"] {
         let m = onnx::import_file(&small(&format!("{name}.onnx")), &Options::default()).unwrap();
         let w = onnx::weights(&m).unwrap();
         let x: ArrayD<f32> = ndarray_npy::read_npy(small(&format!("{name}_x.npy"))).unwrap();
@@ -272,6 +273,8 @@ fn small_pytorch_exports_match_pytorch() {
     assert!(m.notes.iter().any(|n| n.contains("1×1 depthwise conv")), "{:?}", m.notes);
     assert!(m.notes.iter().any(|n| n.contains("one Linear")), "{:?}", m.notes);
     assert_eq!(m.opset, 11);
+    let m = onnx::import_file(&small("same_upper.onnx"), &Options::default()).unwrap();
+    assert_eq!(m.notes.iter().filter(|n| n.contains("run as padding")).count(), 2, "{:?}", m.notes);
 }
 
 #[test]
