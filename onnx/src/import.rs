@@ -219,14 +219,16 @@ pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> 
         source,
         notes: im.notes,
         opset,
-        producer: format!(
-            "{} {}",
-            model.producer_name.clone().unwrap_or_default(),
-            model.producer_version.clone().unwrap_or_default()
-        )
-        .trim()
-        .to_string(),
+        producer: format!("{} {}", clean(model.producer_name.as_ref()), clean(model.producer_version.as_ref()))
+            .trim()
+            .to_string(),
     })
+}
+
+/// Free text from the file as one line of printable characters.
+fn clean(t: Option<&String>) -> String {
+    let t: String = t.map_or("", |v| v.as_str()).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    t.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn op_name(n: &NodeProto) -> String {
@@ -882,6 +884,9 @@ impl Importer<'_> {
                 }
                 vals.push(ParamValue::I64(vec![0]));
                 let eps = attr_f(n, "epsilon", 1e-5);
+                if !eps.is_finite() || eps < 0.0 {
+                    return invalid(format!("epsilon {eps}"));
+                }
                 let hint = self.input(n, 1).unwrap_or_default().trim_end_matches(".weight").to_string();
                 self.layer(&hint, "BatchNorm2d", vec![(None, int(c)), (Some("eps"), float(eps))], &[x], vals)?
             }
@@ -1333,13 +1338,14 @@ impl Importer<'_> {
         model: &ModelProto,
     ) -> String {
         let mut s = String::new();
-        let producer = model.producer_name.clone().unwrap_or_default();
+        // The producer is free text from the file: one line of printable characters here.
+        let producer = clean(model.producer_name.as_ref());
         s += &format!(
             "/// Imported from ONNX ({}opset {}) by `cnnc import`.\n",
             if producer.is_empty() {
                 String::new()
             } else {
-                format!("{producer} {}, ", model.producer_version.clone().unwrap_or_default())
+                format!("{producer} {}, ", clean(model.producer_version.as_ref()))
             },
             self.opset
         );
