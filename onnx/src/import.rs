@@ -64,6 +64,8 @@ struct Importer<'m> {
     /// The batch size each input was declared with, when fixed (read back as the batch).
     declared_batch: HashSet<i64>,
     temp: usize,
+    /// Nodes folded to constants at import, by op type.
+    folded: std::collections::BTreeMap<String, usize>,
 }
 
 pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> Result<Imported, ImportError> {
@@ -93,6 +95,7 @@ pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> 
         absorbed: HashSet::new(),
         declared_batch: HashSet::new(),
         temp: 0,
+        folded: Default::default(),
     };
     if !OPSETS.contains(&opset) {
         return Err(ImportError::Unsupported(vec![Unsupported {
@@ -177,6 +180,11 @@ pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> 
             }
             Err(Fail::Invalid(m)) => return Err(ImportError::Invalid(format!("node `{node}` ({op}): {m}"))),
         }
+    }
+    if !im.folded.is_empty() {
+        let total: usize = im.folded.values().sum();
+        let kinds: Vec<String> = im.folded.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        im.notes.insert(0, format!("{total} nodes folded to constants at import ({})", kinds.join(", ")));
     }
     if !bad.is_empty() {
         return Err(ImportError::Unsupported(bad));
@@ -548,9 +556,12 @@ impl Importer<'_> {
             _ => {}
         }
         if all_const {
-            return self.fold(n, &op).map(|c| vec![Value::Const(c)]);
+            let c = self.fold(n, &op)?;
+            *self.folded.entry(op).or_default() += 1;
+            return Ok(vec![Value::Const(c)]);
         }
         if op == "Shape" {
+            *self.folded.entry(op.clone()).or_default() += 1;
             let x = self.tensor(n, 0)?;
             let ty = self.ty(x);
             let mut dims = vec![Sym::Batch];
