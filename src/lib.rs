@@ -71,39 +71,48 @@ pub mod onnx {
         Weights(#[from] WeightsError),
     }
 
-    /// The imported weights as [`Weights`] of the imported graph.
+    /// The imported weights as [`Weights`] of the imported graph (a copy; [`split`] moves them).
     pub fn weights(imported: &Imported) -> Result<Weights, WeightsError> {
-        let data = imported
-            .graph
+        to_weights(&imported.graph, imported.values.clone())
+    }
+
+    /// The imported graph and its weights, the values moved rather than copied.
+    pub fn split(imported: Imported) -> Result<(Graph, Weights), WeightsError> {
+        let w = to_weights(&imported.graph, imported.values)?;
+        Ok((imported.graph, w))
+    }
+
+    fn to_weights(graph: &Graph, values: Vec<ParamValue>) -> Result<Weights, WeightsError> {
+        let data = graph
             .params
             .iter()
-            .zip(&imported.values)
+            .zip(values)
             .map(|(p, v)| {
                 let shape = IxDyn(&p.spec.shape);
                 let bad = |n: usize| WeightsError::Mismatch {
-                    net: imported.graph.name.clone(),
+                    net: graph.name.clone(),
                     missing: vec![],
                     unexpected: vec![],
                     misshaped: vec![(p.name.clone(), p.spec.shape.clone(), vec![n])],
                 };
                 Ok(match v {
                     ParamValue::F32(v) => {
-                        ParamData::F32(ArrayD::from_shape_vec(shape, v.clone()).map_err(|_| bad(v.len()))?)
+                        let n = v.len();
+                        ParamData::F32(ArrayD::from_shape_vec(shape, v).map_err(|_| bad(n))?)
                     }
                     ParamValue::I64(v) => {
-                        ParamData::I64(ArrayD::from_shape_vec(shape, v.clone()).map_err(|_| bad(v.len()))?)
+                        let n = v.len();
+                        ParamData::I64(ArrayD::from_shape_vec(shape, v).map_err(|_| bad(n))?)
                     }
                 })
             })
             .collect::<Result<Vec<_>, WeightsError>>()?;
-        Weights::from_params(&imported.graph, data)
+        Weights::from_params(graph, data)
     }
 
     /// Imports the model at `path` with default options: its graph and weights.
     pub fn load(path: &std::path::Path) -> Result<(Graph, Weights), LoadError> {
-        let imported = import_file(path, &Options::default())?;
-        let w = weights(&imported)?;
-        Ok((imported.graph, w))
+        Ok(split(import_file(path, &Options::default())?)?)
     }
 }
 

@@ -11,6 +11,7 @@ use cnnc_compiler::shape::{Batch, TensorType};
 use cnnc_compiler::{GraphBuilder, NodeId};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::rc::Rc;
 
 /// The opsets of the default domain the importer reads.
 const OPSETS: std::ops::RangeInclusive<i64> = 6..=25;
@@ -20,8 +21,8 @@ const OPSETS: std::ops::RangeInclusive<i64> = 6..=25;
 enum Value {
     /// A tensor computed at run time (a node of the graph).
     Tensor(NodeId),
-    /// A constant folded at import.
-    Const(Const),
+    /// A constant folded at import (shared: a weight is copied only into its parameter).
+    Const(Rc<Const>),
     /// A `Pad` waiting for the `Conv` it feeds: `(top, bottom, left, right)` and the mode.
     Padded { x: NodeId, pads: [usize; 4], mode: &'static str },
     /// The output of a node that could not be mapped.
@@ -120,7 +121,7 @@ pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> 
     // Initializers, then bound inputs, are constants.
     for t in &graph.initializer {
         let c = tensor::decode(t, dir)?;
-        im.values.insert(t.name.clone().unwrap_or_default(), Value::Const(c));
+        im.values.insert(t.name.clone().unwrap_or_default(), Value::Const(Rc::new(c)));
     }
     if !graph.sparse_initializer.is_empty() {
         return Err(ImportError::Unsupported(vec![Unsupported {
@@ -131,7 +132,7 @@ pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> 
         }]));
     }
     for (name, c) in &opts.bind {
-        im.values.insert(name.clone(), Value::Const(c.clone()));
+        im.values.insert(name.clone(), Value::Const(Rc::new(c.clone())));
     }
     let mut inputs = vec![];
     for vi in &graph.input {
@@ -441,15 +442,34 @@ impl Importer<'_> {
         }
     }
 
-    fn constant(&self, n: &NodeProto, i: usize) -> R<Option<Const>> {
+    fn constant(&self, n: &NodeProto, i: usize) -> R<Option<Rc<Const>>> {
         let Some(name) = self.input(n, i) else { return Ok(None) };
         match self.value(name)? {
-            Value::Const(c) => Ok(Some(c.clone())),
+            Value::Const(c) => Ok(Some(Rc::clone(c))),
             _ => unsupported(format!("input {i} (`{name}`) must be a constant (an initializer or foldable)")),
         }
     }
 
-    fn required_const(&self, n: &NodeProto, i: usize, what: &str) -> R<Const> {
+    /// As [`Importer::required_const`] for a parameter's values: a constant this node alone
+    /// uses leaves the table, so its values can move into the parameter without a copy.
+    fn take_const(&mut self, n: &NodeProto, i: usize, what: &str) -> R<Rc<Const>> {
+        let c = self.required_const(n, i, what)?;
+        let name = self.input(n, i).unwrap_or_default();
+        if self.consumers.get(name).is_some_and(|c| c.len() == 1) {
+            self.values.remove(name);
+        }
+        Ok(c)
+    }
+
+    fn optional_param(&mut self, n: &NodeProto, i: usize) -> R<Option<Rc<Const>>> {
+        if self.input(n, i).is_none() {
+            return Ok(None);
+        }
+        self.constant(n, i)?;
+        self.take_const(n, i, "operand").map(Some)
+    }
+
+    fn required_const(&self, n: &NodeProto, i: usize, what: &str) -> R<Rc<Const>> {
         self.constant(n, i)?.map_or_else(|| invalid(format!("{what} (input {i}) is missing")), Ok)
     }
 
@@ -545,7 +565,7 @@ impl Importer<'_> {
         let all_const =
             !n.input.iter().filter(|s| !s.is_empty()).any(|s| !matches!(self.values.get(s), Some(Value::Const(_))));
         match op.as_str() {
-            "Constant" => return Ok(vec![Value::Const(self.constant_node(n)?)]),
+            "Constant" => return Ok(vec![Value::Const(Rc::new(self.constant_node(n)?))]),
             "Identity" | "Dropout" => {
                 if op == "Dropout" && n.output.get(1).is_some_and(|m| !m.is_empty() && self.consumers.contains_key(m)) {
                     return unsupported("Dropout's mask output is used");
@@ -558,7 +578,7 @@ impl Importer<'_> {
         if all_const {
             let c = self.fold(n, &op)?;
             *self.folded.entry(op).or_default() += 1;
-            return Ok(vec![Value::Const(c)]);
+            return Ok(vec![Value::Const(Rc::new(c))]);
         }
         if op == "Shape" {
             *self.folded.entry(op.clone()).or_default() += 1;
@@ -571,7 +591,7 @@ impl Importer<'_> {
             let start = clampi(attr_i(n, "start", 0));
             let end = clampi(attr_i(n, "end", r));
             let dims = if start < end { dims[start..end].to_vec() } else { vec![] };
-            return Ok(vec![Value::Const(Const::ints(dims))]);
+            return Ok(vec![Value::Const(Rc::new(Const::ints(dims)))]);
         }
         let out = self.compute(graph, index, n, &op)?;
         Ok(vec![out])
@@ -598,7 +618,7 @@ impl Importer<'_> {
 
     /// Folds an op whose inputs are all constants.
     fn fold(&self, n: &NodeProto, op: &str) -> R<Const> {
-        let c = |i: usize| self.required_const(n, i, "operand");
+        let c = |i: usize| self.required_const(n, i, "operand").map(|c| Const::clone(&c));
         match op {
             "Cast" => {
                 let x = c(0)?;
@@ -887,7 +907,7 @@ impl Importer<'_> {
                 let c = self.ty(x).dims[0];
                 let mut vals = vec![];
                 for (i, what) in [(1, "scale"), (2, "B"), (3, "mean"), (4, "var")] {
-                    let v = self.required_const(n, i, what)?.floats().map_err(Fail::Unsupported)?;
+                    let v = f32_vec(self.take_const(n, i, what)?)?;
                     if v.len() != c {
                         return invalid(format!("`{what}` has {} values for {c} channels", v.len()));
                     }
@@ -903,7 +923,7 @@ impl Importer<'_> {
             }
             "Gemm" => {
                 let a = self.tensor(n, 0)?;
-                let w = self.required_const(n, 1, "B")?;
+                let w = self.take_const(n, 1, "B")?;
                 if attr_i(n, "transA", 0) != 0 {
                     return unsupported("Gemm with transA=1");
                 }
@@ -912,7 +932,7 @@ impl Importer<'_> {
                 }
                 let trans_b = attr_i(n, "transB", 0) != 0;
                 let (alpha, beta) = (attr_f(n, "alpha", 1.0), attr_f(n, "beta", 1.0));
-                let bias = self.constant(n, 2)?;
+                let bias = self.optional_param(n, 2)?;
                 let hint = hint_of(n);
                 self.linear(a, w, trans_b, alpha, bias.map(|b| (b, beta)), &hint, op)?
             }
@@ -1036,24 +1056,29 @@ impl Importer<'_> {
     fn linear(
         &mut self,
         a: NodeId,
-        w: Const,
+        w: Rc<Const>,
         trans_b: bool,
         alpha: f32,
-        bias: Option<(Const, f32)>,
+        bias: Option<(Rc<Const>, f32)>,
         hint: &str,
         op: &str,
     ) -> R<NodeId> {
-        let wv = w.floats().map_err(Fail::Unsupported)?;
         let (rows, cols) = (w.dims[0], w.dims[1]);
-        // Linear's weight is [out, in].
+        // Linear's weight is [out, in]: Gemm's B with transB=1 is that already (moved, not
+        // copied, when nothing else uses it); otherwise transposed and/or scaled here.
         let (out_f, in_f) = if trans_b { (rows, cols) } else { (cols, rows) };
-        let mut weight = vec![0f32; out_f * in_f];
-        for o in 0..out_f {
-            for i in 0..in_f {
-                let v = if trans_b { wv[o * in_f + i] } else { wv[i * out_f + o] };
-                weight[o * in_f + i] = alpha * v;
+        let weight = if trans_b && alpha == 1.0 {
+            f32_vec(w)?
+        } else {
+            let wv = w.floats().map_err(Fail::Unsupported)?;
+            let mut weight = vec![0f32; out_f * in_f];
+            for (o, row) in weight.chunks_exact_mut(in_f.max(1)).enumerate() {
+                for (i, x) in row.iter_mut().enumerate() {
+                    *x = alpha * if trans_b { wv[o * in_f + i] } else { wv[i * out_f + o] };
+                }
             }
-        }
+            weight
+        };
         let mut vals = vec![ParamValue::F32(weight)];
         if let Some((c, beta)) = &bias {
             let cv = c.floats().map_err(Fail::Unsupported)?;
@@ -1125,7 +1150,7 @@ impl Importer<'_> {
             Value::Padded { x, pads, mode } => (x, Some((pads, mode))),
             _ => (self.tensor(n, 0)?, None),
         };
-        let w = self.required_const(n, 1, "W")?;
+        let w = self.take_const(n, 1, "W")?;
         let ty = self.ty(x);
         let Some((cin, h, wd)) = ty.chw() else {
             return unsupported(format!("Conv on {ty} (cnnc runs 2-D convolutions on NCHW)"));
@@ -1159,10 +1184,12 @@ impl Importer<'_> {
         } else {
             ArgValue::Tuple(pads.iter().map(|p| int(*p)).collect())
         };
-        let mut vals = vec![ParamValue::F32(w.floats().map_err(Fail::Unsupported)?)];
-        let bias = self.constant(n, 2)?;
-        if let Some(b) = &bias {
-            let bv = b.floats().map_err(Fail::Unsupported)?;
+        let w_dims = w.dims.clone();
+        let mut vals = vec![ParamValue::F32(f32_vec(w)?)];
+        let bias = self.optional_param(n, 2)?;
+        let has_bias = bias.is_some();
+        if let Some(b) = bias {
+            let bv = f32_vec(b)?;
             if bv.len() != cout {
                 return invalid(format!("B has {} values for {cout} output channels", bv.len()));
             }
@@ -1181,15 +1208,15 @@ impl Importer<'_> {
         if groups != 1 {
             args.push((Some("groups"), int(groups)));
         }
-        args.push((Some("bias"), boolean(bias.is_some())));
+        args.push((Some("bias"), boolean(has_bias)));
         if mode != "zeros" {
             args.push((Some("padding_mode"), ArgValue::Str(mode.into())));
         }
-        if w.dims[1] * groups != cin {
+        if w_dims[1] * groups != cin {
             return invalid(format!(
                 "the weight {:?} with group={groups} expects {} input channels, the input has {cin}",
-                w.dims,
-                w.dims[1] * groups
+                w_dims,
+                w_dims[1] * groups
             ));
         }
         let hint = self.input(n, 1).unwrap_or_default().trim_end_matches(".weight").to_string();
@@ -1405,6 +1432,15 @@ fn shape_text(s: &[Sym]) -> String {
         })
         .collect();
     format!("[{}]", v.join(", "))
+}
+
+/// A constant's values as f32, moved out when nothing else holds it.
+fn f32_vec(c: Rc<Const>) -> R<Vec<f32>> {
+    match Rc::try_unwrap(c) {
+        Ok(Const { data: Data::F32(v), .. }) => Ok(v),
+        Ok(c) => c.floats().map_err(Fail::Unsupported),
+        Err(c) => c.floats().map_err(Fail::Unsupported),
+    }
 }
 
 fn transpose(x: &Const, perm: &[usize]) -> R<Const> {

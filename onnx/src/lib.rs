@@ -169,11 +169,16 @@ pub fn import_file(path: &Path, opts: &Options) -> Result<Imported, ImportError>
         opts.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
     }
     let dir = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
-    import_bytes(&bytes, dir, &opts)
+    // Owned bytes: the tensors' data is decoded as views of this buffer, not copies.
+    import_buffer(prost::bytes::Bytes::from(bytes), dir, &opts)
 }
 
 /// Imports a model from its bytes; `dir` is where external data lives (`None` refuses it).
 pub fn import_bytes(bytes: &[u8], dir: Option<&Path>, opts: &Options) -> Result<Imported, ImportError> {
+    import_buffer(prost::bytes::Bytes::copy_from_slice(bytes), dir, opts)
+}
+
+fn import_buffer(bytes: prost::bytes::Bytes, dir: Option<&Path>, opts: &Options) -> Result<Imported, ImportError> {
     let model = proto::ModelProto::decode(bytes).map_err(|e| ImportError::Decode(e.to_string()))?;
     import::import(&model, dir, opts)
 }

@@ -118,7 +118,14 @@ pub fn decode(t: &TensorProto, dir: Option<&Path>) -> Result<Const, ImportError>
     let n = element_count(&dims).ok_or_else(|| err(format!("too many elements: {:?}", t.dims)))?;
     let dtype = DataType::try_from(t.data_type.unwrap_or(0)).unwrap_or(DataType::Undefined);
     let external = t.data_location == Some(DataLocation::External as i32);
-    let raw: Option<Vec<u8>> = if external { Some(read_external(t, dir).map_err(err)?) } else { t.raw_data.clone() };
+    // Inline data is borrowed (a view of the file's bytes); external data is read.
+    let external_data;
+    let raw: Option<&[u8]> = if external {
+        external_data = read_external(t, dir).map_err(err)?;
+        Some(&external_data)
+    } else {
+        t.raw_data.as_deref()
+    };
     let width = match dtype {
         DataType::Float | DataType::Int32 | DataType::Uint32 => 4,
         DataType::Double | DataType::Int64 | DataType::Uint64 => 8,
@@ -259,7 +266,7 @@ mod tests {
         let t = TensorProto {
             dims: vec![2, 3],
             data_type: Some(DataType::Float as i32),
-            raw_data: Some(vec![0; 20]),
+            raw_data: Some(vec![0u8; 20].into()),
             ..Default::default()
         };
         assert!(decode(&t, None).unwrap_err().to_string().contains("20 bytes of data for 6 elements"));

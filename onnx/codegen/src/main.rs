@@ -10,5 +10,7 @@ fn main() {
     let dir = std::path::Path::new(proto).parent().expect("the .proto's folder");
     let fds = protox::compile([proto], [dir]).expect("onnx.proto compiles");
     std::fs::create_dir_all(out).expect("OUT_DIR");
-    prost_build::Config::new().out_dir(out).compile_fds(fds).expect("prost-build");
+    // `bytes` fields as `bytes::Bytes`: decoded from a `Bytes` buffer, tensor data is a view
+    // of the file's bytes rather than a copy.
+    prost_build::Config::new().out_dir(out).bytes(["."]).compile_fds(fds).expect("prost-build");
 }

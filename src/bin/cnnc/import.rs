@@ -41,10 +41,11 @@ pub fn is_onnx(path: &Path) -> bool {
 /// The weights of the last `.onnx` file loaded by this process (the CLI loads one net per run).
 static IMPORTED: Mutex<Option<Weights>> = Mutex::new(None);
 
-/// The weights that came with the loaded `.onnx` model, if that is what `graph` is.
+/// The weights that came with the loaded `.onnx` model, if that is what `graph` is (taken:
+/// a command asks once).
 pub fn imported_weights(graph: &Graph) -> Option<Weights> {
-    let w = IMPORTED.lock().ok()?.clone()?;
-    w.check(graph).is_ok().then_some(w)
+    let mut slot = IMPORTED.lock().ok()?;
+    if slot.as_ref()?.check(graph).is_ok() { slot.take() } else { None }
 }
 
 /// Imports a model, printing what the importer folded as notes on stderr.
@@ -64,15 +65,7 @@ pub fn import(path: &Path, shapes: &[String], name: Option<&str>) -> Result<onnx
             opts.dims.push((input, dims));
         }
     }
-    let imported = if opts.name.is_some() {
-        let bytes = std::fs::read(path)
-            .map_err(|e| input(format!("cannot read `{}`: {}", path.display(), source::io_text(&e))))?;
-        let dir = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
-        onnx::import_bytes(&bytes, dir, &opts)
-    } else {
-        onnx::import_file(path, &opts)
-    }
-    .map_err(|e| input(format!("`{}`: {e}", path.display())))?;
+    let imported = onnx::import_file(path, &opts).map_err(|e| input(format!("`{}`: {e}", path.display())))?;
     for n in &imported.notes {
         eprintln!("note: {n}");
     }
@@ -92,31 +85,33 @@ fn input_names(path: &Path) -> Result<Vec<String>, Fail> {
 /// [`imported_weights`].
 pub fn load(path: &Path, shapes: &[String]) -> Result<(Source, Graph), Fail> {
     let imported = import(path, shapes, None)?;
-    let w = onnx::weights(&imported)?;
+    let text = imported.source.clone();
+    let (graph, w) = onnx::split(imported)?;
     if let Ok(mut slot) = IMPORTED.lock() {
         *slot = Some(w);
     }
-    Ok((Source { shown: path.display().to_string(), text: imported.source }, imported.graph))
+    Ok((Source { shown: path.display().to_string(), text }, graph))
 }
 
 /// `cnnc import`.
 pub fn run(args: &ImportArgs) -> Result<(), Fail> {
     let imported = import(&args.model, &args.shapes, args.name.as_deref())?;
-    let w = onnx::weights(&imported)?;
     match &args.output {
         Some(p) => std::fs::write(p, &imported.source)
             .map_err(|e| input(format!("cannot write `{}`: {}", p.display(), source::io_text(&e))))?,
         None => print!("{}", imported.source),
     }
+    let (producer, opset) = (imported.producer.clone(), imported.opset);
+    let (graph, w) = onnx::split(imported)?;
     if let Some(p) = &args.weights {
-        w.save(&imported.graph, p)?;
+        w.save(&graph, p)?;
     }
-    let s = Summary::of(&imported.graph);
+    let s = Summary::of(&graph);
     eprintln!(
         "imported `{}` ({}opset {}): {} layers, {} params{}{}",
-        imported.graph.name,
-        if imported.producer.is_empty() { String::new() } else { format!("{}, ", imported.producer) },
-        imported.opset,
+        graph.name,
+        if producer.is_empty() { String::new() } else { format!("{producer}, ") },
+        opset,
         s.rows.len(),
         thousands(s.total_params as u64),
         args.output.as_ref().map(|p| format!("; net in {}", p.display())).unwrap_or_default(),
