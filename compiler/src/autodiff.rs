@@ -537,6 +537,11 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
                 give(&mut grads, ops[0], dx);
             }
             Op::Train(_) => return Err(unsupported("a training op inside the forward")),
+            Op::Softmax(_) if needs(0) => {
+                return Err(unsupported(
+                    "Softmax has no backward; train on the logits with CrossEntropyLoss, which applies log-softmax itself",
+                ));
+            }
             _ => {}
         }
     }

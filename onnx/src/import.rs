@@ -894,6 +894,22 @@ impl Importer<'_> {
                 let e = format!("{}.{f}(dim = ({},){kd})", self.v(x), ds.join(", "));
                 self.functional(Op::Reduce(Reduce { kind, dims, keepdim }), &[x], e)?
             }
+            "Softmax" => {
+                let x = self.tensor(n, 0)?;
+                let rank = self.ty(x).rank();
+                let default = if self.opset >= 13 { -1 } else { 1 };
+                let ax = axis(attr_i(n, "axis", default), rank)?;
+                // Before opset 13, Softmax normalises over all axes from `axis` on (as one
+                // flattened axis): the same as one axis only when the ones after it are 1.
+                if self.opset < 13 && self.ty(x).dims[ax.max(1)..].iter().any(|d| *d != 1) {
+                    return unsupported(format!("Softmax (opset {}) over axes {ax}.. of {}", self.opset, self.ty(x)));
+                }
+                if ax == 0 {
+                    return unsupported("Softmax over the batch axis");
+                }
+                let e = format!("softmax({}, dim = {ax})", self.v(x));
+                self.functional(Op::Softmax(cnnc_compiler::ops::Softmax { dim: ax as i64 }), &[x], e)?
+            }
             "Conv" => self.conv(n, index)?,
             "MaxPool" | "AveragePool" => self.pool(n, op, index)?,
             "BatchNormalization" => {

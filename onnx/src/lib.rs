@@ -49,6 +49,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Sigmoid",
     "Tanh",
     "Clip",
+    "Softmax",
     "Flatten",
     "Reshape",
     "Squeeze",

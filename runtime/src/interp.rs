@@ -226,6 +226,7 @@ fn eval(node: &Node, args: &[ArrayViewD<'_, f32>], params: &NodeParams<'_>) -> R
         Op::Add(_) => tensor::add(arg(0)?, arg(1)?, node)?,
         Op::Concat(c) => tensor::concat(c, args, node)?,
         Op::Reduce(r) => tensor::reduce(r, arg(0)?, node)?,
+        Op::Softmax(sm) => tensor::softmax(sm, arg(0)?, node)?,
         Op::Train(t) => train::eval(t, args, params)?,
     })
 }

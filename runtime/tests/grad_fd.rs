@@ -268,3 +268,13 @@ fn losses_match_finite_differences() {
         check(&c, 5);
     }
 }
+
+/// Softmax has no backward: building a training graph through one is an error that says what
+/// to do instead, never a silently missing gradient.
+#[test]
+fn softmax_is_refused_by_autodiff_with_a_hint() {
+    let g = compile_str("net S(x: [N, 4]) = Sequential(Linear(4, 3), Softmax(dim = 1));").nets.remove(0);
+    let spec = GradSpec { seed: Seed::OutputGrad, output: None, mode: Mode::Train, params: true, wrt: vec![] };
+    let e = autodiff::build(&g, &spec).unwrap_err().to_string();
+    assert!(e.contains("Softmax has no backward") && e.contains("CrossEntropyLoss"), "{e}");
+}

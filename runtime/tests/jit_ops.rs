@@ -317,3 +317,36 @@ fn lenet_end_to_end() {
         check("LeNet", &g, n, 21);
     }
 }
+
+/// Softmax along each axis: the JIT computes exactly the interpreter's f64 arithmetic (bit for
+/// bit, NaN and infinities included), and each line sums to 1.
+#[test]
+fn softmax_matches_the_interpreter_exactly() {
+    use cnnc_compiler::ops::Softmax;
+    for (dims, dim) in [(vec![10], 1), (vec![3, 4, 5], 1), (vec![3, 4, 5], 2), (vec![3, 4, 5], -1)] {
+        let g = one_layer(&dims, Op::Softmax(Softmax { dim }));
+        let w = weights(&g, 0);
+        let mut x = inputs(&g, 3, 5).remove(0);
+        if let Some(v) = x.as_slice_mut() {
+            v[0] = f32::NAN;
+            v[v.len() - 1] = 80.0;
+            v[v.len() - 2] = f32::NEG_INFINITY;
+        }
+        let want = cnnc_runtime::interp::run(&g, &w, &[x.view()]).unwrap().remove(0);
+        for portable in [false, true] {
+            let opts = cnnc_runtime::Options { threads: 1, portable, fuse: true };
+            let got = cnnc_runtime::Compiled::new(&g, &w, &opts).unwrap().run(&[x.view()]).unwrap().remove(0);
+            for (a, b) in got.iter().zip(want.iter()) {
+                assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{dims:?} dim {dim}: {a} vs {b}");
+            }
+        }
+        // The lines of the last sample (no NaN in it) sum to 1.
+        let axis = if dim < 0 { dims.len() } else { dim as usize };
+        let last = want.index_axis(ndarray::Axis(0), 2);
+        for line in last.lanes(ndarray::Axis(axis - 1)) {
+            if line.iter().all(|v| v.is_finite()) {
+                assert!((line.sum() - 1.0).abs() < 1e-5, "{line}");
+            }
+        }
+    }
+}

@@ -136,8 +136,10 @@ fn too_many_elements(dims: &[usize]) -> String {
     format!("has {} elements per sample, more than the limit of {}", dims.join("×"), thousands(MAX_SIZE as u64))
 }
 
-const FUNCTIONAL: &[&str] =
-    &["relu", "sigmoid", "tanh", "flatten", "cat", "concat", "mean", "amax", "max", "dropout", "range", "len"];
+const FUNCTIONAL: &[&str] = &[
+    "relu", "sigmoid", "tanh", "relu6", "softmax", "flatten", "cat", "concat", "mean", "amax", "max", "dropout",
+    "range", "len",
+];
 
 /// Evaluates a parsed file. Returns each net's result and all diagnostics (errors and
 /// warnings) in source order.
@@ -1506,6 +1508,14 @@ impl Evaluator {
         }
         match name {
             "dropout" => pos.into_iter().next().unwrap_or(Value::Poison),
+            "softmax" => {
+                let dim = match (pos.get(1), kw.get("dim")) {
+                    (Some(Value::Int(i)), _) | (_, Some((Value::Int(i), _))) => *i,
+                    _ => return self.error(span, "softmax takes a tensor and `dim`: softmax(x, dim = 1)"),
+                };
+                let x = pos.into_iter().next().unwrap_or(Value::Poison);
+                self.add_op(&fname, Op::Softmax(crate::ops::Softmax { dim }), vec![], &[x], span)
+            }
             "flatten" => {
                 let start = match (pos.get(1), kw.get("start_dim")) {
                     (Some(Value::Int(i)), _) | (_, Some((Value::Int(i), _))) => *i,

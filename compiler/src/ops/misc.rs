@@ -155,6 +155,60 @@ impl OpDef for Activation {
     }
 }
 
+/// `nn.Softmax(dim)`: `exp(x − max) / Σ exp(x − max)` along one axis (`dim` counts the batch,
+/// as in PyTorch; negative from the end). Inference only: train on logits with
+/// `CrossEntropyLoss`, which includes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Softmax {
+    /// The axis, as written.
+    pub dim: i64,
+}
+
+impl Softmax {
+    /// The axis as an index of the full shape (batch = 0) for a tensor of `rank`, if valid and
+    /// not the batch.
+    pub fn axis(&self, rank: usize) -> Option<usize> {
+        let r = rank as i64;
+        let d = if self.dim < 0 { self.dim + r } else { self.dim };
+        (1..r).contains(&d).then_some(d as usize)
+    }
+}
+
+pub(super) const SOFTMAX_CTOR: LayerCtor = LayerCtor {
+    name: "Softmax",
+    sig: &[opt("dim")],
+    build: |b| match b.raw("dim") {
+        None | Some((super::args::ArgValue::None, _)) => Err(vec![
+            Diagnostic::error(b.span, "Softmax: give `dim` (PyTorch's implicit choice is deprecated)")
+                .help("for class scores [N, classes]: Softmax(dim = 1)"),
+        ]),
+        Some(_) => b.int("dim", 1).map(|dim| Op::Softmax(Softmax { dim })).map_err(|e| vec![e]),
+    },
+};
+
+impl OpDef for Softmax {
+    fn kind(&self) -> &'static str {
+        "Softmax"
+    }
+    fn infer(&self, inputs: &[Operand<'_>]) -> Result<Inferred, OpError> {
+        let x = &inputs[0];
+        match self.axis(x.ty.rank()) {
+            Some(_) => Ok(Inferred::ok(x.ty.clone())),
+            None => Err(OpError::new(format!(
+                "Softmax(dim={}) on {} from {}: dim must name a non-batch axis (1..{} or negative)",
+                self.dim,
+                x.ty,
+                x.producer,
+                x.ty.rank()
+            ))
+            .recover(x.ty.clone())),
+        }
+    }
+    fn describe(&self) -> String {
+        format!("Softmax(dim={})", self.dim)
+    }
+}
+
 /// `nn.Dropout(p)`: the identity at inference.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dropout {

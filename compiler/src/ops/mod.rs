@@ -17,7 +17,7 @@ pub mod train;
 
 pub use conv::{Conv2d, PaddingMode, PaddingSpec};
 pub use linear::Linear;
-pub use misc::{Activation, Add, Concat, Dropout, Flatten, Limit, Reduce, ReduceKind};
+pub use misc::{Activation, Add, Concat, Dropout, Flatten, Limit, Reduce, ReduceKind, Softmax};
 pub use norm::BatchNorm2d;
 pub use pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 pub use train::{Loss, Reduction, TrainOp};
@@ -242,6 +242,8 @@ pub enum Op {
     Concat(Concat),
     /// `x.mean(dim=…)`, `x.amax(dim=…)`, `x.max(dim=d)[0]`.
     Reduce(Reduce),
+    /// `nn.Softmax(dim)` (inference only).
+    Softmax(Softmax),
     /// A training op (training-mode forward, loss, backward), made by [`crate::autodiff`].
     Train(TrainOp),
 }
@@ -279,6 +281,7 @@ impl Op {
             Op::Add(o) => o,
             Op::Concat(o) => o,
             Op::Reduce(o) => o,
+            Op::Softmax(o) => o,
             Op::Train(o) => o,
         }
     }
@@ -315,6 +318,7 @@ pub const LAYERS: &[LayerCtor] = &[
     misc::HARDTANH_CTOR,
     misc::DROPOUT_CTOR,
     misc::FLATTEN_CTOR,
+    misc::SOFTMAX_CTOR,
 ];
 
 /// Looks up a layer constructor by its PyTorch name.

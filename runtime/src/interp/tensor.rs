@@ -3,7 +3,7 @@
 use super::{NodeParams, internal};
 use crate::error::Result;
 use cnnc_compiler::graph::Node;
-use cnnc_compiler::ops::{BatchNorm2d, Concat, Flatten, Reduce, ReduceKind};
+use cnnc_compiler::ops::{BatchNorm2d, Concat, Flatten, Reduce, ReduceKind, Softmax};
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 
 /// `nn.BatchNorm2d` in eval mode, in f64:
@@ -79,6 +79,24 @@ fn nan_max(a: f32, b: f32) -> f32 {
 
 /// `x.mean(dim=…)` (summed in f64) or `x.amax(dim=…)` (NaN propagates), `dims` counting the
 /// batch, with `keepdim`.
+/// `nn.Softmax(dim)`: along the axis, `exp(x − max) / Σ exp(x − max)` in f64 (the maximum
+/// NaN-propagating, so a NaN anywhere on the line makes it all NaN, as in PyTorch).
+pub(crate) fn softmax(sm: &Softmax, x: &ArrayViewD<'_, f32>, node: &Node) -> Result<ArrayD<f32>> {
+    let axis = sm.axis(x.ndim()).ok_or_else(|| internal(node, "softmax axis out of range"))?;
+    let mut out = x.as_standard_layout().into_owned();
+    for mut lane in out.lanes_mut(Axis(axis)) {
+        let max = lane.iter().fold(f64::NEG_INFINITY, |m, v| {
+            let v = f64::from(*v);
+            if m.is_nan() || v.is_nan() { f64::NAN } else { m.max(v) }
+        });
+        let sum: f64 = lane.iter().map(|v| (f64::from(*v) - max).exp()).sum();
+        for v in lane.iter_mut() {
+            *v = ((f64::from(*v) - max).exp() / sum) as f32;
+        }
+    }
+    Ok(out)
+}
+
 pub(crate) fn reduce(r: &Reduce, x: &ArrayViewD<'_, f32>, node: &Node) -> Result<ArrayD<f32>> {
     let rank = x.ndim();
     let mut dims = r.dims.clone();

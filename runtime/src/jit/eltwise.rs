@@ -9,8 +9,8 @@ use super::codegen::{Count, Fx, Jit, LANES, c};
 use super::cx::NodeCx;
 use super::math::act_v;
 use crate::error::Result;
-use cnnc_compiler::ops::{Activation, BatchNorm2d, Concat, Reduce, ReduceKind};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cnnc_compiler::ops::{Activation, BatchNorm2d, Concat, Reduce, ReduceKind, Softmax};
+use cranelift_codegen::ir::{InstBuilder, Value, types};
 
 /// Calls `body(fx, i, lanes)` for `i = 0, 4, 8, …` covering `len` elements: full vectors in
 /// a loop, then one partial vector of `lanes < 4`.
@@ -335,6 +335,66 @@ pub(super) fn reduce(jit: &mut Jit, cx: &NodeCx<'_>, r: &Reduce) -> Result<()> {
                     }
                     fx.store_f(s, yb, 0);
                 }
+            });
+        });
+    })?;
+    Ok(())
+}
+
+/// `nn.Softmax(dim)` on plain tensors, with the interpreter's arithmetic (f64, the same `exp`):
+/// per line along the axis, the NaN-propagating maximum, `Σ exp(x − max)`, then each
+/// `exp(x − max) / Σ`. Sample-wise.
+pub(super) fn softmax(jit: &mut Jit, cx: &NodeCx<'_>, sm: &Softmax) -> Result<()> {
+    let dims = &cx.in_tys[0].dims;
+    let axis = sm.axis(dims.len() + 1).ok_or_else(|| {
+        crate::Error::Unsupported(format!("`{}`: softmax axis {} out of range", cx.node.name, sm.dim))
+    })? - 1;
+    let (outer, len, inner): (usize, usize, usize) =
+        (dims[..axis].iter().product(), dims[axis], dims[axis + 1..].iter().product());
+    let size = cx.in_tys[0].numel_per_sample();
+    let exp = super::math::exp_f64 as *const () as usize;
+    let (xs, ys) = (cx.inputs[0], cx.output);
+    jit.kernel(&cx.node.name, |fx| {
+        let (x, y) = (fx.slot(xs), fx.slot(ys));
+        fx.for_samples(|fx, n| {
+            let xn = fx.elem_scaled(x, n, c(size));
+            let yn = fx.elem_scaled(y, n, c(size));
+            fx.for_const(0, outer, 1, |fx, o| {
+                fx.for_const(0, inner, 1, |fx, i| {
+                    let o_off = fx.muli(o, c(len * inner));
+                    let start = fx.add(o_off, i);
+                    let at = |fx: &mut Fx<'_>, j: Value| {
+                        let jj = fx.muli(j, c(inner));
+                        fx.add(start, jj)
+                    };
+                    let ninf = fx.d(f64::NEG_INFINITY);
+                    let mx = fx.var(types::F64, ninf);
+                    fx.for_const(0, len, 1, |fx, j| {
+                        let k = at(fx, j);
+                        let v = fx.load_d(xn, k);
+                        let cur = fx.b.use_var(mx);
+                        let m = fx.b.ins().fmax(cur, v);
+                        fx.b.def_var(mx, m);
+                    });
+                    let max = fx.b.use_var(mx);
+                    let sum = fx.acc_f64();
+                    fx.for_const(0, len, 1, |fx, j| {
+                        let k = at(fx, j);
+                        let v = fx.load_d(xn, k);
+                        let d = fx.b.ins().fsub(v, max);
+                        let e = fx.call_f64(exp, &[d]);
+                        fx.accumulate(sum, e);
+                    });
+                    let total = fx.b.use_var(sum);
+                    fx.for_const(0, len, 1, |fx, j| {
+                        let k = at(fx, j);
+                        let v = fx.load_d(xn, k);
+                        let d = fx.b.ins().fsub(v, max);
+                        let e = fx.call_f64(exp, &[d]);
+                        let q = fx.b.ins().fdiv(e, total);
+                        fx.store_d(q, yn, k);
+                    });
+                });
             });
         });
     })?;

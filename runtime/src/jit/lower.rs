@@ -76,6 +76,7 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &dyn ParamSource, pla
                     Op::Concat(_) if tiled => blocked::channels::concat(jit, &cx)?,
                     Op::Concat(cat) => eltwise::concat(jit, &cx, cat)?,
                     Op::Reduce(r) => eltwise::reduce(jit, &cx, r)?,
+                    Op::Softmax(sm) => eltwise::softmax(jit, &cx, sm)?,
                     Op::Train(TrainOp::ConvInputGrad(c, _)) if tiled => {
                         // The forward convolution of the output gradient (`plan::input_grad_conv`).
                         let flipped = plan::input_grad_conv(c).ok_or_else(|| {
@@ -172,6 +173,7 @@ fn samplewise_work(node: &Node, in_tys: &[&TensorType]) -> Option<u64> {
         | Op::Activation(_)
         | Op::Add(_)
         | Op::Concat(_) => Some(elems),
+        Op::Softmax(_) => Some(8 * elems),
         Op::Reduce(r) if !r.dims.contains(&0) => Some(8 * in_tys.first()?.numel_per_sample() as u64),
         Op::Train(t) => match t {
             TrainOp::ConvInputGrad(..) | TrainOp::LinearInputGrad(_) => Some(macs),
