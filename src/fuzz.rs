@@ -123,7 +123,11 @@ fn layer(b: &mut Bytes<'_>, c: usize) -> (String, usize) {
             c,
         ),
         4 => (format!("BatchNorm2d({c})"), c),
-        5 => (["ReLU()", "Sigmoid()", "Tanh()", "ReLU6()", "Hardtanh(-0.5, 0.25)", "Softmax(dim = 1)"][b.next(6)].to_string(), c),
+        5 => (
+            ["ReLU()", "Sigmoid()", "Tanh()", "ReLU6()", "Hardtanh(-0.5, 0.25)", "Softmax(dim = 1)"][b.next(6)]
+                .to_string(),
+            c,
+        ),
         6 => (format!("AdaptiveAvgPool2d({})", 1 + b.next(3)), c),
         _ => ("Dropout(0.5)".to_string(), c),
     }

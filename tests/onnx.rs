@@ -249,12 +249,13 @@ fn small(name: &str) -> PathBuf {
 }
 
 /// PyTorch exports with shape arithmetic (`x.view(x.size(0), -1)`), a reflect Pad folded into
-/// a conv, a zero Pad alone, ReLU6, a one-sided clamp and `x @ W + b` (PyTorch's outputs),
+/// a conv, a zero Pad alone, ReLU6, a one-sided clamp, `x @ W + b`, and per-channel
+/// `(x − mean) / std`, `y·0.5 + 2`, `1 − relu(y)` (PyTorch's outputs),
 /// and TensorFlow-style SAME_UPPER and asymmetric pooling (ONNX Runtime's): on the JIT and the
 /// interpreter, at the exported batch and another.
 #[test]
 fn small_exports_match_their_reference() {
-    for name in ["lenet", "rewrites", "same_upper"] {
+    for name in ["lenet", "rewrites", "same_upper", "normalize"] {
         let m = onnx::import_file(&small(&format!("{name}.onnx")), &Options::default()).unwrap();
         let w = onnx::weights(&m).unwrap();
         let x: ArrayD<f32> = ndarray_npy::read_npy(small(&format!("{name}_x.npy"))).unwrap();

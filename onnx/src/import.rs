@@ -794,18 +794,20 @@ impl Importer<'_> {
                     self.layer(&format!("clip_{index}"), "Hardtanh", args, &[x], vec![])?
                 }
             }
-            "Add" => {
+            "Add" | "Sub" | "Mul" | "Div" => {
                 let a = self.input(n, 0).unwrap_or_default().to_string();
                 let bname = self.input(n, 1).unwrap_or_default().to_string();
                 match (self.value(&a)?.clone(), self.value(&bname)?.clone()) {
-                    (Value::Tensor(x), Value::Tensor(y)) => {
+                    (Value::Tensor(x), Value::Tensor(y)) if op == "Add" => {
                         let e = format!("{} + {}", self.v(x), self.v(y));
                         self.functional(Op::Add(Add), &[x, y], e)?
                     }
+                    (Value::Tensor(x), Value::Const(k)) => self.channel_affine(n, index, op, x, &k, false)?,
+                    (Value::Const(k), Value::Tensor(x)) => self.channel_affine(n, index, op, x, &k, true)?,
                     _ => {
-                        return unsupported(
-                            "Add of a constant (other than a MatMul's bias); cnnc adds two computed tensors",
-                        );
+                        return unsupported(format!(
+                            "{op} of two computed tensors (cnnc adds two tensors of one shape)"
+                        ));
                     }
                 }
             }
@@ -1001,6 +1003,61 @@ impl Importer<'_> {
             }
         };
         Ok(Value::Tensor(out))
+    }
+
+    /// `x ∘ k` for an elementwise op with a constant that is one value or one per channel of
+    /// an NCHW `x` (normalisation, a scale or a shift kept apart from its conv): a 1×1
+    /// depthwise Conv2d with weight `a` and bias `b`, `y = a·x + b`. `Div` by `k` becomes a
+    /// product with `1/k` (within an ulp of the quotient).
+    fn channel_affine(
+        &mut self,
+        n: &NodeProto,
+        index: usize,
+        op: &str,
+        x: NodeId,
+        k: &Const,
+        k_first: bool,
+    ) -> R<NodeId> {
+        let ty = self.ty(x);
+        let Some((c, _, _)) = ty.chw() else {
+            return unsupported(format!(
+                "{op} of {ty} by a constant (cnnc maps per-channel constants on NCHW tensors)"
+            ));
+        };
+        let kv = k.floats().map_err(Fail::Unsupported)?;
+        let mut dims = k.dims.clone();
+        while dims.len() > 3 && dims[0] == 1 {
+            dims.remove(0);
+        }
+        let per_channel = match kv.len() {
+            1 => vec![kv[0]; c],
+            l if l == c && dims.len() == 3 && dims[1..] == [1, 1] => kv,
+            _ => {
+                return unsupported(format!(
+                    "{op} by a constant of shape {:?} on {ty} (cnnc maps one value or one per channel)",
+                    k.dims
+                ));
+            }
+        };
+        let (w, b): (Vec<f32>, Option<Vec<f32>>) = match (op, k_first) {
+            ("Mul", _) => (per_channel, None),
+            ("Add", _) => (vec![1.0; c], Some(per_channel)),
+            ("Sub", false) => (vec![1.0; c], Some(per_channel.iter().map(|v| -v).collect())),
+            ("Sub", true) => (vec![-1.0; c], Some(per_channel)),
+            ("Div", false) => (per_channel.iter().map(|v| 1.0 / v).collect(), None),
+            _ => return unsupported(format!("{op} of a constant by a computed tensor")),
+        };
+        let args = vec![
+            (None, int(c)),
+            (None, int(c)),
+            (Some("kernel_size"), int(1)),
+            (Some("groups"), int(c)),
+            (Some("bias"), boolean(b.is_some())),
+        ];
+        let mut vals = vec![ParamValue::F32(w)];
+        vals.extend(b.map(ParamValue::F32));
+        self.notes.push(format!("`{}` ({op} by a per-channel constant) → a 1×1 depthwise Conv2d", node_name(n, index)));
+        self.layer(&format!("{}_{index}", op.to_ascii_lowercase()), "Conv2d", args, &[x], vals)
     }
 
     fn need_4d(&self, x: NodeId, op: &str) -> R<()> {

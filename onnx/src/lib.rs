@@ -15,7 +15,8 @@
 //!   `x.view(x.size(0), -1)` becomes a Flatten; `MatMul` + `Add` becomes one `Linear`; a `Pad`
 //!   feeding a `Conv` becomes the conv's padding (and `padding_mode`); any other zero, reflect,
 //!   edge or wrap `Pad` runs as a 1×1 depthwise conv of weight 1 with that padding.
-//! - Ops: see [`SUPPORTED_OPS`]. A model with anything else is refused with one error that lists
+//! - Ops: see [`SUPPORTED_OPS`]; `Add`/`Sub`/`Mul`/`Div` with a per-channel (or single)
+//!   constant on an NCHW tensor become a 1×1 depthwise conv. A model with anything else is refused with one error that lists
 //!   every unsupported node (name, op, opset, why); nothing panics on a malformed file.
 //!
 //! The batch dimension of every graph input becomes the IR's symbolic batch `N` (a model
