@@ -503,6 +503,11 @@ pub fn build(forward: &Graph, spec: &GradSpec) -> Result<TrainGraph, AutodiffErr
                 let dx = b.push(name("input.grad"), TrainOp::DropoutMask(*p), vec![], &[g, ops[1]])?;
                 give(&mut grads, ops[0], dx);
             }
+            Op::Activation(crate::ops::Activation::LeakyRelu(s)) if needs(0) && (s.get() < 0.0 || s.get().is_nan()) => {
+                return Err(unsupported(
+                    "LeakyReLU with a negative slope: its backward needs the input, which is not saved",
+                ));
+            }
             Op::Activation(a) if needs(0) => {
                 let dx = b.push(name("input.grad"), TrainOp::ActivationGrad(*a), vec![], &[id, g])?;
                 give(&mut grads, ops[0], dx);

@@ -767,6 +767,14 @@ impl Importer<'_> {
                 let e = format!("{f}({})", self.v(x));
                 self.functional(Op::Activation(a), &[x], e)?
             }
+            "LeakyRelu" => {
+                let x = self.tensor(n, 0)?;
+                let alpha = attr_f(n, "alpha", 0.01);
+                if !alpha.is_finite() {
+                    return invalid(format!("alpha {alpha}"));
+                }
+                self.layer(&format!("leaky_relu_{index}"), "LeakyReLU", vec![(None, float(alpha))], &[x], vec![])?
+            }
             "Clip" => {
                 let x = self.tensor(n, 0)?;
                 let (lo, hi) = if self.opset >= 11 {

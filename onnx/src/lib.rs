@@ -50,6 +50,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Sigmoid",
     "Tanh",
     "Clip",
+    "LeakyRelu",
     "Softmax",
     "Flatten",
     "Reshape",

@@ -218,7 +218,7 @@ fn batchnorm_linear_activations_reshapes_match_finite_differences() {
         cases.push(eval);
     }
     // Spread inputs stay at least 0.025 from every kink.
-    for text in ["ReLU()", "Hardtanh(-0.3, 0.4)"] {
+    for text in ["ReLU()", "Hardtanh(-0.3, 0.4)", "LeakyReLU(0.2)"] {
         let mut c = layer(text, &[2, 3, 4]);
         c.spread = true;
         cases.push(c);

@@ -38,6 +38,13 @@ fn reference(act: Activation, x: f32) -> f64 {
         Activation::Tanh => x.tanh(),
         Activation::Relu => x.max(0.0),
         Activation::Hardtanh(lo, hi) => x.clamp(f64::from(lo.get()), f64::from(hi.get())),
+        Activation::LeakyRelu(s) => {
+            if x > 0.0 {
+                x
+            } else {
+                x * f64::from(s.get())
+            }
+        }
     }
 }
 
@@ -56,8 +63,7 @@ fn sample_inputs() -> Vec<f32> {
 }
 
 fn run(act: Activation, xs: &[f32], portable: bool) -> Vec<f32> {
-    let name = act.kind_name();
-    let g = one_layer(&[xs.len()], layer(name, &[], &[]));
+    let g = one_layer(&[xs.len()], cnnc_compiler::ops::Op::Activation(act));
     let w = weights(&g, 0);
     let net = Compiled::new(&g, &w, &Options { threads: 1, portable, fuse: false }).unwrap();
     let x = ArrayD::from_shape_vec(IxDyn(&[1, xs.len()]), xs.to_vec()).unwrap();
@@ -157,9 +163,14 @@ fn special_values_are_exact() {
 }
 
 #[test]
-fn hardtanh_and_relu6_clamp_exactly_standalone_and_fused() {
+fn hardtanh_relu6_and_leaky_relu_are_exact_standalone_and_fused() {
     let xs = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0, -0.0, 1e-40, -1e-40, -200.0, 5.999, 6.5, -1.5, 0.25];
-    for act in [Activation::relu6(), Activation::hardtanh(-1.0, 1.0)] {
+    for act in [
+        Activation::relu6(),
+        Activation::hardtanh(-1.0, 1.0),
+        Activation::LeakyRelu(cnnc_compiler::ops::Limit::new(0.01)),
+        Activation::LeakyRelu(cnnc_compiler::ops::Limit::new(0.2)),
+    ] {
         // The fused form runs after a Linear(1, 1) whose sum starts at +0.0 (so −0.0 → +0.0).
         let want =
             |fused: bool| -> Vec<f32> { xs.iter().map(|x| act.apply(if fused { 0.0 + *x } else { *x })).collect() };

@@ -330,12 +330,12 @@ proptest! {
         groups in 1usize..=2, icg in 1usize..=3, ocg in 1usize..=5,
         k in 1usize..=3, stride in 1usize..=2, pad in 0usize..=1, dil in 1usize..=2,
         mode in 0usize..4, bias in any::<bool>(), bn in any::<bool>(),
-        act in 0usize..4, pool in 0usize..4, h in 3usize..=9, w in 3usize..=9, n in 1usize..=3,
+        act in 0usize..5, pool in 0usize..4, h in 3usize..=9, w in 3usize..=9, n in 1usize..=3,
         eval in any::<bool>(), seed in any::<u64>(), portable in any::<bool>(), threads in 1usize..=2,
     ) {
         let (cin, cout) = (groups * icg, groups * ocg);
         let modes = ["zeros", "reflect", "replicate", "circular"];
-        let acts = ["ReLU()", "Sigmoid()", "Tanh()", "ReLU6()"];
+        let acts = ["ReLU()", "Sigmoid()", "Tanh()", "ReLU6()", "LeakyReLU(0.1)"];
         let pools = ["MaxPool2d(2, ceil_mode = True)", "AvgPool2d(2, padding = 1)", "AdaptiveAvgPool2d(2)", "MaxPool2d(3, stride = 1, padding = 1)"];
         let bn_text = if bn { format!("BatchNorm2d({cout}), ") } else { String::new() };
         let body = format!(

@@ -17,6 +17,8 @@ pub enum Activation {
     /// `clamp(x, min, max)`: `nn.Hardtanh(min_val, max_val)`, `nn.ReLU6` (`(0, 6)`), ONNX's
     /// `Clip`. NaN passes through, as in PyTorch.
     Hardtanh(Limit, Limit),
+    /// `x < 0 ? slope·x : x`: `nn.LeakyReLU(negative_slope)`, ONNX's `LeakyRelu`.
+    LeakyRelu(Limit),
 }
 
 /// An f32 bound of [`Activation::Hardtanh`], kept as its bits so activations stay `Eq + Hash`.
@@ -67,6 +69,7 @@ impl Activation {
             Activation::Tanh => "Tanh",
             a if a == Activation::relu6() => "ReLU6",
             Activation::Hardtanh(..) => "Hardtanh",
+            Activation::LeakyRelu(_) => "LeakyReLU",
         }
     }
 
@@ -82,6 +85,14 @@ impl Activation {
             }
             Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             Activation::Tanh => x.tanh(),
+            // As ATen: `x > 0 ? x : x·slope` (NaN passes through).
+            Activation::LeakyRelu(slope) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    x * slope.get()
+                }
+            }
             // Compare-and-select like ATen's clamp: NaN and −0.0 pass through.
             Activation::Hardtanh(lo, hi) => {
                 if x < lo.get() {
@@ -110,6 +121,25 @@ pub(super) const TANH_CTOR: LayerCtor =
     LayerCtor { name: "Tanh", sig: &[], build: |b| build_act_noarg(b, Activation::Tanh) };
 pub(super) const RELU6_CTOR: LayerCtor =
     LayerCtor { name: "ReLU6", sig: &[opt("inplace")], build: |b| build_act(b, Activation::relu6()) };
+pub(super) const LEAKY_RELU_CTOR: LayerCtor = LayerCtor {
+    name: "LeakyReLU",
+    sig: &[opt("negative_slope"), opt("inplace")],
+    build: |b| {
+        let mut errs = vec![];
+        let slope = collect(b.float("negative_slope", 0.01), &mut errs);
+        collect(b.bool("inplace", false), &mut errs);
+        match slope {
+            Some(s) if errs.is_empty() && s.is_finite() => {
+                Ok(Op::Activation(Activation::LeakyRelu(Limit::new(s as f32))))
+            }
+            Some(s) if errs.is_empty() => Err(vec![Diagnostic::error(
+                b.span_of("negative_slope"),
+                format!("LeakyReLU: negative_slope must be finite, found {s}"),
+            )]),
+            _ => Err(errs),
+        }
+    },
+};
 pub(super) const HARDTANH_CTOR: LayerCtor = LayerCtor {
     name: "Hardtanh",
     sig: &[opt("min_val"), opt("max_val"), opt("inplace")],
@@ -150,6 +180,7 @@ impl OpDef for Activation {
             Activation::Hardtanh(lo, hi) if *self != Activation::relu6() => {
                 format!("Hardtanh(min_val={:?}, max_val={:?})", lo.get(), hi.get())
             }
+            Activation::LeakyRelu(s) => format!("LeakyReLU(negative_slope={:?})", s.get()),
             _ => format!("{}()", self.kind_name()),
         }
     }

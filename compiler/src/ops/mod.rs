@@ -316,6 +316,7 @@ pub const LAYERS: &[LayerCtor] = &[
     misc::TANH_CTOR,
     misc::RELU6_CTOR,
     misc::HARDTANH_CTOR,
+    misc::LEAKY_RELU_CTOR,
     misc::DROPOUT_CTOR,
     misc::FLATTEN_CTOR,
     misc::SOFTMAX_CTOR,

@@ -646,6 +646,14 @@ fn activation_grad(
             }
             Activation::Sigmoid => g * yv * (1.0 - yv),
             Activation::Tanh => g * (1.0 - yv * yv),
+            // PyTorch's leaky_relu_backward from the result (slope ≥ 0, which autodiff checks).
+            Activation::LeakyRelu(s) => {
+                if yv > 0.0 {
+                    g
+                } else {
+                    g * f64::from(s.get())
+                }
+            }
             // PyTorch's hardtanh_backward: the gradient passes strictly inside the bounds
             // (the output lies strictly inside exactly where the input does).
             Activation::Hardtanh(lo, hi) => {

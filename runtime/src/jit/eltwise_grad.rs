@@ -481,6 +481,13 @@ pub(super) fn activation_grad(jit: &mut Jit, cx: &NodeCx<'_>, a: Activation) -> 
                     let u = fx.b.ins().fsub(one, vv);
                     fx.b.ins().fmul(g, u)
                 }
+                Activation::LeakyRelu(slope) => {
+                    // From the output: for a slope ≥ 0 (autodiff refuses others) y > 0 ⇔ x > 0.
+                    let (z, k) = (fx.vf(0.0), fx.vf(slope.get()));
+                    let pos = fx.b.ins().fcmp(FloatCC::GreaterThan, v, z);
+                    let scaled = fx.b.ins().fmul(g, k);
+                    vsel(fx, pos, g, scaled)
+                }
                 Activation::Hardtanh(lo, hi) => {
                     let (lo, hi, z) = (fx.vf(lo.get()), fx.vf(hi.get()), fx.vf(0.0));
                     let above = fx.b.ins().fcmp(FloatCC::GreaterThan, v, lo);

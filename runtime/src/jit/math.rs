@@ -157,6 +157,12 @@ pub(super) fn act_v(fx: &mut Fx<'_>, act: Activation, x: Value) -> Value {
         Activation::Relu => relu_v(fx, x),
         Activation::Sigmoid => sigmoid_v(fx, x),
         Activation::Tanh => tanh_v(fx, x),
+        Activation::LeakyRelu(slope) => {
+            let (z, k) = (fx.vf(0.0), fx.vf(slope.get()));
+            let pos = fx.b.ins().fcmp(FloatCC::GreaterThan, x, z);
+            let scaled = fx.b.ins().fmul(x, k);
+            vsel(fx, pos, x, scaled)
+        }
         Activation::Hardtanh(lo, hi) => {
             // Compare-and-select, so a NaN passes through (as in PyTorch and the tiles).
             let (lo, hi) = (fx.vf(lo.get()), fx.vf(hi.get()));

@@ -13,6 +13,8 @@ pub(in crate::jit) enum Act {
     Tanh,
     /// `clamp(x, lo, hi)`, NaN passing through.
     Clamp(f32, f32),
+    /// `x > 0 ? x : slope·x`.
+    Leaky(f32),
 }
 
 impl Act {
@@ -25,6 +27,7 @@ impl Act {
             Some(A::Sigmoid) => Act::Sigmoid,
             Some(A::Tanh) => Act::Tanh,
             Some(A::Hardtanh(lo, hi)) => Act::Clamp(lo.get(), hi.get()),
+            Some(A::LeakyRelu(s)) => Act::Leaky(s.get()),
         }
     }
 }
@@ -107,6 +110,7 @@ pub(super) unsafe fn activate<V: Simd>(v: V, act: Act) -> V {
             Act::Relu => v.relu(),
             Act::Sigmoid => sigmoid_v(v),
             Act::Tanh => tanh_v(v),
+            Act::Leaky(s) => V::select_gt(v, V::zero(), v, V::mul(v, V::constant(s))),
             Act::Clamp(lo, hi) => {
                 let v = V::select_lt(v, V::constant(lo), V::constant(lo), v);
                 V::select_gt(v, V::constant(hi), V::constant(hi), v)
