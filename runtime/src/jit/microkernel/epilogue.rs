@@ -1,7 +1,6 @@
 //! The epilogue the tiles apply in registers: the per-channel affine step and the
 //! activations (ReLU, LeakyReLU, Hardtanh by compare-and-select; `e^x`, Sigmoid and Tanh with
-//! the algorithm and constants of the generated
-//! code's, `crate::jit::math`).
+//! the algorithm and constants of the generated code's, `crate::jit::math`).
 
 use super::simd::{MAGIC, Simd};
 
