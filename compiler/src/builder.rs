@@ -46,7 +46,15 @@ impl GraphBuilder {
                 Operand { ty: &n.ty, producer: &n.name, factors: factors.get(i).copied().flatten() }
             })
             .collect();
-        op.def().infer(&operands)
+        // The same limit the DSL applies: no value larger than `MAX_SIZE` elements per sample.
+        op.def().infer(&operands).and_then(|inf| match crate::shape::checked_numel(&inf.ty.dims) {
+            Some(_) => Ok(inf),
+            None => Err(OpError::new(format!(
+                "{}: output {}",
+                op.def().describe(),
+                crate::shape::too_many_elements(&inf.ty.dims)
+            ))),
+        })
     }
 
     /// Adds a node with an already-known type and parameter ids.

@@ -14,6 +14,16 @@ use std::fmt;
 /// an absurd declaration is an error rather than an overflow.
 pub const MAX_SIZE: usize = u32::MAX as usize;
 
+/// "has A×B×C elements per sample, more than the limit of …".
+pub fn too_many_elements(dims: &[usize]) -> String {
+    let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    format!(
+        "has {} elements per sample, more than the limit of {}",
+        dims.join("×"),
+        crate::summary::thousands(MAX_SIZE as u64)
+    )
+}
+
 /// The product of `dims` if it is at most [`MAX_SIZE`].
 pub fn checked_numel(dims: &[usize]) -> Option<usize> {
     dims.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).filter(|n| *n <= MAX_SIZE)

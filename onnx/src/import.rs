@@ -320,6 +320,9 @@ fn input_type(
                 d.len()
             )));
         }
+        if cnnc_compiler::shape::checked_numel(d).is_none() {
+            return Err(err(format!("the given shape {}", cnnc_compiler::shape::too_many_elements(d))));
+        }
         return Ok(TensorType::new(d.clone()));
     }
     let mut per = vec![];
@@ -333,6 +336,9 @@ fn input_type(
                 )));
             }
         }
+    }
+    if cnnc_compiler::shape::checked_numel(&per).is_none() {
+        return Err(err(cnnc_compiler::shape::too_many_elements(&per)));
     }
     Ok(TensorType { batch: Batch::Symbolic, dims: per })
 }

@@ -14,7 +14,7 @@ use crate::diag::{Diagnostic, Src, SrcSpan as Span, suggest};
 use crate::graph::{Graph, NodeId, ParamId};
 use crate::ops::args::{Arg, ArgValue};
 use crate::ops::{self, Activation, Concat, Flatten, Op, Reduce, ReduceKind};
-use crate::shape::{Batch, MAX_SIZE, TensorType, checked_numel};
+use crate::shape::{Batch, MAX_SIZE, TensorType, checked_numel, too_many_elements};
 use crate::summary::thousands;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -129,12 +129,6 @@ fn dim_text(v: &Value) -> String {
 /// The expansion budget of one file: loop iterations, block expansions and layer
 /// applications together. The largest seed net (ResNet-18) uses a few hundred.
 const MAX_STEPS: usize = 100_000;
-
-/// "has A×B×C elements, more than the limit of …".
-fn too_many_elements(dims: &[usize]) -> String {
-    let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
-    format!("has {} elements per sample, more than the limit of {}", dims.join("×"), thousands(MAX_SIZE as u64))
-}
 
 const FUNCTIONAL: &[&str] = &[
     "relu", "sigmoid", "tanh", "relu6", "softmax", "flatten", "cat", "concat", "mean", "amax", "max", "dropout",
