@@ -1327,45 +1327,17 @@ impl Importer<'_> {
         let stride = self.window_attrs(n, "strides", 1)?;
         let dil = self.window_attrs(n, "dilations", 1)?;
         let pads = self.pads(n, (h, w), k, stride, dil)?;
-        let mut ceil = attr_i(n, "ceil_mode", 0) != 0;
+        let ceil = attr_i(n, "ceil_mode", 0) != 0;
         let include = attr_i(n, "count_include_pad", 0) != 0;
-        let mut pads = pads;
-        if pads[0] != pads[1] || pads[2] != pads[3] {
-            // More padding at the end (SAME_UPPER) is the begin padding on both sides with
-            // ceil_mode: the windows start at the same places, and the extra end padding only
-            // ever holds what a max ignores or an average without count_include_pad does not
-            // count — when that gives ONNX's output size.
-            let same = |i: usize, b: usize, e: usize, k: usize, s: usize, d: usize| {
-                let ek = (k - 1) * d + 1;
-                let onnx = (i + b + e).checked_sub(ek).map(|span| span / s + 1);
-                let win = cnnc_compiler::shape::Window {
-                    kernel: k,
-                    stride: s,
-                    pad_begin: b,
-                    pad_end: b,
-                    dilation: d,
-                    ceil_mode: true,
-                };
-                e >= b && onnx.is_some() && win.output(i).ok().map(|o| o.out) == onnx
-            };
-            let ok = !ceil
-                && (op == "MaxPool" || !include)
-                && same(h, pads[0], pads[1], k.0, stride.0, dil.0)
-                && same(w, pads[2], pads[3], k.1, stride.1, dil.1);
-            if !ok {
-                return unsupported(format!("{op} with asymmetric pads {pads:?} (top, bottom, left, right)"));
-            }
-            self.notes.push(format!(
-                "`{}`: asymmetric pads {pads:?} run as padding ({}, {}) with ceil_mode (the same windows)",
-                node_name(n, index),
-                pads[0],
-                pads[2]
+        if (pads[0] != pads[1] || pads[2] != pads[3]) && op == "AveragePool" && include {
+            return unsupported(format!(
+                "AveragePool with asymmetric pads {pads:?} (top, bottom, left, right) and count_include_pad=1"
             ));
-            pads = [pads[0], pads[0], pads[2], pads[2]];
-            ceil = true;
         }
         let mut args = vec![(None, pair(k.0, k.1)), (Some("stride"), pair(stride.0, stride.1))];
-        if pads != [0; 4] {
+        if pads[0] != pads[1] || pads[2] != pads[3] {
+            args.push((Some("padding"), ArgValue::Tuple(pads.iter().map(|p| int(*p)).collect())));
+        } else if pads != [0; 4] {
             args.push((Some("padding"), pair(pads[0], pads[2])));
         }
         if ceil {

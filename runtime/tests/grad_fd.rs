@@ -193,6 +193,8 @@ fn pool_backward_matches_finite_differences() {
         "AvgPool2d(3, stride = 2, padding = 1, count_include_pad = False, ceil_mode = True)",
         "AvgPool2d(2, divisor_override = 3)",
         "AdaptiveAvgPool2d((3, 2))",
+        "MaxPool2d(3, stride = 2, padding = (0, 1, 1, 1))",
+        "AvgPool2d(3, stride = 2, padding = (1, 0, 0, 1), count_include_pad = False)",
     ] {
         let mut c = layer(text, &[2, 2, 7, 8]);
         c.spread = true;

@@ -350,3 +350,28 @@ fn softmax_matches_the_interpreter_exactly() {
         }
     }
 }
+
+/// Pools padded by sides (`(top, bottom, left, right)`, ONNX's SAME_UPPER/SAME_LOWER): the JIT
+/// against the interpreter, max and average (without count_include_pad), with ceil_mode and
+/// dilation.
+#[test]
+fn pools_padded_by_sides() {
+    let cases: Vec<(&str, Vec<(&str, cnnc_compiler::ops::args::ArgValue)>)> = vec![
+        ("MaxPool2d", vec![("stride", int(2)), ("padding", sides(0, 1, 0, 1))]),
+        ("MaxPool2d", vec![("stride", int(1)), ("padding", sides(1, 0, 1, 0))]),
+        ("MaxPool2d", vec![("stride", int(2)), ("padding", sides(1, 0, 0, 1)), ("ceil_mode", b(true))]),
+        ("MaxPool2d", vec![("stride", int(1)), ("padding", sides(0, 1, 1, 1)), ("dilation", int(2))]),
+        ("AvgPool2d", vec![("stride", int(2)), ("padding", sides(0, 1, 0, 1)), ("count_include_pad", b(false))]),
+        ("AvgPool2d", vec![("stride", int(1)), ("padding", sides(1, 0, 1, 1)), ("count_include_pad", b(false))]),
+    ];
+    for (kind, kw) in cases {
+        for dims in [[3usize, 7, 8], [20, 9, 9]] {
+            let g = one_layer(&dims, layer(kind, &[int(3)], &kw));
+            for n in [1, 3] {
+                check(&format!("{kind} {kw:?} on {dims:?}"), &g, n, 3);
+            }
+        }
+    }
+    // Counting the padding needs even ends.
+    assert!(try_layer("AvgPool2d", &[int(3)], &[("padding", sides(0, 1, 0, 1))]).is_none());
+}

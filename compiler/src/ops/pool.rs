@@ -15,8 +15,11 @@ pub struct MaxPool2d {
     pub kernel: (usize, usize),
     /// `(sh, sw)`.
     pub stride: (usize, usize),
-    /// `(ph, pw)`, implicit `-inf`.
+    /// `(ph, pw)`, implicit `-inf` (the top and left padding).
     pub padding: (usize, usize),
+    /// The bottom and right padding when they differ from `padding` (ONNX's explicit or
+    /// SAME pads; `padding = (top, bottom, left, right)` in the DSL).
+    pub padding_end: Option<(usize, usize)>,
     /// `(dh, dw)`.
     pub dilation: (usize, usize),
     /// Ceil instead of floor.
@@ -30,8 +33,11 @@ pub struct AvgPool2d {
     pub kernel: (usize, usize),
     /// `(sh, sw)`.
     pub stride: (usize, usize),
-    /// `(ph, pw)`, implicit zeros.
+    /// `(ph, pw)`, implicit zeros (the top and left padding).
     pub padding: (usize, usize),
+    /// The bottom and right padding when they differ from `padding` (not with
+    /// `count_include_pad`).
+    pub padding_end: Option<(usize, usize)>,
     /// Ceil instead of floor.
     pub ceil_mode: bool,
     /// Whether padded zeros count in the divisor.
@@ -54,15 +60,17 @@ pub(crate) fn pool_windows(
     kernel: (usize, usize),
     stride: (usize, usize),
     padding: (usize, usize),
+    padding_end: Option<(usize, usize)>,
     dilation: (usize, usize),
     ceil_mode: bool,
 ) -> (Window, Window) {
+    let end = padding_end.unwrap_or(padding);
     (
         Window {
             kernel: kernel.0,
             stride: stride.0,
             pad_begin: padding.0,
-            pad_end: padding.0,
+            pad_end: end.0,
             dilation: dilation.0,
             ceil_mode,
         },
@@ -70,7 +78,7 @@ pub(crate) fn pool_windows(
             kernel: kernel.1,
             stride: stride.1,
             pad_begin: padding.1,
-            pad_end: padding.1,
+            pad_end: end.1,
             dilation: dilation.1,
             ceil_mode,
         },
@@ -80,14 +88,14 @@ pub(crate) fn pool_windows(
 impl MaxPool2d {
     /// Vertical and horizontal windows.
     pub fn windows(&self) -> (Window, Window) {
-        pool_windows(self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
+        pool_windows(self.kernel, self.stride, self.padding, self.padding_end, self.dilation, self.ceil_mode)
     }
 }
 
 impl AvgPool2d {
     /// Vertical and horizontal windows.
     pub fn windows(&self) -> (Window, Window) {
-        pool_windows(self.kernel, self.stride, self.padding, (1, 1), self.ceil_mode)
+        pool_windows(self.kernel, self.stride, self.padding, self.padding_end, (1, 1), self.ceil_mode)
     }
 }
 
@@ -137,11 +145,47 @@ fn check_half(b: &Bound, kernel: (usize, usize), padding: (usize, usize), layer:
     Ok(())
 }
 
+/// `padding`: an int, `(h, w)`, or `(top, bottom, left, right)` — the begin pair and, when
+/// the ends differ, the end pair.
+#[allow(clippy::type_complexity)]
+fn pool_padding(b: &Bound, layer: &str) -> Result<((usize, usize), Option<(usize, usize)>), Diagnostic> {
+    if let Some((ArgValue::Tuple(t), span)) = b.raw("padding")
+        && t.len() == 4
+    {
+        let v: Vec<usize> = t
+            .iter()
+            .filter_map(|v| match v {
+                ArgValue::Int(i) if (0..=MAX_SIZE as i64).contains(i) => Some(*i as usize),
+                _ => None,
+            })
+            .collect();
+        return match v[..] {
+            [t, bo, l, r] if (t, l) == (bo, r) => Ok(((t, l), None)),
+            [t, bo, l, r] => Ok(((t, l), Some((bo, r)))),
+            _ => Err(Diagnostic::error(
+                span,
+                format!(
+                    "{layer}: padding (top, bottom, left, right) must be four non-negative ints, found {}",
+                    ArgValue::Tuple(t.clone())
+                ),
+            )),
+        };
+    }
+    b.pair("padding", (0, 0), 0).map(|p| (p, None))
+}
+
+fn padding_text(padding: (usize, usize), end: Option<(usize, usize)>) -> String {
+    match end {
+        Some((bo, r)) => format!("({}, {bo}, {}, {r})", padding.0, padding.1),
+        None => pair_text(padding),
+    }
+}
+
 fn build_max(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     let mut errs = vec![];
     let kernel = collect(b.pair("kernel_size", (1, 1), 1), &mut errs);
     let stride = collect(b.pair("stride", kernel.unwrap_or((1, 1)), 1), &mut errs);
-    let padding = collect(b.pair("padding", (0, 0), 0), &mut errs);
+    let padding = collect(pool_padding(b, "MaxPool2d"), &mut errs);
     let dilation = collect(b.pair("dilation", (1, 1), 1), &mut errs);
     let ceil_mode = collect(b.bool("ceil_mode", false), &mut errs);
     if let Some((v, s)) = b.raw("return_indices")
@@ -149,39 +193,62 @@ fn build_max(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     {
         errs.push(Diagnostic::error(s, "MaxPool2d: return_indices=True is not supported for inference"));
     }
-    let (Some(kernel), Some(stride), Some(padding), Some(dilation), Some(ceil_mode)) =
+    let (Some(kernel), Some(stride), Some((padding, padding_end)), Some(dilation), Some(ceil_mode)) =
         (kernel, stride, padding, dilation, ceil_mode)
     else {
         return Err(errs);
     };
     collect(check_half(b, kernel, padding, "MaxPool2d"), &mut errs);
+    if let Some(end) = padding_end {
+        collect(check_half(b, kernel, end, "MaxPool2d"), &mut errs);
+    }
     if !errs.is_empty() {
         return Err(errs);
     }
-    Ok(Op::MaxPool2d(MaxPool2d { kernel, stride, padding, dilation, ceil_mode }))
+    Ok(Op::MaxPool2d(MaxPool2d { kernel, stride, padding, padding_end, dilation, ceil_mode }))
 }
 
 fn build_avg(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     let mut errs = vec![];
     let kernel = collect(b.pair("kernel_size", (1, 1), 1), &mut errs);
     let stride = collect(b.pair("stride", kernel.unwrap_or((1, 1)), 1), &mut errs);
-    let padding = collect(b.pair("padding", (0, 0), 0), &mut errs);
+    let padding = collect(pool_padding(b, "AvgPool2d"), &mut errs);
     let ceil_mode = collect(b.bool("ceil_mode", false), &mut errs);
     let count_include_pad = collect(b.bool("count_include_pad", true), &mut errs);
     let divisor_override = match b.raw("divisor_override") {
         None | Some((ArgValue::None, _)) => None,
         Some(_) => collect(b.positive("divisor_override", 1), &mut errs),
     };
-    let (Some(kernel), Some(stride), Some(padding), Some(ceil_mode), Some(count_include_pad)) =
+    let (Some(kernel), Some(stride), Some((padding, padding_end)), Some(ceil_mode), Some(count_include_pad)) =
         (kernel, stride, padding, ceil_mode, count_include_pad)
     else {
         return Err(errs);
     };
     collect(check_half(b, kernel, padding, "AvgPool2d"), &mut errs);
+    if let Some(end) = padding_end {
+        collect(check_half(b, kernel, end, "AvgPool2d"), &mut errs);
+        if count_include_pad && divisor_override.is_none() {
+            errs.push(
+                Diagnostic::error(
+                    b.span_of("padding"),
+                    "AvgPool2d: padding with different ends counts the padding only with count_include_pad=False",
+                )
+                .help("add count_include_pad = False, or pad evenly"),
+            );
+        }
+    }
     if !errs.is_empty() {
         return Err(errs);
     }
-    Ok(Op::AvgPool2d(AvgPool2d { kernel, stride, padding, ceil_mode, count_include_pad, divisor_override }))
+    Ok(Op::AvgPool2d(AvgPool2d {
+        kernel,
+        stride,
+        padding,
+        padding_end,
+        ceil_mode,
+        count_include_pad,
+        divisor_override,
+    }))
 }
 
 fn build_adaptive(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
@@ -253,8 +320,8 @@ impl OpDef for MaxPool2d {
     }
     fn describe(&self) -> String {
         let mut s = format!("MaxPool2d(kernel_size={}, stride={}", pair_text(self.kernel), pair_text(self.stride));
-        if self.padding != (0, 0) {
-            s += &format!(", padding={}", pair_text(self.padding));
+        if self.padding != (0, 0) || self.padding_end.is_some() {
+            s += &format!(", padding={}", padding_text(self.padding, self.padding_end));
         }
         if self.dilation != (1, 1) {
             s += &format!(", dilation={}", pair_text(self.dilation));
@@ -275,8 +342,8 @@ impl OpDef for AvgPool2d {
     }
     fn describe(&self) -> String {
         let mut s = format!("AvgPool2d(kernel_size={}, stride={}", pair_text(self.kernel), pair_text(self.stride));
-        if self.padding != (0, 0) {
-            s += &format!(", padding={}", pair_text(self.padding));
+        if self.padding != (0, 0) || self.padding_end.is_some() {
+            s += &format!(", padding={}", padding_text(self.padding, self.padding_end));
         }
         if self.ceil_mode {
             s += ", ceil_mode=True";
