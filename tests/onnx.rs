@@ -9,9 +9,10 @@
 //!   `node/EXCLUDED.txt` lists the tests cnnc does not run, each with its reason; an excluded
 //!   test that starts passing fails this suite, so the list stays true.
 //! - `tests/fixtures/onnx/models/`: torchvision models exported by PyTorch (opset 17,
-//!   dynamic batch) with generated weights in external data (`weight_values`, as
-//!   `make.py` writes them), run by the JIT against ONNX Runtime's output on the same
-//!   file, within 1e-4 of the output's largest magnitude.
+//!   dynamic batch) with generated weights (`weight_values`, as `make.py` writes them) in
+//!   external data written beside a copy of the model — or, for the two largest, bound as
+//!   constants so no large file is written — run by the JIT against ONNX Runtime's output on
+//!   the same file, within 1e-4 of the output's largest magnitude.
 
 use cnnc::onnx::{self, Const, Data, Options};
 use cnnc::prelude::*;
@@ -170,31 +171,50 @@ fn weight_values(seed: u64, shape: &[usize]) -> Vec<f32> {
         .collect()
 }
 
-/// Copies a fixture model into a temporary folder and writes its external data there.
-fn materialise(name: &str) -> (tempfile::TempDir, PathBuf) {
+/// Copies a fixture model into a temporary folder with its generated weights: written there as
+/// its external data file (`on_disk`), or returned as constants to bind (the large models —
+/// AlexNet 244 MB, VGG-11 531 MB — so the suite writes no large files).
+fn materialise_with(name: &str, on_disk: bool) -> (tempfile::TempDir, PathBuf, Vec<(String, Const)>) {
     let src = fixtures().join("models").join(name);
     let bytes = std::fs::read(src.join("model.onnx")).unwrap();
     let model = cnnc_onnx::proto::ModelProto::decode(bytes.as_slice()).unwrap();
     let mut blob: Vec<u8> = vec![];
+    let mut bind = vec![];
+    let mut next = 0usize;
     for t in &model.graph.as_ref().unwrap().initializer {
         let Some(off) = t.external_data.iter().find(|e| e.key.as_deref() == Some("offset")) else { continue };
         let offset: usize = off.value.as_deref().unwrap().parse().unwrap();
-        assert_eq!(offset, blob.len(), "tensors are laid out in order");
+        assert_eq!(offset, next, "tensors are laid out in order");
         let dims: Vec<usize> = t.dims.iter().map(|d| *d as usize).collect();
-        for v in weight_values(offset as u64, &dims) {
-            blob.extend_from_slice(&v.to_le_bytes());
+        let values = weight_values(offset as u64, &dims);
+        next += 4 * values.len();
+        if on_disk {
+            for v in &values {
+                blob.extend_from_slice(&v.to_le_bytes());
+            }
+        } else {
+            bind.push((t.name.clone().unwrap(), Const { dims, data: Data::F32(values) }));
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("weights.bin"), &blob).unwrap();
+    if on_disk {
+        std::fs::write(dir.path().join("weights.bin"), &blob).unwrap();
+    }
     let path = dir.path().join(format!("{name}.onnx"));
     std::fs::write(&path, &bytes).unwrap();
+    (dir, path, bind)
+}
+
+fn materialise(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let (dir, path, _) = materialise_with(name, true);
     (dir, path)
 }
 
 fn check_model(name: &str, batch: usize) {
-    let (_dir, path) = materialise(name);
-    let imported = onnx::import_file(&path, &Options::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let on_disk = !matches!(name, "alexnet" | "vgg11");
+    let (_dir, path, bind) = materialise_with(name, on_disk);
+    let imported =
+        onnx::import_file(&path, &Options { bind, ..Options::default() }).unwrap_or_else(|e| panic!("{name}: {e}"));
     let w = onnx::weights(&imported).unwrap();
     let x = ArrayD::from_shape_vec(IxDyn(&[batch, 3, 224, 224]), weight_values(12345, &[batch, 3, 224, 224]))
         .unwrap()

@@ -69,7 +69,12 @@ struct Importer<'m> {
     folded: std::collections::BTreeMap<String, usize>,
 }
 
-pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> Result<Imported, ImportError> {
+pub(crate) fn import(
+    model: &ModelProto,
+    dir: Option<&Path>,
+    opts: &Options,
+    default_name: Option<&str>,
+) -> Result<Imported, ImportError> {
     let graph = model.graph.as_ref().ok_or_else(|| ImportError::Invalid("the model has no graph".into()))?;
     let opset = model
         .opset_import
@@ -77,7 +82,7 @@ pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> 
         .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
         .and_then(|o| o.version)
         .unwrap_or(1);
-    let name = net_name(opts.name.as_deref().or(graph.name.as_deref()).unwrap_or("Model"));
+    let name = net_name(opts.name.as_deref().or(default_name).or(graph.name.as_deref()).unwrap_or("Model"));
     let mut im = Importer {
         opset,
         dir,
@@ -120,6 +125,10 @@ pub(crate) fn import(model: &ModelProto, dir: Option<&Path>, opts: &Options) -> 
     }
     // Initializers, then bound inputs, are constants.
     for t in &graph.initializer {
+        // A bound name overrides the file's values (which are then not read).
+        if opts.bind.iter().any(|(n, _)| Some(n) == t.name.as_ref()) {
+            continue;
+        }
         let c = tensor::decode(t, dir)?;
         im.values.insert(t.name.clone().unwrap_or_default(), Value::Const(Rc::new(c)));
     }

@@ -131,7 +131,8 @@ pub enum ImportError {
 pub struct Options {
     /// The net's name in the `.cnn` source (default: from the file name, else the graph's).
     pub name: Option<String>,
-    /// Graph inputs to bind to constants (ONNX node tests pass weights as inputs).
+    /// Graph inputs (or initializers) to bind to constants: ONNX node tests pass weights as
+    /// inputs; a bound initializer's values in the file are not read.
     pub bind: Vec<(String, Const)>,
     /// Per-sample dimensions for inputs whose dimensions are symbolic (or to override them).
     pub dims: Vec<(String, Vec<usize>)>,
@@ -167,23 +168,25 @@ pub struct Imported {
 pub fn import_file(path: &Path, opts: &Options) -> Result<Imported, ImportError> {
     let bytes = std::fs::read(path)
         .map_err(|e| ImportError::Io { path: path.display().to_string(), message: e.to_string() })?;
-    let mut opts = opts.clone();
-    if opts.name.is_none() {
-        opts.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-    }
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
     let dir = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
     // Owned bytes: the tensors' data is decoded as views of this buffer, not copies.
-    import_buffer(prost::bytes::Bytes::from(bytes), dir, &opts)
+    import_buffer(prost::bytes::Bytes::from(bytes), dir, opts, stem.as_deref())
 }
 
 /// Imports a model from its bytes; `dir` is where external data lives (`None` refuses it).
 pub fn import_bytes(bytes: &[u8], dir: Option<&Path>, opts: &Options) -> Result<Imported, ImportError> {
-    import_buffer(prost::bytes::Bytes::copy_from_slice(bytes), dir, opts)
+    import_buffer(prost::bytes::Bytes::copy_from_slice(bytes), dir, opts, None)
 }
 
-fn import_buffer(bytes: prost::bytes::Bytes, dir: Option<&Path>, opts: &Options) -> Result<Imported, ImportError> {
+fn import_buffer(
+    bytes: prost::bytes::Bytes,
+    dir: Option<&Path>,
+    opts: &Options,
+    default_name: Option<&str>,
+) -> Result<Imported, ImportError> {
     let model = proto::ModelProto::decode(bytes).map_err(|e| ImportError::Decode(e.to_string()))?;
-    import::import(&model, dir, opts)
+    import::import(&model, dir, opts, default_name)
 }
 
 /// The names of the model's graph inputs that are not initializers (its data inputs), in order.
