@@ -830,6 +830,13 @@ fn import_writes_cnn_text_and_weights_that_run_like_the_onnx_file() {
     for cmd in ["summary", "fuse-report", "dot"] {
         status(&cnnc(&[cmd, path_str(&model)]), 0);
     }
+    // Grad-CAM with the model's own weights (a `.cnn` net needs --weights).
+    let cam = dir.path().join("cam.png");
+    let o = cnnc(&["gradcam", path_str(&model), "--input", path_str(&x), "--layer", "c2", "-o", path_str(&cam)]);
+    status(&o, 0);
+    assert!(cam.exists() && stdout(&o).contains("the map peaks at"), "{}", stdout(&o));
+    let o = cnnc(&["gradcam", path_str(&cnn), "--input", path_str(&x), "--layer", "c2", "-o", path_str(&cam)]);
+    fails(&o, 2, "--weights is required for a .cnn net");
     let o = cnnc(&["check", path_str(&model)]);
     status(&o, 0);
     assert!(stdout(&o).contains("ok: Lenet(x: [N, 1, 28, 28]) -> (output: [N, 10]); 61,706 params"), "{}", stdout(&o));

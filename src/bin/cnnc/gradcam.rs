@@ -15,9 +15,10 @@ use std::path::PathBuf;
 pub struct GradcamArgs {
     #[command(flatten)]
     pub net: NetFile,
-    /// Weights (a `state_dict` in safetensors).
+    /// Weights (a `state_dict` in safetensors); required for a `.cnn` net, optional for an
+    /// `.onnx` model (its own weights).
     #[arg(long, value_name = "W.safetensors")]
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
     /// PNG or JPEG pictures (resized to the net's input, normalised by --mean/--std).
     #[arg(long = "image", value_name = "IMG", conflicts_with = "input", required_unless_present = "input")]
     pub images: Vec<PathBuf>,
@@ -61,7 +62,12 @@ pub fn run(args: &GradcamArgs) -> Result<(), Fail> {
         Some(p) => npy::read(p)?,
         None => images::batch(&args.images, c, (h, w), &mean, &std).map_err(|e| input(e.to_string()))?.into_dyn(),
     };
-    let weights = crate::run::weights(&graph, Some(&args.weights), 0)?;
+    let weights = match &args.weights {
+        Some(p) => crate::run::weights(&graph, Some(p), 0)?,
+        None => crate::import::imported_weights(&graph).ok_or_else(|| {
+            usage("--weights is required for a .cnn net: Grad-CAM of random weights explains nothing")
+        })?,
+    };
     let n = x.shape().first().copied().unwrap_or(0);
     let classes = args.class.map(|k| vec![k; n]);
     let cam = grad_cam(&graph, &weights, x.view(), &args.layer, classes.as_deref())?;
