@@ -53,7 +53,7 @@ struct Chain {
 }
 
 fn act() -> impl Strategy<Value = Option<&'static str>> {
-    prop_oneof![Just(None), Just(Some("relu")), Just(Some("sigmoid")), Just(Some("tanh"))]
+    prop_oneof![Just(None), Just(Some("relu")), Just(Some("sigmoid")), Just(Some("tanh")), Just(Some("relu6"))]
 }
 
 fn block() -> impl Strategy<Value = Block> {

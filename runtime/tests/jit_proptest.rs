@@ -23,7 +23,14 @@ fn compare(g: &cnnc_compiler::Graph, n: usize, seed: u64, portable: bool, thread
 }
 
 fn act(i: u8) -> Option<Activation> {
-    [None, Some(Activation::Relu), Some(Activation::Sigmoid), Some(Activation::Tanh)][usize::from(i % 4)]
+    [
+        None,
+        Some(Activation::Relu),
+        Some(Activation::Sigmoid),
+        Some(Activation::Tanh),
+        Some(Activation::hardtanh(-0.5, 0.75)),
+        Some(Activation::LeakyRelu(cnnc_compiler::ops::Limit::new(0.1))),
+    ][usize::from(i % 6)]
 }
 
 proptest! {
