@@ -54,7 +54,7 @@ pub mod onnx {
     use cnnc_compiler::Graph;
     pub use cnnc_onnx::{
         Const, Data, ImportError, Imported, Options, ParamValue, SUPPORTED_OPS, Sym, Unsupported, import_bytes,
-        import_file, input_names, read_tensor,
+        import_file, read_tensor,
     };
     use cnnc_runtime::WeightsError;
     use cnnc_runtime::weights::{ParamData, Weights};

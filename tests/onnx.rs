@@ -344,3 +344,18 @@ fn malformed_models_are_errors() {
         assert!(e.contains("must be a relative path inside the model's folder"), "{bad}: {e}");
     }
 }
+
+/// Per-sample input shapes, by name or in order; a name the model lacks, or more shapes than
+/// inputs, is an error naming the inputs.
+#[test]
+fn input_shapes_by_name_or_position() {
+    let path = small("lenet.onnx");
+    for dims in [vec![(None, vec![1, 28, 28])], vec![(Some("x".to_string()), vec![1, 28, 28])]] {
+        let m = onnx::import_file(&path, &Options { dims, ..Options::default() }).unwrap();
+        assert_eq!(m.graph.node(m.graph.inputs[0].1).ty.dims, [1, 28, 28]);
+    }
+    let bad = |dims| onnx::import_file(&path, &Options { dims, ..Options::default() }).unwrap_err().to_string();
+    assert!(bad(vec![(Some("y".into()), vec![1, 28, 28])]).contains("no input `y`; the model's inputs: x"));
+    assert!(bad(vec![(None, vec![1, 28, 28]), (None, vec![1, 28, 28])]).contains("2 input shapes given for 1"));
+    assert!(bad(vec![(None, vec![28, 28])]).contains("has rank 4, but 2 per-sample dimensions"));
+}

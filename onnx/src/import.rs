@@ -144,12 +144,20 @@ pub(crate) fn import(
         im.values.insert(name.clone(), Value::Const(Rc::new(c.clone())));
     }
     let mut inputs = vec![];
+    let mut data_names = vec![];
     for vi in &graph.input {
         let name = vi.name.clone().unwrap_or_default();
         if im.values.contains_key(&name) {
             continue; // an initializer listed as an input (IR < 4), or bound
         }
-        let ty = input_type(vi, opts, &mut im.declared_batch)?;
+        // The dims given for it by name, else the unnamed ones in its position.
+        let given = opts
+            .dims
+            .iter()
+            .find(|(n, _)| n.as_deref() == Some(name.as_str()))
+            .or_else(|| opts.dims.iter().filter(|(n, _)| n.is_none()).nth(data_names.len()));
+        data_names.push(name.clone());
+        let ty = input_type(vi, given.map(|(_, d)| d.as_slice()), &mut im.declared_batch)?;
         let ident = im.ident(&name, "input");
         let id = im.b.input(&ident, ty.clone());
         im.var.insert(id, ident.clone());
@@ -158,6 +166,18 @@ pub(crate) fn import(
     }
     if inputs.is_empty() {
         return Err(ImportError::Invalid("the model has no data input (every input is a constant)".into()));
+    }
+    let unnamed = opts.dims.iter().filter(|(n, _)| n.is_none()).count();
+    let unknown = opts.dims.iter().find_map(|(n, _)| n.as_ref().filter(|n| !data_names.contains(n)));
+    if unnamed > data_names.len() || unknown.is_some() {
+        return Err(ImportError::Invalid(format!(
+            "{}; the model's inputs: {}",
+            match unknown {
+                Some(n) => format!("the model has no input `{n}`"),
+                None => format!("{unnamed} input shapes given for {} input(s)", data_names.len()),
+            },
+            data_names.join(", ")
+        )));
     }
     let mut bad: Vec<Unsupported> = vec![];
     for (i, n) in graph.node.iter().enumerate() {
@@ -284,7 +304,7 @@ fn net_name(s: &str) -> String {
 /// The type of a graph input: the first dimension becomes the symbolic batch.
 fn input_type(
     vi: &crate::proto::ValueInfoProto,
-    opts: &Options,
+    given: Option<&[usize]>,
     declared: &mut HashSet<i64>,
 ) -> Result<TensorType, ImportError> {
     let name = vi.name.clone().unwrap_or_default();
@@ -321,7 +341,7 @@ fn input_type(
     if let Some(b) = dims[0] {
         declared.insert(b);
     }
-    if let Some((_, d)) = opts.dims.iter().find(|(n, _)| *n == name) {
+    if let Some(d) = given {
         if d.len() + 1 != dims.len() {
             return Err(ImportError::Invalid(format!(
                 "input `{name}` has rank {}, but {} per-sample dimensions were given",
@@ -332,7 +352,7 @@ fn input_type(
         if cnnc_compiler::shape::checked_numel(d).is_none() {
             return Err(err(format!("the given shape {}", cnnc_compiler::shape::too_many_elements(d))));
         }
-        return Ok(TensorType::new(d.clone()));
+        return Ok(TensorType::new(d.to_vec()));
     }
     let mut per = vec![];
     for (i, d) in dims[1..].iter().enumerate() {

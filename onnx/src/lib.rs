@@ -134,8 +134,9 @@ pub struct Options {
     /// Graph inputs (or initializers) to bind to constants: ONNX node tests pass weights as
     /// inputs; a bound initializer's values in the file are not read.
     pub bind: Vec<(String, Const)>,
-    /// Per-sample dimensions for inputs whose dimensions are symbolic (or to override them).
-    pub dims: Vec<(String, Vec<usize>)>,
+    /// Per-sample dimensions for inputs whose dimensions are symbolic (or to override them):
+    /// by input name, or (`None`) for the data inputs in order.
+    pub dims: Vec<(Option<String>, Vec<usize>)>,
 }
 
 /// A parameter's values, in the order of [`Graph::params`].
@@ -187,14 +188,6 @@ fn import_buffer(
 ) -> Result<Imported, ImportError> {
     let model = proto::ModelProto::decode(bytes).map_err(|e| ImportError::Decode(e.to_string()))?;
     import::import(&model, dir, opts, default_name)
-}
-
-/// The names of the model's graph inputs that are not initializers (its data inputs), in order.
-pub fn input_names(bytes: &[u8]) -> Result<Vec<String>, ImportError> {
-    let model = proto::ModelProto::decode(bytes).map_err(|e| ImportError::Decode(e.to_string()))?;
-    let graph = model.graph.ok_or_else(|| ImportError::Invalid("the model has no graph".into()))?;
-    let inits: Vec<&str> = graph.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
-    Ok(graph.input.iter().filter_map(|i| i.name.clone()).filter(|n| !inits.contains(&n.as_str())).collect())
 }
 
 /// Reads a serialized `TensorProto` (the `.pb` files of ONNX's test data sets).

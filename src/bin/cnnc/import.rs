@@ -2,7 +2,7 @@
 //! loading every other command does when given an `.onnx` file instead of a `.cnn` one (the
 //! model's weights are then the default weights of `run`, `bench` and `fuse-report`).
 
-use crate::fail::{Fail, input, usage};
+use crate::fail::{Fail, input};
 use crate::source::{self, Source};
 use clap::Args;
 use cnnc::compiler::graph::Graph;
@@ -51,34 +51,17 @@ pub fn imported_weights(graph: &Graph) -> Option<Weights> {
 /// Imports a model, printing what the importer folded as notes on stderr.
 pub fn import(path: &Path, shapes: &[String], name: Option<&str>) -> Result<onnx::Imported, Fail> {
     let mut opts = onnx::Options { name: name.map(String::from), ..onnx::Options::default() };
-    if !shapes.is_empty() {
-        let names = input_names(path)?;
-        for (pos, s) in shapes.iter().enumerate() {
-            let shape = source::parse_shape(s)?;
-            let input = match shape.name {
-                Some(n) => n,
-                None => {
-                    names.get(pos).cloned().ok_or_else(|| usage(format!("the model has {} inputs", names.len())))?
-                }
-            };
-            let dims: Vec<usize> = shape.dims[1..].iter().map(|d| d.parse().unwrap_or(0)).collect();
-            opts.dims.push((input, dims));
-        }
+    for s in shapes {
+        let shape = source::parse_shape(s)?;
+        // The first dimension is the batch, which stays symbolic.
+        let dims: Vec<usize> = shape.dims[1..].iter().map(|d| d.parse().unwrap_or(0)).collect();
+        opts.dims.push((shape.name, dims));
     }
     let imported = onnx::import_file(path, &opts).map_err(|e| input(format!("`{}`: {e}", path.display())))?;
     for n in &imported.notes {
         eprintln!("note: {n}");
     }
     Ok(imported)
-}
-
-/// The model's graph inputs that are not initializers, in order (for positional `--input`).
-fn input_names(path: &Path) -> Result<Vec<String>, Fail> {
-    // Imported once without overrides only to learn the names would fail on symbolic dims,
-    // so read them from the error-free part: the graph's declared inputs.
-    let bytes =
-        std::fs::read(path).map_err(|e| input(format!("cannot read `{}`: {}", path.display(), source::io_text(&e))))?;
-    onnx::input_names(&bytes).map_err(|e| input(format!("`{}`: {e}", path.display())))
 }
 
 /// Loads an `.onnx` file as the net of a command: the graph, and its weights kept for
