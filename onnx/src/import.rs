@@ -500,7 +500,6 @@ impl Importer<'_> {
         if self.input(n, i).is_none() {
             return Ok(None);
         }
-        self.constant(n, i)?;
         self.take_const(n, i, "operand").map(Some)
     }
 
@@ -1090,17 +1089,34 @@ impl Importer<'_> {
             ("Div", false) => (per_channel.iter().map(|v| 1.0 / v).collect(), None),
             _ => return unsupported(format!("{op} of a constant by a computed tensor")),
         };
-        let args = vec![
-            (None, int(c)),
-            (None, int(c)),
-            (Some("kernel_size"), int(1)),
-            (Some("groups"), int(c)),
-            (Some("bias"), boolean(b.is_some())),
-        ];
+        self.notes.push(format!("`{}` ({op} by a per-channel constant) → a 1×1 depthwise Conv2d", node_name(n, index)));
+        self.depthwise_1x1(&format!("{}_{index}", op.to_ascii_lowercase()), x, w, b, [0; 4], "zeros")
+    }
+
+    /// A 1×1 depthwise `Conv2d` of per-channel weight `w` and optional bias `b`, padded by
+    /// `(top, bottom, left, right)` in `mode`: `y = w·x + b` on the padded plane (how a
+    /// per-channel affine op or a lone `Pad` runs).
+    fn depthwise_1x1(
+        &mut self,
+        hint: &str,
+        x: NodeId,
+        w: Vec<f32>,
+        b: Option<Vec<f32>>,
+        pads: [usize; 4],
+        mode: &str,
+    ) -> R<NodeId> {
+        let c = w.len();
+        let mut args = vec![(None, int(c)), (None, int(c)), (Some("kernel_size"), int(1))];
+        if pads != [0; 4] {
+            args.push((Some("padding"), ArgValue::Tuple(pads.iter().map(|v| int(*v)).collect())));
+        }
+        args.extend([(Some("groups"), int(c)), (Some("bias"), boolean(b.is_some()))]);
+        if mode != "zeros" {
+            args.push((Some("padding_mode"), ArgValue::Str(mode.into())));
+        }
         let mut vals = vec![ParamValue::F32(w)];
         vals.extend(b.map(ParamValue::F32));
-        self.notes.push(format!("`{}` ({op} by a per-channel constant) → a 1×1 depthwise Conv2d", node_name(n, index)));
-        self.layer(&format!("{}_{index}", op.to_ascii_lowercase()), "Conv2d", args, &[x], vals)
+        self.layer(hint, "Conv2d", args, &[x], vals)
     }
 
     fn need_4d(&self, x: NodeId, op: &str) -> R<()> {
@@ -1434,25 +1450,11 @@ impl Importer<'_> {
         // Elsewhere: a 1×1 depthwise conv with weight 1 and that padding copies the input
         // into the padded plane exactly.
         let c = self.ty(x).dims[0];
-        let padding = ArgValue::Tuple(sides.iter().map(|v| int(*v)).collect());
-        let args = vec![
-            (None, int(c)),
-            (None, int(c)),
-            (Some("kernel_size"), int(1)),
-            (Some("padding"), padding),
-            (Some("groups"), int(c)),
-            (Some("bias"), boolean(false)),
-        ];
-        let mut args = args;
-        if mode != "zeros" {
-            args.push((Some("padding_mode"), ArgValue::Str(mode.into())));
-        }
         self.notes.push(format!(
             "Pad `{}` runs as a 1×1 depthwise conv of weight 1 with {mode} padding",
             n.name.clone().unwrap_or_default()
         ));
-        let id = self.layer("pad", "Conv2d", args, &[x], vec![ParamValue::F32(vec![1.0; c])])?;
-        Ok(Value::Tensor(id))
+        Ok(Value::Tensor(self.depthwise_1x1("pad", x, vec![1.0; c], None, sides, mode)?))
     }
 
     /// The `.cnn` text.
