@@ -219,6 +219,32 @@ impl Bound {
         }
     }
 
+    /// A `(top, bottom, left, right)` 4-tuple of non-negative ints (cnnc's padding by sides),
+    /// or `None` when the argument is not a 4-tuple.
+    pub fn sides(&self, name: &str) -> Option<Result<[usize; 4], Diagnostic>> {
+        let (ArgValue::Tuple(t), span) = self.get(name)? else { return None };
+        if t.len() != 4 {
+            return None;
+        }
+        let v: Vec<usize> = t
+            .iter()
+            .filter_map(|v| match v {
+                ArgValue::Int(i) if (0..=MAX_SIZE as i64).contains(i) => Some(*i as usize),
+                _ => None,
+            })
+            .collect();
+        Some(<[usize; 4]>::try_from(v).map_err(|_| {
+            Diagnostic::error(
+                *span,
+                format!(
+                    "{}: `{name}` (top, bottom, left, right) must be four non-negative ints, found {}",
+                    self.layer,
+                    ArgValue::Tuple(t.clone())
+                ),
+            )
+        }))
+    }
+
     /// An int or an `(h, w)` pair, each element `>= min`.
     pub fn pair(&self, name: &str, default: (usize, usize), min: i64) -> Result<(usize, usize), Diagnostic> {
         let check = |i: i64, s: Span| {

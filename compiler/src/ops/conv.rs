@@ -127,9 +127,10 @@ fn build(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     let dilation = collect(b.pair("dilation", (1, 1), 1), &mut errs);
     let groups = collect(b.positive("groups", 1), &mut errs);
     let bias = collect(b.bool("bias", true), &mut errs);
-    let padding = match b.raw("padding") {
-        None => Some(PaddingSpec::Explicit(0, 0)),
-        Some((ArgValue::Str(s), span)) => match s.as_str() {
+    let padding = match (b.raw("padding"), b.sides("padding")) {
+        (_, Some(sides)) => collect(sides, &mut errs).map(|[t, b, l, r]| PaddingSpec::Sides(t, b, l, r)),
+        (None, _) => Some(PaddingSpec::Explicit(0, 0)),
+        (Some((ArgValue::Str(s), span)), _) => match s.as_str() {
             "same" => Some(PaddingSpec::Same),
             "valid" => Some(PaddingSpec::Valid),
             other => {
@@ -140,28 +141,7 @@ fn build(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
                 None
             }
         },
-        Some((ArgValue::Tuple(t), span)) if t.len() == 4 => {
-            let sides: Vec<usize> = t
-                .iter()
-                .filter_map(|v| match v {
-                    ArgValue::Int(i) if (0..=crate::shape::MAX_SIZE as i64).contains(i) => Some(*i as usize),
-                    _ => None,
-                })
-                .collect();
-            if let [t, b, l, r] = sides[..] {
-                Some(PaddingSpec::Sides(t, b, l, r))
-            } else {
-                errs.push(Diagnostic::error(
-                    span,
-                    format!(
-                        "Conv2d: padding (top, bottom, left, right) must be four non-negative ints, found {}",
-                        ArgValue::Tuple(t.clone())
-                    ),
-                ));
-                None
-            }
-        }
-        Some(_) => collect(b.pair("padding", (0, 0), 0), &mut errs).map(|(h, w)| PaddingSpec::Explicit(h, w)),
+        (Some(_), None) => collect(b.pair("padding", (0, 0), 0), &mut errs).map(|(h, w)| PaddingSpec::Explicit(h, w)),
     };
     let padding_mode = match b.raw("padding_mode") {
         None => Some(PaddingMode::Zeros),

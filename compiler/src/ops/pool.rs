@@ -148,30 +148,11 @@ fn check_half(b: &Bound, kernel: (usize, usize), padding: (usize, usize), layer:
 /// `padding`: an int, `(h, w)`, or `(top, bottom, left, right)` — the begin pair and, when
 /// the ends differ, the end pair.
 #[allow(clippy::type_complexity)]
-fn pool_padding(b: &Bound, layer: &str) -> Result<((usize, usize), Option<(usize, usize)>), Diagnostic> {
-    if let Some((ArgValue::Tuple(t), span)) = b.raw("padding")
-        && t.len() == 4
-    {
-        let v: Vec<usize> = t
-            .iter()
-            .filter_map(|v| match v {
-                ArgValue::Int(i) if (0..=MAX_SIZE as i64).contains(i) => Some(*i as usize),
-                _ => None,
-            })
-            .collect();
-        return match v[..] {
-            [t, bo, l, r] if (t, l) == (bo, r) => Ok(((t, l), None)),
-            [t, bo, l, r] => Ok(((t, l), Some((bo, r)))),
-            _ => Err(Diagnostic::error(
-                span,
-                format!(
-                    "{layer}: padding (top, bottom, left, right) must be four non-negative ints, found {}",
-                    ArgValue::Tuple(t.clone())
-                ),
-            )),
-        };
+fn pool_padding(b: &Bound) -> Result<((usize, usize), Option<(usize, usize)>), Diagnostic> {
+    match b.sides("padding") {
+        Some(sides) => sides.map(|[t, bo, l, r]| ((t, l), ((t, l) != (bo, r)).then_some((bo, r)))),
+        None => b.pair("padding", (0, 0), 0).map(|p| (p, None)),
     }
-    b.pair("padding", (0, 0), 0).map(|p| (p, None))
 }
 
 fn padding_text(padding: (usize, usize), end: Option<(usize, usize)>) -> String {
@@ -185,7 +166,7 @@ fn build_max(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     let mut errs = vec![];
     let kernel = collect(b.pair("kernel_size", (1, 1), 1), &mut errs);
     let stride = collect(b.pair("stride", kernel.unwrap_or((1, 1)), 1), &mut errs);
-    let padding = collect(pool_padding(b, "MaxPool2d"), &mut errs);
+    let padding = collect(pool_padding(b), &mut errs);
     let dilation = collect(b.pair("dilation", (1, 1), 1), &mut errs);
     let ceil_mode = collect(b.bool("ceil_mode", false), &mut errs);
     if let Some((v, s)) = b.raw("return_indices")
@@ -212,7 +193,7 @@ fn build_avg(b: &Bound) -> Result<Op, Vec<Diagnostic>> {
     let mut errs = vec![];
     let kernel = collect(b.pair("kernel_size", (1, 1), 1), &mut errs);
     let stride = collect(b.pair("stride", kernel.unwrap_or((1, 1)), 1), &mut errs);
-    let padding = collect(pool_padding(b, "AvgPool2d"), &mut errs);
+    let padding = collect(pool_padding(b), &mut errs);
     let ceil_mode = collect(b.bool("ceil_mode", false), &mut errs);
     let count_include_pad = collect(b.bool("count_include_pad", true), &mut errs);
     let divisor_override = match b.raw("divisor_override") {
