@@ -10,7 +10,7 @@ use super::cx::NodeCx;
 use super::math::act_v;
 use crate::error::Result;
 use cnnc_compiler::ops::{Activation, BatchNorm2d, Concat, Reduce, ReduceKind, Softmax};
-use cranelift_codegen::ir::{InstBuilder, Value, types};
+use cranelift_codegen::ir::{InstBuilder, Value};
 
 /// Calls `body(fx, i, lanes)` for `i = 0, 4, 8, …` covering `len` elements: full vectors in
 /// a loop, then one partial vector of `lanes < 4`.
@@ -367,25 +367,7 @@ pub(super) fn softmax(jit: &mut Jit, cx: &NodeCx<'_>, sm: &Softmax) -> Result<()
                         let jj = fx.muli(j, c(inner));
                         fx.add(start, jj)
                     };
-                    let ninf = fx.d(f64::NEG_INFINITY);
-                    let mx = fx.var(types::F64, ninf);
-                    fx.for_const(0, len, 1, |fx, j| {
-                        let k = at(fx, j);
-                        let v = fx.load_d(xn, k);
-                        let cur = fx.b.use_var(mx);
-                        let m = fx.b.ins().fmax(cur, v);
-                        fx.b.def_var(mx, m);
-                    });
-                    let max = fx.b.use_var(mx);
-                    let sum = fx.acc_f64();
-                    fx.for_const(0, len, 1, |fx, j| {
-                        let k = at(fx, j);
-                        let v = fx.load_d(xn, k);
-                        let d = fx.b.ins().fsub(v, max);
-                        let e = fx.call_f64(exp, &[d]);
-                        fx.accumulate(sum, e);
-                    });
-                    let total = fx.b.use_var(sum);
+                    let (max, total) = super::math::max_and_sum_exp(fx, xn, len, at);
                     fx.for_const(0, len, 1, |fx, j| {
                         let k = at(fx, j);
                         let v = fx.load_d(xn, k);

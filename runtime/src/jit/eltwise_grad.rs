@@ -14,7 +14,7 @@
 
 use super::codegen::{Count, Fx, Jit, LANES, V, c, part_range};
 use super::cx::NodeCx;
-use super::math::{exp_f64, ln_1p_f64, ln_f64, vsel};
+use super::math::{exp_f64, ln_1p_f64, ln_f64, max_and_sum_exp, vsel};
 use crate::error::{Error, Result};
 use cnnc_compiler::ops::train::{Loss, Reduction};
 use cnnc_compiler::ops::{Activation, BatchNorm2d, Reduce, ReduceKind};
@@ -767,25 +767,7 @@ pub(super) fn loss(jit: &mut Jit, cx: &NodeCx<'_>, l: &Loss, grad: bool) -> Resu
                 fx.for_samples(|fx, s| {
                     let row = fx.muli(s, c(classes));
                     let tv = fx.load_d(t, s);
-                    let ninf = fx.d(f64::NEG_INFINITY);
-                    let mx = fx.var(types::F64, ninf);
-                    fx.for_const(0, classes, 1, |fx, j| {
-                        let at = fx.add(row, j);
-                        let v = fx.load_d(p, at);
-                        let cur = fx.b.use_var(mx);
-                        let m = fx.b.ins().fmax(cur, v);
-                        fx.b.def_var(mx, m);
-                    });
-                    let max = fx.b.use_var(mx);
-                    let se = fx.acc_f64();
-                    fx.for_const(0, classes, 1, |fx, j| {
-                        let at = fx.add(row, j);
-                        let v = fx.load_d(p, at);
-                        let d = fx.b.ins().fsub(v, max);
-                        let e = fx.call_f64(exp_f64 as *const () as usize, &[d]);
-                        fx.accumulate(se, e);
-                    });
-                    let sum = fx.b.use_var(se);
+                    let (max, sum) = max_and_sum_exp(fx, p, classes, |fx, j| fx.add(row, j));
                     let ln = fx.call_f64(ln_f64 as *const () as usize, &[sum]);
                     let lse = fx.b.ins().fadd(max, ln);
                     fx.for_const(0, classes, 1, |fx, j| {

@@ -174,6 +174,37 @@ pub(super) fn act_v(fx: &mut Fx<'_>, act: Activation, x: Value) -> Value {
     }
 }
 
+/// Over one line of `len` f32 values (element `j` at `base + 4·at(j)`), widened to f64: the
+/// NaN-propagating maximum and `Σ exp(v − max)` in order — the interpreter's arithmetic for
+/// the prologue of a softmax or a log-sum-exp.
+pub(super) fn max_and_sum_exp<F: Fn(&mut Fx<'_>, Value) -> Value>(
+    fx: &mut Fx<'_>,
+    base: Value,
+    len: usize,
+    at: F,
+) -> (Value, Value) {
+    let ninf = fx.d(f64::NEG_INFINITY);
+    let mx = fx.var(types::F64, ninf);
+    fx.for_const(0, len, 1, |fx, j| {
+        let k = at(fx, j);
+        let v = fx.load_d(base, k);
+        let cur = fx.b.use_var(mx);
+        let m = fx.b.ins().fmax(cur, v);
+        fx.b.def_var(mx, m);
+    });
+    let max = fx.b.use_var(mx);
+    let sum = fx.acc_f64();
+    fx.for_const(0, len, 1, |fx, j| {
+        let k = at(fx, j);
+        let v = fx.load_d(base, k);
+        let d = fx.b.ins().fsub(v, max);
+        let e = fx.call_f64(exp_f64 as *const () as usize, &[d]);
+        fx.accumulate(sum, e);
+    });
+    let sum = fx.b.use_var(sum);
+    (max, sum)
+}
+
 /// `e^x` in f64, for generated code ([`super::codegen::Fx::call_f64`]).
 pub(super) extern "C" fn exp_f64(x: f64) -> f64 {
     x.exp()
