@@ -61,7 +61,7 @@ fn one_layer(name: &str, op: Op, input: Vec<usize>) -> Graph {
 }
 
 fn single() -> Options {
-    Options { threads: 1, portable: false, fuse: false }
+    Options { threads: 1, portable: false, fuse: false, ..Default::default() }
 }
 
 /// The time of the conv kernel alone in one run (`Compiled::profile`): a lone conv on a

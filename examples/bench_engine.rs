@@ -302,8 +302,11 @@ fn main() -> Res<()> {
     let graph = fused_graph.as_ref().unwrap_or(graph);
     let weights = &weights;
     let t = Instant::now();
-    let model =
-        Compiled::new(graph, weights, &Options { threads: args.threads, portable: args.portable, fuse: false })?;
+    let model = Compiled::new(
+        graph,
+        weights,
+        &Options { threads: args.threads, portable: args.portable, fuse: false, ..Default::default() },
+    )?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
 
     let head = format!(

@@ -172,7 +172,7 @@ pub fn differential(data: &[u8]) {
         (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     });
     let want = interp::run(&g, &weights, &[x.view()]).expect("the interpreter runs a checked net").remove(0);
-    let opts = Options { threads: 1 + b.next(2), portable: b.next(2) == 0, fuse: b.next(2) == 0 };
+    let opts = Options { threads: 1 + b.next(2), portable: b.next(2) == 0, fuse: b.next(2) == 0, ..Default::default() };
     let net = Compiled::new(&g, &weights, &opts).expect("the JIT compiles a checked net");
     let got = net.run(&[x.view()]).expect("the JIT runs").remove(0);
     let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));

@@ -47,7 +47,7 @@ fn resnet18_fuses_into_23_kernels() {
     let conv_bn = shapes.iter().filter(|s| **s == [How::FoldedIntoWeights]).count();
     assert_eq!((conv_bn_relu, conv_bn_add_relu, conv_bn), (9, 8, 3));
     // The JIT generates one kernel per remaining op.
-    let opts = Options { threads: 1, portable: false, fuse: false };
+    let opts = Options { threads: 1, portable: false, fuse: false, ..Default::default() };
     assert_eq!(Compiled::new(&out.graph, &out.weights, &opts).unwrap().kernel_count(), 23);
     assert_eq!(Compiled::new(&g, &w, &opts).unwrap().kernel_count(), 68);
 }

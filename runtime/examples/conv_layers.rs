@@ -1,24 +1,41 @@
 //! Single-layer throughput of the JIT on the convolutions that dominate ResNet-18 and VGG,
-//! at batch 1 on one thread, for each kernel choice this CPU supports (the median time of
-//! the conv kernel itself, from `Compiled::profile`).
+//! at batch 1 on one thread, for each kernel choice this CPU supports and, for the 3×3
+//! ones on the micro-kernels, both algorithms (direct and Winograd F(2×2, 3×3), timed in
+//! alternating rounds): the median time of the conv kernel itself, from
+//! `Compiled::profile`, and its throughput in the direct convolution's FLOPs.
 //!
 //! ```text
-//! cargo run --release -p cnnc-runtime --example conv_layers
+//! cargo run --release -p cnnc-runtime --example conv_layers [-- --rounds 5]
 //! ```
 
 use cnnc_compiler::ops::{Conv2d, Epilogue, Op, PaddingMode, PaddingSpec};
 use cnnc_compiler::{GraphBuilder, TensorType};
 use cnnc_runtime::weights::Weights;
-use cnnc_runtime::{Compiled, Kernels, Options};
+use cnnc_runtime::{Compiled, ConvAlgorithm, Kernels, Options};
 use ndarray::{ArrayD, IxDyn};
 
 fn main() {
     let peak = cnnc_runtime::jit::peak_gflops().unwrap_or(f64::NAN);
     println!("one core's measured peak: {peak:.1} GFLOP/s");
-    // (in, out, kernel, pad, size)
-    for (ci, co, k, pad, hw) in
-        [(64, 64, 3, 1, 56), (256, 256, 3, 1, 14), (128, 128, 3, 1, 28), (512, 512, 3, 1, 7), (256, 512, 1, 0, 14)]
-    {
+    let args: Vec<String> = std::env::args().collect();
+    let rounds: usize =
+        args.iter().position(|a| a == "--rounds").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(3);
+    // (in, out, kernel, pad, size): ResNet-18's 3×3 convs and a 1×1, then VGG-11's.
+    for (ci, co, k, pad, hw) in [
+        (64, 64, 3, 1, 56),
+        (128, 128, 3, 1, 28),
+        (256, 256, 3, 1, 14),
+        (512, 512, 3, 1, 7),
+        (256, 512, 1, 0, 14),
+        (64, 128, 3, 1, 112),
+        (128, 256, 3, 1, 56),
+        (256, 256, 3, 1, 56),
+        (256, 512, 3, 1, 28),
+        (512, 512, 3, 1, 28),
+        (512, 512, 3, 1, 14),
+        (16, 32, 3, 1, 32),
+        (32, 32, 3, 1, 16),
+    ] {
         let conv = Conv2d {
             in_channels: ci,
             out_channels: co,
@@ -39,20 +56,44 @@ fn main() {
         let w = Weights::random(&g, 0);
         let input = ArrayD::from_shape_fn(IxDyn(&[1, ci, hw, hw]), |i| (i[1] + i[2] * 3 + i[3] * 7) as f32 % 5.0 - 2.0);
         let flops = 2.0 * (ci * co * k * k * hw * hw) as f64;
+        let mut cases = vec![];
         for kernels in [Kernels::Avx512, Kernels::Avx2, Kernels::Portable] {
-            let Ok(net) =
-                Compiled::with_kernels(&g, &w, &Options { threads: 1, portable: false, fuse: false }, kernels)
-            else {
-                continue;
+            let algos: &[ConvAlgorithm] = if k == 3 && kernels != Kernels::Portable {
+                &[ConvAlgorithm::Direct, ConvAlgorithm::Winograd]
+            } else {
+                &[ConvAlgorithm::Direct]
             };
-            // The conv kernel alone (a plain input with whole blocks of channels is first
-            // reordered to the blocked layout, and the blocked result back: not counted).
-            let prof = net.profile(&[input.view()], 200).expect("runs");
-            let t = prof.iter().find(|k| k.name == "conv").expect("a conv kernel").median.as_secs_f64();
+            for &conv in algos {
+                let opts = Options { threads: 1, portable: false, fuse: false, conv };
+                if let Ok(net) = Compiled::with_kernels(&g, &w, &opts, kernels) {
+                    cases.push((kernels, conv, net, vec![]));
+                }
+            }
+        }
+        // Rounds alternate the variants, so a busy minute slows them alike.
+        for _ in 0..rounds {
+            for (_, _, net, times) in cases.iter_mut() {
+                // The conv kernel alone (a plain input with whole blocks of channels is first
+                // reordered to the blocked layout, and the blocked result back: not counted).
+                let prof = net.profile(&[input.view()], 40).expect("runs");
+                times.push(prof.iter().find(|k| k.name == "conv").expect("a conv kernel").median.as_secs_f64());
+            }
+        }
+        let mut direct = f64::NAN;
+        for (kernels, conv, _, times) in &mut cases {
+            times.sort_by(f64::total_cmp);
+            let t = times[times.len() / 2];
             let gf = flops / t / 1e9;
+            let vs = if *conv == ConvAlgorithm::Direct {
+                direct = t;
+                String::new()
+            } else {
+                format!(" {:.2}× direct", direct / t)
+            };
             println!(
-                "{k}x{k} {ci:>3}->{co:<3} at {hw:>2}x{hw:<2} {:<9} {:>9.1} µs {gf:>6.1} GFLOP/s ({:>4.1}% of peak)",
+                "{k}x{k} {ci:>3}->{co:<3} at {hw:>3}x{hw:<3} {:<9} {:<8} {:>9.1} µs {gf:>6.1} GFLOP/s ({:>5.1}% of peak){vs}",
                 format!("{kernels:?}"),
+                format!("{conv:?}"),
                 t * 1e6,
                 100.0 * gf / peak
             );

@@ -26,4 +26,4 @@ pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result, WeightsError};
-pub use jit::{Compiled, KernelTime, Kernels, Options};
+pub use jit::{Compiled, ConvAlgorithm, ConvChoice, KernelTime, Kernels, Options};

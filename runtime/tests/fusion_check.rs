@@ -137,7 +137,12 @@ fn optimised_weights_fit_the_optimised_graph_in_both_engines() {
     let want = interp::run(&g, &w, &[x.view()]).unwrap();
     let got = interp::run(&out.graph, &out.weights, &[x.view()]).unwrap();
     assert!(relative_error(&got[0], &want[0]) <= 1e-5);
-    let jit = Compiled::new(&out.graph, &out.weights, &Options { threads: 1, portable: false, fuse: false }).unwrap();
+    let jit = Compiled::new(
+        &out.graph,
+        &out.weights,
+        &Options { threads: 1, portable: false, fuse: false, ..Default::default() },
+    )
+    .unwrap();
     // (With the micro-kernels, also the blocked copy of the skip input and the plain copy
     // of the output: `data_movement_count`.)
     assert_eq!(jit.kernel_count(), 2, "conv1 ⇒ relu, conv2 ⇒ +residual ⇒ relu");

@@ -199,7 +199,7 @@ proptest! {
         });
         let want = interp::run(&g, &w, &[x.view()]).map_err(|e| TestCaseError::fail(format!("{e}\n{src}")))?;
         let got_interp = interp::run(&fused.graph, &fused.weights, &[x.view()]).map_err(|e| TestCaseError::fail(format!("{e}")))?;
-        let jit = Compiled::new(&fused.graph, &fused.weights, &Options { threads: 1 + batch % 2, portable: seed % 2 == 0, fuse: false })
+        let jit = Compiled::new(&fused.graph, &fused.weights, &Options { threads: 1 + batch % 2, portable: seed % 2 == 0, fuse: false, ..Default::default() })
             .map_err(|e| TestCaseError::fail(format!("{e}\n{}", fused.graph)))?;
         let got_jit = jit.run(&[x.view()]).map_err(|e| TestCaseError::fail(format!("{e}")))?;
         for ((a, b), y) in got_interp.iter().zip(&got_jit).zip(&want) {

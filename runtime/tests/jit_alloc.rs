@@ -96,7 +96,8 @@ fn a_steady_state_run_allocates_only_its_outputs() {
     let g = net();
     let w = weights(&g, 1);
     for portable in [false, true] {
-        let model = Compiled::new(&g, &w, &Options { threads: 1, portable, fuse: false }).unwrap();
+        let model =
+            Compiled::new(&g, &w, &Options { threads: 1, portable, fuse: false, ..Default::default() }).unwrap();
         for n in [1usize, 5, 64] {
             let x = random(&[n, 3, 16, 16], 2);
             model.run(&[x.view()]).unwrap();

@@ -41,7 +41,7 @@ fn matches_interpreter_across_chunks_and_thread_counts() {
         let xs = inputs(&g, n, 4);
         for threads in [1, 2, 3] {
             for portable in [false, true] {
-                let e = jit_vs_interp(&g, &w, &xs, &Options { threads, portable, fuse: false });
+                let e = jit_vs_interp(&g, &w, &xs, &Options { threads, portable, fuse: false, ..Default::default() });
                 assert!(e <= TOL, "batch {n}, threads {threads}, portable {portable}: worst error {e:e}");
             }
         }
@@ -53,8 +53,10 @@ fn thread_count_does_not_change_results() {
     let g = small_net();
     let w = weights(&g, 5);
     let x = random(&[37, 3, 12, 12], 6);
-    let one = Compiled::new(&g, &w, &Options { threads: 1, portable: false, fuse: false }).unwrap();
-    let two = Compiled::new(&g, &w, &Options { threads: 2, portable: false, fuse: false }).unwrap();
+    let one =
+        Compiled::new(&g, &w, &Options { threads: 1, portable: false, fuse: false, ..Default::default() }).unwrap();
+    let two =
+        Compiled::new(&g, &w, &Options { threads: 2, portable: false, fuse: false, ..Default::default() }).unwrap();
     let all = Compiled::new(&g, &w, &Options { fuse: false, ..Options::default() }).unwrap();
     let a = one.run(&[x.view()]).unwrap();
     assert_eq!(a, two.run(&[x.view()]).unwrap());
@@ -77,7 +79,8 @@ fn thread_count_does_not_change_results() {
 fn one_compiled_model_shared_by_four_threads() {
     let g = small_net();
     let w = weights(&g, 7);
-    let net = Compiled::new(&g, &w, &Options { threads: 2, portable: false, fuse: false }).unwrap();
+    let net =
+        Compiled::new(&g, &w, &Options { threads: 2, portable: false, fuse: false, ..Default::default() }).unwrap();
     let batches: Vec<ArrayD<f32>> = (0..4).map(|t| random(&[1 + 5 * t, 3, 12, 12], 100 + t as u64)).collect();
     let expected: Vec<ArrayD<f32>> = batches.iter().map(|x| net.run(&[x.view()]).unwrap().remove(0)).collect();
     std::thread::scope(|s| {
@@ -143,7 +146,8 @@ fn bad_graphs_and_weights_are_errors() {
 fn reports_kernels_and_compile_time() {
     let g = small_net();
     let w = weights(&g, 0);
-    let net = Compiled::new(&g, &w, &Options { threads: 1, portable: true, fuse: false }).unwrap();
+    let net =
+        Compiled::new(&g, &w, &Options { threads: 1, portable: true, fuse: false, ..Default::default() }).unwrap();
     // conv, bn, relu, fused conv, pool, linear (Flatten is an alias).
     assert_eq!(net.kernel_count(), 6);
     assert_eq!(net.data_movement_count(), 0, "the portable code is all plain NCHW");

@@ -23,7 +23,7 @@ fn check_blocked(what: &str, g: &Graph) -> usize {
         let want = interp::run(g, &w, &views).unwrap();
         for kernels in [Kernels::Avx512, Kernels::Avx2] {
             for threads in [1, 2] {
-                let opts = Options { threads, portable: false, fuse: false };
+                let opts = Options { threads, portable: false, fuse: false, ..Default::default() };
                 let net = match Compiled::with_kernels(g, &w, &opts, kernels) {
                     Ok(net) => net.with_parallel_threshold(0),
                     Err(Error::Unsupported(why)) if why.contains("cannot run") => continue,

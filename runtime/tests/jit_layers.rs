@@ -20,6 +20,8 @@ const LAYERS: &[&str] = &[
     "blocked::pool",
     "blocked::gemm_grad",
     "blocked::conv",
+    "blocked::winograd",
+    "blocked::common",
     // The portable tier (plain NCHW, pure Cranelift).
     "portable",
     "portable::conv",
@@ -45,6 +47,7 @@ const LAYERS: &[&str] = &[
     "microkernel::gemm",
     "microkernel::plane",
     "microkernel::pool",
+    "microkernel::winograd",
     "microkernel::epilogue",
     "microkernel::simd",
     "microkernel::isa",

@@ -65,7 +65,7 @@ fn sample_inputs() -> Vec<f32> {
 fn run(act: Activation, xs: &[f32], portable: bool) -> Vec<f32> {
     let g = one_layer(&[xs.len()], cnnc_compiler::ops::Op::Activation(act));
     let w = weights(&g, 0);
-    let net = Compiled::new(&g, &w, &Options { threads: 1, portable, fuse: false }).unwrap();
+    let net = Compiled::new(&g, &w, &Options { threads: 1, portable, fuse: false, ..Default::default() }).unwrap();
     let x = ArrayD::from_shape_vec(IxDyn(&[1, xs.len()]), xs.to_vec()).unwrap();
     net.run(&[x.view()]).unwrap().remove(0).iter().copied().collect()
 }
@@ -80,7 +80,13 @@ fn run_fused(act: Activation, xs: &[f32], kernels: Kernels) -> Option<Vec<f32>> 
     let g = one_layer(&[1], op);
     let ones = g.params.iter().map(|p| ParamData::filled(&p.spec, 1.0)).collect();
     let w = Weights::from_params(&g, ones).unwrap();
-    let net = Compiled::with_kernels(&g, &w, &Options { threads: 1, portable: false, fuse: false }, kernels).ok()?;
+    let net = Compiled::with_kernels(
+        &g,
+        &w,
+        &Options { threads: 1, portable: false, fuse: false, ..Default::default() },
+        kernels,
+    )
+    .ok()?;
     let x = ArrayD::from_shape_vec(IxDyn(&[xs.len(), 1]), xs.to_vec()).unwrap();
     Some(net.run(&[x.view()]).unwrap().remove(0).iter().copied().collect())
 }

@@ -20,7 +20,7 @@ fn check_kernels(what: &str, g: &Graph, n: usize) -> usize {
     let want = interp::run(g, &w, &views).unwrap();
     let mut ran = 0;
     for kernels in [Kernels::Avx512, Kernels::Avx2, Kernels::Portable] {
-        let opts = Options { threads: 1, portable: false, fuse: false };
+        let opts = Options { threads: 1, portable: false, fuse: false, ..Default::default() };
         let net = match Compiled::with_kernels(g, &w, &opts, kernels) {
             Ok(net) => net,
             Err(Error::Unsupported(why)) if kernels != Kernels::Portable => {

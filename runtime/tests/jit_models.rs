@@ -69,7 +69,7 @@ fn time(f: impl Fn()) -> Duration {
 
 fn measure(g: &Graph, batches: &[usize], threads: usize, macs_per_sample: f64) {
     let w = weights(g, 1);
-    let net = Compiled::new(g, &w, &Options { threads, portable: false, fuse: false }).unwrap();
+    let net = Compiled::new(g, &w, &Options { threads, portable: false, fuse: false, ..Default::default() }).unwrap();
     println!(
         "{} (threads {threads}): {} kernels, compiled in {:.1} ms, arena {} KiB/sample, chunk {}",
         g.name,

@@ -334,7 +334,7 @@ fn softmax_matches_the_interpreter_exactly() {
         }
         let want = cnnc_runtime::interp::run(&g, &w, &[x.view()]).unwrap().remove(0);
         for portable in [false, true] {
-            let opts = cnnc_runtime::Options { threads: 1, portable, fuse: true };
+            let opts = cnnc_runtime::Options { threads: 1, portable, fuse: true, ..Default::default() };
             let got = cnnc_runtime::Compiled::new(&g, &w, &opts).unwrap().run(&[x.view()]).unwrap().remove(0);
             for (a, b) in got.iter().zip(want.iter()) {
                 assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{dims:?} dim {dim}: {a} vs {b}");

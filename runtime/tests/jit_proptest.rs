@@ -17,7 +17,7 @@ const CASES: u32 = 64;
 fn compare(g: &cnnc_compiler::Graph, n: usize, seed: u64, portable: bool, threads: usize) -> Result<(), TestCaseError> {
     let w = weights(g, seed);
     let xs = inputs(g, n, seed ^ 0xabc);
-    let e = jit_vs_interp(g, &w, &xs, &Options { threads, portable, fuse: false });
+    let e = jit_vs_interp(g, &w, &xs, &Options { threads, portable, fuse: false, ..Default::default() });
     prop_assert!(e <= TOL, "worst error {e:e} > {TOL:e} at batch {n}\n{g}");
     Ok(())
 }

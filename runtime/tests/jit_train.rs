@@ -13,7 +13,7 @@ use cnnc_compiler::autodiff::{self, GradSpec, Mode, Seed, TrainGraph};
 use cnnc_compiler::dsl::compile_str;
 use cnnc_compiler::ops::train::{Loss, Reduction};
 use cnnc_runtime::weights::Weights;
-use cnnc_runtime::{Compiled, Error, Kernels, Options, interp};
+use cnnc_runtime::{Compiled, ConvAlgorithm, Error, Kernels, Options, interp};
 use jit_common::{error, random, weights};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
@@ -106,10 +106,16 @@ fn check(g: &Graph, mode: Mode, loss: Option<Loss>, n: usize, seed: u64) {
     let w = weights(g, seed);
     let xs = train_inputs(&tg, loss.as_ref(), n, seed);
     for (portable, threads) in [(false, 1), (true, 2), (false, 2)] {
-        jit_error(&tg, &w, &xs, &Options { threads, portable, fuse: true });
+        jit_error(&tg, &w, &xs, &Options { threads, portable, fuse: true, ..Default::default() });
     }
     // The AVX2 register tiles (16-column GEMM tiles, 8-channel halves), where the CPU has them.
-    jit_error_with(&tg, &w, &xs, &Options { threads: 2, portable: false, fuse: true }, Kernels::Avx2);
+    jit_error_with(
+        &tg,
+        &w,
+        &xs,
+        &Options { threads: 2, portable: false, fuse: true, ..Default::default() },
+        Kernels::Avx2,
+    );
 }
 
 #[test]
@@ -175,7 +181,7 @@ fn max_pool_ties_go_to_the_first_maximum() {
             }
         }
         for (portable, threads) in [(false, 1), (true, 1)] {
-            jit_error(&tg, &w, &xs, &Options { threads, portable, fuse: true });
+            jit_error(&tg, &w, &xs, &Options { threads, portable, fuse: true, ..Default::default() });
         }
     }
 }
@@ -286,6 +292,31 @@ fn a_lenet_and_a_residual_net_match_the_interpreter() {
     }
 }
 
+/// The stride-1 3×3 convolutions of a training graph — forward, and the input gradients
+/// run as convolutions with the flipped weights — on either algorithm.
+#[test]
+fn winograd_and_direct_training_steps_match_the_interpreter() {
+    let g = graph(
+        "net W(x: [N, 16, 9, 10]) = Sequential(
+            Conv2d(16, 32, 3, padding = 1), ReLU(), Conv2d(32, 24, 3), BatchNorm2d(24), ReLU(),
+            AdaptiveAvgPool2d(1), Flatten(), Linear(24, 5));",
+    );
+    let loss = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 };
+    let tg = training(&g, Mode::Train, Some(loss.clone()));
+    let w = weights(&g, 4);
+    let xs = train_inputs(&tg, Some(&loss), 3, 4);
+    for conv in [ConvAlgorithm::Winograd, ConvAlgorithm::Direct] {
+        for threads in [1, 2] {
+            let opts = Options { threads, portable: false, fuse: true, conv };
+            jit_error(&tg, &w, &xs, &opts);
+            let net = Compiled::new(&tg.graph, &w, &opts).unwrap();
+            let chosen: Vec<_> = net.conv_choices().iter().filter(|c| c.algorithm == conv).collect();
+            // Both forward convolutions, and the input gradient of each (of `x` too).
+            assert!(chosen.len() >= 4, "{conv:?}: {:?}", net.conv_choices());
+        }
+    }
+}
+
 #[test]
 fn set_weights_equals_a_fresh_compilation() {
     let g = graph(
@@ -301,7 +332,7 @@ fn set_weights_equals_a_fresh_compilation() {
         let xs = if name == "training" { train_inputs(&tg, Some(&loss), 4, 3) } else { vec![random(&[4, 3, 6, 6], 3)] };
         let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
         for portable in [false, true] {
-            let opts = Options { threads: 1, portable, fuse: false };
+            let opts = Options { threads: 1, portable, fuse: false, ..Default::default() };
             let mut net = Compiled::new(&graph_to_run, &w1, &opts).unwrap();
             net.set_weights(&w2).unwrap();
             let fresh = Compiled::new(&graph_to_run, &w2, &opts).unwrap();
@@ -353,7 +384,7 @@ proptest! {
         let tg = training(&g, if eval { Mode::Eval } else { Mode::Train }, Some(loss.clone()));
         let wts = weights(&g, seed);
         let xs = train_inputs(&tg, Some(&loss), n, seed);
-        let e = jit_error(&tg, &wts, &xs, &Options { threads, portable, fuse: true });
+        let e = jit_error(&tg, &wts, &xs, &Options { threads, portable, fuse: true, ..Default::default() });
         prop_assert!(e <= TOL);
     }
 }

@@ -74,7 +74,7 @@ fn engines(g: &Graph, w: &Weights, xs: &[ArrayD<f32>]) -> Vec<(&'static str, Vec
     let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
     let mut out = vec![("interpreter", interp::run(g, w, &views).unwrap_or_else(|e| panic!("interp: {e}")))];
     for (name, portable) in [("JIT", false), ("portable JIT", true)] {
-        let net = Compiled::new(g, w, &Options { threads: 1, portable, fuse: false })
+        let net = Compiled::new(g, w, &Options { threads: 1, portable, fuse: false, ..Default::default() })
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         out.push((name, net.run(&views).unwrap_or_else(|e| panic!("{name}: {e}"))));
     }

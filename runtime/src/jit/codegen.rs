@@ -242,6 +242,10 @@ pub(super) struct Jit {
     pub consts: ConstPool,
     /// The ISA of the hand-written micro-kernels Conv2d and Linear call, if any.
     pub isa: Option<super::microkernel::Isa>,
+    /// Which algorithm stride-1 3×3 convolutions use (see `blocked::winograd`).
+    pub conv: super::ConvAlgorithm,
+    /// The algorithm each blocked convolution got, and why.
+    pub conv_choices: Vec<super::ConvChoice>,
 }
 
 fn jit_err(node: &str, e: impl std::fmt::Display) -> Error {
@@ -281,6 +285,8 @@ impl Jit {
             funcs: vec![],
             consts: ConstPool::default(),
             isa,
+            conv: super::ConvAlgorithm::Auto,
+            conv_choices: vec![],
         })
     }
 
@@ -425,6 +431,18 @@ impl Fx<'_> {
     /// `a + c`.
     pub fn addi(&mut self, a: Value, c: i64) -> Value {
         if c == 0 { a } else { self.b.ins().iadd_imm_s(a, c) }
+    }
+
+    /// The larger of two signed integers.
+    pub fn smax(&mut self, a: Value, b: Value) -> Value {
+        let gt = self.b.ins().icmp(IntCC::SignedGreaterThan, a, b);
+        self.b.ins().select(gt, a, b)
+    }
+
+    /// The smaller of two signed integers.
+    pub fn smin(&mut self, a: Value, b: Value) -> Value {
+        let lt = self.b.ins().icmp(IntCC::SignedLessThan, a, b);
+        self.b.ins().select(lt, a, b)
     }
 
     /// `a · c`.

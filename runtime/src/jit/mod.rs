@@ -101,13 +101,44 @@ pub struct Options {
     /// Dropout removed). Same inputs, outputs and values up to rounding; on by default.
     /// Off compiles the graph exactly as given.
     pub fuse: bool,
+    /// Which algorithm the stride-1 3×3 convolutions use on the micro-kernels (the portable
+    /// code always convolves directly).
+    pub conv: ConvAlgorithm,
 }
 
 impl Default for Options {
-    /// All cores, the fastest kernels the CPU has, fused.
+    /// All cores, the fastest kernels the CPU has, fused, each convolution's algorithm
+    /// chosen per layer.
     fn default() -> Options {
-        Options { threads: 0, portable: false, fuse: true }
+        Options { threads: 0, portable: false, fuse: true, conv: ConvAlgorithm::Auto }
     }
+}
+
+/// The algorithm of a stride-1, dilation-1, single-group 3×3 convolution on a blocked
+/// operand (every other convolution is computed directly).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConvAlgorithm {
+    /// Per layer, by a cost model of its shape: Winograd F(2×2, 3×3) where it has enough
+    /// channels on both sides, the direct convolution elsewhere.
+    #[default]
+    Auto,
+    /// The direct convolution everywhere (each output the sum of its 9·C products).
+    Direct,
+    /// Winograd F(2×2, 3×3) wherever it applies: 2.25× fewer multiplications, outputs
+    /// differing from the direct sums by a few rounding errors of the largest partial sum.
+    Winograd,
+}
+
+/// The algorithm a convolution on the micro-kernels was compiled with
+/// ([`Compiled::conv_choices`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvChoice {
+    /// The node.
+    pub node: String,
+    /// [`ConvAlgorithm::Direct`] or [`ConvAlgorithm::Winograd`].
+    pub algorithm: ConvAlgorithm,
+    /// Why, in a few words (the shape rule or the cost model's estimate).
+    pub reason: String,
 }
 
 /// Target bytes of arena per chunk (a chunk holds this many bytes of intermediates, or one
@@ -293,6 +324,9 @@ pub struct Compiled {
     /// The micro-kernel ISA and whether `fma` was allowed, as compiled.
     isa: Option<microkernel::Isa>,
     allow_fma: bool,
+    /// The convolution algorithm choice, as compiled, and what it chose per layer.
+    conv: ConvAlgorithm,
+    conv_choices: Vec<ConvChoice>,
     /// Whether the fusion passes rewrote the graph (then the weights were rewritten too).
     fused: bool,
     chunk: usize,
@@ -376,8 +410,9 @@ impl Compiled {
         };
         let plan = plan::plan(graph, isa.is_some(), threads)?;
         let mut jit = codegen::Jit::new(!options.portable, isa)?;
+        jit.conv = options.conv;
         lower::lower(&mut jit, graph, weights, &plan)?;
-        let codegen::Jit { mut module, funcs, consts, .. } = jit;
+        let codegen::Jit { mut module, funcs, consts, conv_choices, .. } = jit;
         module.finalize_definitions().map_err(|e| Error::Jit { node: graph.name.clone(), message: e.to_string() })?;
         let entries = funcs
             .iter()
@@ -401,6 +436,8 @@ impl Compiled {
             plan,
             isa,
             allow_fma: !options.portable,
+            conv: options.conv,
+            conv_choices,
             fused: fused_graph,
             chunk,
             threads,
@@ -627,6 +664,7 @@ impl Compiled {
         }
         weights.check(&self.graph)?;
         let mut jit = codegen::Jit::new(self.allow_fma, self.isa)?;
+        jit.conv = self.conv;
         jit.consts = std::mem::take(&mut self.consts);
         jit.consts.replay();
         let lowered = lower::lower(&mut jit, &self.graph, weights, &self.plan);
@@ -640,6 +678,13 @@ impl Compiled {
             });
         }
         Ok(())
+    }
+
+    /// The algorithm of each convolution that runs on the micro-kernels (in graph order),
+    /// and why the cost model (or [`Options::conv`]) chose it. Convolutions on the
+    /// portable code, and a net's first layer on the plane tiles, are direct and not listed.
+    pub fn conv_choices(&self) -> &[ConvChoice] {
+        &self.conv_choices
     }
 
     /// Wall time `new` took (verification, planning, packing, code generation).

@@ -168,9 +168,10 @@ pub fn jit_vs_interp(g: &Graph, w: &Weights, xs: &[ArrayD<f32>], opts: &Options)
 pub fn check(what: &str, g: &Graph, n: usize, seed: u64) {
     let w = weights(g, seed);
     let xs = inputs(g, n, seed ^ 0x5eed);
-    for opts in
-        [Options { threads: 1, portable: false, fuse: false }, Options { threads: 2, portable: true, fuse: false }]
-    {
+    for opts in [
+        Options { threads: 1, portable: false, fuse: false, ..Default::default() },
+        Options { threads: 2, portable: true, fuse: false, ..Default::default() },
+    ] {
         let e = jit_vs_interp(g, &w, &xs, &opts);
         assert!(e <= TOL, "{what} (batch {n}, {opts:?}): worst error {e:e} > {TOL:e}\n{g}");
     }

@@ -30,13 +30,15 @@
 //! block with the remaining rows. At batch 1 that is a GEMV that streams the weights once,
 //! split between threads by columns.
 
+use super::common::{Stage, split_even};
+use super::winograd;
 use crate::error::{Error, Result};
 use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
 use crate::jit::cx::NodeCx;
-use crate::jit::eltwise::copy_run;
 use crate::jit::microkernel::{self, Act, ConvTile, GemmTile, Isa};
 use crate::jit::plan::{BLOCK, Layout};
 use crate::jit::tables::axis_table;
+use crate::{ConvAlgorithm, ConvChoice};
 use cnnc_compiler::ops::{Conv2d, Epilogue, Linear, PaddingMode};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{InstBuilder, Value};
@@ -77,12 +79,6 @@ struct Group {
     w_off: usize,
     /// Offset of the group's input channels in a sample, in floats.
     x_off: usize,
-}
-
-/// Splits `blocks` into runs of at most `max` blocks, as even as possible.
-fn split_even(blocks: usize, max: usize) -> Vec<usize> {
-    let n = blocks.div_ceil(max.max(1)).max(1);
-    (0..n).map(|i| blocks / n + usize::from(i < blocks % n)).filter(|&b| b > 0).collect()
 }
 
 /// The valid taps of one output position: `(first tap, input indices)`. Zero padding keeps
@@ -199,212 +195,6 @@ fn choose_tiles(
     (nb_max, mrs)
 }
 
-/// The layout of a staged copy: zero-padded planes of `lane` floats per pixel (the channel
-/// blocks of a blocked operand, or the channels of a plain one), or pixel-major `[h′][w′][c]`
-/// from a plain operand.
-#[derive(Clone, Copy, Debug)]
-enum Form {
-    Planes { planes: usize, lane: usize },
-    PixelMajor { cin: usize },
-}
-
-/// A staged copy of a conv's operand (see [`crate::jit::plan::staged_input`]): slot `from` copied
-/// into slot `to` with rows and columns of zeros around each `ih × iw` plane, the plane at
-/// row `pt`, column `pl` of its `ph × pw` copy; `out_sample` floats per sample in `to`.
-/// [`Stage::emit`] writes any range of its rows, so the copy can be a kernel of its own or
-/// part of the conv's kernel.
-#[derive(Clone, Copy, Debug)]
-struct Stage {
-    from: usize,
-    to: usize,
-    in_size: usize,
-    /// Address of a row of zeros (`pw · lane` floats, or `pw · cin`).
-    zeros: i64,
-    form: Form,
-    ih: usize,
-    iw: usize,
-    pt: usize,
-    pl: usize,
-    ph: usize,
-    pw: usize,
-    out_sample: usize,
-}
-
-impl Stage {
-    /// The staged copy of a conv's operand into slot `to`, `(pt, pb, pl, pr)` rows and
-    /// columns of zeros around it: blocked `[c/16][h′][w′][16]` from a blocked operand,
-    /// pixel-major `[h′][w′][c]` from a plain one.
-    fn of_conv(
-        jit: &mut Jit,
-        cx: &NodeCx<'_>,
-        to: usize,
-        (cin, ih, iw): (usize, usize, usize),
-        (pt, pb, pl, pr): (usize, usize, usize, usize),
-        blocked: bool,
-    ) -> Stage {
-        let (ph, pw) = (ih + pt + pb, iw + pl + pr);
-        let (form, per_pixel) = if blocked {
-            let planes = cin.div_ceil(BLOCK);
-            (Form::Planes { planes, lane: BLOCK }, planes * BLOCK)
-        } else {
-            (Form::PixelMajor { cin }, cin)
-        };
-        Stage::new(jit, cx, to, form, (ih, iw), (pt, pl, ph, pw), ph * pw * per_pixel)
-    }
-
-    /// Zero-padded copies of the operand's `planes` planes of `ih × iw` pixels of `lane`
-    /// floats each, `[planes][ph][pw][lane]` per sample, `out_sample` floats apart (any rest
-    /// slack).
-    fn planes(
-        jit: &mut Jit,
-        cx: &NodeCx<'_>,
-        to: usize,
-        (planes, lane): (usize, usize),
-        (ih, iw): (usize, usize),
-        pads: (usize, usize, usize, usize),
-        out_sample: usize,
-    ) -> Stage {
-        Stage::new(jit, cx, to, Form::Planes { planes, lane }, (ih, iw), pads, out_sample)
-    }
-
-    /// A copy of `form` with the given plane size, padding and sample stride.
-    fn new(
-        jit: &mut Jit,
-        cx: &NodeCx<'_>,
-        to: usize,
-        form: Form,
-        (ih, iw): (usize, usize),
-        (pt, pl, ph, pw): (usize, usize, usize, usize),
-        out_sample: usize,
-    ) -> Stage {
-        // One row of zeros: the widest run a copy writes from it.
-        let lane = match form {
-            Form::Planes { lane, .. } => lane,
-            Form::PixelMajor { cin } => cin,
-        };
-        let zeros = jit.consts.f32s(vec![0.0; pw * lane]);
-        let (from, in_size) = (cx.inputs[0], cx.in_lens[0]);
-        Stage { from, to, in_size, zeros, form, ih, iw, pt, pl, ph, pw, out_sample }
-    }
-
-    /// Rows of the copy per sample (the units [`Stage::emit`] counts).
-    fn rows(&self) -> usize {
-        match self.form {
-            Form::Planes { planes, .. } => planes * self.ph,
-            Form::PixelMajor { .. } => self.ph,
-        }
-    }
-
-    /// Its work in the units of the thread split (FLOP): a float moved counts as 8, so a
-    /// copy worth splitting is split — which also puts the rows each thread's part of the
-    /// convolution reads mostly in that thread's cache.
-    fn work(&self) -> u64 {
-        8 * self.out_sample as u64
-    }
-
-    /// Emits the copy of rows `[lo, hi)` of the chunk (`rows()` per sample, the samples'
-    /// rows one after another).
-    fn emit(&self, fx: &mut Fx<'_>, lo: Value, hi: Value) {
-        let Stage { ih, iw, pt, pl, ph, pw, in_size, out_sample, zeros, .. } = *self;
-        let x = fx.slot(self.from);
-        let y = fx.slot(self.to);
-        let rows = self.rows();
-        fx.for_range(lo, hi, 1, |fx, u| {
-            // u = n·rows + local.
-            let n = fx.b.ins().udiv_imm_u(u, c(rows));
-            let local = fx.b.ins().urem_imm_u(u, c(rows));
-            let yn = fx.elem_scaled(y, n, c(out_sample));
-            let xn = fx.elem_scaled(x, n, c(in_size));
-            let z = fx.i(zeros);
-            match self.form {
-                Form::Planes { planes, lane } => {
-                    // local = row·planes + plane: the rows of every plane in order, so a
-                    // thread's share of the copy is the rows its share of a row-split
-                    // conv reads (and the rows a row-split producer wrote from it).
-                    let r = fx.b.ins().udiv_imm_u(local, c(planes));
-                    let plane = fx.b.ins().urem_imm_u(local, c(planes));
-                    let at = fx.muli(plane, c(ph));
-                    let at = fx.add(at, r);
-                    let yr = fx.elem_scaled(yn, at, c(pw * lane));
-                    let (inside, sr) = source_row(fx, r, pt, ih);
-                    let xp = fx.elem_scaled(xn, plane, c(ih * iw * lane));
-                    let xr = fx.elem_scaled(xp, sr, c(iw * lane));
-                    // A row outside the operand copies zeros instead.
-                    let src = fx.b.ins().select(inside, xr, z);
-                    copy_run(fx, z, yr, pl * lane);
-                    let mid = fx.addi(yr, c(4 * pl * lane));
-                    copy_run(fx, src, mid, iw * lane);
-                    let right = fx.addi(yr, c(4 * (pl + iw) * lane));
-                    copy_run(fx, z, right, (pw - pl - iw) * lane);
-                }
-                Form::PixelMajor { cin } => {
-                    let yr = fx.elem_scaled(yn, local, c(pw * cin));
-                    let (inside, sr) = source_row(fx, local, pt, ih);
-                    copy_run(fx, z, yr, pl * cin);
-                    let right = fx.addi(yr, c(4 * (pl + iw) * cin));
-                    copy_run(fx, z, right, (pw - pl - iw) * cin);
-                    let mid = fx.addi(yr, c(4 * pl * cin));
-                    let body = fx.b.create_block();
-                    let outside = fx.b.create_block();
-                    let done = fx.b.create_block();
-                    fx.b.ins().brif(inside, body, &[], outside, &[]);
-                    fx.b.switch_to_block(outside);
-                    copy_run(fx, z, mid, iw * cin);
-                    fx.b.ins().jump(done, &[]);
-                    fx.b.switch_to_block(body);
-                    // Pixel-major from planes: row `sr`; `cin` strided loads per pixel.
-                    let xr = fx.elem_scaled(xn, sr, c(iw));
-                    fx.loop_n(Count::Const(iw), [xr, mid], [4, c(4 * cin)], |fx, [xp, yp]| {
-                        for ch in 0..cin {
-                            let v = fx.load_f(xp, c(ch * ih * iw));
-                            fx.store_f(v, yp, c(ch));
-                        }
-                    });
-                    fx.b.ins().jump(done, &[]);
-                    fx.b.switch_to_block(done);
-                }
-            }
-        });
-    }
-
-    /// Emits the copy as a kernel of its own, named after the node, its rows split
-    /// between threads. `work` decides when it is split (see [`Stage::work`]); with
-    /// `lazy`, a call that is not split copies nothing: the conv then copies each sample
-    /// itself right before reading it (see [`conv`]), so the copy is still in cache.
-    fn kernel(&self, jit: &mut Jit, cx: &NodeCx<'_>, work: u64, lazy: bool) -> Result<()> {
-        let name = format!("{}.stage", cx.node.name);
-        let st = *self;
-        jit.parallel_data_kernel(&name, work, |fx| {
-            let copy = fx.b.create_block();
-            let done = fx.b.create_block();
-            if lazy {
-                let split = fx.b.ins().icmp_imm_s(IntCC::NotEqual, fx.parts, 1);
-                fx.b.ins().brif(split, copy, &[], done, &[]);
-            } else {
-                fx.b.ins().jump(copy, &[]);
-            }
-            fx.b.switch_to_block(copy);
-            let units = fx.muli(fx.nb, c(st.rows()));
-            let (lo, hi) = part_range(fx, units);
-            st.emit(fx, lo, hi);
-            fx.b.ins().jump(done, &[]);
-            fx.b.switch_to_block(done);
-        })?;
-        Ok(())
-    }
-}
-
-/// Whether padded row `r` lies in the operand, and the operand row it copies (row 0 when
-/// it does not, so the address stays in bounds).
-fn source_row(fx: &mut Fx<'_>, r: Value, pt: usize, ih: usize) -> (Value, Value) {
-    let src_row = fx.b.ins().iadd_imm_s(r, -(pt as i64));
-    let inside_lo = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, src_row, 0);
-    let inside_hi = fx.b.ins().icmp_imm_s(IntCC::SignedLessThan, src_row, c(ih));
-    let inside = fx.b.ins().band(inside_lo, inside_hi);
-    let zero = fx.i(0);
-    (inside, fx.b.ins().select(inside, src_row, zero))
-}
-
 /// Lowers a Conv2d node whose result is blocked.
 pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Result<()> {
     let isa = jit.isa.ok_or_else(|| Error::Unsupported("blocked conv without a micro-kernel ISA".into()))?;
@@ -441,6 +231,17 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
         }
         None => (cx.inputs[0], cx.in_lens[0], ih0, iw0, pt0, pl0),
     };
+    let (wino, reason) = match winograd::unfit(conv, blocked_in, cx.scratch.is_some() && zeros) {
+        Some(why) => (false, why.to_string()),
+        None => winograd::choose(jit.conv, cin, cout, oh, ow),
+    };
+    let algorithm = if wino { ConvAlgorithm::Winograd } else { ConvAlgorithm::Direct };
+    jit.conv_choices.push(ConvChoice { node: cx.node.name.clone(), algorithm, reason });
+    if wino {
+        let ss = affine(cx, conv.bias, &conv.epilogue, cout, cout.div_ceil(BLOCK) * BLOCK)?;
+        let x = winograd::Operand { slot: xs, size: in_size, ih, iw, lazy };
+        return winograd::lower(jit, cx, conv, x, ss, work);
+    }
     let (icg, ocg) = (cin / groups, cout / groups);
     let (col, row, x_icb, x_c) = if blocked_in {
         (BLOCK, iw * BLOCK, ih * iw * BLOCK, 1)
@@ -576,8 +377,8 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
             let seg = fx.muli(fx.nb, c(oh));
             let seg0 = fx.muli(seg, c(gi));
             let seg1 = fx.add(seg0, seg);
-            let a = max(fx, lo_u, seg0);
-            let b = min(fx, hi_u, seg1);
+            let a = fx.smax(lo_u, seg0);
+            let b = fx.smin(hi_u, seg1);
             let wg = fx.i(w_addr + c(4 * g.w_off));
             let mr = fmr(g.nb);
             fx.for_range(a, b, 1, |fx, u| {
@@ -650,16 +451,6 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
         }
     })?;
     Ok(())
-}
-
-fn max(fx: &mut Fx<'_>, a: Value, b: Value) -> Value {
-    let gt = fx.b.ins().icmp(IntCC::SignedGreaterThan, a, b);
-    fx.b.ins().select(gt, a, b)
-}
-
-fn min(fx: &mut Fx<'_>, a: Value, b: Value) -> Value {
-    let lt = fx.b.ins().icmp(IntCC::SignedLessThan, a, b);
-    fx.b.ins().select(lt, a, b)
 }
 
 /// Lowers a Linear node onto the GEMM tiles.

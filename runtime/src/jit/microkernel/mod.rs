@@ -54,6 +54,7 @@ mod isa;
 mod plane;
 mod pool;
 mod simd;
+mod winograd;
 
 pub(in crate::jit) use conv::{ConvTile, conv_shape, conv_tile};
 pub(in crate::jit) use epilogue::Act;
@@ -62,6 +63,7 @@ pub(in crate::jit) use isa::Isa;
 pub use isa::Kernels;
 pub(in crate::jit) use plane::{PlaneTile, plane_nv, plane_tile};
 pub(in crate::jit) use pool::{PoolRow, pool_row};
+pub(in crate::jit) use winograd::{WinoTile, weight_transform, wino_shape, wino_unit};
 
 /// Measures one core's f32 FMA throughput with the widest micro-kernel ISA the host has
 /// (GFLOP/s; `None` without one): a register-only loop of independent FMAs, about 20 ms,
