@@ -17,6 +17,8 @@
 //! - `--batch B` (default 1), `--threads T` (default 1; 0 = all cores), `--portable`;
 //! - `--fused` runs the compiler's fusion passes (`fusion_check::optimize_owned`, as `cnnc run
 //!   --fused`) on the net and its weights before compiling;
+//! - `--conv auto|direct|winograd` chooses the stride-1 3×3 convolutions' algorithm
+//!   (`Options::conv`; per layer by the cost model by default);
 //! - `--profile` prints each kernel's median time (`Compiled::profile`) instead of timing
 //!   whole runs;
 //! - `--iters N` timed runs (default 20), `--warmup W` untimed runs first (default 3);
@@ -32,7 +34,7 @@
 
 use cnnc::compiler::dsl;
 use cnnc::runtime::fusion_check;
-use cnnc::runtime::jit::{Compiled, Options};
+use cnnc::runtime::jit::{Compiled, ConvAlgorithm, Options};
 use cnnc::runtime::weights::Weights;
 use ndarray::{ArrayD, IxDyn};
 use safetensors::{Dtype, SafeTensors};
@@ -53,6 +55,7 @@ struct Args {
     threads: usize,
     portable: bool,
     fused: bool,
+    conv: ConvAlgorithm,
     profile: bool,
     iters: usize,
     warmup: usize,
@@ -64,7 +67,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench_engine --net FILE.cnn [--name NET] [--weights W.safetensors] \
-[--input X.safetensors] [--batch B] [--threads T] [--portable] [--fused] [--profile] [--iters N] [--warmup W] [--seed S] \
+[--input X.safetensors] [--batch B] [--threads T] [--portable] [--fused] [--conv auto|direct|winograd] [--profile] [--iters N] [--warmup W] [--seed S] \
 [--values K] [--save-output OUT.safetensors] [--json] [--serve]";
 
 fn parse_args() -> Res<Args> {
@@ -77,6 +80,7 @@ fn parse_args() -> Res<Args> {
         threads: 1,
         portable: false,
         fused: false,
+        conv: ConvAlgorithm::Auto,
         profile: false,
         iters: 20,
         warmup: 3,
@@ -104,6 +108,14 @@ fn parse_args() -> Res<Args> {
             "--save-output" => a.save_output = Some(PathBuf::from(value()?)),
             "--portable" => a.portable = true,
             "--fused" => a.fused = true,
+            "--conv" => {
+                a.conv = match value()?.as_str() {
+                    "auto" => ConvAlgorithm::Auto,
+                    "direct" => ConvAlgorithm::Direct,
+                    "winograd" => ConvAlgorithm::Winograd,
+                    other => return Err(format!("--conv: `{other}` is not auto, direct or winograd").into()),
+                }
+            }
             "--profile" => a.profile = true,
             "--json" => a.json = true,
             "--serve" => a.serve = true,
@@ -305,7 +317,7 @@ fn main() -> Res<()> {
     let model = Compiled::new(
         graph,
         weights,
-        &Options { threads: args.threads, portable: args.portable, fuse: false, ..Default::default() },
+        &Options { threads: args.threads, portable: args.portable, fuse: false, conv: args.conv },
     )?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
 

@@ -44,28 +44,39 @@ pub(in crate::jit) fn unfit(conv: &Conv2d, blocked_in: bool, padded_copy: bool) 
 }
 
 /// Whether a convolution the Winograd tiles can compute takes them, and why: always or
-/// never when forced, and otherwise when it has at least 16 channels on each side and an
-/// output of at least 4×4. Measured on one core (`examples/conv_layers`, AVX-512 and AVX2,
-/// batch 1, alternating rounds), Winograd ran 1.4–1.8× faster than the direct tiles on
-/// every such layer of ResNet-18 and VGG-11 and on 16→32 and 32→32 channels at 32×32 and
-/// 16×16, except 512→512 at 7×7 (1.04×: 16 tiles for 49 outputs, and 2 MB of transformed
-/// weights per channel group streamed for them). Below 16 channels the operand is one
-/// partial block and the transforms cost as much as the products; below 4×4 most of a
-/// tile's outputs fall outside the map.
+/// never when forced; otherwise when it has at least 16 channels on each side and at least
+/// [`MIN_TILES`] 2×2 tiles per sample.
+///
+/// Measured on one core (`examples/conv_layers`, AVX-512 and AVX2, batch 1, alternating
+/// rounds, 2026-12-06), Winograd ran 1.4–1.8× faster than the direct tiles on every 3×3
+/// layer of ResNet-18 and VGG-11 and on 16→32 and 32→32 channels at 32×32 and 16×16, except
+/// 512→512 at 7×7 (1.04× alone, and 0.7× inside ResNet-18 at batch 1, where its 16 MB of
+/// transformed weights — 1.8× the direct conv's — come from memory for 16 tiles). Below 16
+/// channels the operand is one partial block and the transforms cost as much as the
+/// products.
 pub(in crate::jit) fn choose(algo: ConvAlgorithm, cin: usize, cout: usize, oh: usize, ow: usize) -> (bool, String) {
     let shape = format!("{cin}→{cout} channels at {oh}×{ow}");
+    let tiles = oh.div_ceil(2) * ow.div_ceil(2);
     match algo {
         ConvAlgorithm::Direct => (false, "forced (Options::conv)".into()),
         ConvAlgorithm::Winograd => (true, "forced (Options::conv)".into()),
         ConvAlgorithm::Auto if cin < 16 || cout < 16 => (false, format!("{shape}: fewer than 16 channels")),
-        ConvAlgorithm::Auto if oh < 4 || ow < 4 => (false, format!("{shape}: output smaller than 4×4")),
+        ConvAlgorithm::Auto if tiles < MIN_TILES => {
+            (false, format!("{shape}: {tiles} tiles per sample to stream the 1.8× larger weights for"))
+        }
         ConvAlgorithm::Auto => (true, format!("{shape}: 2.25× fewer FMAs")),
     }
 }
 
+/// Fewest 2×2 output tiles per sample for which the cost model picks Winograd.
+const MIN_TILES: usize = 36;
+
 /// Fewest tiles per unit (more rows per unit on narrow maps): a unit streams its channel
 /// group's transformed weights once per pass, so its tiles are what reads them.
 const UNIT_TILES: usize = 24;
+
+/// Most tiles of a sample that make one unit.
+const SAMPLE_UNIT_TILES: usize = 64;
 
 /// The operand as the tiles read it: its slot, floats per sample and plane size (padding
 /// included); and the staged copy to make sample by sample when the call is not split.
@@ -93,8 +104,9 @@ pub(in crate::jit) fn lower(
     let icb = cin.div_ceil(BLOCK);
     let ocb = cout.div_ceil(BLOCK);
     let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
-    // Tile rows per unit: enough tiles for the weights of a pass to be read by many.
-    let rows = UNIT_TILES.div_ceil(tw).clamp(1, th);
+    // Tile rows per unit: enough tiles for the weights of a pass to be read by many; a
+    // small map's whole sample.
+    let rows = if th * tw <= SAMPLE_UNIT_TILES { th } else { UNIT_TILES.div_ceil(tw).clamp(1, th) };
     let per_sample = th.div_ceil(rows);
     // Channel groups of at most `conv_nb` blocks, as even as possible.
     let mut groups = vec![];
@@ -107,21 +119,30 @@ pub(in crate::jit) fn lower(
     }
     let w = cx.param_ref("weight")?;
     let flipped = cx.flipped;
-    // The 3×3 kernel of output channel `o`, input channel `i`, in f64.
-    let kernel = |o: usize, i: usize| -> [f64; 9] {
-        std::array::from_fn(|tap| {
-            f64::from(if flipped { w[(i * cout + o) * 9 + 8 - tap] } else { w[(o * cin + i) * 9 + tap] })
-        })
+    // Tap `tap` of the 3×3 kernel of output channel `o`, input channel `i`.
+    let tap = |o: usize, i: usize, tap: usize| {
+        if flipped { w[(i * cout + o) * 9 + 8 - tap] } else { w[(o * cin + i) * 9 + tap] }
     };
     let pack = |packed: &mut [f32]| {
+        // Per input channel, the kernels of a group's output channels side by side (`g[tap][j]`,
+        // f64), transformed a whole row of channels at a time, each of the 16 results
+        // written as one packed row.
+        let mut g = vec![0f64; 9 * BLOCK * isa.conv_nb()];
+        let mut u = vec![0f64; 16 * BLOCK * isa.conv_nb()];
         for &(ocb0, nb, off) in &groups {
             let width = nb * BLOCK;
             let valid = width.min(cout - ocb0 * BLOCK);
-            for j in 0..valid {
-                for i in 0..cin {
-                    let u = microkernel::weight_transform(&kernel(ocb0 * BLOCK + j, i));
-                    for (k, uk) in u.iter().enumerate() {
-                        packed[off + (k * cin + i) * width + j] = *uk as f32;
+            for i in 0..cin {
+                for t in 0..9 {
+                    for j in 0..valid {
+                        g[t * width + j] = f64::from(tap(ocb0 * BLOCK + j, i, t));
+                    }
+                }
+                microkernel::weight_transform_rows(&g[..9 * width], &mut u[..16 * width], width);
+                for k in 0..16 {
+                    let row = &mut packed[off + (k * cin + i) * width..][..valid];
+                    for (p, v) in row.iter_mut().zip(&u[k * width..]) {
+                        *p = *v as f32;
                     }
                 }
             }

@@ -203,6 +203,9 @@ unsafe fn chunk<V: Simd, const M: usize, const NV: usize>(
                 }
             }
             let mut wp = u.add((k * d.c + pass.c0) * w);
+            // The first chunk of a pass brings the pass's weights in: it fetches the next
+            // position's rows as it reads this one's (the later chunks find them in L2).
+            let ahead = if k < 15 { d.c * w } else { 0 };
             let mut px = [vs.add(k * M * cp) as *const f32; M];
             for p in 1..M {
                 px[p] = px[p - 1].add(cp);
@@ -211,6 +214,9 @@ unsafe fn chunk<V: Simd, const M: usize, const NV: usize>(
                 let mut wv = [V::zero(); NV];
                 for j in 0..NV {
                     wv[j] = V::load(wp.add(j * V::L));
+                    if q0 == 0 && ahead > 0 && (j * V::L) % 16 == 0 {
+                        V::prefetch(wp.wrapping_add(ahead + j * V::L));
+                    }
                 }
                 for p in 0..M {
                     let xv = V::splat(px[p]);
@@ -406,28 +412,39 @@ pub(in crate::jit) fn wino_shape(ti: usize, nb: usize, ocb0: usize) -> i64 {
     (ti | (nb << 16) | (ocb0 << 32)) as i64
 }
 
-/// `G g Gᵀ` of a 3×3 kernel `g` (row-major), row-major 4×4, in f64.
-pub(in crate::jit) fn weight_transform(g: &[f64; 9]) -> [f64; 16] {
-    const G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
-    // t = G g (4×3), then t Gᵀ (4×4).
-    let mut t = [[0.0; 3]; 4];
-    for (i, ti) in t.iter_mut().enumerate() {
-        for (j, tij) in ti.iter_mut().enumerate() {
-            *tij = (0..3).map(|k| G[i][k] * g[3 * k + j]).sum();
+/// `G g Gᵀ` of `n` 3×3 kernels side by side: `g[tap·n + j]` is tap `tap` (row-major) of
+/// kernel `j`, `u[ξ·n + j]` position `ξ` (row-major 4×4) of its transform, in f64. With
+/// `G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]`, one row (or column) `(a, b, c)` becomes
+/// `(a, (a + b + c)/2, (a − b + c)/2, c)`; each step runs over all `n` kernels at once.
+pub(in crate::jit) fn weight_transform_rows(g: &[f64], u: &mut [f64], n: usize) {
+    let g = |tap: usize| &g[tap * n..(tap + 1) * n];
+    // t = G g: 4 rows × 3 columns, each a run of `n`.
+    let mut t = vec![0f64; 12 * n];
+    for col in 0..3 {
+        let (a, b, c) = (g(col), g(3 + col), g(6 + col));
+        for j in 0..n {
+            t[col * n + j] = a[j];
+            t[(3 + col) * n + j] = 0.5 * (a[j] + b[j] + c[j]);
+            t[(6 + col) * n + j] = 0.5 * (a[j] - b[j] + c[j]);
+            t[(9 + col) * n + j] = c[j];
         }
     }
-    let mut u = [0.0; 16];
-    for i in 0..4 {
-        for j in 0..4 {
-            u[4 * i + j] = (0..3).map(|k| t[i][k] * G[j][k]).sum();
+    // u = t Gᵀ: each row of t transformed the same way.
+    for row in 0..4 {
+        let r = |c: usize| &t[(3 * row + c) * n..(3 * row + c + 1) * n];
+        let (a, b, c) = (r(0), r(1), r(2));
+        for j in 0..n {
+            u[(4 * row) * n + j] = a[j];
+            u[(4 * row + 1) * n + j] = 0.5 * (a[j] + b[j] + c[j]);
+            u[(4 * row + 2) * n + j] = 0.5 * (a[j] - b[j] + c[j]);
+            u[(4 * row + 3) * n + j] = c[j];
         }
     }
-    u
 }
 
 #[cfg(test)]
 mod tests {
-    use super::weight_transform;
+    use super::weight_transform_rows;
 
     /// F(2, 3) in one dimension twice: the transforms reproduce a direct 2×2 correlation
     /// of a 4×4 patch, in f64.
@@ -446,7 +463,8 @@ mod tests {
                     .sum();
             }
         }
-        let u = weight_transform(&g);
+        let mut u = [0.0; 16];
+        weight_transform_rows(&g, &mut u, 1);
         for a in 0..2 {
             for b in 0..2 {
                 let y: f64 = (0..4)
