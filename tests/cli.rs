@@ -492,6 +492,36 @@ fn bench_measures_a_tiny_run() {
     fails(&cnnc(&["bench", "examples/nets/conv1x2.cnn", "--fused", "--unfused"]), 2, "cannot be used with");
     assert!(out.contains("p50 ms") && out.contains("% peak"), "{out}");
     fails(&cnnc(&["bench", "examples/nets/lenet.cnn", "--batch", "0"]), 2, "at least 1");
+    // Each convolution on the micro-kernels, with its algorithm and why.
+    let convs = j["convolutions"].as_array().unwrap();
+    assert!(convs.iter().any(|c| c["reason"] == "not a 3×3 kernel" && c["algorithm"] == "Direct"), "{j}");
+}
+
+/// `--conv` forces the 3×3 convolutions' algorithm; `bench` lists the choices.
+#[test]
+fn conv_algorithm_is_chosen_per_layer_or_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("w.cnn");
+    std::fs::write(
+        &net,
+        "net W(x: [N, 16, 12, 12]) = Sequential(Conv2d(16, 32, 3, padding = 1), ReLU(), Conv2d(32, 32, 3, stride = 2));",
+    )
+    .unwrap();
+    let net = net.to_str().unwrap();
+    let algos = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["bench", net, "--iters", "1", "--warmup", "0", "--json"];
+        args.extend_from_slice(extra);
+        let o = cnnc(&args);
+        status(&o, 0);
+        let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        j["convolutions"].as_array().unwrap().iter().map(|c| c["algorithm"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(algos(&[]), ["Winograd", "Direct"]);
+    assert_eq!(algos(&["--conv", "direct"]), ["Direct", "Direct"]);
+    assert_eq!(algos(&["--conv", "winograd"]), ["Winograd", "Direct"]);
+    fails(&cnnc(&["bench", net, "--conv", "fft"]), 2, "invalid value");
+    let o = cnnc(&["bench", net, "--iters", "1", "--warmup", "0"]);
+    assert!(stdout(&o).contains("Winograd  16→32 channels at 12×12: 2.25× fewer FMAs"), "{}", stdout(&o));
 }
 
 /// Sources a fuzzer would try: each is one clean error (status 1), never a panic, an

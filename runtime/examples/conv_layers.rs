@@ -5,8 +5,11 @@
 //! `Compiled::profile`, and its throughput in the direct convolution's FLOPs.
 //!
 //! ```text
-//! cargo run --release -p cnnc-runtime --example conv_layers [-- --rounds 5]
+//! cargo run --release -p cnnc-runtime --example conv_layers [-- --rounds 5] [--errors]
 //! ```
+//!
+//! `--errors` also prints each variant's largest difference from the reference
+//! interpreter's output (f64 sums), relative to the largest output magnitude.
 
 use cnnc_compiler::ops::{Conv2d, Epilogue, Op, PaddingMode, PaddingSpec};
 use cnnc_compiler::{GraphBuilder, TensorType};
@@ -20,6 +23,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rounds: usize =
         args.iter().position(|a| a == "--rounds").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(3);
+    let errors = args.iter().any(|a| a == "--errors");
     // (in, out, kernel, pad, size): ResNet-18's 3×3 convs and a 1×1, then VGG-11's.
     for (ci, co, k, pad, hw) in [
         (64, 64, 3, 1, 56),
@@ -79,8 +83,10 @@ fn main() {
                 times.push(prof.iter().find(|k| k.name == "conv").expect("a conv kernel").median.as_secs_f64());
             }
         }
+        let reference =
+            errors.then(|| cnnc_runtime::interp::run(&g, &w, &[input.view()]).expect("interprets").remove(0));
         let mut direct = f64::NAN;
-        for (kernels, conv, _, times) in &mut cases {
+        for (kernels, conv, net, times) in &mut cases {
             times.sort_by(f64::total_cmp);
             let t = times[times.len() / 2];
             let gf = flops / t / 1e9;
@@ -90,8 +96,17 @@ fn main() {
             } else {
                 format!(" {:.2}× direct", direct / t)
             };
+            let err = match &reference {
+                Some(want) => {
+                    let got = net.run(&[input.view()]).expect("runs").remove(0);
+                    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let e = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    format!(" error {:.1e}", e / scale)
+                }
+                None => String::new(),
+            };
             println!(
-                "{k}x{k} {ci:>3}->{co:<3} at {hw:>3}x{hw:<3} {:<9} {:<8} {:>9.1} µs {gf:>6.1} GFLOP/s ({:>5.1}% of peak){vs}",
+                "{k}x{k} {ci:>3}->{co:<3} at {hw:>3}x{hw:<3} {:<9} {:<8} {:>9.1} µs {gf:>6.1} GFLOP/s ({:>5.1}% of peak){vs}{err}",
                 format!("{kernels:?}"),
                 format!("{conv:?}"),
                 t * 1e6,

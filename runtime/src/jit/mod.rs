@@ -13,7 +13,9 @@
 //!    from one of the kernel tiers, each a folder. `blocked/`: with a micro-kernel ISA,
 //!    Conv2d and Linear are loop nests over the hand-written register tiles of
 //!    `microkernel/` (`blocked/conv.rs`: packing, tap tables, thread split, all generated
-//!    per layer), pooling (`blocked/pool.rs`), and BatchNorm, concatenation and layout
+//!    per layer; `blocked/winograd.rs`: stride-1 3×3 convolutions as Winograd F(2×2, 3×3)
+//!    where a cost model, or [`Options::conv`], picks it — see [`Compiled::conv_choices`]),
+//!    pooling (`blocked/pool.rs`), and BatchNorm, concatenation and layout
 //!    reorders (`blocked/channels.rs`) on blocked tensors. `portable/`: the pure-Cranelift
 //!    f32x4 code for plain tensors (`conv.rs`, `linear.rs`, `pool.rs`, with `epilogue.rs`
 //!    fused into Conv2d/Linear). `eltwise.rs`: the layout-agnostic kernels (activations,

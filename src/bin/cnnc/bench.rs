@@ -11,7 +11,7 @@ use crate::source::{self, NetFile};
 use clap::Args;
 use cnnc::Summary;
 use cnnc::compiler::shape::Batch;
-use cnnc::runtime::{Compiled, Options};
+use cnnc::runtime::{Compiled, ConvAlgorithm, Options};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use serde::Serialize;
@@ -60,12 +60,45 @@ pub struct BenchArgs {
     /// Benchmark the net exactly as declared, without the fusion passes.
     #[arg(long)]
     pub unfused: bool,
+    /// The stride-1 3×3 convolutions' algorithm: per layer by the cost model, or forced.
+    #[arg(long, value_enum, default_value_t = Conv::Auto)]
+    pub conv: Conv,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
     /// No progress bar.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+/// `--conv`: [`cnnc::runtime::ConvAlgorithm`] on the command line.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conv {
+    /// Winograd F(2×2, 3×3) where the cost model expects it to be faster.
+    Auto,
+    /// The direct convolution everywhere.
+    Direct,
+    /// Winograd F(2×2, 3×3) wherever it applies.
+    Winograd,
+}
+
+impl Conv {
+    /// The library's option.
+    pub fn algorithm(self) -> ConvAlgorithm {
+        match self {
+            Conv::Auto => ConvAlgorithm::Auto,
+            Conv::Direct => ConvAlgorithm::Direct,
+            Conv::Winograd => ConvAlgorithm::Winograd,
+        }
+    }
+}
+
+/// The algorithm one convolution was compiled with.
+#[derive(Serialize, Debug)]
+struct Choice {
+    node: String,
+    algorithm: String,
+    reason: String,
 }
 
 /// One measured configuration.
@@ -92,6 +125,8 @@ struct Report<'a> {
     macs_per_sample: u64,
     peak_gflops_per_core: f64,
     results: &'a [Row],
+    /// Each convolution on the micro-kernels: its algorithm and why.
+    convolutions: &'a [Choice],
 }
 
 /// Nearest-rank percentile of sorted durations, in milliseconds.
@@ -177,10 +212,17 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
     };
 
     let mut rows = vec![];
+    let mut choices = vec![];
     for &t in &threads {
         bar.set_message(format!("compiling for {t} thread(s)"));
         // Fused above unless `--unfused`.
-        let compiled = Compiled::new(&graph, &weights, &Options { threads: t, fuse: false, ..Options::default() })?;
+        let options = Options { threads: t, fuse: false, conv: args.conv.algorithm(), ..Options::default() };
+        let compiled = Compiled::new(&graph, &weights, &options)?;
+        choices = compiled
+            .conv_choices()
+            .iter()
+            .map(|c| Choice { node: c.node.clone(), algorithm: format!("{:?}", c.algorithm), reason: c.reason.clone() })
+            .collect();
         let compile_ms = compiled.compile_time().as_secs_f64() * 1e3;
         for &b in &batches {
             bar.set_message(format!("batch {b}, {t} thread(s)"));
@@ -234,6 +276,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
             macs_per_sample: macs,
             peak_gflops_per_core: peak,
             results: &rows,
+            convolutions: &choices,
         });
     }
     println!(
@@ -267,6 +310,13 @@ pub fn run(args: &BenchArgs) -> Result<(), Fail> {
             r.gflops,
             r.percent_of_peak
         );
+    }
+    if !choices.is_empty() {
+        println!("convolutions on the micro-kernels:");
+        let width = choices.iter().map(|c| c.node.len()).max().unwrap_or(0);
+        for c in &choices {
+            println!("  {:<width$}  {:<8}  {}", c.node, c.algorithm, c.reason);
+        }
     }
     Ok(())
 }

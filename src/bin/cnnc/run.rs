@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// Compile the net exactly as declared, without the fusion passes.
     #[arg(long)]
     pub unfused: bool,
+    /// The stride-1 3×3 convolutions' algorithm (JIT): per layer by the cost model, or forced.
+    #[arg(long, value_enum, default_value_t = crate::bench::Conv::Auto)]
+    pub conv: crate::bench::Conv,
 }
 
 /// Loads weights from `path`, else takes an `.onnx` model's own, else makes seeded random ones
@@ -238,8 +241,11 @@ pub fn run(args: &RunArgs) -> Result<(), Fail> {
         out
     } else {
         // Fused above when asked for.
-        let compiled =
-            Compiled::new(&graph, &weights, &Options { threads: args.threads, fuse: false, ..Options::default() })?;
+        let compiled = Compiled::new(
+            &graph,
+            &weights,
+            &Options { threads: args.threads, fuse: false, conv: args.conv.algorithm(), ..Options::default() },
+        )?;
         let start = Instant::now();
         let out = compiled.run(&views)?;
         eprintln!(

@@ -62,7 +62,8 @@ pub(in crate::jit) fn choose(algo: ConvAlgorithm, cin: usize, cout: usize, oh: u
         ConvAlgorithm::Winograd => (true, "forced (Options::conv)".into()),
         ConvAlgorithm::Auto if cin < 16 || cout < 16 => (false, format!("{shape}: fewer than 16 channels")),
         ConvAlgorithm::Auto if tiles < MIN_TILES => {
-            (false, format!("{shape}: {tiles} tiles per sample to stream the 1.8× larger weights for"))
+            let why = format!("{tiles} 2×2 tiles per sample, fewer than {MIN_TILES} to amortise 16/9 the weights");
+            (false, format!("{shape}: {why}"))
         }
         ConvAlgorithm::Auto => (true, format!("{shape}: 2.25× fewer FMAs")),
     }
