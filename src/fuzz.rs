@@ -7,7 +7,7 @@ use crate::onnx;
 use cnnc_compiler::Graph;
 use cnnc_compiler::dsl::compile_str;
 use cnnc_runtime::weights::Weights;
-use cnnc_runtime::{Compiled, Options, interp};
+use cnnc_runtime::{Compiled, ConvAlgorithm, Options, interp};
 use ndarray::{ArrayD, IxDyn};
 use std::sync::OnceLock;
 
@@ -136,7 +136,8 @@ fn layer(b: &mut Bytes<'_>, c: usize) -> (String, usize) {
 /// Differential: a small random conv net built from the input's bytes (convolutions with
 /// every padding form and mode, pools, BatchNorm, activations, a Linear head), with weights
 /// and inputs seeded by it, must give the same outputs on the JIT (fused, 1 or 2 threads,
-/// micro-kernel or portable code) as on the reference interpreter.
+/// micro-kernel or portable code, 3×3 convolutions by the cost model, direct or Winograd) as
+/// on the reference interpreter.
 pub fn differential(data: &[u8]) {
     let mut b = Bytes(data);
     let (c0, h, w) = (1 + b.next(4), 3 + b.next(14), 3 + b.next(14));
@@ -172,7 +173,9 @@ pub fn differential(data: &[u8]) {
         (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     });
     let want = interp::run(&g, &weights, &[x.view()]).expect("the interpreter runs a checked net").remove(0);
-    let opts = Options { threads: 1 + b.next(2), portable: b.next(2) == 0, fuse: b.next(2) == 0, ..Default::default() };
+    let (threads, portable, fuse) = (1 + b.next(2), b.next(2) == 0, b.next(2) == 0);
+    let conv = [ConvAlgorithm::Auto, ConvAlgorithm::Direct, ConvAlgorithm::Winograd][b.next(3)];
+    let opts = Options { threads, portable, fuse, conv };
     let net = Compiled::new(&g, &weights, &opts).expect("the JIT compiles a checked net");
     let got = net.run(&[x.view()]).expect("the JIT runs").remove(0);
     let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));

@@ -332,8 +332,8 @@ mod x86 {
 }
 
 /// Computes one unit — tile rows `i .. i + d.rows` (fewer at the bottom), output rows `2i ..`
-/// — for one channel group of `nb` blocks of 16 output channels: `shape` = `i | nb << 16 |
-/// ocb0 << 32`. The reduction runs in passes of [`PASS_CHANNELS`] input channels over all
+/// — for one channel group of `nb` blocks of 16 output channels: `shape` = `i | nb << 32 |
+/// ocb0 << 36`. The reduction runs in passes of [`PASS_CHANNELS`] input channels over all
 /// the unit's tiles, the products kept in a per-thread scratch buffer, then the output
 /// transform.
 ///
@@ -358,7 +358,7 @@ pub(in crate::jit) unsafe extern "C" fn wino_unit(
     unsafe {
         use x86::{out256, out512, wino256, wino512};
         let d = &*d;
-        let (ti0, nb, ocb0) = (shape & 0xffff, (shape >> 16) & 0xffff, shape >> 32);
+        let (ti0, nb, ocb0) = (shape & 0xffff_ffff, (shape >> 32) & 0xf, shape >> 36);
         debug_assert!((1..=d.isa.conv_nb()).contains(&nb) && ti0 < d.th);
         let mr = wino_mr(d.isa, nb);
         let tiles = d.rows.min(d.th - ti0) * d.tw;
@@ -406,10 +406,11 @@ pub(in crate::jit) unsafe extern "C" fn wino_unit(
     }
 }
 
-/// Packs `(first tile row, nb, ocb0)` into the `shape` argument of [`wino_unit`].
+/// Packs `(first tile row, nb, ocb0)` into the `shape` argument of [`wino_unit`] (a tile
+/// row below 2³², `nb ≤ 4`, a block index below 2²⁸: what sizes up to `MAX_SIZE` give).
 pub(in crate::jit) fn wino_shape(ti: usize, nb: usize, ocb0: usize) -> i64 {
-    debug_assert!(ti < 1 << 16 && nb < 1 << 16);
-    (ti | (nb << 16) | (ocb0 << 32)) as i64
+    debug_assert!(ti < 1 << 32 && (1..=4).contains(&nb) && ocb0 < 1 << 28);
+    (ti | (nb << 32) | (ocb0 << 36)) as i64
 }
 
 /// `G g Gᵀ` of `n` 3×3 kernels side by side: `g[tap·n + j]` is tap `tap` (row-major) of
