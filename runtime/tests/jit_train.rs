@@ -75,6 +75,18 @@ fn jit_error(tg: &TrainGraph, w: &Weights, xs: &[ArrayD<f32>], opts: &Options) -
 
 /// As [`jit_error`] with the given micro-kernels; `None` when the CPU lacks them.
 fn jit_error_with(tg: &TrainGraph, w: &Weights, xs: &[ArrayD<f32>], opts: &Options, kernels: Kernels) -> Option<f32> {
+    jit_error_except(tg, w, xs, opts, kernels, &[])
+}
+
+/// As [`jit_error_with`], not comparing the outputs named in `skip`.
+fn jit_error_except(
+    tg: &TrainGraph,
+    w: &Weights,
+    xs: &[ArrayD<f32>],
+    opts: &Options,
+    kernels: Kernels,
+    skip: &[&str],
+) -> Option<f32> {
     let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
     let want = interp::run(&tg.graph, w, &views).unwrap_or_else(|e| panic!("interp: {e}"));
     let net = match Compiled::with_kernels(&tg.graph, w, opts, kernels) {
@@ -91,6 +103,7 @@ fn jit_error_with(tg: &TrainGraph, w: &Weights, xs: &[ArrayD<f32>], opts: &Optio
         got.iter()
             .zip(&want)
             .zip(&tg.graph.outputs)
+            .filter(|(_, (name, _))| !skip.contains(&name.as_str()))
             .map(|((a, b), (name, _))| {
                 let e = error(a, b);
                 assert!(e <= TOL, "output `{name}` ({kernels:?}): error {e:e}\n{}", tg.graph);
@@ -384,7 +397,16 @@ proptest! {
         let tg = training(&g, if eval { Mode::Eval } else { Mode::Train }, Some(loss.clone()));
         let wts = weights(&g, seed);
         let xs = train_inputs(&tg, Some(&loss), n, seed);
-        let e = jit_error(&tg, &wts, &xs, &Options { threads, portable, fuse: true, ..Default::default() });
+        // A 1×1 convolution of one input channel per group followed by train-mode BatchNorm:
+        // each output channel is `w·x + b` normalised by its own batch statistics, so the
+        // result depends on `b` not at all and on `w` only through BatchNorm's `eps` (by a
+        // factor of about `eps / (w²·var x)`). Their gradients are nearly zero sums of large
+        // terms, and what an f32 engine computes for them is rounding noise of the size of
+        // `2⁻²⁴·Σ|dy·x|` (up to ~3e-5 in the shrunk failure persisted beside this file) —
+        // not comparable at a fixed tolerance. Every other output still is.
+        let zero_grads: &[&str] = if bn && !eval && icg == 1 && k == 1 { &["grad.0.weight", "grad.0.bias"] } else { &[] };
+        let opts = Options { threads, portable, fuse: true, ..Default::default() };
+        let e = jit_error_except(&tg, &wts, &xs, &opts, Kernels::Auto, zero_grads).unwrap_or(0.0);
         prop_assert!(e <= TOL);
     }
 }
