@@ -1,11 +1,11 @@
 //! Single-layer throughput of the JIT on the convolutions that dominate ResNet-18 and VGG,
-//! at batch 1 on one thread, for each kernel choice this CPU supports and, for the 3×3
+//! at batch 1 (or `--batch B`) on one thread, for each kernel choice this CPU supports and, for the 3×3
 //! ones on the micro-kernels, both algorithms (direct and Winograd F(2×2, 3×3), timed in
 //! alternating rounds): the median time of the conv kernel itself, from
 //! `Compiled::profile`, and its throughput in the direct convolution's FLOPs.
 //!
 //! ```text
-//! cargo run --release -p cnnc-runtime --example conv_layers [-- --rounds 5] [--errors]
+//! cargo run --release -p cnnc-runtime --example conv_layers [-- --rounds 5] [--errors] [--batch B] [--size HW]
 //! ```
 //!
 //! `--errors` also prints each variant's largest difference from the reference
@@ -24,6 +24,9 @@ fn main() {
     let rounds: usize =
         args.iter().position(|a| a == "--rounds").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(3);
     let errors = args.iter().any(|a| a == "--errors");
+    let only: Option<usize> = args.iter().position(|a| a == "--size").and_then(|i| args.get(i + 1)?.parse().ok());
+    let batch: usize =
+        args.iter().position(|a| a == "--batch").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(1);
     // (in, out, kernel, pad, size): ResNet-18's 3×3 convs and a 1×1, then VGG-11's.
     for (ci, co, k, pad, hw) in [
         (64, 64, 3, 1, 56),
@@ -40,6 +43,9 @@ fn main() {
         (16, 32, 3, 1, 32),
         (32, 32, 3, 1, 16),
     ] {
+        if only.is_some_and(|s| s != hw) {
+            continue;
+        }
         let conv = Conv2d {
             in_channels: ci,
             out_channels: co,
@@ -58,8 +64,9 @@ fn main() {
         b.output("y", y);
         let g = b.finish();
         let w = Weights::random(&g, 0);
-        let input = ArrayD::from_shape_fn(IxDyn(&[1, ci, hw, hw]), |i| (i[1] + i[2] * 3 + i[3] * 7) as f32 % 5.0 - 2.0);
-        let flops = 2.0 * (ci * co * k * k * hw * hw) as f64;
+        let input =
+            ArrayD::from_shape_fn(IxDyn(&[batch, ci, hw, hw]), |i| (i[1] + i[2] * 3 + i[3] * 7) as f32 % 5.0 - 2.0);
+        let flops = 2.0 * (batch * ci * co * k * k * hw * hw) as f64;
         let mut cases = vec![];
         for kernels in [Kernels::Avx512, Kernels::Avx2, Kernels::Portable] {
             let algos: &[ConvAlgorithm] = if k == 3 && kernels != Kernels::Portable {

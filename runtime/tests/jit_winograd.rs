@@ -40,6 +40,54 @@ fn run_case(what: &str, g: &cnnc_compiler::Graph, algo: ConvAlgorithm) -> usize 
     ran
 }
 
+/// Maps with fewer than 36 tiles per sample run in units of several samples (the last unit
+/// of a batch partial).
+#[test]
+fn units_of_several_samples_match_the_interpreter() {
+    for (dims, cout) in [(&[32usize, 7, 7][..], 48), (&[16, 3, 3], 16), (&[20, 6, 5], 24), (&[16, 2, 2], 32)] {
+        let op = layer("Conv2d", &[int(dims[0] as i64), int(cout as i64), int(3)], &[("padding", int(1))]);
+        let e = Epilogue { residual: true, act: Some(Activation::Relu), ..Default::default() };
+        let g = one_layer_residual(dims, with_epilogue(op, e));
+        let w = weights(&g, 5);
+        for n in [1, 2, 5, 8] {
+            let xs = inputs(&g, n, 13);
+            let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+            let want = interp::run(&g, &w, &views).unwrap();
+            for threads in [1, 2] {
+                let opts = Options { threads, portable: false, fuse: false, conv: ConvAlgorithm::Winograd };
+                let net = Compiled::new(&g, &w, &opts).unwrap().with_parallel_threshold(0);
+                let got = net.run(&views).unwrap();
+                let e = error(&got[0], &want[0]);
+                assert!(e <= TOL, "{dims:?} → {cout} (batch {n}, {threads} threads): error {e:e}");
+            }
+        }
+    }
+}
+
+/// By default a small map (7×7) is Winograd in units of several samples from that batch on
+/// and direct below: both paths of the one kernel against the interpreter.
+#[test]
+fn small_maps_switch_algorithm_with_the_batch() {
+    let op = layer("Conv2d", &[int(32), int(48), int(3)], &[("padding", int(1))]);
+    let g = one_layer(&[32, 7, 7], with_epilogue(op, Epilogue { act: Some(Activation::Relu), ..Default::default() }));
+    let w = weights(&g, 6);
+    for threads in [1, 2] {
+        let net =
+            Compiled::new(&g, &w, &Options { threads, portable: false, fuse: false, ..Default::default() }).unwrap();
+        let choice = &net.conv_choices()[0];
+        assert_eq!(choice.algorithm, ConvAlgorithm::Winograd, "{choice:?}");
+        assert!(choice.reason.contains("in units of 6 samples from batch 6 on"), "{choice:?}");
+        for n in [1, 5, 6, 7, 13] {
+            let xs = inputs(&g, n, 17);
+            let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+            let want = interp::run(&g, &w, &views).unwrap();
+            let got = net.run(&views).unwrap();
+            let e = error(&got[0], &want[0]);
+            assert!(e <= TOL, "batch {n}, {threads} threads: error {e:e}");
+        }
+    }
+}
+
 #[test]
 fn winograd_matches_the_interpreter() {
     let cases: &[(&[usize], usize, i64)] = &[

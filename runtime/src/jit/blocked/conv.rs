@@ -31,7 +31,7 @@
 //! split between threads by columns.
 
 use super::common::{Stage, split_even};
-use super::winograd;
+use super::winograd::{self, Pick};
 use crate::error::{Error, Result};
 use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
 use crate::jit::cx::NodeCx;
@@ -231,16 +231,29 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
         }
         None => (cx.inputs[0], cx.in_lens[0], ih0, iw0, pt0, pl0),
     };
-    let (wino, reason) = match winograd::unfit(conv, blocked_in, cx.scratch.is_some() && zeros) {
-        Some(why) => (false, why.to_string()),
+    let pick = match winograd::unfit(conv, blocked_in, cx.scratch.is_some() && zeros) {
+        Some(why) => Pick::Direct(why.to_string()),
         None => winograd::choose(jit.conv, cin, cout, oh, ow),
     };
-    let algorithm = if wino { ConvAlgorithm::Winograd } else { ConvAlgorithm::Direct };
+    let (algorithm, reason) = match &pick {
+        Pick::Direct(why) => (ConvAlgorithm::Direct, why.clone()),
+        Pick::Winograd(why) | Pick::FromBatch(_, why) => (ConvAlgorithm::Winograd, why.clone()),
+    };
     jit.conv_choices.push(ConvChoice { node: cx.node.name.clone(), algorithm, reason });
-    if wino {
-        let ss = affine(cx, conv.bias, &conv.epilogue, cout, cout.div_ceil(BLOCK) * BLOCK)?;
-        let x = winograd::Operand { slot: xs, size: in_size, ih, iw, lazy };
-        return winograd::lower(jit, cx, conv, x, ss, work);
+    let operand = || winograd::Operand { slot: xs, size: in_size, ih, iw, lazy };
+    // Winograd on units of several samples for calls with that many (see `Pick::FromBatch`),
+    // emitted into this kernel ahead of the direct loops.
+    let mut batched = None;
+    match pick {
+        Pick::Direct(_) => {}
+        Pick::Winograd(_) => {
+            let ss = affine(cx, conv.bias, &conv.epilogue, cout, cout.div_ceil(BLOCK) * BLOCK)?;
+            return winograd::lower(jit, cx, conv, operand(), ss, work);
+        }
+        Pick::FromBatch(samples, _) => {
+            let ss = affine(cx, conv.bias, &conv.epilogue, cout, cout.div_ceil(BLOCK) * BLOCK)?;
+            batched = Some((winograd::Wino::prepare(jit, cx, conv, operand(), ss, samples)?, samples));
+        }
     }
     let (icg, ocg) = (cin / groups, cout / groups);
     let (col, row, x_icb, x_c) = if blocked_in {
@@ -363,6 +376,16 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
     let col_entry = 8 * (2 + kw_tile);
     let fmr = |nb: usize| mrs[nb];
     jit.parallel_kernel(&cx.node.name, work, |fx| {
+        let done = batched.as_ref().map(|(wino, samples)| {
+            let many = fx.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, fx.nb, c(*samples));
+            let (wb, db, done) = (fx.b.create_block(), fx.b.create_block(), fx.b.create_block());
+            fx.b.ins().brif(many, wb, &[], db, &[]);
+            fx.b.switch_to_block(wb);
+            wino.emit(fx);
+            fx.b.ins().jump(done, &[]);
+            fx.b.switch_to_block(db);
+            done
+        });
         let x = fx.slot(xs);
         let y = fx.slot(ys);
         let r = match res {
@@ -448,6 +471,10 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
                     call(fx, xn, yp, rp, entry, 1, 1);
                 }
             });
+        }
+        if let Some(done) = done {
+            fx.b.ins().jump(done, &[]);
+            fx.b.switch_to_block(done);
         }
     })?;
     Ok(())

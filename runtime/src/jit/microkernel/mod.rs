@@ -63,7 +63,9 @@ pub(in crate::jit) use isa::Isa;
 pub use isa::Kernels;
 pub(in crate::jit) use plane::{PlaneTile, plane_nv, plane_tile};
 pub(in crate::jit) use pool::{PoolRow, pool_row};
-pub(in crate::jit) use winograd::{WinoTile, weight_transform_rows, wino_shape, wino_unit};
+pub(in crate::jit) use winograd::{
+    MAX_BLOCKS as WINO_MAX_BLOCKS, WinoTile, weight_transform_rows, wino_shape, wino_unit,
+};
 
 /// Measures one core's f32 FMA throughput with the widest micro-kernel ISA the host has
 /// (GFLOP/s; `None` without one): a register-only loop of independent FMAs, about 20 ms,

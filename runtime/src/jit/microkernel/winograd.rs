@@ -48,8 +48,13 @@ pub(in crate::jit) struct WinoTile {
     pub ow: usize,
     pub th: usize,
     pub tw: usize,
-    /// Tile rows per unit (the last unit of a sample may have fewer).
+    /// Tile rows per unit (the last unit of a sample may have fewer); on maps too small
+    /// for that, the whole sample, and a unit has several samples.
     pub rows: usize,
+    /// Floats per sample of the operand and of the output (a unit of several samples
+    /// reaches the next one this far on).
+    pub x_sample: usize,
+    pub y_sample: usize,
     /// Output channels (lanes of the last block past them are set to zero).
     pub channels: usize,
     /// Per-channel `scale` and `shift` (padded to whole blocks), or null.
@@ -126,6 +131,17 @@ unsafe fn output_transform<V: Simd>(m: &[V; 16]) -> [V; 4] {
     }
 }
 
+/// Where tile `q` of a unit starting at tile row `ti0` lies: `(sample, row, column)` of its
+/// top-left output, the sample relative to the unit's first (tiles run row by row, then on
+/// into the next sample).
+#[inline(always)]
+fn tile_at(d: &WinoTile, ti0: usize, q: usize) -> (usize, usize, usize) {
+    let at = ti0 * d.tw + q;
+    let per = d.th * d.tw;
+    let (n, t) = (at / per, at % per);
+    (n, 2 * (t / d.tw), 2 * (t % d.tw))
+}
+
 /// Where one pass of a unit stands: the unit's first tile row and tile count, the pass's
 /// first input channel, and whether it is the first pass (products start from zero).
 #[derive(Clone, Copy)]
@@ -162,11 +178,11 @@ unsafe fn chunk<V: Simd, const M: usize, const NV: usize>(
         // Input transform.
         for p in 0..M {
             let q = q0 + p;
-            let (r0, c0) = (2 * (pass.ti0 + q / d.tw), 2 * (q % d.tw));
+            let (n, r0, c0) = tile_at(d, pass.ti0, q);
             let rows_in = d.ih.saturating_sub(r0).min(4);
             let cols_in = d.iw.saturating_sub(c0).min(4);
             for b in b0..b1 {
-                let xb = x.add(b * d.x_icb + (r0 * d.iw + c0) * 16);
+                let xb = x.add(n * d.x_sample + b * d.x_icb + (r0 * d.iw + c0) * 16);
                 for h in 0..per_blk {
                     let at = |rr: usize, cc: usize| xb.add((rr * d.iw + cc) * 16 + h * V::L);
                     let mut dv = [[V::zero(); 4]; 4];
@@ -266,12 +282,12 @@ unsafe fn outputs<V: Simd, const NV: usize>(
                     *mk = V::load(ms.add((k * pass.tiles + q) * w + j * V::L));
                 }
                 let out = output_transform(&m);
-                let (r0, oc) = (2 * (pass.ti0 + q / d.tw), 2 * (q % d.tw));
+                let (n, r0, oc) = tile_at(d, pass.ti0, q);
                 let rows_out = (d.oh - r0).min(2);
                 let cols_out = (d.ow - oc).min(2);
                 for a in 0..rows_out {
                     for bcol in 0..cols_out {
-                        let o = off + ((r0 + a) * d.ow + oc + bcol) * 16;
+                        let o = n * d.y_sample + off + ((r0 + a) * d.ow + oc + bcol) * 16;
                         let mut v = affine(out[2 * a + bcol], s, t);
                         if !r.is_null() {
                             v = V::add(v, V::load(r.add(o)));
@@ -331,9 +347,10 @@ mod x86 {
     entry_points!("avx2,fma", Ymm, wino256, out256);
 }
 
-/// Computes one unit — tile rows `i .. i + d.rows` (fewer at the bottom), output rows `2i ..`
-/// — for one channel group of `nb` blocks of 16 output channels: `shape` = `i | nb << 32 |
-/// ocb0 << 36`. The reduction runs in passes of [`PASS_CHANNELS`] input channels over all
+/// Computes one unit — tile rows `i .. i + d.rows` (fewer at the bottom), output rows `2i ..`;
+/// or, with `samples > 1`, every tile of that many samples from `x` on — for one channel
+/// group of `nb` blocks of 16 output channels: `shape` = `i | nb << 32 | samples << 36 |
+/// ocb0 << 44`. The reduction runs in passes of [`PASS_CHANNELS`] input channels over all
 /// the unit's tiles, the products kept in a per-thread scratch buffer, then the output
 /// transform.
 ///
@@ -344,8 +361,9 @@ mod x86 {
 ///
 /// # Safety
 /// `d.isa` is available on the host; `x` holds the whole operand, `u` the group's weights,
-/// `y` (and `r`, if not null) `nb` blocks of `oh × ow` pixels `oh·ow·16` floats apart;
-/// `i < d.th`, `1 ≤ nb ≤ isa.conv_nb()`.
+/// `y` (and `r`, if not null) `nb` blocks of `oh × ow` pixels `oh·ow·16` floats apart, for
+/// each of the unit's samples (`x_sample`, `y_sample` floats apart); `i < d.th`, `1 ≤ nb ≤
+/// isa.conv_nb()`.
 pub(in crate::jit) unsafe extern "C" fn wino_unit(
     d: *const WinoTile,
     x: *const f32,
@@ -358,10 +376,11 @@ pub(in crate::jit) unsafe extern "C" fn wino_unit(
     unsafe {
         use x86::{out256, out512, wino256, wino512};
         let d = &*d;
-        let (ti0, nb, ocb0) = (shape & 0xffff_ffff, (shape >> 32) & 0xf, shape >> 36);
-        debug_assert!((1..=d.isa.conv_nb()).contains(&nb) && ti0 < d.th);
+        let (ti0, nb, samples, ocb0) = (shape & 0xffff_ffff, (shape >> 32) & 0xf, (shape >> 36) & 0xff, shape >> 44);
+        debug_assert!((1..=d.isa.conv_nb()).contains(&nb) && ti0 < d.th && samples >= 1);
         let mr = wino_mr(d.isa, nb);
-        let tiles = d.rows.min(d.th - ti0) * d.tw;
+        // A unit of several samples starts at row 0 and has all their tiles.
+        let tiles = if samples > 1 { samples * d.th * d.tw } else { d.rows.min(d.th - ti0) * d.tw };
         let vs_len = 16 * mr * PASS_CHANNELS.min(d.icb * 16);
         let need = vs_len + 16 * tiles * nb * 16;
         let mut buf = SCRATCH.take();
@@ -406,12 +425,15 @@ pub(in crate::jit) unsafe extern "C" fn wino_unit(
     }
 }
 
-/// Packs `(first tile row, nb, ocb0)` into the `shape` argument of [`wino_unit`] (a tile
-/// row below 2³², `nb ≤ 4`, a block index below 2²⁸: what sizes up to `MAX_SIZE` give).
-pub(in crate::jit) fn wino_shape(ti: usize, nb: usize, ocb0: usize) -> i64 {
-    debug_assert!(ti < 1 << 32 && (1..=4).contains(&nb) && ocb0 < 1 << 28);
-    (ti | (nb << 32) | (ocb0 << 36)) as i64
+/// Packs `(first tile row, nb, samples, ocb0)` into the `shape` argument of [`wino_unit`]
+/// (a tile row below 2³², `nb ≤ 4`, at most 255 samples, a block index below 2²⁰).
+pub(in crate::jit) fn wino_shape(ti: usize, nb: usize, samples: usize, ocb0: usize) -> i64 {
+    debug_assert!(ti < 1 << 32 && (1..=4).contains(&nb) && (1..256).contains(&samples) && ocb0 < MAX_BLOCKS);
+    (ti | (nb << 32) | (samples << 36) | (ocb0 << 44)) as i64
 }
+
+/// Output channel blocks a Winograd conv may have (the `shape` field's range).
+pub(in crate::jit) const MAX_BLOCKS: usize = 1 << 20;
 
 /// `G g Gᵀ` of `n` 3×3 kernels side by side: `g[tap·n + j]` is tap `tap` (row-major) of
 /// kernel `j`, `u[ξ·n + j]` position `ξ` (row-major 4×4) of its transform, in f64. With
