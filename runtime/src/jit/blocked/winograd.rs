@@ -71,17 +71,19 @@ pub(in crate::jit) enum Pick {
 pub(in crate::jit) fn choose(algo: ConvAlgorithm, cin: usize, cout: usize, oh: usize, ow: usize) -> Pick {
     let shape = format!("{cin}→{cout} channels at {oh}×{ow}");
     let tiles = oh.div_ceil(2) * ow.div_ceil(2);
+    let plural = if tiles == 1 { "" } else { "s" };
     match algo {
         ConvAlgorithm::Direct => Pick::Direct("forced (Options::conv)".into()),
         ConvAlgorithm::Winograd => Pick::Winograd("forced (Options::conv)".into()),
         ConvAlgorithm::Auto if cin < 16 || cout < 16 => Pick::Direct(format!("{shape}: fewer than 16 channels")),
         ConvAlgorithm::Auto if tiles < MIN_TILES && 10 * 4 * tiles <= 14 * oh * ow => {
             let s = unit_samples(oh, ow);
-            let why = format!("{tiles} 2×2 tiles per sample: in units of {s} samples from batch {s} on, direct below");
+            let why =
+                format!("{tiles} 2×2 tile{plural} per sample: in units of {s} samples from batch {s} on, direct below");
             Pick::FromBatch(s, format!("{shape}: {why}"))
         }
         ConvAlgorithm::Auto if tiles < MIN_TILES => {
-            let why = format!("{tiles} 2×2 tiles per sample cover {} outputs for {}", 4 * tiles, oh * ow);
+            let why = format!("{tiles} 2×2 tile{plural} per sample cover {} outputs for {}", 4 * tiles, oh * ow);
             Pick::Direct(format!("{shape}: {why}"))
         }
         ConvAlgorithm::Auto => Pick::Winograd(format!("{shape}: 2.25× fewer FMAs")),
