@@ -121,7 +121,10 @@ impl Default for Options {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ConvAlgorithm {
     /// Per layer, by a cost model of its shape: Winograd F(2×2, 3×3) where it has enough
-    /// channels on both sides, the direct convolution elsewhere.
+    /// channels on both sides and enough output tiles per sample; on small maps Winograd
+    /// over several samples for calls with that many (the layer then keeps both packings
+    /// of its weights), the direct convolution below; the direct convolution elsewhere.
+    /// [`Compiled::conv_choices`] says what each layer got.
     #[default]
     Auto,
     /// The direct convolution everywhere (each output the sum of its 9·C products).
