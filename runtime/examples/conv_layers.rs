@@ -21,12 +21,14 @@ fn main() {
     let peak = cnnc_runtime::jit::peak_gflops().unwrap_or(f64::NAN);
     println!("one core's measured peak: {peak:.1} GFLOP/s");
     let args: Vec<String> = std::env::args().collect();
-    let rounds: usize =
-        args.iter().position(|a| a == "--rounds").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(3);
+    // The number after a flag, if given.
+    let value = |flag: &str| -> Option<usize> {
+        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)?.parse().ok())
+    };
+    let rounds = value("--rounds").unwrap_or(3);
     let errors = args.iter().any(|a| a == "--errors");
-    let only: Option<usize> = args.iter().position(|a| a == "--size").and_then(|i| args.get(i + 1)?.parse().ok());
-    let batch: usize =
-        args.iter().position(|a| a == "--batch").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(1);
+    let only = value("--size");
+    let batch = value("--batch").unwrap_or(1);
     // (in, out, kernel, pad, size): ResNet-18's 3×3 convs and a 1×1, then VGG-11's.
     for (ci, co, k, pad, hw) in [
         (64, 64, 3, 1, 56),

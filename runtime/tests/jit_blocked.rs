@@ -10,7 +10,7 @@ mod jit_common;
 
 use cnnc_compiler::ops::{Epilogue, Op};
 use cnnc_compiler::{Graph, GraphBuilder, NodeId, TensorType};
-use cnnc_runtime::{Compiled, Error, Kernels, Options, interp};
+use cnnc_runtime::{Kernels, Options, interp};
 use jit_common::*;
 
 /// Compares the JIT with the interpreter; returns how many micro-kernel ISAs ran.
@@ -24,11 +24,7 @@ fn check_blocked(what: &str, g: &Graph) -> usize {
         for kernels in [Kernels::Avx512, Kernels::Avx2] {
             for threads in [1, 2] {
                 let opts = Options { threads, portable: false, fuse: false, ..Default::default() };
-                let net = match Compiled::with_kernels(g, &w, &opts, kernels) {
-                    Ok(net) => net.with_parallel_threshold(0),
-                    Err(Error::Unsupported(why)) if why.contains("cannot run") => continue,
-                    Err(e) => panic!("{what}: compile with {kernels:?}: {e}"),
-                };
+                let Some(net) = compile_split(what, g, &w, &opts, kernels) else { continue };
                 ran += 1;
                 let got = net.run(&views).unwrap();
                 for (a, b) in got.iter().zip(&want) {

@@ -8,7 +8,7 @@
 mod jit_common;
 
 use cnnc_compiler::ops::{Activation, Epilogue};
-use cnnc_runtime::{Compiled, ConvAlgorithm, Error, Kernels, Options, interp};
+use cnnc_runtime::{Compiled, ConvAlgorithm, Kernels, Options, interp};
 use jit_common::*;
 
 fn run_case(what: &str, g: &cnnc_compiler::Graph, algo: ConvAlgorithm) -> usize {
@@ -21,11 +21,7 @@ fn run_case(what: &str, g: &cnnc_compiler::Graph, algo: ConvAlgorithm) -> usize 
         for kernels in [Kernels::Avx512, Kernels::Avx2] {
             for threads in [1, 2] {
                 let opts = Options { threads, portable: false, fuse: false, conv: algo };
-                let net = match Compiled::with_kernels(g, &w, &opts, kernels) {
-                    Ok(net) => net.with_parallel_threshold(0),
-                    Err(Error::Unsupported(why)) if why.contains("cannot run") => continue,
-                    Err(e) => panic!("{what}: compile with {kernels:?}: {e}"),
-                };
+                let Some(net) = compile_split(what, g, &w, &opts, kernels) else { continue };
                 ran += 1;
                 let chosen: Vec<_> = net.conv_choices().iter().map(|c| c.algorithm).collect();
                 assert_eq!(chosen, [algo], "{what}: {:?}", net.conv_choices());

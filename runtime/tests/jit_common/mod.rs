@@ -6,7 +6,7 @@ use cnnc_compiler::ops::args::{Arg, ArgValue};
 use cnnc_compiler::ops::{self, Epilogue, Op};
 use cnnc_compiler::{Graph, GraphBuilder, NodeId, TensorType};
 use cnnc_runtime::weights::Weights;
-use cnnc_runtime::{Compiled, Options, interp};
+use cnnc_runtime::{Compiled, Error, Kernels, Options, interp};
 use ndarray::{ArrayD, IxDyn};
 
 /// An integer argument.
@@ -180,4 +180,14 @@ pub fn check(what: &str, g: &Graph, n: usize, seed: u64) {
 /// The node ids of a graph's outputs.
 pub fn outputs(g: &Graph) -> Vec<NodeId> {
     g.outputs.iter().map(|(_, id)| *id).collect()
+}
+
+/// `g` compiled with the given micro-kernels, every splittable kernel shared between the
+/// threads; `None` when the CPU lacks those kernels (any other error fails the test).
+pub fn compile_split(what: &str, g: &Graph, w: &Weights, opts: &Options, kernels: Kernels) -> Option<Compiled> {
+    match Compiled::with_kernels(g, w, opts, kernels) {
+        Ok(net) => Some(net.with_parallel_threshold(0)),
+        Err(Error::Unsupported(why)) if why.contains("cannot run") => None,
+        Err(e) => panic!("{what}: compile with {kernels:?}: {e}"),
+    }
 }

@@ -183,6 +183,25 @@ impl Stage {
         });
     }
 
+    /// In a conv kernel's unit loop: when the call is not split (it then does every unit, in
+    /// order) and `pos` (the unit's first row or tile row) is 0, copies samples `n .. n +
+    /// cnt` — so a sample's copy is made right before the first unit that reads it.
+    pub(in crate::jit) fn emit_before_first(&self, fx: &mut Fx<'_>, n: Value, cnt: Value, pos: Value) {
+        let single = fx.b.ins().icmp_imm_s(IntCC::Equal, fx.parts, 1);
+        let first = fx.b.ins().icmp_imm_s(IntCC::Equal, pos, 0);
+        let now = fx.b.ins().band(single, first);
+        let copy = fx.b.create_block();
+        let go = fx.b.create_block();
+        fx.b.ins().brif(now, copy, &[], go, &[]);
+        fx.b.switch_to_block(copy);
+        let lo = fx.muli(n, c(self.rows()));
+        let len = fx.muli(cnt, c(self.rows()));
+        let hi = fx.add(lo, len);
+        self.emit(fx, lo, hi);
+        fx.b.ins().jump(go, &[]);
+        fx.b.switch_to_block(go);
+    }
+
     /// Emits the copy as a kernel of its own, named after the node, its rows split
     /// between threads. `work` decides when it is split (see [`Stage::work`]); with
     /// `lazy`, a call that is not split copies nothing: the conv then copies each sample

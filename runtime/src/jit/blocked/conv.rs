@@ -240,19 +240,19 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
         Pick::Winograd(why) | Pick::FromBatch(_, why) => (ConvAlgorithm::Winograd, why.clone()),
     };
     jit.conv_choices.push(ConvChoice { node: cx.node.name.clone(), algorithm, reason });
+    // The epilogue's per-channel factors, in the constant pool once for either algorithm.
+    let (scale, shift) = affine(cx, conv.bias, &conv.epilogue, cout, cout.div_ceil(BLOCK) * BLOCK)?;
+    let scale = scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32);
+    let shift = shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32);
     let operand = || winograd::Operand { slot: xs, size: in_size, ih, iw, lazy };
     // Winograd on units of several samples for calls with that many (see `Pick::FromBatch`),
     // emitted into this kernel ahead of the direct loops.
     let mut batched = None;
     match pick {
         Pick::Direct(_) => {}
-        Pick::Winograd(_) => {
-            let ss = affine(cx, conv.bias, &conv.epilogue, cout, cout.div_ceil(BLOCK) * BLOCK)?;
-            return winograd::lower(jit, cx, conv, operand(), ss, work);
-        }
+        Pick::Winograd(_) => return winograd::lower(jit, cx, conv, operand(), (scale, shift), work),
         Pick::FromBatch(samples, _) => {
-            let ss = affine(cx, conv.bias, &conv.epilogue, cout, cout.div_ceil(BLOCK) * BLOCK)?;
-            batched = Some((winograd::Wino::prepare(jit, cx, conv, operand(), ss, samples)?, samples));
+            batched = Some((winograd::Wino::prepare(jit, cx, conv, operand(), (scale, shift), samples)?, samples));
         }
     }
     let (icg, ocg) = (cin / groups, cout / groups);
@@ -347,7 +347,6 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
         border.push((o, push_entry(&mut col_tab, kw, first, ins.iter().map(|&i| c(i as usize * col)))));
     }
 
-    let (scale, shift) = affine(cx, conv.bias, &conv.epilogue, cout, cout.div_ceil(BLOCK) * BLOCK)?;
     let tile = ConvTile {
         isa,
         icb,
@@ -360,8 +359,8 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
         kw: kw_tile,
         y_blk: (oh * ow * BLOCK) as isize,
         channels: cout,
-        scale: scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
-        shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
+        scale,
+        shift,
         act: Act::of(conv.epilogue.act),
         prefetch: oh <= PREFETCH_ROWS,
     };
@@ -409,20 +408,9 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
                 let n = fx.b.ins().udiv_imm_u(local, c(oh));
                 let orow = fx.b.ins().urem_imm_u(local, c(oh));
                 if let (0, Some(st)) = (gi, lazy) {
-                    // Not split: the first group copies each sample before its first row
-                    // (a call that is not split does every unit, in order).
-                    let single = fx.b.ins().icmp_imm_s(IntCC::Equal, fx.parts, 1);
-                    let first = fx.b.ins().icmp_imm_s(IntCC::Equal, orow, 0);
-                    let now = fx.b.ins().band(single, first);
-                    let copy = fx.b.create_block();
-                    let go = fx.b.create_block();
-                    fx.b.ins().brif(now, copy, &[], go, &[]);
-                    fx.b.switch_to_block(copy);
-                    let lo = fx.muli(n, c(st.rows()));
-                    let hi = fx.addi(lo, c(st.rows()));
-                    st.emit(fx, lo, hi);
-                    fx.b.ins().jump(go, &[]);
-                    fx.b.switch_to_block(go);
+                    // Not split: the first group copies each sample before its first row.
+                    let one = fx.i(1);
+                    st.emit_before_first(fx, n, one, orow);
                 }
                 let xn0 = fx.elem_scaled(x, n, c(in_size));
                 let xn = fx.addi(xn0, c(4 * g.x_off));

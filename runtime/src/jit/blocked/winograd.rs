@@ -20,7 +20,6 @@ use crate::jit::microkernel::{self, Act, WinoTile};
 use crate::jit::plan::BLOCK;
 use cnnc_compiler::ops::Conv2d;
 use cranelift_codegen::ir::InstBuilder;
-use cranelift_codegen::ir::condcodes::IntCC;
 
 /// Why the Winograd tiles cannot compute `conv`, if they cannot: they need a stride-1,
 /// dilation-1, single-group 3×3 convolution on a blocked operand whose padding, if any, is
@@ -111,14 +110,14 @@ pub(in crate::jit) struct Operand {
 }
 
 /// Lowers a Conv2d node (see [`unfit`]) onto the Winograd tiles as a kernel of its own;
-/// `scale` and `shift` are its epilogue's per-channel factors padded to whole blocks, `work`
-/// its FLOPs.
+/// `ss` are the addresses of its epilogue's per-channel scale and shift (padded to whole
+/// blocks; null where absent), `work` its FLOPs.
 pub(in crate::jit) fn lower(
     jit: &mut Jit,
     cx: &NodeCx<'_>,
     conv: &Conv2d,
     x: Operand,
-    ss: (Option<Vec<f32>>, Option<Vec<f32>>),
+    ss: (*const f32, *const f32),
     work: u64,
 ) -> Result<()> {
     let (_, oh, ow) = cx.out_chw()?;
@@ -167,7 +166,7 @@ impl Wino {
         cx: &NodeCx<'_>,
         conv: &Conv2d,
         x: Operand,
-        (scale, shift): (Option<Vec<f32>>, Option<Vec<f32>>),
+        (scale, shift): (*const f32, *const f32),
         samples: usize,
     ) -> Result<Wino> {
         let isa =
@@ -239,8 +238,8 @@ impl Wino {
             x_sample: x.size,
             y_sample: cx.out_len,
             channels: cout,
-            scale: scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
-            shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
+            scale,
+            shift,
             act: Act::of(conv.epilogue.act),
         };
         let desc = jit.consts.keep(tile, 4 * total);
@@ -303,20 +302,8 @@ impl Wino {
                     (n, fx.i(1), fx.muli(unit, c(rows)))
                 };
                 if let (0, Some(st)) = (gi, &self.lazy) {
-                    // Not split: the first group copies each sample before its first tiles.
-                    let single = fx.b.ins().icmp_imm_s(IntCC::Equal, fx.parts, 1);
-                    let first = fx.b.ins().icmp_imm_s(IntCC::Equal, ti, 0);
-                    let now = fx.b.ins().band(single, first);
-                    let copy = fx.b.create_block();
-                    let go = fx.b.create_block();
-                    fx.b.ins().brif(now, copy, &[], go, &[]);
-                    fx.b.switch_to_block(copy);
-                    let lo = fx.muli(n, c(st.rows()));
-                    let len = fx.muli(cnt, c(st.rows()));
-                    let hi = fx.add(lo, len);
-                    st.emit(fx, lo, hi);
-                    fx.b.ins().jump(go, &[]);
-                    fx.b.switch_to_block(go);
+                    // Not split: the first group copies the unit's samples before its first tiles.
+                    st.emit_before_first(fx, n, cnt, ti);
                 }
                 let xn = fx.elem_scaled(xb, n, c(in_size));
                 let yn0 = fx.elem_scaled(y, n, c(out_size));
@@ -327,7 +314,7 @@ impl Wino {
                 } else {
                     r
                 };
-                let hi_bits = fx.i(microkernel::wino_shape(0, nb, 1, ocb0) & !(0xff << 36));
+                let hi_bits = fx.i(microkernel::wino_shape(0, nb, 0, ocb0));
                 let cnt_bits = fx.b.ins().ishl_imm_u(cnt, 36);
                 let shape = fx.b.ins().bor(hi_bits, ti);
                 let shape = fx.b.ins().bor(shape, cnt_bits);

@@ -2,7 +2,7 @@
 //! output channels, channels in the lanes, the whole reduction over input channels and taps
 //! in registers, the epilogue applied before the store.
 
-use super::epilogue::{Act, activate, affine};
+use super::epilogue::{Act, finish};
 use super::isa::Isa;
 use super::simd::Simd;
 
@@ -201,17 +201,7 @@ unsafe fn conv_body<V: Simd, const MR: usize, const NV: usize>(
             let valid = d.channels.saturating_sub(ch0).min(V::L);
             let off = (j / per_blk) as isize * d.y_blk + ((j % per_blk) * V::L) as isize;
             for p in 0..MR {
-                let mut v = acc[p][j];
-                v = affine(v, s, t);
-                let o = off + (p * 16) as isize;
-                if !r.is_null() {
-                    v = V::add(v, V::load(r.offset(o)));
-                }
-                v = activate(v, d.act);
-                if valid < V::L {
-                    v = v.keep_first(valid);
-                }
-                v.store(y.offset(o));
+                finish(acc[p][j], (s, t), r, y, off + (p * 16) as isize, d.act, valid);
             }
         }
     }

@@ -118,3 +118,34 @@ pub(super) unsafe fn activate<V: Simd>(v: V, act: Act) -> V {
         }
     }
 }
+
+/// The whole epilogue of one output vector of a blocked result, stored: `acc·s + t`, plus
+/// the residual at `r + o` unless `r` is null, the activation, lanes from `valid` on set to
+/// zero (the padding channels of the last block), stored at `y + o`.
+///
+/// # Safety
+/// Inlined only into a function with `V`'s target feature; `y + o` (and `r + o`) hold a
+/// vector.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn finish<V: Simd>(
+    acc: V,
+    (s, t): (Option<V>, Option<V>),
+    r: *const f32,
+    y: *mut f32,
+    o: isize,
+    act: Act,
+    valid: usize,
+) {
+    unsafe {
+        let mut v = affine(acc, s, t);
+        if !r.is_null() {
+            v = V::add(v, V::load(r.offset(o)));
+        }
+        v = activate(v, act);
+        if valid < V::L {
+            v = v.keep_first(valid);
+        }
+        v.store(y.offset(o));
+    }
+}

@@ -24,7 +24,7 @@
 //! epilogue (scale and shift, residual, activation, zero padding lanes) and the stores.
 //! Patches reaching past the operand (an odd output size) read zeros there.
 
-use super::epilogue::{Act, activate, affine};
+use super::epilogue::{Act, finish};
 use super::isa::Isa;
 use super::simd::Simd;
 use std::cell::Cell;
@@ -288,15 +288,7 @@ unsafe fn outputs<V: Simd, const NV: usize>(
                 for a in 0..rows_out {
                     for bcol in 0..cols_out {
                         let o = n * d.y_sample + off + ((r0 + a) * d.ow + oc + bcol) * 16;
-                        let mut v = affine(out[2 * a + bcol], s, t);
-                        if !r.is_null() {
-                            v = V::add(v, V::load(r.add(o)));
-                        }
-                        v = activate(v, d.act);
-                        if valid < V::L {
-                            v = v.keep_first(valid);
-                        }
-                        v.store(y.add(o));
+                        finish(out[2 * a + bcol], (s, t), r, y, o as isize, d.act, valid);
                     }
                 }
             }
@@ -426,9 +418,10 @@ pub(in crate::jit) unsafe extern "C" fn wino_unit(
 }
 
 /// Packs `(first tile row, nb, samples, ocb0)` into the `shape` argument of [`wino_unit`]
-/// (a tile row below 2³², `nb ≤ 4`, at most 255 samples, a block index below 2²⁰).
+/// (a tile row below 2³², `nb ≤ 4`, at most 255 samples — 0 where the generated code ors the
+/// count in at run time —, a block index below 2²⁰).
 pub(in crate::jit) fn wino_shape(ti: usize, nb: usize, samples: usize, ocb0: usize) -> i64 {
-    debug_assert!(ti < 1 << 32 && (1..=4).contains(&nb) && (1..256).contains(&samples) && ocb0 < MAX_BLOCKS);
+    debug_assert!(ti < 1 << 32 && (1..=4).contains(&nb) && samples < 256 && ocb0 < MAX_BLOCKS);
     (ti | (nb << 32) | (samples << 36) | (ocb0 << 44)) as i64
 }
 
@@ -439,10 +432,13 @@ pub(in crate::jit) const MAX_BLOCKS: usize = 1 << 20;
 /// kernel `j`, `u[ξ·n + j]` position `ξ` (row-major 4×4) of its transform, in f64. With
 /// `G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]`, one row (or column) `(a, b, c)` becomes
 /// `(a, (a + b + c)/2, (a − b + c)/2, c)`; each step runs over all `n` kernels at once.
+/// `n` is at most 64 (a channel group's width).
 pub(in crate::jit) fn weight_transform_rows(g: &[f64], u: &mut [f64], n: usize) {
+    assert!(n <= 64, "at most 64 kernels at a time");
     let g = |tap: usize| &g[tap * n..(tap + 1) * n];
-    // t = G g: 4 rows × 3 columns, each a run of `n`.
-    let mut t = vec![0f64; 12 * n];
+    // t = G g: 4 rows × 3 columns, each a run of `n` (on the stack: this runs once per input
+    // channel and group while compiling).
+    let mut t = [0f64; 12 * 64];
     for col in 0..3 {
         let (a, b, c) = (g(col), g(3 + col), g(6 + col));
         for j in 0..n {
