@@ -494,10 +494,10 @@ fn bench_measures_a_tiny_run() {
     fails(&cnnc(&["bench", "examples/nets/lenet.cnn", "--batch", "0"]), 2, "at least 1");
     // Each convolution on the micro-kernels, with its algorithm and why.
     let convs = j["convolutions"].as_array().unwrap();
-    assert!(convs.iter().any(|c| c["reason"] == "not a 3×3 kernel" && c["algorithm"] == "Direct"), "{j}");
+    assert!(convs.iter().any(|c| c["reason"] == "plain operand (a net's first layer)" && c["algorithm"] == "Direct"), "{j}");
 }
 
-/// `--conv` forces the 3×3 convolutions' algorithm; `bench` lists the choices.
+/// `--conv` forces the 3×3 and 5×5 convolutions' algorithm; `bench` lists the choices.
 #[test]
 fn conv_algorithm_is_chosen_per_layer_or_forced() {
     let dir = tempfile::tempdir().unwrap();
@@ -521,7 +521,7 @@ fn conv_algorithm_is_chosen_per_layer_or_forced() {
     assert_eq!(algos(&["--conv", "winograd"]), ["Winograd", "Direct"]);
     fails(&cnnc(&["bench", net, "--conv", "fft"]), 2, "invalid value");
     let o = cnnc(&["bench", net, "--iters", "1", "--warmup", "0"]);
-    assert!(stdout(&o).contains("Winograd  16→32 channels at 12×12: 2.25× fewer FMAs"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("Winograd  3×3, 16→32 channels at 12×12: 2.25× fewer FMAs"), "{}", stdout(&o));
 }
 
 /// Sources a fuzzer would try: each is one clean error (status 1), never a panic, an

@@ -1,7 +1,8 @@
-//! Single-layer throughput of the JIT on the convolutions that dominate ResNet-18 and VGG,
-//! at batch 1 (or `--batch B`) on one thread, for each kernel choice this CPU supports and, for the 3×3
-//! ones on the micro-kernels, both algorithms (direct and Winograd F(2×2, 3×3), timed in
-//! alternating rounds): the median time of the conv kernel itself, from
+//! Single-layer throughput of the JIT on the convolutions that dominate ResNet-18, VGG, the
+//! CIFAR-10 net and AlexNet, at batch 1 (or `--batch B`) on one thread, for each kernel
+//! choice this CPU supports and, for the 3×3 and 5×5 ones on the micro-kernels, both
+//! algorithms (direct and Winograd F(2×2, 3×3) or F(2×2, 5×5), timed in alternating
+//! rounds): the median time of the conv kernel itself, from
 //! `Compiled::profile`, and its throughput in the direct convolution's FLOPs.
 //!
 //! ```text
@@ -44,6 +45,10 @@ fn main() {
         (512, 512, 3, 1, 14),
         (16, 32, 3, 1, 32),
         (32, 32, 3, 1, 16),
+        // The CIFAR-10 net's 5×5 convs (second and third) and AlexNet's second.
+        (32, 32, 5, 2, 16),
+        (32, 64, 5, 2, 8),
+        (96, 256, 5, 2, 26),
     ] {
         if only.is_some_and(|s| s != hw) {
             continue;
@@ -71,7 +76,7 @@ fn main() {
         let flops = 2.0 * (batch * ci * co * k * k * hw * hw) as f64;
         let mut cases = vec![];
         for kernels in [Kernels::Avx512, Kernels::Avx2, Kernels::Portable] {
-            let algos: &[ConvAlgorithm] = if k == 3 && kernels != Kernels::Portable {
+            let algos: &[ConvAlgorithm] = if (k == 3 || k == 5) && kernels != Kernels::Portable {
                 &[ConvAlgorithm::Direct, ConvAlgorithm::Winograd]
             } else {
                 &[ConvAlgorithm::Direct]

@@ -1,4 +1,4 @@
-//! Winograd F(2×2, 3×3) convolutions against the reference interpreter: even and odd map
+//! Winograd F(2×2, 3×3) and F(2×2, 5×5) convolutions against the reference interpreter: even and odd map
 //! sizes, channel counts that leave padding lanes, several passes over the input channels,
 //! units of one and of many tile rows, padding 0–2, every fused epilogue
 //! (bias, BatchNorm's scale and shift, residual, activations), a batch, one and two threads
@@ -119,5 +119,54 @@ fn winograd_matches_the_interpreter() {
         let e = Epilogue { residual: true, act: Some(Activation::Relu), ..Default::default() };
         let g = one_layer_residual(dims, with_epilogue(op, e));
         run_case(&format!("{dims:?} → {cout}, padding {pad}, residual"), &g, ConvAlgorithm::Winograd);
+    }
+}
+
+/// F(2×2, 5×5): the same kinds of cases as the 3×3 ones, passes of 64 input channels.
+#[test]
+fn winograd_5x5_matches_the_interpreter() {
+    let cases: &[(&[usize], usize, i64)] = &[
+        (&[32, 16, 16], 32, 2),
+        (&[20, 7, 9], 24, 2),
+        (&[16, 8, 8], 64, 0),
+        (&[17, 6, 5], 33, 3),
+        (&[48, 5, 5], 16, 1),
+        (&[16, 1, 1], 16, 2),
+        // Several passes over the input channels (64 at a time), the last one partial.
+        (&[96, 13, 13], 40, 2),
+        (&[130, 9, 4], 17, 2),
+        // Many tile rows per unit (narrow maps), the last unit of a sample shorter.
+        (&[24, 30, 3], 32, 2),
+    ];
+    for &(dims, cout, pad) in cases {
+        let conv = || layer("Conv2d", &[int(dims[0] as i64), int(cout as i64), int(5)], &[("padding", int(pad))]);
+        for (ei, e) in
+            [Epilogue::default(), Epilogue { scale_shift: true, act: Some(Activation::Sigmoid), ..Default::default() }]
+                .into_iter()
+                .enumerate()
+        {
+            let g = one_layer(dims, with_epilogue(conv(), e));
+            let what = format!("5×5, {dims:?} → {cout}, padding {pad}, epilogue {ei}");
+            assert!(run_case(&what, &g, ConvAlgorithm::Winograd) > 0);
+        }
+        let e = Epilogue { residual: true, act: Some(Activation::Relu), ..Default::default() };
+        let g = one_layer_residual(dims, with_epilogue(conv(), e));
+        run_case(&format!("5×5, {dims:?} → {cout}, padding {pad}, residual"), &g, ConvAlgorithm::Winograd);
+    }
+    // Units of several samples (8×8: 16 tiles per sample), the last unit of a batch partial.
+    let op = layer("Conv2d", &[int(32), int(64), int(5)], &[("padding", int(2))]);
+    let g = one_layer(&[32, 8, 8], with_epilogue(op, Epilogue { act: Some(Activation::Relu), ..Default::default() }));
+    let w = weights(&g, 5);
+    for threads in [1, 2] {
+        let opts = Options { threads, portable: false, fuse: false, ..Default::default() };
+        let net = Compiled::new(&g, &w, &opts).unwrap().with_parallel_threshold(0);
+        assert_eq!(net.conv_choices()[0].algorithm, ConvAlgorithm::Winograd, "{:?}", net.conv_choices());
+        for n in [1, 5, 6, 7, 13] {
+            let xs = inputs(&g, n, 13);
+            let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+            let want = interp::run(&g, &w, &views).unwrap();
+            let e = error(&net.run(&views).unwrap()[0], &want[0]);
+            assert!(e <= TOL, "5×5 at 8×8, batch {n}, {threads} threads: error {e:e}");
+        }
     }
 }

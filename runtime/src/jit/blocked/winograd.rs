@@ -1,8 +1,8 @@
-//! Winograd F(2×2, 3×3) convolutions on the blocked layout: the loop nest around the
+//! Winograd F(2×2, 3×3) and F(2×2, 5×5) convolutions on the blocked layout: the loop nest around the
 //! Winograd units ([`crate::jit::microkernel::wino_unit`]) and its transformed, packed
 //! weights.
 //!
-//! A Conv2d takes this path when it is a stride-1, dilation-1, single-group 3×3 convolution
+//! A Conv2d takes this path when it is a stride-1, dilation-1, single-group 3×3 or 5×5 convolution
 //! on a blocked operand whose padding is zeros (read from the conv's zero-padded staged copy,
 //! as the direct tiles do) and [`choose`] prefers it, or `Options::conv` forces it. The work
 //! is a list of units — a few rows of 2×2 output tiles (at least [`UNIT_TILES`] tiles where
@@ -22,11 +22,11 @@ use cnnc_compiler::ops::Conv2d;
 use cranelift_codegen::ir::InstBuilder;
 
 /// Why the Winograd tiles cannot compute `conv`, if they cannot: they need a stride-1,
-/// dilation-1, single-group 3×3 convolution on a blocked operand whose padding, if any, is
+/// dilation-1, single-group 3×3 or 5×5 convolution on a blocked operand whose padding, if any, is
 /// already in the staged copy the conv reads.
 pub(in crate::jit) fn unfit(conv: &Conv2d, blocked_in: bool, padded_copy: bool) -> Option<&'static str> {
-    if conv.kernel != (3, 3) {
-        Some("not a 3×3 kernel")
+    if conv.kernel != (3, 3) && conv.kernel != (5, 5) {
+        Some("not a 3×3 or 5×5 kernel")
     } else if conv.stride != (1, 1) {
         Some("stride > 1")
     } else if conv.dilation != (1, 1) {
@@ -67,14 +67,19 @@ pub(in crate::jit) enum Pick {
 /// 8 in units of 6 samples (96 tiles per pass over the weights) the same layer ran 1.26×
 /// faster than direct (AVX2: 1.50×). Below 16 channels the operand is one partial block
 /// and the transforms cost as much as the products.
-pub(in crate::jit) fn choose(algo: ConvAlgorithm, cin: usize, cout: usize, oh: usize, ow: usize) -> Pick {
-    let shape = format!("{cin}→{cout} channels at {oh}×{ow}");
+pub(in crate::jit) fn choose(algo: ConvAlgorithm, k: usize, cin: usize, cout: usize, oh: usize, ow: usize) -> Pick {
+    let shape = format!("{k}×{k}, {cin}→{cout} channels at {oh}×{ow}");
     let tiles = oh.div_ceil(2) * ow.div_ceil(2);
     let plural = if tiles == 1 { "" } else { "s" };
     match algo {
         ConvAlgorithm::Direct => Pick::Direct("forced (Options::conv)".into()),
         ConvAlgorithm::Winograd => Pick::Winograd("forced (Options::conv)".into()),
         ConvAlgorithm::Auto if cin < 16 || cout < 16 => Pick::Direct(format!("{shape}: fewer than 16 channels")),
+        ConvAlgorithm::Auto if k == 5 && tiles < MIN_TILES && 10 * 4 * tiles <= 14 * oh * ow => {
+            let s = unit_samples(oh, ow);
+            let why = format!("{tiles} 2×2 tile{plural} per sample, in units of {s} samples: 2.78× fewer FMAs");
+            Pick::Winograd(format!("{shape}: {why}"))
+        }
         ConvAlgorithm::Auto if tiles < MIN_TILES && 10 * 4 * tiles <= 14 * oh * ow => {
             let s = unit_samples(oh, ow);
             let why =
@@ -85,7 +90,10 @@ pub(in crate::jit) fn choose(algo: ConvAlgorithm, cin: usize, cout: usize, oh: u
             let why = format!("{tiles} 2×2 tile{plural} per sample cover {} outputs for {}", 4 * tiles, oh * ow);
             Pick::Direct(format!("{shape}: {why}"))
         }
-        ConvAlgorithm::Auto => Pick::Winograd(format!("{shape}: 2.25× fewer FMAs")),
+        ConvAlgorithm::Auto => {
+            let fewer = if k == 5 { "2.78" } else { "2.25" };
+            Pick::Winograd(format!("{shape}: {fewer}× fewer FMAs"))
+        }
     }
 }
 
@@ -173,6 +181,8 @@ impl Wino {
             jit.isa.ok_or_else(|| crate::Error::Unsupported("Winograd conv without a micro-kernel ISA".into()))?;
         let (cin, _, _) = cx.in_chw(0)?;
         let (cout, oh, ow) = cx.out_chw()?;
+        let k = conv.kernel.0;
+        let (taps, positions) = (k * k, (k + 1) * (k + 1));
         let icb = cin.div_ceil(BLOCK);
         let ocb = cout.div_ceil(BLOCK);
         let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
@@ -187,34 +197,34 @@ impl Wino {
         let mut ocb0 = 0;
         for nb in split_even(ocb, isa.conv_nb()) {
             groups.push((ocb0, nb, total));
-            total += 16 * cin * nb * BLOCK;
+            total += positions * cin * nb * BLOCK;
             ocb0 += nb;
         }
         let w = cx.param_ref("weight")?;
         let flipped = cx.flipped;
-        // Tap `tap` of the 3×3 kernel of output channel `o`, input channel `i`.
+        // Tap `tap` of the k×k kernel of output channel `o`, input channel `i`.
         let tap = |o: usize, i: usize, tap: usize| {
-            if flipped { w[(i * cout + o) * 9 + 8 - tap] } else { w[(o * cin + i) * 9 + tap] }
+            if flipped { w[(i * cout + o) * taps + taps - 1 - tap] } else { w[(o * cin + i) * taps + tap] }
         };
         let pack = |packed: &mut [f32]| {
             // Per input channel, the kernels of a group's output channels side by side
             // (`g[tap][j]`, f64), transformed a whole row of channels at a time, each of the
-            // 16 results written as one packed row.
-            let mut g = vec![0f64; 9 * BLOCK * isa.conv_nb()];
-            let mut u = vec![0f64; 16 * BLOCK * isa.conv_nb()];
+            // `(k+1)²` results written as one packed row.
+            let mut g = vec![0f64; taps * BLOCK * isa.conv_nb()];
+            let mut u = vec![0f64; positions * BLOCK * isa.conv_nb()];
             for &(ocb0, nb, off) in &groups {
                 let width = nb * BLOCK;
                 let valid = width.min(cout - ocb0 * BLOCK);
                 for i in 0..cin {
-                    for t in 0..9 {
+                    for t in 0..taps {
                         for j in 0..valid {
                             g[t * width + j] = f64::from(tap(ocb0 * BLOCK + j, i, t));
                         }
                     }
-                    microkernel::weight_transform_rows(&g[..9 * width], &mut u[..16 * width], width);
-                    for k in 0..16 {
-                        let row = &mut packed[off + (k * cin + i) * width..][..valid];
-                        for (p, v) in row.iter_mut().zip(&u[k * width..]) {
+                    microkernel::weight_transform_rows(k, &g[..taps * width], &mut u[..positions * width], width);
+                    for xi in 0..positions {
+                        let row = &mut packed[off + (xi * cin + i) * width..][..valid];
+                        for (p, v) in row.iter_mut().zip(&u[xi * width..]) {
                             *p = *v as f32;
                         }
                     }
@@ -225,6 +235,7 @@ impl Wino {
         drop(w);
         let tile = WinoTile {
             isa,
+            k,
             c: cin,
             icb,
             ih: x.ih,
