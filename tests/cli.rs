@@ -494,7 +494,10 @@ fn bench_measures_a_tiny_run() {
     fails(&cnnc(&["bench", "examples/nets/lenet.cnn", "--batch", "0"]), 2, "at least 1");
     // Each convolution on the micro-kernels, with its algorithm and why.
     let convs = j["convolutions"].as_array().unwrap();
-    assert!(convs.iter().any(|c| c["reason"] == "plain operand (a net's first layer)" && c["algorithm"] == "Direct"), "{j}");
+    assert!(
+        convs.iter().any(|c| c["reason"] == "plain operand (a net's first layer)" && c["algorithm"] == "Direct"),
+        "{j}"
+    );
 }
 
 /// `--conv` forces the 3×3 and 5×5 convolutions' algorithm; `bench` lists the choices.

@@ -8,7 +8,7 @@ mod jit_common;
 use cnnc_compiler::Graph;
 use cnnc_compiler::ops::args::ArgValue;
 use cnnc_compiler::ops::{Activation, Epilogue};
-use cnnc_runtime::{Compiled, Error, Kernels, Options, interp};
+use cnnc_runtime::{Compiled, ConvAlgorithm, Error, Kernels, Options, interp};
 use jit_common::*;
 
 /// Compares every kernel choice the host supports with the interpreter; returns how many
@@ -109,5 +109,32 @@ fn linear_shapes_and_epilogues() {
                 check_kernels(&format!("Linear({k}, {o}) {e:?} on {dims:?}"), &g, n);
             }
         }
+    }
+}
+
+/// Layers with at least 4 MB of packed weights are packed by the model's threads, each a
+/// run of whole column tiles or channel groups: the packing (and so the output, which
+/// every split computes in the same order) is the same on one thread and on two.
+#[test]
+fn large_weights_pack_alike_on_one_and_two_threads() {
+    let linear = layer("Linear", &[int(4096), int(300)], &[]);
+    let conv = || layer("Conv2d", &[int(256), int(470), int(3)], &[("padding", int(1))]);
+    for (what, g, conv_algo) in [
+        ("Linear(4096, 300)", one_layer(&[4096], linear), ConvAlgorithm::Auto),
+        ("3×3 conv 256→470, direct", one_layer(&[256, 6, 6], conv()), ConvAlgorithm::Direct),
+        ("3×3 conv 256→470, Winograd", one_layer(&[256, 6, 6], conv()), ConvAlgorithm::Winograd),
+    ] {
+        let w = weights(&g, 21);
+        let xs = inputs(&g, 3, 22);
+        let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+        let want = interp::run(&g, &w, &views).unwrap();
+        let run = |threads| {
+            let opts = Options { threads, portable: false, fuse: false, conv: conv_algo };
+            Compiled::new(&g, &w, &opts).unwrap().run(&views).unwrap()
+        };
+        let (one, two) = (run(1), run(2));
+        assert_eq!(one, two, "{what}");
+        let e = error(&two[0], &want[0]);
+        assert!(e <= TOL, "{what}: error {e:e}");
     }
 }

@@ -246,6 +246,8 @@ pub(super) struct Jit {
     pub conv: super::ConvAlgorithm,
     /// The algorithm each blocked convolution got, and why.
     pub conv_choices: Vec<super::ConvChoice>,
+    /// The model's threads: large weights are packed on this many while compiling.
+    pub threads: usize,
 }
 
 fn jit_err(node: &str, e: impl std::fmt::Display) -> Error {
@@ -287,6 +289,7 @@ impl Jit {
             isa,
             conv: super::ConvAlgorithm::Auto,
             conv_choices: vec![],
+            threads: 1,
         })
     }
 

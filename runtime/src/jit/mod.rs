@@ -416,6 +416,7 @@ impl Compiled {
         let plan = plan::plan(graph, isa.is_some(), threads)?;
         let mut jit = codegen::Jit::new(!options.portable, isa)?;
         jit.conv = options.conv;
+        jit.threads = threads;
         lower::lower(&mut jit, graph, weights, &plan)?;
         let codegen::Jit { mut module, funcs, consts, conv_choices, .. } = jit;
         module.finalize_definitions().map_err(|e| Error::Jit { node: graph.name.clone(), message: e.to_string() })?;
@@ -670,6 +671,7 @@ impl Compiled {
         weights.check(&self.graph)?;
         let mut jit = codegen::Jit::new(self.allow_fma, self.isa)?;
         jit.conv = self.conv;
+        jit.threads = self.threads;
         jit.consts = std::mem::take(&mut self.consts);
         jit.consts.replay();
         let lowered = lower::lower(&mut jit, &self.graph, weights, &self.plan);

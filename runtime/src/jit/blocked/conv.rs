@@ -30,7 +30,7 @@
 //! block with the remaining rows. At batch 1 that is a GEMV that streams the weights once,
 //! split between threads by columns.
 
-use super::common::{Stage, split_even};
+use super::common::{Stage, fill_by_items, split_even};
 use super::winograd::{self, Pick};
 use crate::error::{Error, Result};
 use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
@@ -288,8 +288,10 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
     // A flipped weight (`NodeCx::flipped`, one group) is the stored `[ic][oc][kh][kw]`
     // read with both spatial axes reversed.
     let flipped = cx.flipped;
-    let pack = |packed: &mut [f32]| {
-        for grp in &gs {
+    let starts: Vec<usize> = gs.iter().map(|g| g.w_off).collect();
+    let pack_groups = |packed: &mut [f32], items: std::ops::Range<usize>| {
+        let first = starts.get(items.start).copied().unwrap_or(total);
+        for grp in &gs[items] {
             let width = grp.nb * BLOCK;
             // Written in order, `[icb][tap][c]` rows of `width` output channels, each row
             // gathered from the output channels' `[ic][kh][kw]` weights (a group's blocks
@@ -300,7 +302,7 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
             for ic in 0..icg {
                 let (b, ch) = (ic / c_full, ic % c_full);
                 for tap in 0..ntaps {
-                    let out = &mut packed[grp.w_off + ((b * ntaps + tap) * c_full + ch) * width..][..valid];
+                    let out = &mut packed[grp.w_off - first + ((b * ntaps + tap) * c_full + ch) * width..][..valid];
                     if flipped {
                         let src = &w[(ic * cout + o0) * ntaps..][..valid * ntaps];
                         for (j, v) in out.iter_mut().enumerate() {
@@ -316,6 +318,8 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
             }
         }
     };
+    let threads = jit.threads;
+    let pack = |packed: &mut [f32]| fill_by_items(packed, &starts, threads, pack_groups);
     let w_addr = jit.consts.f32s_filled(total, pack);
     drop(w);
 
@@ -574,9 +578,12 @@ pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm
             pairs
         })
         .collect();
-    let pack = |packed: &mut [f32]| {
+    // Tiles `ts` into `out`, the packed floats from tile `ts.start` on.
+    let pack_tiles = |out: &mut [f32], ts: std::ops::Range<usize>| {
         let mut buf = vec![0f32; RUN * nr];
-        for (t, &base) in tile_off.iter().enumerate() {
+        let start = tile_off.get(ts.start).copied().unwrap_or(total);
+        for t in ts {
+            let base = tile_off[t] - start;
             let valid = (o - t * nr).min(nr);
             let width = valid.next_multiple_of(lanes);
             let rows = &w[t * nr * k..][..valid * k];
@@ -594,13 +601,15 @@ pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm
                         }
                     }
                     for (q, &(_, p)) in pairs[a..b].iter().enumerate() {
-                        packed[base + p * width..][..valid].copy_from_slice(&buf[q * nr..][..valid]);
+                        out[base + p * width..][..valid].copy_from_slice(&buf[q * nr..][..valid]);
                     }
                     a = b;
                 }
             }
         }
     };
+    let threads = jit.threads;
+    let pack = |packed: &mut [f32]| fill_by_items(packed, &tile_off, threads, pack_tiles);
     let w_addr = jit.consts.f32s_filled(total, pack);
     let tile = GemmTile {
         isa,

@@ -11,7 +11,7 @@
 //! Each group's weights are transformed once (`G g Gᵀ` in f64, rounded once) and packed as
 //! `[ξ][c][nb·16]`.
 
-use super::common::{Stage, split_even};
+use super::common::{Stage, fill_by_items, split_even};
 use crate::ConvAlgorithm;
 use crate::error::Result;
 use crate::jit::codegen::{Fx, Jit, c, part_range};
@@ -206,13 +206,16 @@ impl Wino {
         let tap = |o: usize, i: usize, tap: usize| {
             if flipped { w[(i * cout + o) * taps + taps - 1 - tap] } else { w[(o * cin + i) * taps + tap] }
         };
-        let pack = |packed: &mut [f32]| {
+        let starts: Vec<usize> = groups.iter().map(|g| g.2).collect();
+        let pack_groups = |packed: &mut [f32], items: std::ops::Range<usize>| {
             // Per input channel, the kernels of a group's output channels side by side
             // (`g[tap][j]`, f64), transformed a whole row of channels at a time, each of the
             // `(k+1)²` results written as one packed row.
             let mut g = vec![0f64; taps * BLOCK * isa.conv_nb()];
             let mut u = vec![0f64; positions * BLOCK * isa.conv_nb()];
-            for &(ocb0, nb, off) in &groups {
+            let first = starts.get(items.start).copied().unwrap_or(total);
+            for &(ocb0, nb, off) in &groups[items] {
+                let off = off - first;
                 let width = nb * BLOCK;
                 let valid = width.min(cout - ocb0 * BLOCK);
                 for i in 0..cin {
@@ -231,6 +234,8 @@ impl Wino {
                 }
             }
         };
+        let threads = jit.threads;
+        let pack = |packed: &mut [f32]| fill_by_items(packed, &starts, threads, pack_groups);
         let w_addr = jit.consts.f32s_filled(total, pack);
         drop(w);
         let tile = WinoTile {
