@@ -19,7 +19,8 @@ use crate::jit::cx::NodeCx;
 use crate::jit::microkernel::{self, Act, WinoTile};
 use crate::jit::plan::BLOCK;
 use cnnc_compiler::ops::Conv2d;
-use cranelift_codegen::ir::InstBuilder;
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{InstBuilder, Value};
 
 /// Why the Winograd tiles cannot compute `conv`, if they cannot: they need a stride-1,
 /// dilation-1, single-group 3×3 or 5×5 convolution on a blocked operand whose padding, if any, is
@@ -56,8 +57,8 @@ pub(in crate::jit) enum Pick {
 /// What a convolution the Winograd tiles can compute takes, and why: either when forced;
 /// otherwise Winograd when it has at least 16 channels on each side and at least
 /// [`MIN_TILES`] 2×2 tiles per sample; on smaller maps that its tiles cover with little
-/// waste (at most 1.4× the outputs), Winograd on units of several samples from a batch of
-/// that many on.
+/// waste (at most 1.4× the outputs), Winograd on units of several samples — for 3×3 from a
+/// batch of that many on, for 5×5 at any batch.
 ///
 /// Measured on one core (`examples/conv_layers`, AVX-512 and AVX2, batch 1, alternating
 /// rounds, 2026-12-06), Winograd ran 1.4–1.8× faster than the direct tiles on every 3×3
@@ -65,8 +66,10 @@ pub(in crate::jit) enum Pick {
 /// 512→512 at 7×7 (1.04× alone, and 0.7× inside ResNet-18 at batch 1, where its 16 MB of
 /// transformed weights — 1.8× the direct conv's — come from memory for 16 tiles). At batch
 /// 8 in units of 6 samples (96 tiles per pass over the weights) the same layer ran 1.26×
-/// faster than direct (AVX2: 1.50×). Below 16 channels the operand is one partial block
-/// and the transforms cost as much as the products.
+/// faster than direct (AVX2: 1.50×). F(2×2, 5×5) (same rounds): 1.47× on 32→32 at 16×16,
+/// 1.71× on 32→64 at 8×8 at batch 1 (16 tiles; its weights are 36/25 of the direct conv's,
+/// not 16/9), 1.99× on AlexNet's 96→256 at 26×26 (AVX2 1.30–1.69×). Below 16 channels the
+/// operand is one partial block and the transforms cost as much as the products.
 pub(in crate::jit) fn choose(algo: ConvAlgorithm, k: usize, cin: usize, cout: usize, oh: usize, ow: usize) -> Pick {
     let shape = format!("{k}×{k}, {cin}→{cout} channels at {oh}×{ow}");
     let tiles = oh.div_ceil(2) * ow.div_ceil(2);
@@ -148,14 +151,13 @@ const BATCH_UNIT_TILES: usize = 96;
 
 /// A Winograd conv ready to emit: its weights packed, its descriptor built.
 pub(in crate::jit) struct Wino {
-    desc: i64,
     w_addr: i64,
     /// `(first block, blocks, offset of the packed weights)` per channel group.
     groups: Vec<(usize, usize, usize)>,
-    /// Tile rows per unit and units per sample (one-sample units), or samples per unit.
-    rows: usize,
-    per_sample: usize,
-    samples: usize,
+    /// How calls cut their work into units; and, for calls of too few samples to give
+    /// every thread a unit that way, of fewer tile rows.
+    main: Units,
+    small: Option<Units>,
     oh: usize,
     ow: usize,
     xs: usize,
@@ -164,6 +166,16 @@ pub(in crate::jit) struct Wino {
     ys: usize,
     res: Option<usize>,
     out_size: usize,
+}
+
+/// How a call's work is cut into units: `rows` tile rows of one sample (`per_sample` units
+/// per sample), or `samples` whole samples; `desc` the descriptor with those rows.
+#[derive(Clone, Copy)]
+struct Units {
+    desc: i64,
+    rows: usize,
+    per_sample: usize,
+    samples: usize,
 }
 
 impl Wino {
@@ -258,14 +270,19 @@ impl Wino {
             shift,
             act: Act::of(conv.epilogue.act),
         };
+        // Whole-sample units and fewer channel groups than threads: a call of fewer samples
+        // than threads (batch 1) would leave threads idle; it takes units of fewer rows.
+        let small = (jit.threads > 1 && groups.len() < jit.threads && rows == th && th > 1).then(|| {
+            let rows = th.div_ceil(jit.threads.div_ceil(groups.len()));
+            let desc = jit.consts.keep(WinoTile { rows, ..tile }, 0);
+            Units { desc, rows, per_sample: th.div_ceil(rows), samples: 1 }
+        });
         let desc = jit.consts.keep(tile, 4 * total);
         Ok(Wino {
-            desc,
             w_addr,
             groups,
-            rows,
-            per_sample,
-            samples,
+            main: Units { desc, rows, per_sample, samples },
+            small,
             oh,
             ow,
             xs: x.slot,
@@ -277,9 +294,38 @@ impl Wino {
         })
     }
 
-    /// Emits the loop over this part's units into a kernel body.
+    /// Emits the loop over this part's units into a kernel body: the main units, or, when a
+    /// call has fewer of those than parts, the small ones.
     pub(in crate::jit) fn emit(&self, fx: &mut Fx<'_>) {
-        let Wino { desc, w_addr, rows, per_sample, samples, oh, ow, xs, in_size, ys, res, out_size, .. } = *self;
+        let Some(small) = self.small else { return self.emit_units(fx, self.main) };
+        let (_, units) = self.units(fx, self.main);
+        let few = fx.b.ins().icmp(IntCC::UnsignedLessThan, units, fx.parts);
+        let (few_b, main_b, done) = (fx.b.create_block(), fx.b.create_block(), fx.b.create_block());
+        fx.b.ins().brif(few, few_b, &[], main_b, &[]);
+        for (block, u) in [(few_b, small), (main_b, self.main)] {
+            fx.b.switch_to_block(block);
+            self.emit_units(fx, u);
+            fx.b.ins().jump(done, &[]);
+        }
+        fx.b.switch_to_block(done);
+    }
+
+    /// Units per channel group and in all, for the call's sample count: `per_sample` per
+    /// sample, or one per `samples` samples.
+    fn units(&self, fx: &mut Fx<'_>, u: Units) -> (Value, Value) {
+        let seg = if u.samples > 1 {
+            let n = fx.addi(fx.nb, c(u.samples - 1));
+            fx.b.ins().udiv_imm_u(n, c(u.samples))
+        } else {
+            fx.muli(fx.nb, c(u.per_sample))
+        };
+        (seg, fx.muli(seg, c(self.groups.len())))
+    }
+
+    /// The loop over this part's units cut as `u` says.
+    fn emit_units(&self, fx: &mut Fx<'_>, u: Units) {
+        let Units { desc, rows, per_sample, samples } = u;
+        let Wino { w_addr, oh, ow, xs, in_size, ys, res, out_size, .. } = *self;
         let xb = fx.slot(xs);
         let y = fx.slot(ys);
         let r = match res {
@@ -287,14 +333,7 @@ impl Wino {
             None => fx.i(0),
         };
         let d = fx.i(desc);
-        // Units per group: `per_sample` per sample, or one per `samples` samples.
-        let seg = if samples > 1 {
-            let n = fx.addi(fx.nb, c(samples - 1));
-            fx.b.ins().udiv_imm_u(n, c(samples))
-        } else {
-            fx.muli(fx.nb, c(per_sample))
-        };
-        let units = fx.muli(seg, c(self.groups.len()));
+        let (seg, units) = self.units(fx, u);
         let (lo_u, hi_u) = part_range(fx, units);
         for (gi, &(ocb0, nb, off)) in self.groups.iter().enumerate() {
             // This group's units are `[gi·seg, (gi + 1)·seg)`.

@@ -37,7 +37,7 @@ use std::cell::Cell;
 
 /// Constants of one Winograd convolution's units, built at compile time and owned by the
 /// model. Sizes and strides in elements.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub(in crate::jit) struct WinoTile {
     pub isa: Isa,
