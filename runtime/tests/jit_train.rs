@@ -171,24 +171,31 @@ fn gemm_shapes_match_the_interpreter() {
 /// Max-pool backward sends a window's gradient to its first maximum: inputs with many ties
 /// (and a NaN, and a corner of −∞ where padded windows hold nothing greater, so the first
 /// tap inside the input wins) on the tiled fast path, the padded vector path and the
-/// general one.
+/// general one; `MaxPool2d(2)` on planes it tiles exactly (its four-windows-at-a-time form,
+/// with 0–3 windows left over per row).
 #[test]
 fn max_pool_ties_go_to_the_first_maximum() {
-    for text in [
-        "MaxPool2d(2)",
-        "MaxPool2d(3)",
-        "MaxPool2d(2, stride = 1)",
-        "MaxPool2d(3, stride = 2, padding = 1)",
-        "MaxPool2d(3, stride = 3, padding = 1, ceil_mode = True)",
-        "MaxPool2d(2, stride = 1, dilation = 2, padding = 1)",
+    for (text, hw) in [
+        ("MaxPool2d(2)", [7, 6]),
+        ("MaxPool2d(2)", [6, 10]),
+        ("MaxPool2d(2)", [4, 16]),
+        ("MaxPool2d(2)", [8, 14]),
+        ("MaxPool2d(2)", [2, 6]),
+        ("MaxPool2d(3)", [7, 6]),
+        ("MaxPool2d(2, stride = 1)", [7, 6]),
+        ("MaxPool2d(3, stride = 2, padding = 1)", [7, 6]),
+        ("MaxPool2d(3, stride = 3, padding = 1, ceil_mode = True)", [7, 6]),
+        ("MaxPool2d(2, stride = 1, dilation = 2, padding = 1)", [7, 6]),
     ] {
-        let g = layer(text, &[2, 3, 7, 6]);
+        let g = layer(text, &[2, 3, hw[0], hw[1]]);
         let tg = training(&g, Mode::Train, None);
         let w = weights(&g, 0);
         let mut xs = train_inputs(&tg, None, 2, 5);
         xs[0].mapv_inplace(|v| (v * 1.5).round());
-        xs[0][[1, 2, 3, 3]] = f32::NAN;
-        for y in 0..3 {
+        xs[0][[1, 2, 3.min(hw[0] - 1), 3]] = f32::NAN;
+        xs[0][[0, 2, 1, 1]] = f32::NAN;
+        xs[0][[1, 0, 0, 5]] = f32::NAN;
+        for y in 0..3.min(hw[0]) {
             for x in 0..3 {
                 xs[0][[0, 1, y, x]] = f32::NEG_INFINITY;
             }

@@ -554,7 +554,13 @@ impl Fx<'_> {
 
     /// Lanes 0, 2 of `a` and 0, 2 of `b` (`shufps`).
     fn even_lanes(&mut self, a: Value, b: Value) -> Value {
-        let mask: Vec<u8> = [0u8, 2, 4, 6].iter().flat_map(|l| (0..4).map(move |k| l * 4 + k)).collect();
+        self.lanes_of(a, b, [0, 2, 4, 6])
+    }
+
+    /// The f32x4 whose lane `i` is lane `lanes[i]` of `a ++ b` (0–3 from `a`, 4–7 from
+    /// `b`): e.g. `[0, 2, 4, 6]` the even lanes, `[0, 4, 1, 5]` the low halves interleaved.
+    pub fn lanes_of(&mut self, a: Value, b: Value, lanes: [u8; 4]) -> Value {
+        let mask: Vec<u8> = lanes.iter().flat_map(|l| (0..4).map(move |k| l * 4 + k)).collect();
         let imm = self.b.func.dfg.immediates.push(ConstantData::from(mask));
         let ab = self.bitcast(types::I8X16, a);
         let bb = self.bitcast(types::I8X16, b);
