@@ -321,7 +321,7 @@ fn max_pool_2x2_grad(fx: &mut Fx<'_>, [xs, ds, os]: [usize; 3], ch: usize, (oh, 
         let w1 = fx.b.ins().band_not(took[0], later);
         later = fx.b.ins().bor(later, took[0]);
         // (A scalar compare gives 0 or 1, whose `bnot` is never 0.)
-        let w0 = if scalar { fx.b.ins().bxor_imm(later, 1) } else { fx.b.ins().bnot(later) };
+        let w0 = if scalar { fx.b.ins().bxor_imm_u(later, 1) } else { fx.b.ins().bnot(later) };
         [w0, w1, w2, w3]
     };
     let steps = [c(8 * w), c(4 * ow), c(8 * w)];
