@@ -47,6 +47,7 @@ const LAYERS: &[&str] = &[
     "microkernel::gemm",
     "microkernel::plane",
     "microkernel::pool",
+    "microkernel::winograd_grad",
     "microkernel::winograd",
     "microkernel::epilogue",
     "microkernel::simd",

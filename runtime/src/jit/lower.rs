@@ -96,7 +96,11 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &dyn ParamSource, pla
                             None => portable::conv_grad::conv_input_grad(jit, &cx, c, *hw)?,
                         },
                         TrainOp::ConvWeightGrad(c) => match jit.isa {
-                            Some(isa) => blocked::gemm_grad::conv_weight_grad(jit, &cx, t, c, isa)?,
+                            Some(isa) => {
+                                if !blocked::winograd::weight_grad(jit, &cx, c, isa)? {
+                                    blocked::gemm_grad::conv_weight_grad(jit, &cx, t, c, isa)?
+                                }
+                            }
                             None => portable::conv_grad::conv_weight_grad(jit, &cx, c)?,
                         },
                         TrainOp::LinearInputGrad(l) => match jit.isa {

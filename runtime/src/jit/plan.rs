@@ -29,7 +29,7 @@
 use crate::error::{Error, Result};
 use cnnc_compiler::graph::{Graph, NodeId};
 use cnnc_compiler::ops::train::TrainOp;
-use cnnc_compiler::ops::{Conv2d, Op};
+use cnnc_compiler::ops::{Conv2d, Op, PaddingMode};
 use cnnc_compiler::shape::{Batch, TensorType};
 use std::collections::HashMap;
 
@@ -628,7 +628,13 @@ impl GradScratch {
                 let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { block * cin * (h + pt + pb) * (w + pl + pr) };
                 let kc = cin / g * conv.kernel.0 * conv.kernel.1;
                 // `B` holds one column tile (of at most 64 taps) at a time.
-                Some(lay(block, pad, o * block * p, packed(kc.min(64), block * p), 0))
+                let mut s = lay(block, pad, o * block * p, packed(kc.min(64), block * p), 0);
+                // Room for the Winograd form too, where it may be chosen.
+                if wgrad_winograd_fits(conv) {
+                    let w = crate::jit::microkernel::WgradScratch::new(conv.kernel.0, cin, (h, w), (oh, ow));
+                    s.total = s.total.max(w.total.next_multiple_of(ALIGN));
+                }
+                Some(s)
             }
             TrainOp::ConvInputGrad(conv, _) => {
                 let (cin, h, w) = ty.chw()?;
@@ -655,6 +661,16 @@ impl GradScratch {
             _ => None,
         }
     }
+}
+
+/// Whether a Conv2d's weight gradient can run as Winograd (`blocked::winograd::weight_grad`):
+/// stride 1, dilation 1, one group, a 3×3 or 5×5 kernel, zero padding.
+pub(super) fn wgrad_winograd_fits(conv: &Conv2d) -> bool {
+    conv.stride == (1, 1)
+        && conv.dilation == (1, 1)
+        && conv.groups == 1
+        && (conv.kernel == (3, 3) || conv.kernel == (5, 5))
+        && conv.padding_mode == PaddingMode::Zeros
 }
 
 /// Floats per sample of the scratch a training kernel uses during its step, if any: a

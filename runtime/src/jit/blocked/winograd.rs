@@ -378,3 +378,101 @@ impl Wino {
         }
     }
 }
+
+/// Lowers a Conv2d's weight gradient (a training graph's `ConvWeightGrad`, inputs `x` and
+/// `∂y`, plain) onto [`microkernel::wino_wgrad`] when it fits (`plan::wgrad_winograd_fits`)
+/// and the algorithm choice takes it — forced, or, by default, a 3×3 kernel with at least
+/// 16 channels each side and [`MIN_TILES`] tiles per sample (each chunk of tiles is one
+/// sample's). F(2×2, 5×5) weight gradients differ from the f64 reference by up to ~1e-5 of
+/// the largest gradient (3×3: 2–5e-7, like the GEMM form), so the default leaves 5×5 ones
+/// to the GEMM. Records the choice; `false` when the caller lowers the GEMM form instead.
+/// Threads share it by groups of output channels (each group reads every sample).
+pub(in crate::jit) fn weight_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    conv: &Conv2d,
+    isa: microkernel::Isa,
+) -> Result<bool> {
+    if !crate::jit::plan::wgrad_winograd_fits(conv) {
+        return Ok(false);
+    }
+    let (cin, h, w) = cx.in_chw(0)?;
+    let (o, oh, ow) = cx.in_chw(1)?;
+    let k = conv.kernel.0;
+    let tiles = oh.div_ceil(2) * ow.div_ceil(2);
+    let shape = format!("{k}×{k}, {cin}→{o} channels at {oh}×{ow}");
+    let (take, reason) = match jit.conv {
+        ConvAlgorithm::Direct => (false, "forced (Options::conv)".to_string()),
+        ConvAlgorithm::Winograd => (true, "forced (Options::conv)".to_string()),
+        ConvAlgorithm::Auto if cin < 16 || o < 16 => (false, format!("{shape}: fewer than 16 channels")),
+        ConvAlgorithm::Auto if k == 5 => {
+            (false, format!("{shape}: a 5×5 weight gradient (F(2×2, 5×5)'s error, ~1e-5, only when forced)"))
+        }
+        ConvAlgorithm::Auto if tiles < MIN_TILES => {
+            (false, format!("{shape}: {tiles} 2×2 tiles per sample (weight gradient)"))
+        }
+        ConvAlgorithm::Auto => (true, format!("{shape}: weight gradient, 2.25× fewer FMAs")),
+    };
+    let algorithm = if take { ConvAlgorithm::Winograd } else { ConvAlgorithm::Direct };
+    jit.conv_choices.push(crate::ConvChoice { node: cx.node.name.clone(), algorithm, reason });
+    if !take {
+        return Ok(false);
+    }
+    let (pt, _, pl, _) = conv.pads();
+    let s = microkernel::WgradScratch::new(k, cin, (h, w), (oh, ow));
+    let ocb = o.div_ceil(BLOCK);
+    // Groups of at most 4 blocks, at least as many groups as threads where there are blocks.
+    let most = ocb.div_ceil(jit.threads.max(1)).clamp(1, 4);
+    let mut shapes = vec![];
+    let mut ocb0 = 0;
+    for nb in split_even(ocb, most) {
+        shapes.push(microkernel::wgrad_shape(0, ocb0, nb));
+        ocb0 += nb;
+    }
+    let tile = microkernel::WgradTile {
+        isa,
+        k,
+        c: cin,
+        icb: cin.div_ceil(BLOCK),
+        h,
+        w,
+        pt,
+        pl,
+        oc: o,
+        oh,
+        ow,
+        th: oh.div_ceil(2),
+        tw: ow.div_ceil(2),
+        s,
+    };
+    let desc = jit.consts.keep(tile, std::mem::size_of::<microkernel::WgradTile>());
+    let table = jit.consts.i64s(shapes.clone());
+    let groups = shapes.len();
+    let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
+    let total = crate::jit::plan::GradScratch::of(
+        &cnnc_compiler::ops::train::TrainOp::ConvWeightGrad(conv.clone()),
+        &cx.in_tys,
+        &cx.node.ty,
+    )
+    .map(|g| g.total)
+    .ok_or_else(|| crate::Error::Unsupported(format!("`{}`: no scratch layout", cx.node.name)))?;
+    debug_assert!(s.total <= total);
+    let work = 2 * (o * cin * k * k * oh * ow) as u64;
+    jit.parallel_kernel(&cx.node.name, work, |fx| {
+        let (x, dy, dw, scr) = (fx.slot(xs), fx.slot(ds), fx.slot(os), fx.slot(ss));
+        // This part's own copy of the scratch (the plan made one per thread).
+        let off = fx.b.ins().imul_imm_s(fx.part, c(4 * total));
+        let scr = fx.add(scr, off);
+        let d = fx.i(desc);
+        let tab = fx.i(table);
+        let n = fx.i(c(groups));
+        let (lo, hi) = part_range(fx, n);
+        fx.for_range(lo, hi, 1, |fx, gi| {
+            let at = fx.elem_scaled(tab, gi, 2);
+            let bits = fx.load_i64(at, 0);
+            let shape = fx.b.ins().bor(bits, fx.nb);
+            fx.call(microkernel::wino_wgrad as *const () as usize, &[d, x, dy, dw, scr, shape]);
+        });
+    })?;
+    Ok(true)
+}

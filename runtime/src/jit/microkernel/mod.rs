@@ -34,7 +34,8 @@
 //!
 //! Files: `isa.rs` (which ISA the host has and the tile shapes each allows), `simd.rs` (the vector trait and its AVX-512/AVX2 implementations), `epilogue.rs`
 //! (the fused epilogue and activations), one file per tile kind — `conv.rs`, `plane.rs`,
-//! `gemm.rs`, `pool.rs` — each with its descriptor, its generic body and its
+//! `gemm.rs`, `pool.rs`, `winograd.rs` and, for training, `winograd_grad.rs` (the Winograd
+//! weight gradient) — each with its descriptor, its generic body and its
 //! `target_feature` entry points. All of the JIT's micro-kernel `unsafe` is in this folder.
 
 /// Dispatches `$f::<MR, NV>` over the tile shapes an ISA has (`mr` in `1..=max`).
@@ -55,6 +56,7 @@ mod plane;
 mod pool;
 mod simd;
 mod winograd;
+mod winograd_grad;
 
 pub(in crate::jit) use conv::{ConvTile, conv_shape, conv_tile};
 pub(in crate::jit) use epilogue::Act;
@@ -66,6 +68,7 @@ pub(in crate::jit) use pool::{PoolRow, pool_row};
 pub(in crate::jit) use winograd::{
     MAX_BLOCKS as WINO_MAX_BLOCKS, WinoTile, weight_transform_rows, wino_shape, wino_unit,
 };
+pub(in crate::jit) use winograd_grad::{WgradScratch, WgradTile, wgrad_shape, wino_wgrad};
 
 /// Measures one core's f32 FMA throughput with the widest micro-kernel ISA the host has
 /// (GFLOP/s; `None` without one): a register-only loop of independent FMAs, about 20 ms,

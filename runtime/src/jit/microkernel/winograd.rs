@@ -527,9 +527,9 @@ pub(in crate::jit) fn wino_shape(ti: usize, nb: usize, samples: usize, ocb0: usi
 pub(in crate::jit) const MAX_BLOCKS: usize = 1 << 20;
 
 /// `G` of F(2×2, 3×3) (4 × 3) and of F(2×2, 5×5) (6 × 5), row-major.
-const G3: [f64; 12] = [1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0.0, 0.0, 1.0];
+pub(super) const G3: [f64; 12] = [1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0.0, 0.0, 1.0];
 #[rustfmt::skip]
-const G5: [f64; 30] = [
+pub(super) const G5: [f64; 30] = [
     1.0 / 4.0, 0.0, 0.0, 0.0, 0.0,
     -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0,
     -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0,
