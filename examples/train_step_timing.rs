@@ -5,12 +5,16 @@
 //! (`examples/nets/seed_resnet.cnn`, 1×96×96, BCE with logits) at batch 32 on the JIT only
 //! (the interpreter takes minutes per step).
 //!
-//! `cargo run --release --example train_step_timing [-- [--cifar10 | --resnet] [--profile]]`
-//! (`--profile`: also the JIT's time per kernel of the training graph, slowest first).
+//! `cargo run --release --example train_step_timing [-- [--cifar10 | --resnet] [--profile]
+//! [--conv auto|direct|winograd] [--threads T]]` (`--profile`: also the JIT's time per
+//! kernel of the training graph, slowest first, and the sum of its weight gradients;
+//! `--conv`: the convolutions' algorithm, `Options::conv`; `--threads`: the JIT's threads,
+//! default 1).
 
 use cnnc::compiler::dsl::compile_str;
 use cnnc::compiler::ops::train::{Loss, Reduction};
 use cnnc::prelude::*;
+use cnnc::runtime::ConvAlgorithm;
 use cnnc::runtime::train::{Optimizer, Trainer};
 use ndarray::{ArrayD, IxDyn};
 use std::time::Instant;
@@ -19,6 +23,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let cifar = args.iter().any(|a| a == "--cifar10");
     let resnet = args.iter().any(|a| a == "--resnet");
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).map(String::as_str);
+    let conv = match value("--conv") {
+        None | Some("auto") => ConvAlgorithm::Auto,
+        Some("direct") => ConvAlgorithm::Direct,
+        Some("winograd") => ConvAlgorithm::Winograd,
+        Some(other) => return Err(format!("--conv {other}: expected auto, direct or winograd").into()),
+    };
+    let threads: usize = value("--threads").map_or(Ok(1), str::parse)?;
+    let opts = Options { threads, conv, ..Options::default() };
     let (src, shape, name) = if resnet {
         (include_str!("nets/seed_resnet.cnn"), [32, 1, 96, 96], "seed ResNet")
     } else if cifar {
@@ -67,7 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut interp = Trainer::new(&graph, Weights::random(&graph, 0), loss.clone(), opt())?;
     interp.use_interpreter();
     let mut jit = Trainer::new(&graph, Weights::random(&graph, 0), loss, opt())?;
-    jit.use_jit(Options { threads: 1, ..Options::default() });
+    jit.use_jit(opts.clone());
     let (mut ti, mut tj) = (vec![], vec![]);
     for _ in 0..10 {
         if !resnet {
@@ -85,19 +98,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mj = median(&mut tj);
     if resnet {
-        println!("{name} b{batch} training step, 1 thread: JIT {mj:.1} ms");
+        println!("{name} b{batch} training step, {threads} thread(s), {conv:?}: JIT {mj:.1} ms");
     } else {
         let mi = median(&mut ti);
-        println!("{name} b{batch} training step, 1 thread: interpreter {mi:.1} ms, JIT {mj:.1} ms ({:.2}x)", mi / mj);
+        println!(
+            "{name} b{batch} training step, {threads} thread(s), {conv:?}: interpreter {mi:.1} ms, JIT {mj:.1} ms ({:.2}x)",
+            mi / mj
+        );
     }
     if args.iter().any(|a| a == "--profile") {
         let weights = jit.weights().clone();
         let tg = jit.training_graph()?;
-        let compiled = Compiled::new(&tg.graph, &weights, &Options { threads: 1, ..Options::default() })?;
+        let compiled = Compiled::new(&tg.graph, &weights, &opts)?;
         let mut times = compiled.profile(&[x.view(), y.view()], 20)?;
         let total: f64 = times.iter().map(|t| t.median.as_secs_f64()).sum();
+        let wgrad: f64 = times.iter().filter(|t| t.name.ends_with("weight.grad")).map(|t| t.median.as_secs_f64()).sum();
         times.sort_by_key(|t| std::cmp::Reverse(t.median));
-        println!("kernels of the training graph (sum of medians {:.2} ms):", total * 1e3);
+        println!(
+            "kernels of the training graph (sum of medians {:.2} ms; weight gradients {:.2} ms):",
+            total * 1e3,
+            wgrad * 1e3
+        );
         for t in times.iter().take(if resnet { 40 } else { 15 }) {
             let gflops = t.flops.map(|f| format!("{:6.1} GFLOP/s", f as f64 / t.median.as_secs_f64() / 1e9));
             println!("  {:>8.3} ms  {}  {}", t.median.as_secs_f64() * 1e3, gflops.unwrap_or_default(), t.name);

@@ -48,9 +48,27 @@ pub(in crate::jit) struct WgradTile {
     pub s: WgradScratch,
 }
 
-/// Tiles per chunk: the transformed inputs and gradients of a chunk (`n² · 64 · (C + 64)`
-/// floats) are what each position's register tiles read.
+/// Tiles per chunk where a sample has at least this many: the transformed inputs and
+/// gradients of a chunk (`n² · 64 · (C + 64)` floats) are what each position's register
+/// tiles read.
 pub(in crate::jit) const CHUNK_TILES: usize = 64;
+
+/// Tiles per chunk of whole samples, where a sample has fewer than [`CHUNK_TILES`]: each
+/// register tile adds a chunk's sum into `M`, so a chunk of one small sample would move `M`
+/// in and out of cache for a few tiles' work (ResNet's 12×12 maps, 36 tiles: no faster
+/// than the GEMM form that way).
+const SAMPLES_CHUNK_TILES: usize = 128;
+
+/// Samples per chunk and the most tiles a chunk has, for an `oh × ow` output.
+pub(in crate::jit) fn chunking(oh: usize, ow: usize) -> (usize, usize) {
+    let tiles = oh.div_ceil(2) * ow.div_ceil(2);
+    if tiles >= CHUNK_TILES {
+        (1, CHUNK_TILES)
+    } else {
+        let spc = SAMPLES_CHUNK_TILES.div_ceil(tiles.max(1));
+        (spc, spc * tiles)
+    }
+}
 
 /// Where the scratch regions of one call lie (floats from the scratch's start): the padded
 /// blocked input sample, the blocked output-gradient group, the chunk's transformed inputs
@@ -73,13 +91,14 @@ impl WgradScratch {
         let _ = (h, w);
         let n = k + 1;
         let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+        let (spc, ch) = chunking(oh, ow);
         let cp = c.div_ceil(16) * 16;
         let al = |x: usize| x.next_multiple_of(16);
         let xb = 0;
-        let yb = xb + al(cp * (2 * th + k - 1) * (2 * tw + k - 1));
-        let v = yb + al(64 * 4 * th * tw);
-        let dt = v + al(n * n * CHUNK_TILES * cp);
-        let m = dt + al(n * n * CHUNK_TILES * 64);
+        let yb = xb + al(spc * cp * (2 * th + k - 1) * (2 * tw + k - 1));
+        let v = yb + al(spc * 64 * 4 * th * tw);
+        let dt = v + al(n * n * ch * cp);
+        let m = dt + al(n * n * ch * 64);
         let total = m + al(n * n * 64 * cp);
         WgradScratch { xb, yb, v, dt, m, total }
     }
@@ -145,40 +164,49 @@ unsafe fn group<V: Simd, T: Transform, const NV: usize>(
         std::ptr::write_bytes(ms, 0, p * width * cp);
         let tiles = d.th * d.tw;
         let mr_max = wino_mr(d.isa, NV.div_ceil(per_blk).max(1));
-        for s in 0..samples {
-            // The input sample, blocked and zero-padded to whole patches.
-            let xs = x.add(s * d.c * d.h * d.w);
-            std::ptr::write_bytes(xb, 0, cp * bh * bw);
-            for ch in 0..d.c {
-                let plane = xs.add(ch * d.h * d.w);
-                let dst = xb.add((ch / 16) * bh * bw * 16 + ch % 16);
-                for r in 0..d.h {
-                    let row = dst.add(((r + d.pt) * bw + d.pl) * 16);
-                    for c in 0..d.w {
-                        *row.add(c * 16) = *plane.add(r * d.w + c);
+        let (spc, ch) = chunking(d.oh, d.ow);
+        let (x_plane, y_plane) = (cp * bh * bw, width * gh * gw);
+        for s0 in (0..samples).step_by(spc) {
+            let cnt = spc.min(samples - s0);
+            for j in 0..cnt {
+                // The input sample, blocked and zero-padded to whole patches.
+                let xs = x.add((s0 + j) * d.c * d.h * d.w);
+                let xj = xb.add(j * x_plane);
+                std::ptr::write_bytes(xj, 0, x_plane);
+                for c in 0..d.c {
+                    let plane = xs.add(c * d.h * d.w);
+                    let dst = xj.add((c / 16) * bh * bw * 16 + c % 16);
+                    for r in 0..d.h {
+                        let row = dst.add(((r + d.pt) * bw + d.pl) * 16);
+                        for col in 0..d.w {
+                            *row.add(col * 16) = *plane.add(r * d.w + col);
+                        }
+                    }
+                }
+                // The group's output gradient, blocked, zeros past the map and the channels.
+                let ys = dy.add((s0 + j) * d.oc * d.oh * d.ow);
+                let yj = yb.add(j * y_plane);
+                std::ptr::write_bytes(yj, 0, y_plane);
+                for o in 0..width.min(d.oc - ocb0 * 16) {
+                    let plane = ys.add((ocb0 * 16 + o) * d.oh * d.ow);
+                    let dst = yj.add((o / 16) * gh * gw * 16 + o % 16);
+                    for r in 0..d.oh {
+                        for col in 0..d.ow {
+                            *dst.add((r * gw + col) * 16) = *plane.add(r * d.ow + col);
+                        }
                     }
                 }
             }
-            // The group's output gradient, blocked, zeros past the map and the channels.
-            let ys = dy.add(s * d.oc * d.oh * d.ow);
-            std::ptr::write_bytes(yb, 0, width * gh * gw);
-            for j in 0..width.min(d.oc - ocb0 * 16) {
-                let plane = ys.add((ocb0 * 16 + j) * d.oh * d.ow);
-                let dst = yb.add((j / 16) * gh * gw * 16 + j % 16);
-                for r in 0..d.oh {
-                    for c in 0..d.ow {
-                        *dst.add((r * gw + c) * 16) = *plane.add(r * d.ow + c);
-                    }
-                }
-            }
+            let all = cnt * tiles;
             let mut q0 = 0;
-            while q0 < tiles {
-                let tc = CHUNK_TILES.min(tiles - q0);
+            while q0 < all {
+                let tc = ch.min(all - q0);
                 // Transforms of the chunk's tiles: inputs `[ξ][t][cp]`, gradients `[ξ][t][width]`.
                 for t in 0..tc {
-                    let (ti, tj) = ((q0 + t) / d.tw, (q0 + t) % d.tw);
+                    let (j, q) = ((q0 + t) / tiles, (q0 + t) % tiles);
+                    let (ti, tj) = (q / d.tw, q % d.tw);
                     for b in 0..d.icb {
-                        let at = xb.add((b * bh * bw + 2 * ti * bw + 2 * tj) * 16);
+                        let at = xb.add(j * x_plane + (b * bh * bw + 2 * ti * bw + 2 * tj) * 16);
                         for hh in 0..per_blk {
                             let mut dv = [[V::zero(); 6]; 6];
                             for rr in 0..n {
@@ -188,17 +216,17 @@ unsafe fn group<V: Simd, T: Transform, const NV: usize>(
                             }
                             let v = T::input(&dv);
                             for (xi, vx) in v[..p].iter().enumerate() {
-                                vx.store(vs.add((xi * CHUNK_TILES + t) * cp + b * 16 + hh * V::L));
+                                vx.store(vs.add((xi * ch + t) * cp + b * 16 + hh * V::L));
                             }
                         }
                     }
                     for b in 0..nb {
-                        let at = yb.add((b * gh * gw + 2 * ti * gw + 2 * tj) * 16);
+                        let at = yb.add(j * y_plane + (b * gh * gw + 2 * ti * gw + 2 * tj) * 16);
                         for hh in 0..per_blk {
                             let ld = |r: usize, c: usize| V::load(at.add((r * gw + c) * 16 + hh * V::L));
                             let g = grad_transform::<V, T>([[ld(0, 0), ld(0, 1)], [ld(1, 0), ld(1, 1)]]);
                             for (xi, gx) in g[..p].iter().enumerate() {
-                                gx.store(ds.add((xi * CHUNK_TILES + t) * width + b * 16 + hh * V::L));
+                                gx.store(ds.add((xi * ch + t) * width + b * 16 + hh * V::L));
                             }
                         }
                     }
@@ -206,8 +234,8 @@ unsafe fn group<V: Simd, T: Transform, const NV: usize>(
                 // Per position: `M[ξ][o][i] += Σ_t D[ξ][t][o] · V[ξ][t][i]`, `MR` output
                 // channels × `NV` vectors of input channels per register tile.
                 for xi in 0..p {
-                    let vx = vs.add(xi * CHUNK_TILES * cp);
-                    let dx = ds.add(xi * CHUNK_TILES * width);
+                    let vx = vs.add(xi * ch * cp);
+                    let dx = ds.add(xi * ch * width);
                     let mx = ms.add(xi * width * cp);
                     let mut o0 = 0;
                     while o0 < width {
