@@ -110,6 +110,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let weights = jit.weights().clone();
         let tg = jit.training_graph()?;
         let compiled = Compiled::new(&tg.graph, &weights, &opts)?;
+        // Where a step's time goes outside the kernels: the compiled graph's run alone (its
+        // kernels, output allocation), taking new weights, and the rest (optimizer, checks).
+        let mut compiled = compiled;
+        let (mut run, mut set) = (vec![], vec![]);
+        for _ in 0..10 {
+            let s = Instant::now();
+            compiled.run(&[x.view(), y.view()])?;
+            run.push(s.elapsed().as_secs_f64() * 1e3);
+            let s = Instant::now();
+            compiled.set_weights(&weights)?;
+            set.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+        let (mr, ms) = (median(&mut run), median(&mut set));
+        println!(
+            "step {mj:.1} ms = graph run {mr:.1} ms + set_weights {ms:.1} ms + the rest (optimizer, checks) {:.1} ms",
+            mj - mr - ms
+        );
         let mut times = compiled.profile(&[x.view(), y.view()], 20)?;
         let total: f64 = times.iter().map(|t| t.median.as_secs_f64()).sum();
         let wgrad: f64 = times.iter().filter(|t| t.name.ends_with("weight.grad")).map(|t| t.median.as_secs_f64()).sum();
@@ -119,7 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             total * 1e3,
             wgrad * 1e3
         );
-        for t in times.iter().take(if resnet { 40 } else { 15 }) {
+        for t in times.iter().take(if resnet { 200 } else { 15 }) {
             let gflops = t.flops.map(|f| format!("{:6.1} GFLOP/s", f as f64 / t.median.as_secs_f64() / 1e9));
             println!("  {:>8.3} ms  {}  {}", t.median.as_secs_f64() * 1e3, gflops.unwrap_or_default(), t.name);
         }

@@ -166,31 +166,45 @@ struct ParamState {
 
 impl Optimizer {
     /// Updates `param` in place from `grad`, as torch.optim's single-tensor CPU path does
-    /// (f32 tensor arithmetic, scalars in f64).
-    fn update(&self, param: &mut [f32], grad: &[f32], st: &mut ParamState) {
+    /// (f32 tensor arithmetic, scalars in f64), element by element with the same operations
+    /// in the same order: branch-free loops the compiler vectorises, split over up to
+    /// `threads` threads for large parameters (each element's arithmetic is independent, so
+    /// the result does not depend on the split).
+    fn update(&self, param: &mut [f32], grad: &[f32], st: &mut ParamState, threads: usize) {
         st.step += 1;
+        let threads = if param.len() >= PARALLEL_UPDATE { threads.max(1) } else { 1 };
         match self {
             Optimizer::Sgd(s) => {
-                // One pass, torch.optim's arithmetic element by element: `d = g + wd·p`;
-                // with momentum `b = d` on the first step, else `b = m·b + (1 − dampening)·d`,
-                // then `d = d + m·b` (Nesterov) or `d = b`; `p = p − lr·d`.
-                let (wd, m, damp, lr) =
-                    (s.weight_decay as f32, s.momentum as f32, (1.0 - s.dampening) as f32, -(s.lr as f32));
+                // `d = g + wd·p`; with momentum `b = d` on the first step, else
+                // `b = m·b + (1 − dampening)·d`, then `d = d + m·b` (Nesterov) or `d = b`;
+                // `p = p − lr·d`.
+                let c = SgdConsts {
+                    wd: s.weight_decay as f32,
+                    m: s.momentum as f32,
+                    damp: (1.0 - s.dampening) as f32,
+                    lr: -(s.lr as f32),
+                };
                 let first = st.momentum_buffer.is_none();
-                let mut buf =
-                    (s.momentum != 0.0).then(|| st.momentum_buffer.get_or_insert_with(|| vec![0.0; param.len()]));
-                for (i, (p, g)) in param.iter_mut().zip(grad).enumerate() {
-                    let mut d = *g;
-                    if s.weight_decay != 0.0 {
-                        d += wd * *p;
-                    }
-                    if let Some(buf) = buf.as_mut() {
-                        let b = &mut buf[i];
-                        *b = if first { d } else { *b * m + damp * d };
-                        d = if s.nesterov { d + m * *b } else { *b };
-                    }
-                    *p += lr * d;
-                }
+                let mut none = [];
+                let buf: &mut [f32] = if s.momentum != 0.0 {
+                    st.momentum_buffer.get_or_insert_with(|| vec![0.0; param.len()])
+                } else {
+                    &mut none
+                };
+                let momentum = !buf.is_empty();
+                let (wd, nesterov) = (s.weight_decay != 0.0, s.nesterov);
+                split_run(threads, [param, buf], grad, &|[p, b], g| match (momentum, wd, nesterov, first) {
+                    (false, false, ..) => sgd_loop::<false, false, false, false>(p, g, b, c),
+                    (false, true, ..) => sgd_loop::<false, true, false, false>(p, g, b, c),
+                    (true, false, false, false) => sgd_loop::<true, false, false, false>(p, g, b, c),
+                    (true, false, false, true) => sgd_loop::<true, false, false, true>(p, g, b, c),
+                    (true, false, true, false) => sgd_loop::<true, false, true, false>(p, g, b, c),
+                    (true, false, true, true) => sgd_loop::<true, false, true, true>(p, g, b, c),
+                    (true, true, false, false) => sgd_loop::<true, true, false, false>(p, g, b, c),
+                    (true, true, false, true) => sgd_loop::<true, true, false, true>(p, g, b, c),
+                    (true, true, true, false) => sgd_loop::<true, true, true, false>(p, g, b, c),
+                    (true, true, true, true) => sgd_loop::<true, true, true, true>(p, g, b, c),
+                });
             }
             Optimizer::Adam(a) => {
                 let n = param.len();
@@ -201,40 +215,197 @@ impl Optimizer {
                         st.max_exp_avg_sq = vec![0.0; n];
                     }
                 }
-                if a.decoupled && a.weight_decay != 0.0 {
-                    let f = (1.0 - a.lr * a.weight_decay) as f32;
-                    param.iter_mut().for_each(|p| *p *= f);
-                }
                 let (b1, b2) = a.betas;
                 let step = st.step as i32;
                 let bc1 = 1.0 - b1.powi(step);
                 let bc2 = 1.0 - b2.powi(step);
-                let step_size = (a.lr / bc1) as f32;
-                let bc2_sqrt = bc2.sqrt() as f32;
-                let (w1, w2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
-                let (b2f, eps, wd) = (b2 as f32, a.eps as f32, a.weight_decay as f32);
-                for i in 0..n {
-                    let mut g = grad[i];
-                    if !a.decoupled && a.weight_decay != 0.0 {
-                        g += wd * param[i];
-                    }
-                    let m = &mut st.exp_avg[i];
-                    *m += w1 * (g - *m);
-                    let v = &mut st.exp_avg_sq[i];
-                    *v = *v * b2f + w2 * g * g;
-                    let v = if a.amsgrad {
-                        let mx = &mut st.max_exp_avg_sq[i];
-                        *mx = mx.max(*v);
-                        *mx
+                let c = AdamConsts {
+                    // AdamW: `p *= 1 − lr·wd` before the update (1: none).
+                    decay: if a.decoupled && a.weight_decay != 0.0 {
+                        (1.0 - a.lr * a.weight_decay) as f32
                     } else {
-                        *v
-                    };
-                    let denom = v.sqrt() / bc2_sqrt + eps;
-                    param[i] += -step_size * (st.exp_avg[i] / denom);
-                }
+                        1.0
+                    },
+                    step_size: (a.lr / bc1) as f32,
+                    bc2_sqrt: bc2.sqrt() as f32,
+                    w1: (1.0 - b1) as f32,
+                    w2: (1.0 - b2) as f32,
+                    b2: b2 as f32,
+                    eps: a.eps as f32,
+                    wd: a.weight_decay as f32,
+                };
+                let (l2, decoupled, ams) = (!a.decoupled && a.weight_decay != 0.0, c.decay != 1.0, a.amsgrad);
+                let st = &mut *st;
+                let mx: &mut [f32] = if ams { &mut st.max_exp_avg_sq } else { &mut [] };
+                split_run(threads, [param, &mut st.exp_avg, &mut st.exp_avg_sq, mx], grad, &|[p, m, v, mx], g| match (
+                    l2, decoupled, ams,
+                ) {
+                    (false, false, false) => adam_loop::<false, false, false>(p, g, m, v, mx, c),
+                    (false, false, true) => adam_loop::<false, false, true>(p, g, m, v, mx, c),
+                    (false, true, false) => adam_loop::<false, true, false>(p, g, m, v, mx, c),
+                    (false, true, true) => adam_loop::<false, true, true>(p, g, m, v, mx, c),
+                    (true, false, false) => adam_loop::<true, false, false>(p, g, m, v, mx, c),
+                    (true, false, true) => adam_loop::<true, false, true>(p, g, m, v, mx, c),
+                    (true, true, false) => adam_loop::<true, true, false>(p, g, m, v, mx, c),
+                    (true, true, true) => adam_loop::<true, true, true>(p, g, m, v, mx, c),
+                });
             }
         }
     }
+}
+
+/// Parameters from which an update is split over the trainer's threads (smaller ones cost
+/// less than starting a thread).
+const PARALLEL_UPDATE: usize = 1 << 18;
+
+/// Runs `f` on `threads` equal runs of `slices` (each as long as `grad`, or empty, then
+/// passed empty) and `grad`, the first on this thread.
+fn split_run<const K: usize>(
+    threads: usize,
+    slices: [&mut [f32]; K],
+    grad: &[f32],
+    f: &(impl Fn([&mut [f32]; K], &[f32]) + Sync),
+) {
+    let n = grad.len();
+    if threads <= 1 || n < 2 * 64 {
+        return f(slices, grad);
+    }
+    // Runs of whole cache lines.
+    let per = n.div_ceil(threads).next_multiple_of(16);
+    let mut rest = slices;
+    let mut g = grad;
+    std::thread::scope(|scope| {
+        let mut mine = None;
+        while !g.is_empty() {
+            let take = per.min(g.len());
+            let (gh, gt) = g.split_at(take);
+            g = gt;
+            let head: [&mut [f32]; K] = std::array::from_fn(|k| {
+                let s = std::mem::take(&mut rest[k]);
+                if s.is_empty() {
+                    s
+                } else {
+                    let (h, t) = s.split_at_mut(take);
+                    rest[k] = t;
+                    h
+                }
+            });
+            if mine.is_none() {
+                mine = Some((head, gh));
+            } else {
+                scope.spawn(move || f(head, gh));
+            }
+        }
+        if let Some((h, gh)) = mine {
+            f(h, gh);
+        }
+    });
+}
+
+/// SGD's scalars in f32.
+#[derive(Clone, Copy)]
+struct SgdConsts {
+    wd: f32,
+    m: f32,
+    damp: f32,
+    /// `−lr`.
+    lr: f32,
+}
+
+/// SGD on a run of elements (`b` the momentum buffer's run, empty without momentum).
+#[inline(always)]
+fn sgd_loop<const MOMENTUM: bool, const WD: bool, const NESTEROV: bool, const FIRST: bool>(
+    p: &mut [f32],
+    g: &[f32],
+    b: &mut [f32],
+    c: SgdConsts,
+) {
+    if MOMENTUM {
+        for ((p, g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
+            let mut d = *g;
+            if WD {
+                d += c.wd * *p;
+            }
+            *b = if FIRST { d } else { *b * c.m + c.damp * d };
+            d = if NESTEROV { d + c.m * *b } else { *b };
+            *p += c.lr * d;
+        }
+    } else {
+        for (p, g) in p.iter_mut().zip(g) {
+            let mut d = *g;
+            if WD {
+                d += c.wd * *p;
+            }
+            *p += c.lr * d;
+        }
+    }
+}
+
+/// Adam's scalars in f32.
+#[derive(Clone, Copy)]
+struct AdamConsts {
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    w1: f32,
+    w2: f32,
+    b2: f32,
+    eps: f32,
+    wd: f32,
+}
+
+/// Adam on a run of elements (`mx` the AMSGrad maxima's run, empty without AMSGrad).
+#[inline(always)]
+fn adam_loop<const L2: bool, const DECOUPLED: bool, const AMS: bool>(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    mx: &mut [f32],
+    c: AdamConsts,
+) {
+    let step = |p: &mut f32, g: f32, m: &mut f32, v: &mut f32, mx: Option<&mut f32>| {
+        if DECOUPLED {
+            *p *= c.decay;
+        }
+        let mut g = g;
+        if L2 {
+            g += c.wd * *p;
+        }
+        *m += c.w1 * (g - *m);
+        *v = *v * c.b2 + c.w2 * g * g;
+        let v = match mx {
+            Some(mx) => {
+                *mx = mx.max(*v);
+                *mx
+            }
+            None => *v,
+        };
+        let denom = v.sqrt() / c.bc2_sqrt + c.eps;
+        *p += -c.step_size * (*m / denom);
+    };
+    if AMS {
+        for ((((p, g), m), v), mx) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()).zip(mx.iter_mut()) {
+            step(p, *g, m, v, Some(mx));
+        }
+    } else {
+        for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            step(p, *g, m, v, None);
+        }
+    }
+}
+
+/// Whether every value is finite: `v·0` is 0 for a finite `v` and NaN otherwise, summed in
+/// 16 independent lanes (a loop the compiler vectorises; 44 MB of gradients in ~3 ms).
+fn all_finite(s: &[f32]) -> bool {
+    let mut acc = [0f32; 16];
+    let mut chunks = s.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += *v * 0.0;
+        }
+    }
+    acc.iter().chain(chunks.remainder()).all(|v| v.is_finite())
 }
 
 /// The result of a training step.
@@ -351,6 +522,10 @@ pub struct Trainer {
     compiled: HashMap<Mode, (Compiled, u64)>,
     /// Bumped whenever the weights change.
     version: u64,
+    /// The last JIT run's output arrays, handed back to the next run to write into
+    /// ([`Compiled::run_reusing`]): gradients of the same shapes every step need no new
+    /// pages.
+    spare: Vec<ArrayD<f32>>,
 }
 
 fn dropout_mask(rng: &mut SplitMix64, p: f64, shape: &[usize]) -> ArrayD<f32> {
@@ -401,6 +576,7 @@ impl Trainer {
             jit: Some(Options { fuse: false, ..Options::default() }),
             compiled: HashMap::new(),
             version: 0,
+            spare: vec![],
         };
         t.graph_for(Mode::Train)?;
         Ok(t)
@@ -505,23 +681,40 @@ impl Trainer {
             return Err(self.non_finite(step, "the loss", inputs, target.clone(), masks));
         }
         let finite = |g: &ArrayD<f32>| match g.as_slice() {
-            Some(s) => s.iter().all(|v| v.is_finite()),
+            Some(s) => all_finite(s),
             None => g.iter().all(|v| v.is_finite()),
         };
         if !grads.iter().all(|(_, g)| finite(g)) {
             return Err(self.non_finite(step, "a gradient", inputs, target, masks));
         }
         self.steps = step;
+        let threads = match self.jit.as_ref().map_or(1, |o| o.threads) {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            t => t,
+        };
         for (pid, g) in &grads {
             let gs = g.as_slice().ok_or_else(|| Error::Train("a gradient is not contiguous".into()))?;
             let ps = self
                 .weights
                 .f32_values_mut(*pid)
                 .ok_or_else(|| Error::Train("a gradient of a non-float parameter".into()))?;
-            self.optimizer.update(ps, gs, &mut self.state[pid.0]);
+            self.optimizer.update(ps, gs, &mut self.state[pid.0], threads);
         }
         self.update_running_stats(&stats, batch)?;
         self.version += 1;
+        // The gradient and statistics arrays go back where the next run writes its outputs.
+        if let Some(tg) = self.graphs.get(&self.mode) {
+            for ((_, i), (_, g)) in tg.param_grads.iter().zip(grads) {
+                if let Some(slot) = self.spare.get_mut(*i) {
+                    *slot = g;
+                }
+            }
+            for (k, a) in stats {
+                if let Some(slot) = tg.bn_stats.get(k).and_then(|s| self.spare.get_mut(s.output)) {
+                    *slot = a;
+                }
+            }
+        }
         Ok(Step { loss, output })
     }
 
@@ -675,13 +868,16 @@ impl Trainer {
                     entry.0.set_weights(&self.weights)?;
                     entry.1 = self.version;
                 }
-                entry.0.run(&all)?
+                entry.0.run_reusing(&all, std::mem::take(&mut self.spare))?
             }
         };
         let loss = tg.loss.map_or(f32::NAN, |i| outs[i][0]);
         let output = outs[tg.prediction].clone();
         let grads = tg.param_grads.iter().map(|(p, i)| (*p, std::mem::take(&mut outs[*i]))).collect();
         let stats = tg.bn_stats.iter().enumerate().map(|(k, s)| (k, std::mem::take(&mut outs[s.output]))).collect();
+        if self.jit.is_some() {
+            self.spare = outs;
+        }
         Ok((loss, output, grads, stats, batch))
     }
 
@@ -832,5 +1028,134 @@ impl Trainer {
         let bytes = std::fs::read(path)
             .map_err(|source| Error::Weights(crate::WeightsError::Io { path: path.display().to_string(), source }))?;
         self.load_optimizer_state(&bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// torch.optim's SGD and Adam element by element, written plainly (the spec the
+    /// vectorised, split loops must reproduce bit for bit).
+    fn reference(opt: &Optimizer, p: &mut [f32], g: &[f32], st: &mut ParamState) {
+        st.step += 1;
+        match opt {
+            Optimizer::Sgd(s) => {
+                let first = st.momentum_buffer.is_none();
+                let n = p.len();
+                for i in 0..n {
+                    let mut d = g[i];
+                    if s.weight_decay != 0.0 {
+                        d += s.weight_decay as f32 * p[i];
+                    }
+                    if s.momentum != 0.0 {
+                        let buf = st.momentum_buffer.get_or_insert_with(|| vec![0.0; n]);
+                        let b = &mut buf[i];
+                        *b = if first { d } else { *b * s.momentum as f32 + (1.0 - s.dampening) as f32 * d };
+                        d = if s.nesterov { d + s.momentum as f32 * *b } else { *b };
+                    }
+                    p[i] += -(s.lr as f32) * d;
+                }
+            }
+            Optimizer::Adam(a) => {
+                let n = p.len();
+                if st.exp_avg.len() != n {
+                    st.exp_avg = vec![0.0; n];
+                    st.exp_avg_sq = vec![0.0; n];
+                    if a.amsgrad {
+                        st.max_exp_avg_sq = vec![0.0; n];
+                    }
+                }
+                if a.decoupled && a.weight_decay != 0.0 {
+                    p.iter_mut().for_each(|v| *v *= (1.0 - a.lr * a.weight_decay) as f32);
+                }
+                let (b1, b2) = a.betas;
+                let bc1 = 1.0 - b1.powi(st.step as i32);
+                let bc2 = 1.0 - b2.powi(st.step as i32);
+                for i in 0..n {
+                    let mut g = g[i];
+                    if !a.decoupled && a.weight_decay != 0.0 {
+                        g += a.weight_decay as f32 * p[i];
+                    }
+                    let m = &mut st.exp_avg[i];
+                    *m += (1.0 - b1) as f32 * (g - *m);
+                    let v = &mut st.exp_avg_sq[i];
+                    *v = *v * b2 as f32 + (1.0 - b2) as f32 * g * g;
+                    let v = if a.amsgrad {
+                        let mx = &mut st.max_exp_avg_sq[i];
+                        *mx = mx.max(*v);
+                        *mx
+                    } else {
+                        *v
+                    };
+                    let denom = v.sqrt() / bc2.sqrt() as f32 + a.eps as f32;
+                    p[i] += -((a.lr / bc1) as f32) * (st.exp_avg[i] / denom);
+                }
+            }
+        }
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix64(seed);
+        (0..n).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect()
+    }
+
+    #[test]
+    fn every_optimizer_variant_updates_as_the_plain_loops_on_any_thread_count() {
+        let sgd = |momentum, dampening, nesterov, weight_decay| {
+            Optimizer::Sgd(Sgd { lr: 0.05, momentum, dampening, nesterov, weight_decay })
+        };
+        let adam = |weight_decay, amsgrad, decoupled| {
+            Optimizer::Adam(Adam { lr: 0.01, betas: (0.9, 0.99), eps: 1e-8, weight_decay, amsgrad, decoupled })
+        };
+        let opts = [
+            sgd(0.0, 0.0, false, 0.0),
+            sgd(0.0, 0.0, false, 0.01),
+            sgd(0.9, 0.0, false, 0.0),
+            sgd(0.9, 0.1, false, 0.01),
+            sgd(0.9, 0.0, true, 0.0),
+            sgd(0.9, 0.0, true, 0.01),
+            adam(0.0, false, false),
+            adam(0.01, false, false),
+            adam(0.0, true, false),
+            adam(0.01, true, false),
+            adam(0.01, false, true),
+            adam(0.01, true, true),
+        ];
+        // Small (one run) and large (split over threads, with a ragged last run) parameters.
+        for n in [37, PARALLEL_UPDATE + 1000] {
+            for opt in &opts {
+                let init = values(n, 1);
+                let (mut want, mut want_st) = (init.clone(), ParamState::default());
+                for step in 0..3 {
+                    reference(opt, &mut want, &values(n, 10 + step), &mut want_st);
+                }
+                for threads in [1, 2, 3] {
+                    let (mut p, mut st) = (init.clone(), ParamState::default());
+                    for step in 0..3 {
+                        opt.update(&mut p, &values(n, 10 + step), &mut st, threads);
+                    }
+                    let same = p.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{opt:?}, {n} values, {threads} thread(s)");
+                    assert_eq!(st, want_st, "{opt:?}, {n} values, {threads} thread(s): state");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_finite_finds_every_non_finite_value() {
+        for n in [0, 1, 15, 16, 17, 100] {
+            let v = values(n, 3);
+            assert!(all_finite(&v), "{n}");
+            for i in 0..n {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut w = v.clone();
+                    w[i] = bad;
+                    assert!(!all_finite(&w), "{n} values, {bad} at {i}");
+                }
+            }
+        }
+        assert!(all_finite(&[f32::MAX, f32::MIN, -0.0, f32::MIN_POSITIVE]));
     }
 }

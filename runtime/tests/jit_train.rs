@@ -418,6 +418,46 @@ fn set_weights_equals_a_fresh_compilation() {
     assert!(plain.set_weights(&weights(&other, 1)).is_err());
 }
 
+/// Every packing a training graph replays (Winograd 3×3 and 5×5 forward, input and weight
+/// gradients, direct strided and 1×1 convolutions, GEMM forms, Linear), taking new weights
+/// several times (a replay writes only what the first lowering wrote, into storage it does
+/// not zero again), at 1 and 2 threads; and `run_reusing` handed the last run's outputs
+/// (non-zero, or of another batch's shapes) gives what `run` gives.
+#[test]
+fn set_weights_replays_every_packing_and_runs_reuse_outputs() {
+    let g = graph(
+        "net S(x: [N, 3, 12, 12]) = Sequential(Conv2d(3, 16, 3, padding = 1), BatchNorm2d(16), ReLU(),
+            Conv2d(16, 32, 3, padding = 1), ReLU(), Conv2d(32, 32, 5, padding = 2), ReLU(),
+            Conv2d(32, 32, 3, stride = 2, padding = 1), ReLU(), Conv2d(32, 16, 1), MaxPool2d(2),
+            Flatten(), Linear(144, 5));",
+    );
+    let loss = Loss::CrossEntropy { reduction: Reduction::Mean, label_smoothing: 0.0 };
+    let tg = training(&g, Mode::Train, Some(loss.clone()));
+    let ws: Vec<Weights> = (21..24).map(|s| weights(&g, s)).collect();
+    for conv in [ConvAlgorithm::Auto, ConvAlgorithm::Winograd, ConvAlgorithm::Direct] {
+        for threads in [1, 2] {
+            let opts = Options { threads, conv, fuse: false, ..Default::default() };
+            let mut net = Compiled::new(&tg.graph, &ws[0], &opts).unwrap();
+            let mut last: Vec<ArrayD<f32>> = vec![];
+            for (round, k) in [1, 2, 0, 1].into_iter().enumerate() {
+                net.set_weights(&ws[k]).unwrap();
+                let fresh = Compiled::new(&tg.graph, &ws[k], &opts).unwrap();
+                // Alternate batches, so reused outputs sometimes have other shapes.
+                let n = if round % 2 == 0 { 4 } else { 3 };
+                let xs = train_inputs(&tg, Some(&loss), n, round as u64);
+                let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+                let want = fresh.run(&views).unwrap();
+                let got = net.run_reusing(&views, std::mem::take(&mut last)).unwrap();
+                assert_eq!(got, want, "{conv:?}, {threads} thread(s), round {round}");
+                // Same shapes again, into the outputs just written (all non-zero sums).
+                let again = net.run_reusing(&views, got).unwrap();
+                assert_eq!(again, want, "{conv:?}, {threads} thread(s), round {round}, reused");
+                last = again;
+            }
+        }
+    }
+}
+
 fn try_graph(src: &str) -> Option<Graph> {
     let out = compile_str(src);
     (!out.has_errors()).then(|| out.nets.last().unwrap().clone())

@@ -107,12 +107,15 @@ impl ConstPool {
         Some(i)
     }
 
-    /// Replays a float allocation of `len` floats written by `fill` into zeroed storage.
+    /// Replays a float allocation of `len` floats written by `fill`. The storage is not
+    /// zeroed again: the first lowering zeroed it, and a fill writes the same positions
+    /// every time (see [`ConstPool::f32s_filled`]), so the floats it leaves alone are still
+    /// zero (packing ~100 MB of a ResNet's training-graph constants, zeroing again cost a
+    /// fifth of `set_weights`).
     fn replay_f32(&mut self, i: usize, len: usize, fill: impl FnOnce(&mut [f32])) -> i64 {
         match self.f32s.get_mut(i) {
             Some((b, skip, n)) if *n == len => {
                 let dst = &mut b[*skip..*skip + len];
-                dst.fill(0.0);
                 fill(dst);
                 dst.as_ptr().expose_provenance() as i64
             }
@@ -165,7 +168,9 @@ impl ConstPool {
     }
 
     /// Stores `len` floats, zeroed and then written by `fill`, at a 64-byte aligned
-    /// address, and returns it (large packed weights are written in place, once).
+    /// address, and returns it (large packed weights are written in place, once). `fill`
+    /// only assigns, never reads, and which floats it assigns depends only on shapes: a
+    /// replay calls it on the same storage without zeroing it first.
     pub fn f32s_filled(&mut self, len: usize, fill: impl FnOnce(&mut [f32])) -> i64 {
         if let Some(i) = self.next(0) {
             return self.replay_f32(i, len, fill);

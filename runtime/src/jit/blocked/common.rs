@@ -17,7 +17,7 @@ pub(in crate::jit) fn split_even(blocks: usize, max: usize) -> Vec<usize> {
 
 /// Packed weights from which a layer's packing is shared by the model's threads (each a
 /// run of whole items; VGG-11's 411 MB first classifier layer packs ~2× faster on two).
-const PARALLEL_PACK_BYTES: usize = 4 << 20;
+const PARALLEL_PACK_BYTES: usize = 256 << 10;
 
 /// Fills `out`, the packed weights of `starts.len()` items (item `i` from float `starts[i]`
 /// on, in order, the last to the end), with `fill(part, items)`: `part` the floats of the

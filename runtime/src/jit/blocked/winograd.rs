@@ -214,10 +214,6 @@ impl Wino {
         }
         let w = cx.param_ref("weight")?;
         let flipped = cx.flipped;
-        // Tap `tap` of the k×k kernel of output channel `o`, input channel `i`.
-        let tap = |o: usize, i: usize, tap: usize| {
-            if flipped { w[(i * cout + o) * taps + taps - 1 - tap] } else { w[(o * cin + i) * taps + tap] }
-        };
         let starts: Vec<usize> = groups.iter().map(|g| g.2).collect();
         let pack_groups = |packed: &mut [f32], items: std::ops::Range<usize>| {
             // Per input channel, the kernels of a group's output channels side by side
@@ -225,18 +221,36 @@ impl Wino {
             // `(k+1)²` results written as one packed row.
             let mut g = vec![0f64; taps * BLOCK * isa.conv_nb()];
             let mut u = vec![0f64; positions * BLOCK * isa.conv_nb()];
+            let mut scratch = vec![];
             let first = starts.get(items.start).copied().unwrap_or(total);
             for &(ocb0, nb, off) in &groups[items] {
                 let off = off - first;
                 let width = nb * BLOCK;
                 let valid = width.min(cout - ocb0 * BLOCK);
+                let o0 = ocb0 * BLOCK;
                 for i in 0..cin {
-                    for t in 0..taps {
-                        for j in 0..valid {
-                            g[t * width + j] = f64::from(tap(ocb0 * BLOCK + j, i, t));
+                    // Tap `t` of the k×k kernel of output channel `o0 + j`, input channel `i`:
+                    // a flipped weight is the stored `[i][o][k][k]` read backwards.
+                    for j in 0..valid {
+                        if flipped {
+                            let kernel = &w[(i * cout + o0 + j) * taps..][..taps];
+                            for (t, v) in kernel.iter().rev().enumerate() {
+                                g[t * width + j] = f64::from(*v);
+                            }
+                        } else {
+                            let kernel = &w[((o0 + j) * cin + i) * taps..][..taps];
+                            for (t, v) in kernel.iter().enumerate() {
+                                g[t * width + j] = f64::from(*v);
+                            }
                         }
                     }
-                    microkernel::weight_transform_rows(k, &g[..taps * width], &mut u[..positions * width], width);
+                    microkernel::weight_transform_rows(
+                        k,
+                        &g[..taps * width],
+                        &mut u[..positions * width],
+                        width,
+                        &mut scratch,
+                    );
                     for xi in 0..positions {
                         let row = &mut packed[off + (xi * cin + i) * width..][..valid];
                         for (p, v) in row.iter_mut().zip(&u[xi * width..]) {

@@ -542,16 +542,19 @@ pub(super) const G5: [f64; 30] = [
 /// (row-major) of kernel `j`, `u[ξ·n + j]` position `ξ` (row-major `(k+1)×(k+1)`) of its
 /// transform, in f64; each step runs over all `n` kernels at once. `n` is at most 64 (a
 /// channel group's width).
-pub(in crate::jit) fn weight_transform_rows(k: usize, g: &[f64], u: &mut [f64], n: usize) {
+pub(in crate::jit) fn weight_transform_rows(k: usize, g: &[f64], u: &mut [f64], n: usize, t: &mut Vec<f64>) {
     assert!(n <= 64, "at most 64 kernels at a time");
     let (gm, m) = match k {
         3 => (&G3[..], 4),
         5 => (&G5[..], 6),
         _ => panic!("no Winograd transform for {k}×{k} kernels"),
     };
-    // t = G g: m rows × k columns, each a run of `n` (on the stack: this runs once per input
-    // channel and group while compiling).
-    let mut t = [0f64; 30 * 64];
+    // t = G g: m rows × k columns, each a run of `n`, in the caller's scratch `t` (this runs
+    // once per input channel and group of every pack, and a zeroed 15 KB array per call
+    // cost more than the arithmetic; each run below is zeroed before it is summed into).
+    if t.len() < m * k * n {
+        t.resize(m * k * n, 0.0);
+    }
     for row in 0..m {
         for col in 0..k {
             let dst = &mut t[(row * k + col) * n..][..n];
@@ -588,7 +591,7 @@ mod tests {
     fn winograd(k: usize, bt: &[&[f64]], at: &[&[f64]], d: &[f64], g: &[f64]) -> [f64; 4] {
         let n = k + 1;
         let mut u = vec![0.0; n * n];
-        weight_transform_rows(k, g, &mut u, 1);
+        weight_transform_rows(k, g, &mut u, 1, &mut vec![]);
         let v = |i: usize, j: usize| -> f64 {
             (0..n).flat_map(|a| (0..n).map(move |b| (a, b))).map(|(a, b)| bt[i][a] * d[n * a + b] * bt[j][b]).sum()
         };
