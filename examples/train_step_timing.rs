@@ -6,8 +6,10 @@
 //! (the interpreter takes minutes per step).
 //!
 //! `cargo run --release --example train_step_timing [-- [--cifar10 | --resnet] [--profile]
-//! [--conv auto|direct|winograd] [--threads T]]` (`--profile`: also the JIT's time per
-//! kernel of the training graph, slowest first, and the sum of its weight gradients;
+//! [--conv auto|direct|winograd] [--threads T]]` (`--profile`: also the step split into
+//! the compiled training graph's run, `Compiled::set_weights` and the rest (optimizer
+//! update, checks), and the JIT's time per kernel of the training graph, slowest first,
+//! and the sum of its weight gradients;
 //! `--conv`: the convolutions' algorithm, `Options::conv`; `--threads`: the JIT's threads,
 //! default 1).
 

@@ -442,10 +442,19 @@ pub(super) fn plan(graph: &Graph, blocked: bool, parts: usize) -> Result<Plan> {
     }
     let Builder { mut slots, steps, .. } = b;
     let unplaced = UNPLACED;
-    // Fixed slots: one after the other, for the whole run (they are small: gradients of
+    // Fixed scratch regions live during their own step only: they share the fixed part of
+    // the arena by live range, after the fixed values.
+    let fixed_scratch: std::collections::HashSet<usize> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Node { scratch: Some(t), .. } if slots[*t].kind == UNPLACED_FIXED => Some(*t),
+            _ => None,
+        })
+        .collect();
+    // Fixed values: one after the other, for the whole run (they are small: gradients of
     // parameters and per-channel statistics).
     let mut fixed = 0;
-    for s in slots.iter_mut().filter(|s| s.kind == UNPLACED_FIXED) {
+    for (_, s) in slots.iter_mut().enumerate().filter(|(i, s)| s.kind == UNPLACED_FIXED && !fixed_scratch.contains(i)) {
         s.kind = SlotKind::Fixed(fixed);
         fixed += align(s.size.max(1));
     }
@@ -471,12 +480,15 @@ pub(super) fn plan(graph: &Graph, blocked: bool, parts: usize) -> Result<Plan> {
     }
     let mut order: Vec<usize> = live.keys().copied().collect();
     order.sort_by_key(|s| (live[s].0, *s));
-    let mut placed: Vec<(usize, usize, usize)> = vec![]; // (slot, offset, aligned size)
-    let mut arena = 0;
+    // Per-sample slots in the arena, fixed scratch in the fixed part: each at the lowest
+    // offset free over its live range.
+    let mut placed: [Vec<(usize, usize, usize)>; 2] = [vec![], vec![]]; // (slot, offset, aligned size)
+    let mut ends = [0, 0];
     for s in order {
+        let pool = usize::from(fixed_scratch.contains(&s));
         let (a, b) = live[&s];
         let len = align(slots[s].size.max(1));
-        let mut busy: Vec<(usize, usize)> = placed
+        let mut busy: Vec<(usize, usize)> = placed[pool]
             .iter()
             .filter(|(o, _, _)| {
                 let (c, d) = live[o];
@@ -492,11 +504,12 @@ pub(super) fn plan(graph: &Graph, blocked: bool, parts: usize) -> Result<Plan> {
             }
             offset = offset.max(hi);
         }
-        slots[s].kind = SlotKind::Arena(offset);
-        arena = arena.max(offset + len);
-        placed.push((s, offset, len));
+        slots[s].kind = if pool == 1 { SlotKind::Fixed(fixed + offset) } else { SlotKind::Arena(offset) };
+        ends[pool] = ends[pool].max(offset + len);
+        placed[pool].push((s, offset, len));
     }
-    Ok(Plan { slots, steps, arena, fixed, whole_batch: training })
+    let [arena, scratch] = ends;
+    Ok(Plan { slots, steps, arena, fixed: fixed + scratch, whole_batch: training })
 }
 
 /// Samples per block of a GEMM weight gradient whose reduction has `pixels` terms per
