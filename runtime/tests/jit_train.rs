@@ -159,6 +159,8 @@ fn conv_training_matches_the_interpreter() {
 fn gemm_shapes_match_the_interpreter() {
     for (text, shape) in [
         ("Conv2d(70, 9, 3, padding = 1)", vec![19, 70, 6, 6]),
+        // A 3×3 map with a 2.3 MB weight gradient: blocks of ≥ 1024 reduction steps.
+        ("Conv2d(256, 250, 3, padding = 1)", vec![7, 256, 3, 3]),
         ("Conv2d(3, 8, 3)", vec![3, 3, 20, 20]),
         ("Conv2d(8, 10, 3, stride = 2, groups = 2, padding = 1, padding_mode = \"reflect\")", vec![13, 8, 9, 7]),
         ("Linear(130, 70)", vec![300, 130]),

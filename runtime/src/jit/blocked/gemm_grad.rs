@@ -6,7 +6,8 @@
 //! - **Weight gradient** of a Conv2d (per group): `dW[oc][j] = Σ_n Σ_q dY[n][oc][q] ·
 //!   col_n[j][q]`, `j` a (channel, ky, kx) tap, `q` an output pixel, `col` the input's
 //!   im2col (of the padded input, as `F.pad` makes it). Samples go in blocks of
-//!   [`grad_block`] so one tile call reduces ≥ 256 steps: `A` is the block's output gradient
+//!   [`conv_grad_block`] so one tile call reduces ≥ 256 steps (≥ 1024 on small maps with a
+//!   gradient beyond the L2 cache, one pass over it per batch): `A` is the block's output gradient
 //!   (a row per output channel), `B` the block's im2col, gathered one column tile of taps
 //!   at a time and reduced while it is in cache, and the partial sums wait in `dW` between
 //!   blocks. Threads share it by column tiles.
@@ -35,7 +36,7 @@ use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
 use crate::jit::cx::NodeCx;
 use crate::jit::eltwise::copy_run;
 use crate::jit::microkernel::{self, Act, GemmTile, Isa};
-use crate::jit::plan::{GradScratch, grad_block, input_grad_rows, input_grad_transposed};
+use crate::jit::plan::{GradScratch, conv_grad_block, input_grad_rows, input_grad_transposed};
 use crate::jit::tables::axis_table;
 use cnnc_compiler::ops::train::TrainOp;
 use cnnc_compiler::ops::{Conv2d, Linear};
@@ -361,7 +362,7 @@ pub(in crate::jit) fn conv_weight_grad(
     let Geo { ph, pw, g, cin_g, cout_g, p, kc, .. } = geo;
     let (sh, sw) = conv.stride;
     let block = sc.block;
-    debug_assert_eq!(block, grad_block(p));
+    debug_assert_eq!(block, conv_grad_block(p, cout_g, kc));
     let kmax = block * p;
     let gemm = Gemm::new(jit, isa, cout_g, kc, kmax, kmax, kc);
     let nr = gemm.nr;
