@@ -48,15 +48,15 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &dyn ParamSource, pla
                 };
                 match &node.op {
                     Op::Conv2d(c) if tiled => blocked::conv::conv(jit, &cx, c)?,
-                    Op::Conv2d(c) if plan.whole_batch && jit.isa.is_some() => {
-                        let isa = jit.isa.ok_or_else(|| Error::Unsupported("no ISA".into()))?;
-                        blocked::gemm_grad::conv_forward(jit, &cx, c, isa)?
-                    }
                     Op::Conv2d(c)
                         if cx.in_layouts[0] == Layout::Plain && cx.scratch.is_some() && plan::plane_conv(c) =>
                     {
                         let isa = jit.isa.ok_or_else(|| Error::Unsupported("plane conv without an ISA".into()))?;
                         blocked::conv::plane_conv(jit, &cx, c, isa)?
+                    }
+                    Op::Conv2d(c) if plan.whole_batch && jit.isa.is_some() => {
+                        let isa = jit.isa.ok_or_else(|| Error::Unsupported("no ISA".into()))?;
+                        blocked::gemm_grad::conv_forward(jit, &cx, c, isa)?
                     }
                     Op::Conv2d(c) => portable::conv::lower(jit, &cx, c)?,
                     Op::Linear(l) => match jit.isa {

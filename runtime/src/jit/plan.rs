@@ -393,6 +393,11 @@ pub(super) fn plan(graph: &Graph, blocked: bool, parts: usize) -> Result<Plan> {
                         Some(plane_staged_input(conv, in_tys[0]))
                     }
                     Op::Conv2d(conv) if out.is_blocked() => staged_input(conv, in_tys[0], in_layout),
+                    // A training graph's plane convolution (few channels from a plain
+                    // operand) runs on the plane tiles as at inference.
+                    Op::Conv2d(conv) if gemm && training && in_layout == Layout::Plain && plane_conv(conv) => {
+                        Some(plane_staged_input(conv, in_tys[0]))
+                    }
                     Op::Conv2d(conv) if gemm && training => {
                         let (Some(i), Some(r)) = (in_tys[0].chw(), node.ty.chw()) else {
                             return Err(Error::Unsupported(format!("`{}`: a Conv2d needs NCHW", node.name)));
