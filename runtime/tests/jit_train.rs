@@ -162,6 +162,9 @@ fn gemm_shapes_match_the_interpreter() {
         // A 3×3 map with a 2.3 MB weight gradient: blocks of ≥ 1024 reduction steps.
         ("Conv2d(256, 250, 3, padding = 1)", vec![7, 256, 3, 3]),
         ("Conv2d(3, 8, 3)", vec![3, 3, 20, 20]),
+        // Few taps: threads share the weight gradient by sample blocks, each into a partial;
+        // one block of 8 samples (two threads: the first part has none).
+        ("Conv2d(2, 5, 3, padding = 1)", vec![3, 2, 6, 6]),
         ("Conv2d(8, 10, 3, stride = 2, groups = 2, padding = 1, padding_mode = \"reflect\")", vec![13, 8, 9, 7]),
         ("Linear(130, 70)", vec![300, 130]),
         ("Linear(50, 7)", vec![100, 3, 50]),

@@ -696,6 +696,12 @@ impl Fx<'_> {
         self.b.ins().store(store_flags(), v, a, o);
     }
 
+    /// Stores an i64 at `addr + 8·elems`.
+    pub fn store_i64(&mut self, v: Value, addr: Value, elems: i64) {
+        let (a, o) = self.split_off(addr, 8 * elems);
+        self.b.ins().store(store_flags(), v, a, o);
+    }
+
     /// Stores an f32x4 at `addr + 4·elems`.
     pub fn store_v(&mut self, v: Value, addr: Value, elems: i64) {
         let (a, o) = self.split_off(addr, 4 * elems);

@@ -524,6 +524,12 @@ pub(super) fn grad_block(pixels: usize) -> usize {
     256usize.div_ceil(pixels.max(1))
 }
 
+/// A Conv2d weight gradient of at most this many taps per output channel (one or two
+/// column tiles of the GEMM: a stem's 7×7 of one channel, 5×5 of three) shares its work
+/// between threads by ranges of sample blocks, each thread summing into a partial of its
+/// own (`blocked::gemm_grad::conv_weight_grad`), not by column tiles.
+pub(super) const WGRAD_KSPLIT_MAX_KC: usize = 128;
+
 /// Samples per block of a Conv2d's GEMM weight gradient with `pixels` output pixels per
 /// sample and an `o × kc` gradient: as [`grad_block`], but on maps of 5–16 pixels with a
 /// gradient larger than the L2 cache (ResNet's last stage, 3×3 maps, 9.4 MB) blocks of
@@ -609,7 +615,8 @@ pub(super) struct GradScratch {
     /// The packed `B` operand.
     pub b: usize,
     /// The input gradient's columns (`[C/groups·kh·kw, oh·ow]`, or transposed) before they
-    /// are scattered.
+    /// are scattered; for a weight gradient of few taps ([`WGRAD_KSPLIT_MAX_KC`]), the
+    /// parts' record (an i64 in 16 floats' room) and this part's partial gradient.
     pub col: usize,
     /// Floats in all.
     pub total: usize,
@@ -655,8 +662,10 @@ impl GradScratch {
                 let kc = cin / g * conv.kernel.0 * conv.kernel.1;
                 let block = conv_grad_block(p, o / g, kc);
                 let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { block * cin * (h + pt + pb) * (w + pl + pr) };
-                // `B` holds one column tile (of at most 64 taps) at a time.
-                let mut s = lay(block, pad, o * block * p, packed(kc.min(64), block * p), 0);
+                // `B` holds one column tile (of at most 64 taps) at a time; with few taps, a
+                // record of the parts (16 floats' room) and this part's partial gradient.
+                let partial = if kc <= WGRAD_KSPLIT_MAX_KC { 16 + o * kc } else { 0 };
+                let mut s = lay(block, pad, o * block * p, packed(kc.min(64), block * p), partial);
                 // Room for the Winograd form too, where it may be chosen.
                 if wgrad_winograd_fits(conv) {
                     let w = crate::jit::microkernel::WgradScratch::new(conv.kernel.0, cin, (h, w), (oh, ow));

@@ -10,7 +10,9 @@
 //!   gradient beyond the L2 cache, one pass over it per batch): `A` is the block's output gradient
 //!   (a row per output channel), `B` the block's im2col, gathered one column tile of taps
 //!   at a time and reduced while it is in cache, and the partial sums wait in `dW` between
-//!   blocks. Threads share it by column tiles.
+//!   blocks. Threads share it by column tiles, or, with few taps (one or two tiles), by
+//!   ranges of sample blocks, each summing into a partial of its own that a second kernel
+//!   adds in (the sum's order then depends on the thread count, within f32 rounding).
 //! - **Input gradient** of a Conv2d where the blocked tier's convolution does not serve
 //!   (`plan::input_grad_conv`: strided, dilated, grouped, padded other than by zeros):
 //!   per sample and group, `cols = Wᵀ · dY` (`A` = the transposed weights, packed once
@@ -372,22 +374,68 @@ pub(in crate::jit) fn conv_weight_grad(
     let zeros = geo.zero_padding(conv);
     let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
     let work = 2 * (o * p * kc) as u64;
-    // Threads share it by column tiles (taps), each with its own scratch: the padded
-    // block and the packed output gradient are copied by every part (a small fraction of
-    // the GEMM's work), each im2col tile by the part that owns it.
+    // Few taps (`plan::WGRAD_KSPLIT_MAX_KC`: one or two column tiles, as a stem's 7×7 of
+    // one channel): threads share it by ranges of sample blocks instead, each part summing
+    // its range into the gradient (part 0) or a partial of its own in its scratch, which a
+    // second kernel adds in. Otherwise by column tiles (taps), each part with its own
+    // scratch: the padded block and the packed output gradient are copied by every part (a
+    // small fraction of the GEMM's work), each im2col tile by the part that owns it.
+    let ksplit = kc <= crate::jit::plan::WGRAD_KSPLIT_MAX_KC;
+    let (head, partial) = (sc.col, sc.col + 16);
+    let nout = o * kc;
     jit.parallel_kernel(&cx.node.name, work, |fx| {
         let (x, dy, dw, scr) = (fx.slot(xs), fx.slot(ds), fx.slot(os), fx.slot(ss));
         let scr = part_scratch(fx, scr, sc.total);
         let pad = fx.addi(scr, c(4 * sc.pad));
         let apk = fx.addi(scr, c(4 * sc.a));
         let bpk = fx.addi(scr, c(4 * sc.b));
-        let (lo, nfull, rem) = gemm.part_tiles(fx);
         let nblk = blocks(fx, block);
-        let zero = fx.i(0);
-        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * o * p), 0, 0, 0, 0, 0, 0, 0];
-        let vals = [zero, x, dy, pad, apk, bpk, dw, lo, nfull, rem];
-        fx.loop_n(Count::Dyn(nblk), vals, steps, |fx, [n0, xb, dyb, pad, apk, bpk, dw, lo, nfull, rem]| {
-            let (cnt, first) = block_count(fx, n0, block);
+        let (lo, nfull, rem, b0, count, dst) = if ksplit {
+            let lo = fx.i(0);
+            let nfull = fx.i(c(gemm.full_tiles()));
+            let rem = fx.i(i64::from(!kc.is_multiple_of(nr)));
+            let (b0, b1) = part_range(fx, nblk);
+            let count = fx.b.ins().isub(b1, b0);
+            // Part 0 sums into the gradient, the others into their partials; each records
+            // the parts of this call (the adding kernel reads part 0's record).
+            let own = fx.addi(scr, c(4 * partial));
+            let is0 = fx.b.ins().icmp_imm_s(IntCC::Equal, fx.part, 0);
+            let dst = fx.select(is0, dw, own);
+            let hd = fx.addi(scr, c(4 * head));
+            let parts = fx.parts;
+            fx.store_i64(parts, hd, 0);
+            // A part with no blocks zeroes what it would have written.
+            let empty = fx.b.ins().icmp_imm_s(IntCC::Equal, count, 0);
+            let n = fx.i(c(nout / 4));
+            let zero = fx.i(0);
+            let nz = fx.select(empty, n, zero);
+            let zv = fx.vf(0.0);
+            fx.loop_n(Count::Dyn(nz), [dst, zv], [c(16), 0], |fx, [d, zv]| fx.store_v(zv, d, 0));
+            for i in nout / 4 * 4..nout {
+                let zf = fx.f(0.0);
+                let cur = fx.load_f(dst, c(i));
+                let v = fx.select(empty, zf, cur);
+                fx.store_f(v, dst, c(i));
+            }
+            (lo, nfull, rem, b0, count, dst)
+        } else {
+            let (lo, nfull, rem) = gemm.part_tiles(fx);
+            let b0 = fx.i(0);
+            (lo, nfull, rem, b0, nblk, dw)
+        };
+        let n0 = fx.b.ins().imul_imm_s(b0, c(block));
+        let xb = fx.b.ins().imul_imm_s(n0, c(4 * cin * h * w));
+        let xb = fx.add(x, xb);
+        let dyb = fx.b.ins().imul_imm_s(n0, c(4 * o * p));
+        let dyb = fx.add(dy, dyb);
+        let start = n0;
+        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * o * p), 0, 0, 0, 0, 0, 0, 0, 0];
+        let vals = [n0, xb, dyb, pad, apk, bpk, dst, lo, nfull, rem, start];
+        fx.loop_n(Count::Dyn(count), vals, steps, |fx, [n0, xb, dyb, pad, apk, bpk, dw, lo, nfull, rem, start]| {
+            let (cnt, _) = block_count(fx, n0, block);
+            // The first block of this call's range overwrites, the others add.
+            let first = fx.b.ins().icmp(IntCC::Equal, n0, start);
+            let first = fx.b.ins().uextend(types::I64, first);
             // The block's padded input.
             let src = match tabs {
                 Some((sy, sx)) => {
@@ -441,6 +489,17 @@ pub(in crate::jit) fn conv_weight_grad(
             );
         });
     })?;
+    if ksplit {
+        // The partials of parts 1.. (as many as part 0 recorded) added into the gradient.
+        jit.kernel(&cx.node.name, |fx| {
+            let (dw, scr) = (fx.slot(os), fx.slot(ss));
+            let hd = fx.addi(scr, c(4 * head));
+            let parts = fx.load_i64(hd, 0);
+            let more = fx.b.ins().iadd_imm_s(parts, -1);
+            let src = fx.addi(scr, c(4 * (sc.total + partial)));
+            fx.loop_n(Count::Dyn(more), [src, dw], [c(4 * sc.total), 0], |fx, [s, d]| fx.add_run(s, d, nout));
+        })?;
+    }
     Ok(())
 }
 
