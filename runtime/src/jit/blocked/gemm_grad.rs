@@ -518,14 +518,55 @@ struct Taps {
 /// the byte-offset table `tab` into one contiguous run of the destination (a pixel's run
 /// `geo.pixel` floats after the previous one's, a sample's `out.0·out.1` pixels after the
 /// previous sample's).
+///
+/// With stride 1 the row's pixels go four at a time: a tap's values for four neighbouring
+/// pixels are one vector load, and four taps' vectors are transposed into the four pixels'
+/// rows (a quarter of the loads and stores of one value at a time).
 fn gather_taps(fx: &mut Fx<'_>, geo: &Taps, x: Value, dst: Value, cnt: Count, tab: Value, valid: usize) {
     let ((oh, ow), (sh, sw), pw, width) = (geo.out, geo.stride, geo.pw, geo.pixel);
+    let quads = if sw == 1 && valid >= 4 { ow / 4 } else { 0 };
     let steps = [c(4 * geo.sample), c(4 * oh * ow * width), 0];
     fx.loop_n(cnt, [x, dst, tab], steps, |fx, [xs, ds, tab]| {
         let steps = [c(4 * sh * pw), c(4 * ow * width), 0];
         fx.loop_n(Count::Const(oh), [xs, ds, tab], steps, |fx, [xr, dr, tab]| {
+            let steps = [c(16), c(16 * width), 0];
+            fx.loop_n(Count::Const(quads), [xr, dr, tab], steps, |fx, [xq, dq, tab]| {
+                for j0 in (0..valid - valid % 4).step_by(4) {
+                    let mut v = [xq; 4];
+                    for (k, v) in v.iter_mut().enumerate() {
+                        let o = fx.load_i64(tab, c(j0 + k));
+                        let a = fx.add(xq, o);
+                        *v = fx.load_v(a, 0);
+                    }
+                    // v[k] = tap j0 + k at pixels 0..4; rows[p] = pixel p at taps j0..j0 + 4.
+                    let t0 = fx.lanes_of(v[0], v[1], [0, 4, 1, 5]);
+                    let t1 = fx.lanes_of(v[2], v[3], [0, 4, 1, 5]);
+                    let t2 = fx.lanes_of(v[0], v[1], [2, 6, 3, 7]);
+                    let t3 = fx.lanes_of(v[2], v[3], [2, 6, 3, 7]);
+                    let rows = [
+                        fx.lanes_of(t0, t1, [0, 1, 4, 5]),
+                        fx.lanes_of(t0, t1, [2, 3, 6, 7]),
+                        fx.lanes_of(t2, t3, [0, 1, 4, 5]),
+                        fx.lanes_of(t2, t3, [2, 3, 6, 7]),
+                    ];
+                    for (p, r) in rows.into_iter().enumerate() {
+                        fx.store_v(r, dq, c(p * width + j0));
+                    }
+                }
+                for jj in valid - valid % 4..valid {
+                    let o = fx.load_i64(tab, c(jj));
+                    let a = fx.add(xq, o);
+                    for p in 0..4 {
+                        let v = fx.load_f(a, c(p));
+                        fx.store_f(v, dq, c(p * width + jj));
+                    }
+                }
+            });
+            // The pixels left, one at a time.
+            let xr = fx.addi(xr, c(4 * sw * 4 * quads));
+            let dr = fx.addi(dr, c(4 * width * 4 * quads));
             let steps = [c(4 * sw), c(4 * width), 0];
-            fx.loop_n(Count::Const(ow), [xr, dr, tab], steps, |fx, [xq, dq, tab]| {
+            fx.loop_n(Count::Const(ow - 4 * quads), [xr, dr, tab], steps, |fx, [xq, dq, tab]| {
                 for jj in 0..valid {
                     let o = fx.load_i64(tab, c(jj));
                     let a = fx.add(xq, o);
