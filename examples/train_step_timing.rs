@@ -3,9 +3,10 @@
 //! the study notes, on the reference interpreter and on the JIT, interleaved in the same
 //! run, and prints the medians and their ratio. With `--resnet`, the seed ResNet
 //! (`examples/nets/seed_resnet.cnn`, 1×96×96, BCE with logits) at batch 32 on the JIT only
-//! (the interpreter takes minutes per step).
+//! (the interpreter takes minutes per step); with `--resnet224`, the same net at 1×224×224
+//! and batch 8, the issue's other ResNet row.
 //!
-//! `cargo run --release --example train_step_timing [-- [--cifar10 | --resnet] [--profile]
+//! `cargo run --release --example train_step_timing [-- [--cifar10 | --resnet | --resnet224] [--profile]
 //! [--conv auto|direct|winograd] [--threads T]]` (`--profile`: also the step split into
 //! the compiled training graph's run, `Compiled::set_weights` and the rest (optimizer
 //! update, checks), and the JIT's time per kernel of the training graph, slowest first,
@@ -24,7 +25,8 @@ use std::time::Instant;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let cifar = args.iter().any(|a| a == "--cifar10");
-    let resnet = args.iter().any(|a| a == "--resnet");
+    let r224 = args.iter().any(|a| a == "--resnet224");
+    let resnet = r224 || args.iter().any(|a| a == "--resnet");
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).map(String::as_str);
     let conv = match value("--conv") {
         None | Some("auto") => ConvAlgorithm::Auto,
@@ -35,7 +37,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads: usize = value("--threads").map_or(Ok(1), str::parse)?;
     let opts = Options { threads, conv, ..Options::default() };
     let (src, shape, name) = if resnet {
-        (include_str!("nets/seed_resnet.cnn"), [32, 1, 96, 96], "seed ResNet")
+        let shape = if r224 { [8, 1, 224, 224] } else { [32, 1, 96, 96] };
+        (include_str!("nets/seed_resnet.cnn"), shape, "seed ResNet")
     } else if cifar {
         (
             "net Cifar10(x: [N, 3, 32, 32]) = Sequential(
@@ -55,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
     };
     // The seed ResNet is declared at 224×224; the issue's row trains it at 96×96.
-    let src = src.replace("[N, 1, 224, 224]", "[N, 1, 96, 96]");
+    let src = if r224 { src.to_string() } else { src.replace("[N, 1, 224, 224]", "[N, 1, 96, 96]") };
     let out = compile_str(&src);
     let graph = out.nets.last().ok_or("no net")?.clone();
     let loss = if resnet {

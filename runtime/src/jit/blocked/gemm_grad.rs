@@ -519,24 +519,33 @@ struct Taps {
 /// `geo.pixel` floats after the previous one's, a sample's `out.0·out.1` pixels after the
 /// previous sample's).
 ///
-/// With stride 1 the row's pixels go four at a time: a tap's values for four neighbouring
-/// pixels are one vector load, and four taps' vectors are transposed into the four pixels'
-/// rows (a quarter of the loads and stores of one value at a time).
+/// With stride 1 or 2 the row's pixels go four at a time: a tap's values for four
+/// neighbouring pixels are one vector load (two and a shuffle for stride 2), and four taps'
+/// vectors are transposed into the four pixels' rows (a quarter of the stores of one value
+/// at a time).
 fn gather_taps(fx: &mut Fx<'_>, geo: &Taps, x: Value, dst: Value, cnt: Count, tab: Value, valid: usize) {
     let ((oh, ow), (sh, sw), pw, width) = (geo.out, geo.stride, geo.pw, geo.pixel);
-    let quads = if sw == 1 && valid >= 4 { ow / 4 } else { 0 };
+    let quads = if (sw == 1 || sw == 2) && valid >= 4 { ow / 4 } else { 0 };
     let steps = [c(4 * geo.sample), c(4 * oh * ow * width), 0];
     fx.loop_n(cnt, [x, dst, tab], steps, |fx, [xs, ds, tab]| {
         let steps = [c(4 * sh * pw), c(4 * ow * width), 0];
         fx.loop_n(Count::Const(oh), [xs, ds, tab], steps, |fx, [xr, dr, tab]| {
-            let steps = [c(16), c(16 * width), 0];
+            let steps = [c(16 * sw), c(16 * width), 0];
             fx.loop_n(Count::Const(quads), [xr, dr, tab], steps, |fx, [xq, dq, tab]| {
                 for j0 in (0..valid - valid % 4).step_by(4) {
                     let mut v = [xq; 4];
                     for (k, v) in v.iter_mut().enumerate() {
                         let o = fx.load_i64(tab, c(j0 + k));
                         let a = fx.add(xq, o);
-                        *v = fx.load_v(a, 0);
+                        *v = if sw == 1 {
+                            fx.load_v(a, 0)
+                        } else {
+                            // Stride 2: floats 0, 2 of one load and 1, 3 of one three floats
+                            // on (no read past the fourth pixel's value).
+                            let lo = fx.load_v(a, 0);
+                            let hi = fx.load_v(a, 3);
+                            fx.lanes_of(lo, hi, [0, 2, 5, 7])
+                        };
                     }
                     // v[k] = tap j0 + k at pixels 0..4; rows[p] = pixel p at taps j0..j0 + 4.
                     let t0 = fx.lanes_of(v[0], v[1], [0, 4, 1, 5]);
@@ -557,7 +566,7 @@ fn gather_taps(fx: &mut Fx<'_>, geo: &Taps, x: Value, dst: Value, cnt: Count, ta
                     let o = fx.load_i64(tab, c(jj));
                     let a = fx.add(xq, o);
                     for p in 0..4 {
-                        let v = fx.load_f(a, c(p));
+                        let v = fx.load_f(a, c(p * sw));
                         fx.store_f(v, dq, c(p * width + jj));
                     }
                 }
