@@ -531,13 +531,14 @@ pub(super) fn grad_block(pixels: usize) -> usize {
 pub(super) const WGRAD_KSPLIT_MAX_KC: usize = 128;
 
 /// Samples per block of a Conv2d's GEMM weight gradient with `pixels` output pixels per
-/// sample and an `o × kc` gradient: as [`grad_block`], but on maps of 5–16 pixels with a
-/// gradient larger than the L2 cache (ResNet's last stage, 3×3 maps, 9.4 MB) blocks of
-/// ≥ 1024 steps, so a batch of up to 113 samples reduces in one pass over the gradient
-/// instead of two or more (the seed ResNet's layer4 weight gradients at batch 32, in
-/// blocks of 29 and 3 samples before: ~17% faster).
+/// sample and an `o × kc` gradient: as [`grad_block`], but on maps of 5–64 pixels with a
+/// gradient larger than the L2 cache (ResNet's last stage, 3×3 or 7×7 maps, 9.4 MB) blocks
+/// of ≥ 1024 steps, so a batch of up to 1024/pixels samples reduces in one pass over the
+/// gradient instead of two or more (the seed ResNet's layer4 weight gradients at batch 32
+/// on 3×3 maps, in blocks of 29 and 3 samples before: ~17% faster; at batch 8 on 7×7 maps,
+/// blocks of 6 and 2: ~10%).
 pub(super) fn conv_grad_block(pixels: usize, o: usize, kc: usize) -> usize {
-    if (5..=16).contains(&pixels) && 4 * o * kc > 2 << 20 { 1024usize.div_ceil(pixels) } else { grad_block(pixels) }
+    if (5..=64).contains(&pixels) && 4 * o * kc > 2 << 20 { 1024usize.div_ceil(pixels) } else { grad_block(pixels) }
 }
 
 /// Samples per block of a GEMM whose rows are output pixels (a training graph's forward

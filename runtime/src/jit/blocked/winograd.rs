@@ -397,8 +397,9 @@ impl Wino {
 /// `∂y`, plain) onto [`microkernel::wino_wgrad`] when it fits (`plan::wgrad_winograd_fits`)
 /// and the algorithm choice takes it — forced, or, by default, a 3×3 kernel with at least
 /// 16 channels each side whose 2×2 tiles cover the output with little waste (at least
-/// [`MIN_TILES`] per sample, or at most 1.4× the outputs; small maps are reduced in chunks
-/// of several samples). F(2×2, 5×5) weight gradients differ from the f64 reference by up to ~1e-5 of
+/// [`MIN_TILES`] per sample, or at most 1.2× the outputs, as 6×6 and 4×4 maps; small maps
+/// are reduced in chunks of several samples — on 7×7 maps (1.31×) the GEMM form was 8–20%
+/// faster, on 6×6 Winograd ~15%). F(2×2, 5×5) weight gradients differ from the f64 reference by up to ~1e-5 of
 /// the largest gradient (3×3: 2–5e-7, like the GEMM form), so the default leaves 5×5 ones
 /// to the GEMM. Records the choice; `false` when the caller lowers the GEMM form instead.
 /// Threads share it by groups of output channels (each group reads every sample).
@@ -423,7 +424,7 @@ pub(in crate::jit) fn weight_grad(
         ConvAlgorithm::Auto if k == 5 => {
             (false, format!("{shape}: a 5×5 weight gradient (F(2×2, 5×5)'s error, ~1e-5, only when forced)"))
         }
-        ConvAlgorithm::Auto if tiles < MIN_TILES && 10 * 4 * tiles > 14 * oh * ow => {
+        ConvAlgorithm::Auto if tiles < MIN_TILES && 10 * 4 * tiles > 12 * oh * ow => {
             (false, format!("{shape}: {tiles} 2×2 tiles per sample cover {} outputs for {}", 4 * tiles, oh * ow))
         }
         ConvAlgorithm::Auto => (true, format!("{shape}: weight gradient, 2.25× fewer FMAs")),
