@@ -165,6 +165,10 @@ fn gemm_shapes_match_the_interpreter() {
         // Few taps: threads share the weight gradient by sample blocks, each into a partial;
         // one block of 8 samples (two threads: the first part has none).
         ("Conv2d(2, 5, 3, padding = 1)", vec![3, 2, 6, 6]),
+        // Maps of > 4096 pixels: the weight gradient reduces chunks of output rows (stride 1
+        // and 2, a ragged last chunk).
+        ("Conv2d(1, 4, 3, padding = 1)", vec![2, 1, 70, 66]),
+        ("Conv2d(2, 3, 3, stride = 2, padding = 1)", vec![2, 2, 140, 132]),
         ("Conv2d(8, 10, 3, stride = 2, groups = 2, padding = 1, padding_mode = \"reflect\")", vec![13, 8, 9, 7]),
         ("Linear(130, 70)", vec![300, 130]),
         ("Linear(50, 7)", vec![100, 3, 50]),
