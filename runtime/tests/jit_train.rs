@@ -467,6 +467,32 @@ fn set_weights_replays_every_packing_and_runs_reuse_outputs() {
     }
 }
 
+/// A training graph repacks its weights every step, so small maps whose 2×2 tiles waste
+/// more than 1.2× (7×7) do not get Winograd units beside the direct packing there, as they
+/// do at inference; 6×6 ones still do.
+#[test]
+fn training_graphs_keep_one_packing_on_wasteful_small_maps() {
+    for (hw, units_in_training) in [(7, false), (6, true)] {
+        let g = layer("Conv2d(16, 16, 3, padding = 1)", &[2, 16, hw, hw]);
+        let tg = training(&g, Mode::Train, None);
+        let opts = Options { threads: 1, fuse: false, ..Default::default() };
+        let choice = |graph: &Graph| {
+            let net = Compiled::new(graph, &weights(&g, 1), &opts).unwrap();
+            let c = net.conv_choices().iter().find(|c| c.node == "0").cloned().unwrap();
+            (c.algorithm, c.reason)
+        };
+        let (inference, why) = choice(&g);
+        assert_eq!(inference, ConvAlgorithm::Winograd, "{hw}×{hw} at inference: {why}");
+        assert!(why.contains("in units of"), "{why}");
+        let (train, why) = choice(&tg.graph);
+        let want = if units_in_training { ConvAlgorithm::Winograd } else { ConvAlgorithm::Direct };
+        assert_eq!(train, want, "{hw}×{hw} in training: {why}");
+        if !units_in_training {
+            assert!(why.contains("repack"), "{why}");
+        }
+    }
+}
+
 fn try_graph(src: &str) -> Option<Graph> {
     let out = compile_str(src);
     (!out.has_errors()).then(|| out.nets.last().unwrap().clone())

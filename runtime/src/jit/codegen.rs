@@ -253,6 +253,9 @@ pub(super) struct Jit {
     pub conv_choices: Vec<super::ConvChoice>,
     /// The model's threads: large weights are packed on this many while compiling.
     pub threads: usize,
+    /// Whether the weights are packed again after every optimizer step (a training graph,
+    /// `Compiled::set_weights`): a layer is not worth two packings of its weights there.
+    pub repacked: bool,
 }
 
 fn jit_err(node: &str, e: impl std::fmt::Display) -> Error {
@@ -295,6 +298,7 @@ impl Jit {
             conv: super::ConvAlgorithm::Auto,
             conv_choices: vec![],
             threads: 1,
+            repacked: false,
         })
     }
 

@@ -417,6 +417,7 @@ impl Compiled {
         let mut jit = codegen::Jit::new(!options.portable, isa)?;
         jit.conv = options.conv;
         jit.threads = threads;
+        jit.repacked = training;
         lower::lower(&mut jit, graph, weights, &plan)?;
         let codegen::Jit { mut module, funcs, consts, conv_choices, .. } = jit;
         module.finalize_definitions().map_err(|e| Error::Jit { node: graph.name.clone(), message: e.to_string() })?;
@@ -701,6 +702,7 @@ impl Compiled {
         let mut jit = codegen::Jit::new(self.allow_fma, self.isa)?;
         jit.conv = self.conv;
         jit.threads = self.threads;
+        jit.repacked = self.plan.whole_batch;
         jit.consts = std::mem::take(&mut self.consts);
         jit.consts.replay();
         let lowered = lower::lower(&mut jit, &self.graph, weights, &self.plan);

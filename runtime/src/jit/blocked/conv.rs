@@ -233,7 +233,7 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
     };
     let pick = match winograd::unfit(conv, blocked_in, cx.scratch.is_some() && zeros) {
         Some(why) => Pick::Direct(why.to_string()),
-        None => winograd::choose(jit.conv, kh, cin, cout, oh, ow),
+        None => winograd::choose(jit.conv, kh, cin, cout, oh, ow, jit.repacked),
     };
     let (algorithm, reason) = match &pick {
         Pick::Direct(why) => (ConvAlgorithm::Direct, why.clone()),

@@ -70,9 +70,24 @@ pub(in crate::jit) enum Pick {
 /// 1.71× on 32→64 at 8×8 at batch 1 (16 tiles; its weights are 36/25 of the direct conv's,
 /// not 16/9), 1.99× on AlexNet's 96→256 at 26×26 (AVX2 1.30–1.69×). Below 16 channels the
 /// operand is one partial block and the transforms cost as much as the products.
-pub(in crate::jit) fn choose(algo: ConvAlgorithm, k: usize, cin: usize, cout: usize, oh: usize, ow: usize) -> Pick {
+///
+/// `repacked` (a training graph, whose weights are packed again after every step): units of
+/// several samples, which keep both packings, only where the tiles waste at most 1.2× (6×6,
+/// 4×4 maps). On the 224×224 seed ResNet's 7×7 layer4 at batch 8 they ran 3–6% faster than
+/// direct while both packings of the four layers' weights, forward and input gradient, took
+/// ~55 ms of a 670 ms step to repack; on the 96×96 one's 6×6 layer3 at batch 32, ~45%.
+pub(in crate::jit) fn choose(
+    algo: ConvAlgorithm,
+    k: usize,
+    cin: usize,
+    cout: usize,
+    oh: usize,
+    ow: usize,
+    repacked: bool,
+) -> Pick {
     let shape = format!("{k}×{k}, {cin}→{cout} channels at {oh}×{ow}");
     let tiles = oh.div_ceil(2) * ow.div_ceil(2);
+    let units_waste = if repacked { 12 } else { 14 };
     let plural = if tiles == 1 { "" } else { "s" };
     match algo {
         ConvAlgorithm::Direct => Pick::Direct("forced (Options::conv)".into()),
@@ -83,7 +98,7 @@ pub(in crate::jit) fn choose(algo: ConvAlgorithm, k: usize, cin: usize, cout: us
             let why = format!("{tiles} 2×2 tile{plural} per sample, in units of {s} samples: 2.78× fewer FMAs");
             Pick::Winograd(format!("{shape}: {why}"))
         }
-        ConvAlgorithm::Auto if tiles < MIN_TILES && 10 * 4 * tiles <= 14 * oh * ow => {
+        ConvAlgorithm::Auto if tiles < MIN_TILES && 10 * 4 * tiles <= units_waste * oh * ow => {
             let s = unit_samples(oh, ow);
             let why =
                 format!("{tiles} 2×2 tile{plural} per sample: in units of {s} samples from batch {s} on, direct below");
@@ -91,7 +106,9 @@ pub(in crate::jit) fn choose(algo: ConvAlgorithm, k: usize, cin: usize, cout: us
         }
         ConvAlgorithm::Auto if tiles < MIN_TILES => {
             let why = format!("{tiles} 2×2 tile{plural} per sample cover {} outputs for {}", 4 * tiles, oh * ow);
-            Pick::Direct(format!("{shape}: {why}"))
+            let more =
+                if repacked && 10 * 4 * tiles <= 14 * oh * ow { " (too many to repack twice every step)" } else { "" };
+            Pick::Direct(format!("{shape}: {why}{more}"))
         }
         ConvAlgorithm::Auto => {
             let fewer = if k == 5 { "2.78" } else { "2.25" };
