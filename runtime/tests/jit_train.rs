@@ -99,6 +99,7 @@ fn jit_error_except(
     let net = if opts.threads > 1 { net.with_parallel_threshold(0) } else { net };
     let got = net.run(&views).unwrap_or_else(|e| panic!("run: {e}"));
     assert_eq!(got.len(), want.len());
+    jit_common::assert_overwrites(&net, &views, &got);
     Some(
         got.iter()
             .zip(&want)

@@ -466,9 +466,9 @@ impl Compiled {
 
     /// As [`Compiled::run`], writing each output into the storage of the array at its
     /// index in `reuse` (typically the outputs of an earlier run) where that array has the
-    /// output's shape, zeroed first, instead of fresh memory: a training step's gradients
-    /// (44 MB for the seed ResNet) then touch no new pages. Arrays of other shapes, and
-    /// missing ones, are replaced by new storage.
+    /// output's shape, overwriting whatever it holds, instead of fresh memory: a training
+    /// step's gradients (44 MB for the seed ResNet) then touch no new pages. Arrays of other
+    /// shapes, and missing ones, are replaced by new storage.
     ///
     /// Errors: as [`Compiled::run`].
     pub fn run_reusing(&self, inputs: &[ArrayViewD<'_, f32>], reuse: Vec<ArrayD<f32>>) -> Result<Vec<ArrayD<f32>>> {
@@ -507,7 +507,7 @@ impl Compiled {
     }
 
     /// Checks the inputs of a run and allocates its outputs: the batch, the inputs'
-    /// addresses, and each output's shape and zeroed storage.
+    /// addresses, and each output's shape and storage (zeroed when new).
     #[allow(clippy::type_complexity)]
     fn prepare(
         &self,
@@ -543,14 +543,13 @@ impl Compiled {
             match len {
                 Some(len) if (shape[0] == n || self.plan.whole_batch) && len <= isize::MAX as usize / 4 => {
                     let data = match old {
+                        // Not cleared: every kernel writes all of its result (arena slots
+                        // hold stale values too; the JIT suites run into NaN-filled outputs).
                         Some(a) if a.shape() == shape.as_slice() && a.is_standard_layout() => {
-                            let (mut v, offset) = a.into_raw_vec_and_offset();
-                            if offset.is_some_and(|o| o != 0) || v.len() != len {
-                                v = vec![0f32; len];
-                            } else {
-                                v.fill(0.0);
+                            match a.into_raw_vec_and_offset() {
+                                (v, None | Some(0)) if v.len() == len => v,
+                                _ => vec![0f32; len],
                             }
-                            v
                         }
                         _ => vec![0f32; len],
                     };

@@ -160,7 +160,19 @@ pub fn jit_vs_interp(g: &Graph, w: &Weights, xs: &[ArrayD<f32>], opts: &Options)
     let net = Compiled::new(g, w, opts).unwrap_or_else(|e| panic!("compile: {e}"));
     let got = net.run(&views).unwrap_or_else(|e| panic!("run: {e}"));
     assert_eq!(got.len(), want.len());
+    assert_overwrites(&net, &views, &got);
     got.iter().zip(&want).map(|(a, b)| error(a, b)).fold(0f32, f32::max)
+}
+
+/// Asserts that a run into reused outputs filled with NaN (`Compiled::run_reusing`, which
+/// does not clear them) gives `got` bit for bit: every kernel writes all of its result.
+pub fn assert_overwrites(net: &Compiled, views: &[ndarray::ArrayViewD<'_, f32>], got: &[ArrayD<f32>]) {
+    let stale = got.iter().map(|a| a.mapv(|_| f32::NAN)).collect();
+    let again = net.run_reusing(views, stale).unwrap_or_else(|e| panic!("run_reusing: {e}"));
+    for (i, (a, b)) in again.iter().zip(got).enumerate() {
+        let same = a.shape() == b.shape() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "output {i}: a run into stale outputs differs from a fresh one");
+    }
 }
 
 /// Asserts the JIT matches the interpreter for `g` at batch `n` (default options, and the
