@@ -417,7 +417,7 @@ impl Compiled {
         let mut jit = codegen::Jit::new(!options.portable, isa)?;
         jit.conv = options.conv;
         jit.threads = threads;
-        jit.repacked = training;
+        jit.repacked = plan.whole_batch;
         lower::lower(&mut jit, graph, weights, &plan)?;
         let codegen::Jit { mut module, funcs, consts, conv_choices, .. } = jit;
         module.finalize_definitions().map_err(|e| Error::Jit { node: graph.name.clone(), message: e.to_string() })?;

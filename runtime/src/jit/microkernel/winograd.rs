@@ -555,29 +555,24 @@ pub(in crate::jit) fn weight_transform_rows(k: usize, g: &[f64], u: &mut [f64], 
     if t.len() < m * k * n {
         t.resize(m * k * n, 0.0);
     }
+    // `dst = Σ_a coeffs[a] · src[a·stride..][..n]` over the nonzero coefficients.
+    let combine = |dst: &mut [f64], coeffs: &[f64], src: &[f64], stride: usize| {
+        dst.fill(0.0);
+        for (a, &f) in coeffs.iter().enumerate().filter(|(_, f)| **f != 0.0) {
+            for (d, s) in dst.iter_mut().zip(&src[a * stride..][..n]) {
+                *d += f * s;
+            }
+        }
+    };
     for row in 0..m {
         for col in 0..k {
-            let dst = &mut t[(row * k + col) * n..][..n];
-            dst.fill(0.0);
-            for a in (0..k).filter(|&a| gm[row * k + a] != 0.0) {
-                let f = gm[row * k + a];
-                for (t, g) in dst.iter_mut().zip(&g[(a * k + col) * n..][..n]) {
-                    *t += f * g;
-                }
-            }
+            combine(&mut t[(row * k + col) * n..][..n], &gm[row * k..][..k], &g[col * n..], k * n);
         }
     }
     // u = t Gᵀ: each row of t transformed the same way.
     for row in 0..m {
         for col in 0..m {
-            let dst = &mut u[(row * m + col) * n..][..n];
-            dst.fill(0.0);
-            for b in (0..k).filter(|&b| gm[col * k + b] != 0.0) {
-                let f = gm[col * k + b];
-                for (u, t) in dst.iter_mut().zip(&t[(row * k + b) * n..][..n]) {
-                    *u += f * t;
-                }
-            }
+            combine(&mut u[(row * m + col) * n..][..n], &gm[col * k..][..k], &t[row * k * n..], n);
         }
     }
 }
