@@ -232,6 +232,59 @@ fn pool_training_matches_the_interpreter() {
     ] {
         check(&layer(&format!("Conv2d(2, 2, 1), {text}"), &[2, 2, 7, 8]), Mode::Train, None, 3, 2);
     }
+    // Windows two cells wide tiling the map exactly (the vector average-pool backward), an
+    // odd number of them per row (its scalar last window) and an even one.
+    for (text, shape) in [
+        ("AvgPool2d(2)", &[2, 2, 6, 10][..]),
+        ("AvgPool2d((3, 2), divisor_override = 5)", &[2, 2, 6, 10]),
+        ("AvgPool2d(2, stride = 2)", &[2, 2, 4, 16]),
+        ("AvgPool2d((1, 2))", &[2, 2, 3, 2]),
+    ] {
+        check(&layer(&format!("Conv2d(2, 2, 1), {text}"), shape), Mode::Train, None, 3, 2);
+    }
+}
+
+/// A training graph runs an activation, and a residual add before it, as the epilogue of
+/// the Conv2d or Linear before them (`TRAINING_PIPELINE`): fewer kernels, the same values,
+/// whichever kernel computes the convolution (blocked tiles, the GEMM form of a grouped
+/// reflect-padded one, the plane tiles), and new weights still apply.
+#[test]
+fn training_graphs_fuse_activations_and_residual_adds() {
+    let g = graph(
+        "net E(x: [N, 2, 6, 7]) {
+            p = Conv2d(2, 4, 3, padding = 1);
+            a = Conv2d(4, 16, 3, padding = 1);
+            b = Conv2d(16, 16, 3, padding = 1, groups = 2, padding_mode = \"reflect\");
+            c = Conv2d(16, 16, 1);
+            f = Flatten();
+            fc = Linear(672, 3);
+            fn forward(self, x) {
+                let q = sigmoid(self.p(x));
+                let y = tanh(self.a(q));
+                let z = relu(self.b(y) + y);
+                let u = tanh(self.c(z) + z);
+                sigmoid(self.fc(self.f(u)))
+            }
+        }",
+    );
+    let loss = Loss::Mse { reduction: Reduction::Mean };
+    let tg = training(&g, Mode::Train, Some(loss.clone()));
+    let w = weights(&g, 3);
+    let xs = train_inputs(&tg, Some(&loss), 3, 3);
+    let unfused = Compiled::new(&tg.graph, &w, &Options { threads: 1, fuse: false, ..Default::default() }).unwrap();
+    let fused = Compiled::new(&tg.graph, &w, &Options { threads: 1, ..Default::default() }).unwrap();
+    // Five activations and two adds fewer.
+    assert_eq!(fused.kernel_count() + 7, unfused.kernel_count());
+    check(&g, Mode::Train, Some(loss), 3, 3);
+    // New weights go into the fused kernels as into the unfused ones.
+    let w2 = weights(&g, 4);
+    let mut fused = fused;
+    fused.set_weights(&w2).unwrap();
+    let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+    let want = interp::run(&tg.graph, &w2, &views).unwrap();
+    for (got, want) in fused.run(&views).unwrap().iter().zip(&want) {
+        assert!(error(got, want) <= TOL, "after set_weights: error {:e}", error(got, want));
+    }
 }
 
 #[test]

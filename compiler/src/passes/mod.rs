@@ -127,22 +127,36 @@ pub const PIPELINE: &[Pass] = &[
         summary: "Linear(Linear(x)) with nothing between becomes one Linear when that is cheaper",
         rule: Rule::EachNode(linear::fold_linear_chain),
     },
-    Pass {
-        name: "residual-epilogue",
-        summary: "conv(x) + skip runs as the conv's residual epilogue",
-        rule: Rule::EachNode(epilogue::fuse_residual),
-    },
-    Pass {
-        name: "activation-epilogue",
-        summary: "ReLU/Sigmoid/Tanh after a Conv2d or Linear runs as its epilogue",
-        rule: Rule::EachNode(epilogue::fuse_activation),
-    },
+    RESIDUAL_EPILOGUE,
+    ACTIVATION_EPILOGUE,
     Pass {
         name: "compact-params",
         summary: "the parameter table keeps what the kernels read, in the order they read it",
         rule: Rule::WholeGraph(cleanup::compact_params),
     },
 ];
+
+const RESIDUAL_EPILOGUE: Pass = Pass {
+    name: "residual-epilogue",
+    summary: "conv(x) + skip runs as the conv's residual epilogue",
+    rule: Rule::EachNode(epilogue::fuse_residual),
+};
+
+const ACTIVATION_EPILOGUE: Pass = Pass {
+    name: "activation-epilogue",
+    summary: "ReLU/Sigmoid/Tanh after a Conv2d or Linear runs as its epilogue",
+    rule: Rule::EachNode(epilogue::fuse_activation),
+};
+
+/// The rewrites a training graph (one with [`crate::ops::TrainOp`] nodes, from
+/// [`crate::autodiff::build`]) takes before it is compiled: the two epilogue fusions, which
+/// are exact and leave the parameter table as it is (so new weights still fit, step after
+/// step). They apply where the training graph lets them: an activation's backward reads the
+/// activation's *output*, and no backward reads a Conv2d's or Linear's output or an add's, so
+/// `sigmoid(conv(x))` is one kernel that writes what both the next layer and the sigmoid's
+/// gradient read. (BatchNorm folding is not among them: in training BatchNorm normalises with
+/// the batch's statistics.)
+pub const TRAINING_PIPELINE: &[Pass] = &[RESIDUAL_EPILOGUE, ACTIVATION_EPILOGUE];
 
 /// How a node disappeared into a kernel (or out of the graph).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -101,7 +101,9 @@ pub struct Options {
     /// Run the compiler's fusion passes first ([`crate::fusion_check::optimize`]: BatchNorm
     /// folded into convolutions, activations and residual adds fused into their kernels,
     /// Dropout removed). Same inputs, outputs and values up to rounding; on by default.
-    /// Off compiles the graph exactly as given.
+    /// A training graph takes only the exact epilogue fusions
+    /// ([`cnnc_compiler::passes::TRAINING_PIPELINE`]), which keep its parameters, so
+    /// [`Compiled::set_weights`] still applies. Off compiles the graph exactly as given.
     pub fuse: bool,
     /// Which algorithm the stride-1 3×3 convolutions use on the micro-kernels (the portable
     /// code always convolves directly).
@@ -395,14 +397,29 @@ impl Compiled {
             )));
         }
         let fused;
-        // Inference rewrites never apply to a training graph. The fused graph's parameters
-        // stay a copy-on-write view of `weights`: only what a pass rewrote is new memory.
+        let epilogues;
+        // Inference rewrites never apply to a training graph; it takes the exact epilogue
+        // fusions only, which keep its parameter table (`TRAINING_PIPELINE`). The fused
+        // graph's parameters stay a copy-on-write view of `weights`: only what a pass rewrote
+        // is new memory.
         let (graph, weights): (&Graph, &dyn crate::weights::ParamSource) = if options.fuse && !training {
             fused = crate::fusion_check::optimize_view(graph, weights).map_err(|e| match e {
                 crate::fusion_check::FusionError::Run(e) => e,
                 e => Error::Fusion { net: graph.name.clone(), message: e.to_string() },
             })?;
             (&fused.0, &fused.1)
+        } else if options.fuse {
+            let mut g = graph.clone();
+            let mut store = crate::fusion_check::WeightsStore::new(weights);
+            cnnc_compiler::passes::run_pipeline(
+                cnnc_compiler::passes::TRAINING_PIPELINE,
+                &mut g,
+                &mut store,
+                cfg!(debug_assertions),
+            )
+            .map_err(|e| Error::Fusion { net: graph.name.clone(), message: e.to_string() })?;
+            epilogues = g;
+            (&epilogues, weights)
         } else {
             (graph, weights)
         };

@@ -37,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
 use crate::jit::cx::NodeCx;
 use crate::jit::eltwise::copy_run;
+use crate::jit::math::act_v;
 use crate::jit::microkernel::{self, Act, GemmTile, Isa};
 use crate::jit::plan::{GradScratch, conv_grad_block, input_grad_rows, input_grad_transposed};
 use crate::jit::tables::axis_table;
@@ -634,15 +635,17 @@ fn tap_bytes(conv: &Conv2d, kc: usize, (ph, pw): (usize, usize)) -> Vec<i64> {
     (0..kc).map(|j| c(4 * ((j / (kh * kw)) * ph * pw + (j % (kh * kw) / kw) * dh * pw + (j % kw) * dw))).collect()
 }
 
-/// The forward Conv2d of a training graph (plain NCHW, no fused epilogue) as a GEMM per
+/// The forward Conv2d of a training graph (plain NCHW; a fused residual and activation,
+/// no scale/shift) as a GEMM per
 /// block of samples ([`crate::jit::plan::row_block`]) and group: `yᵀ[(s, q)][oc] = Σ_j
 /// col[(s, q)][j] · W[oc][j]` — `A` the block's im2col, a row of taps per output pixel
 /// (gathered as for the weight gradient), `B` the weights packed once and read once per
-/// block — then transposed into each sample's `y` with the bias added.
+/// block — then transposed into each sample's `y` with the bias, residual and activation applied.
 pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d, isa: Isa) -> Result<()> {
-    if conv.epilogue != Default::default() {
-        return Err(Error::Unsupported(format!("`{}`: a fused epilogue in a training graph", cx.node.name)));
+    if conv.epilogue.scale_shift {
+        return Err(Error::Unsupported(format!("`{}`: a scale/shift epilogue in a training graph", cx.node.name)));
     }
+    let (act, residual) = (conv.epilogue.act, conv.epilogue.residual);
     let (cin, h, w) = cx.in_chw(0)?;
     let (o, oh, ow) = cx.out_chw()?;
     let sc = GradScratch::conv_forward(conv, (cin, h, w), (o, oh, ow));
@@ -660,9 +663,13 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
     let tabs = geo.pad_tables(jit, conv, (h, w))?;
     let zeros = geo.zero_padding(conv);
     let (xs, ys, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
+    // A fused residual has the result's shape and layout; without one, the result is read
+    // in its place (and nothing added).
+    let rs =
+        if residual { *cx.inputs.get(1).ok_or_else(|| Error::Unsupported("residual operand".into()))? } else { ys };
     let (sh, sw) = conv.stride;
     jit.kernel(&cx.node.name, |fx| {
-        let (x, y, scr) = (fx.slot(xs), fx.slot(ys), fx.slot(ss));
+        let (x, y, scr, res) = (fx.slot(xs), fx.slot(ys), fx.slot(ss), fx.slot(rs));
         // Sample-wise: this thread's copy of the scratch (see `lower::samplewise_work`).
         let scr = part_scratch(fx, scr, sc.total);
         let pad = fx.addi(scr, c(4 * sc.pad));
@@ -670,8 +677,9 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
         let out = fx.addi(scr, c(4 * sc.col));
         let nblk = blocks(fx, block);
         let zero = fx.i(0);
-        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * o * p), 0, 0, 0];
-        fx.loop_n(Count::Dyn(nblk), [zero, x, y, pad, col, out], steps, |fx, [n0, xb, yb, pad, col, out]| {
+        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * o * p), 0, 0, 0, c(4 * block * o * p)];
+        let vals = [zero, x, y, pad, col, out, res];
+        fx.loop_n(Count::Dyn(nblk), vals, steps, |fx, [n0, xb, yb, pad, col, out, rb]| {
             let (cnt, _) = block_count(fx, n0, block);
             let (src, sample) = match tabs {
                 Some((sy, sx)) => {
@@ -682,9 +690,19 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
             };
             let m = fx.b.ins().imul_imm_s(cnt, c(p));
             let (wpa, ba) = (fx.addr(wp), fx.addr(bias));
-            let steps = [c(4 * cin_g * ph * pw), c(4 * packed_len), c(4 * cout_g * p), c(4 * cout_g), 0, 0, 0, 0];
-            let vals = [src, wpa, yb, ba, col, out, cnt, m];
-            fx.loop_n(Count::Const(g), vals, steps, |fx, [xg, wg, yg, bg, col, out, cnt, m]| {
+            let steps = [
+                c(4 * cin_g * ph * pw),
+                c(4 * packed_len),
+                c(4 * cout_g * p),
+                c(4 * cout_g),
+                0,
+                0,
+                0,
+                0,
+                c(4 * cout_g * p),
+            ];
+            let vals = [src, wpa, yb, ba, col, out, cnt, m, rb];
+            fx.loop_n(Count::Const(g), vals, steps, |fx, [xg, wg, yg, bg, col, out, cnt, m, rg]| {
                 // A: the block's im2col for the group, a row of kc taps per pixel (sample
                 // after sample), by runs of nr taps.
                 let geo = Taps { sample, pw, out: (oh, ow), stride: (sh, sw), pixel: kc };
@@ -702,16 +720,29 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
                 let kn = fx.i(c(kc));
                 let first = fx.i(1);
                 gemm.emit_rows(fx, col, wg, out, kn, first, m);
-                // y[s][oc][q] = out[(s, q)][oc] + bias[oc], four pixels at a time: the four
+                // y[s][oc][q] = out[(s, q)][oc] + bias[oc] (then the fused residual and
+                // activation, in the epilogue's order), four pixels at a time: the four
                 // rows of `out` read (in cache) across the channels, each channel's four
                 // values stored as one vector — not a pass over all of `out` per channel.
-                let steps = [c(4 * o * p), c(4 * p * cout_g), 0];
-                fx.loop_n(Count::Dyn(cnt), [yg, out, bg], steps, |fx, [ys, os, bg]| {
+                let finish = |fx: &mut Fx<'_>, v: Value, rc: Value| {
+                    let v = if residual {
+                        let r = fx.load_v(rc, 0);
+                        fx.b.ins().fadd(v, r)
+                    } else {
+                        v
+                    };
+                    match act {
+                        Some(a) => act_v(fx, a, v),
+                        None => v,
+                    }
+                };
+                let steps = [c(4 * o * p), c(4 * p * cout_g), 0, c(4 * o * p)];
+                fx.loop_n(Count::Dyn(cnt), [yg, out, bg, rg], steps, |fx, [ys, os, bg, rs]| {
                     let quads = p / 4;
-                    let steps = [16, c(16 * cout_g), 0];
-                    fx.loop_n(Count::Const(quads), [ys, os, bg], steps, |fx, [yq, oq, bg]| {
-                        let steps = [c(4 * p), 4, 4];
-                        fx.loop_n(Count::Const(cout_g), [yq, oq, bg], steps, |fx, [yc, oc, bc]| {
+                    let steps = [16, c(16 * cout_g), 0, 16];
+                    fx.loop_n(Count::Const(quads), [ys, os, bg, rs], steps, |fx, [yq, oq, bg, rq]| {
+                        let steps = [c(4 * p), 4, 4, c(4 * p)];
+                        fx.loop_n(Count::Const(cout_g), [yq, oq, bg, rq], steps, |fx, [yc, oc, bc, rc]| {
                             let b = fx.load_splat(bc, 0);
                             // Lane by lane (a stride-2 vector load would read past the
                             // last row).
@@ -728,6 +759,7 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
                                 _ => fx.load_strided(oc, 0, cout_g),
                             };
                             let v = fx.b.ins().fadd(v, b);
+                            let v = finish(fx, v, rc);
                             fx.store_v(v, yc, 0);
                         });
                     });
@@ -735,12 +767,26 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
                     if done < p {
                         let yq = fx.addi(ys, c(4 * done));
                         let oq = fx.addi(os, c(4 * done * cout_g));
-                        let steps = [c(4 * p), 4, 4];
-                        fx.loop_n(Count::Const(cout_g), [yq, oq, bg], steps, |fx, [yc, oc, bc]| {
+                        let rq = fx.addi(rs, c(4 * done));
+                        let steps = [c(4 * p), 4, 4, c(4 * p)];
+                        fx.loop_n(Count::Const(cout_g), [yq, oq, bg, rq], steps, |fx, [yc, oc, bc, rc]| {
                             let b = fx.load_f(bc, 0);
                             for q in 0..p - done {
                                 let v = fx.load_f(oc, c(q * cout_g));
                                 let v = fx.b.ins().fadd(v, b);
+                                // The epilogue lane by lane: the value in lane 0.
+                                let v = if residual {
+                                    let r = fx.load_f(rc, c(q));
+                                    fx.b.ins().fadd(v, r)
+                                } else {
+                                    v
+                                };
+                                let v = fx.b.ins().scalar_to_vector(types::F32X4, v);
+                                let v = match act {
+                                    Some(a) => act_v(fx, a, v),
+                                    None => v,
+                                };
+                                let v = fx.b.ins().extractlane(v, 0);
                                 fx.store_f(v, yc, c(q));
                             }
                         });

@@ -6,7 +6,8 @@
 //! tiling its input, stores each window's gradient at its first maximum of a zeroed
 //! plane; a window with no tap inside the input falls back to the general scalar form.
 //! Average-pool backward takes, where windows do not overlap, each input cell's one output
-//! gradient times `1 / divisor` (a gather); otherwise, like adaptive pooling, it
+//! gradient times `1 / divisor` (a gather; four cells at a time for windows two wide that
+//! tile the map, as `AvgPool2d(2)`'s usually do); otherwise, like adaptive pooling, it
 //! accumulates each input plane's gradient in f64 in the step's scratch, in the
 //! interpreter's order, and rounds once (scalar loops).
 
@@ -386,8 +387,14 @@ pub(in crate::jit) fn avg_pool_grad(
     p: &AvgPool2d,
     in_hw: (usize, usize),
 ) -> Result<()> {
-    let (_, oh, ow) = cx.in_chw(0)?;
+    let (ch, oh, ow) = cx.in_chw(0)?;
     let (h, w) = in_hw;
+    let unpadded = p.padding == (0, 0) && p.padding_end.is_none_or(|e| e == (0, 0));
+    let (kh, kw) = p.kernel;
+    if unpadded && p.stride == p.kernel && kw == 2 && kh >= 1 && oh * kh == h && ow * kw == w {
+        let divisor = p.divisor_override.unwrap_or(kh * kw);
+        return tiled_avg_pool_grad(jit, cx, (ch, oh, ow), kh, (1.0 / divisor as f64) as f32);
+    }
     let wy = avg_axis(oh, p.kernel.0, p.stride.0, p.padding.0, h);
     let wx = avg_axis(ow, p.kernel.1, p.stride.1, p.padding.1, w);
     let mut divisors = Vec::with_capacity(oh * ow);
@@ -401,6 +408,51 @@ pub(in crate::jit) fn avg_pool_grad(
         }
     }
     window_grad(jit, cx, (h, w), &wy, &wx, divisors)
+}
+
+/// `AvgPool2d((kh, 2))` with stride = kernel tiling its input exactly (the usual
+/// `AvgPool2d(2)`): every input cell takes its one window's gradient times `scale`, as
+/// [`gather_grad`] computes it, four cells at a time — the output row's gradients in pairs,
+/// each lane doubled, stored to the window's `kh` input rows (an odd last window: two
+/// scalar cells per row).
+fn tiled_avg_pool_grad(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    (ch, oh, ow): (usize, usize, usize),
+    kh: usize,
+    scale: f32,
+) -> Result<()> {
+    let (ds, os) = (cx.inputs[0], cx.output);
+    let w = 2 * ow;
+    let pairs = ow / 2;
+    jit.kernel(&cx.node.name, |fx| {
+        let (dy, out) = (fx.slot(ds), fx.slot(os));
+        let rows = fx.muli(fx.nb, c(ch * oh));
+        let sv = fx.vf(scale);
+        let steps = [c(4 * ow), c(4 * kh * w), 0];
+        fx.loop_n(Count::Dyn(rows), [dy, out, sv], steps, |fx, [dp, xp, sv]| {
+            fx.loop_n(Count::Const(pairs), [dp, xp, sv], [8, 16, 0], |fx, [d, x, sv]| {
+                let q = fx.load_i64(d, 0);
+                let v = fx.b.ins().scalar_to_vector(types::I64X2, q);
+                let v = fx.bitcast(types::F32X4, v);
+                let v = fx.lanes_of(v, v, [0, 0, 1, 1]);
+                let v = fx.b.ins().fmul(v, sv);
+                for r in 0..kh {
+                    fx.store_v(v, x, (r * w) as i64);
+                }
+            });
+            if ow % 2 == 1 {
+                let g = fx.load_f(dp, (ow - 1) as i64);
+                let k = fx.f(scale);
+                let v = fx.b.ins().fmul(g, k);
+                for r in 0..kh {
+                    fx.store_f(v, xp, (r * w + w - 2) as i64);
+                    fx.store_f(v, xp, (r * w + w - 1) as i64);
+                }
+            }
+        });
+    })?;
+    Ok(())
 }
 
 /// `(dy) → dx` of an AdaptiveAvgPool2d on an input of `in_hw`.
