@@ -216,6 +216,56 @@ fn max_pool_ties_go_to_the_first_maximum() {
     }
 }
 
+/// The backward ops that take a convolution's blocked result as it is (no reorder): a
+/// max-pool whose windows tile the map (exactly, with rows and columns left over, with a
+/// partial last block of channels), an activation's gradient, a Conv2d's bias gradient and
+/// its weight gradient from a blocked output gradient (the GEMM form, 1×1, 5×5 and strided,
+/// and Winograd's 3×3), each against the interpreter on both ISAs and thread counts.
+#[test]
+fn blocked_backward_matches_the_interpreter() {
+    for (text, shape) in [
+        ("Conv2d(3, 16, 3, padding = 1), MaxPool2d(2)", &[2, 3, 8, 8][..]),
+        ("Conv2d(3, 20, 3, padding = 1), MaxPool2d(2)", &[2, 3, 7, 9]),
+        ("Conv2d(3, 16, 1), MaxPool2d(3)", &[3, 3, 10, 9]),
+        ("Conv2d(3, 16, 1), MaxPool2d((1, 2))", &[2, 3, 3, 5]),
+        ("Conv2d(3, 16, 1), ReLU(), MaxPool2d(2), Conv2d(16, 24, 5, padding = 2), Tanh()", &[2, 3, 8, 6]),
+        ("Conv2d(3, 16, 1), Sigmoid(), Conv2d(16, 16, 3, stride = 2, padding = 1), ReLU()", &[2, 3, 9, 8]),
+        ("Conv2d(16, 20, 3, padding = 1), ReLU(), Conv2d(20, 16, 3, padding = 1), LeakyReLU(0.1)", &[2, 16, 12, 12]),
+        ("Conv2d(3, 32, 1), ReLU6(), Conv2d(32, 16, 1, bias = False), MaxPool2d(2)", &[2, 3, 6, 6]),
+    ] {
+        check(&layer(text, shape), Mode::Train, None, shape[0], 4);
+    }
+}
+
+/// A blocked max-pool backward (a 1×1 convolution with identity weights ahead of it keeps
+/// the input's ties and NaNs, on the blocked layout) sends each window's gradient to its
+/// first maximum like the plain kernels and the interpreter.
+#[test]
+fn blocked_max_pool_ties_go_to_the_first_maximum() {
+    for (text, hw) in [("MaxPool2d(2)", [6, 8]), ("MaxPool2d(2)", [7, 9]), ("MaxPool2d(3)", [6, 7])] {
+        let g = layer(&format!("Conv2d(16, 16, 1), {text}"), &[2, 16, hw[0], hw[1]]);
+        let tg = training(&g, Mode::Train, None);
+        let mut w = weights(&g, 0);
+        let ids: Vec<_> = (0..g.params.len()).map(cnnc_compiler::ParamId).collect();
+        for (id, p) in ids.iter().zip(&g.params) {
+            let v = w.f32_values_mut(*id).unwrap();
+            if p.name.ends_with("weight") {
+                for (i, x) in v.iter_mut().enumerate() {
+                    *x = if i % 17 == 0 { 1.0 } else { 0.0 };
+                }
+            } else {
+                v.fill(0.0);
+            }
+        }
+        let mut xs = train_inputs(&tg, None, 2, 5);
+        xs[0].mapv_inplace(|v| (v * 1.5).round());
+        xs[0][[1, 2, 3, 3]] = f32::NAN;
+        xs[0][[0, 5, 1, 1]] = f32::NAN;
+        jit_error(&tg, &w, &xs, &Options { threads: 1, ..Default::default() });
+        jit_error_with(&tg, &w, &xs, &Options { threads: 2, ..Default::default() }, Kernels::Avx2);
+    }
+}
+
 #[test]
 fn pool_training_matches_the_interpreter() {
     for text in [
@@ -590,8 +640,16 @@ proptest! {
         // factor of about `eps / (w²·var x)`). Their gradients are nearly zero sums of large
         // terms, and what an f32 engine computes for them is rounding noise of the size of
         // `2⁻²⁴·Σ|dy·x|` (up to ~3e-5 in the shrunk failure persisted beside this file) —
-        // not comparable at a fixed tolerance. Every other output still is.
-        let zero_grads: &[&str] = if bn && !eval && icg == 1 && k == 1 { &["grad.0.weight", "grad.0.bias"] } else { &[] };
+        // not comparable at a fixed tolerance. The same holds for the bias of *any*
+        // convolution before train-mode BatchNorm (the mean it adds is subtracted again): its
+        // gradient is `Σ dx` of BatchNorm's input gradient, zero up to the rounding of large
+        // terms (1.2e-5 at 2 values per channel in another persisted case). Every other
+        // output still is compared.
+        let zero_grads: &[&str] = match (bn && !eval, icg == 1 && k == 1) {
+            (true, true) => &["grad.0.weight", "grad.0.bias"],
+            (true, false) => &["grad.0.bias"],
+            _ => &[],
+        };
         let opts = Options { threads, portable, fuse: true, ..Default::default() };
         let e = jit_error_except(&tg, &wts, &xs, &opts, Kernels::Auto, zero_grads).unwrap_or(0.0);
         prop_assert!(e <= TOL);

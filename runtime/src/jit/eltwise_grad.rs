@@ -456,7 +456,9 @@ pub(super) fn dropout_mask(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
 /// `y > 0`; Sigmoid `dy·y·(1 − y)`; Tanh `dy·(1 − y²)`; Hardtanh `dy` where
 /// `min < y < max`). Sample-wise.
 pub(super) fn activation_grad(jit: &mut Jit, cx: &NodeCx<'_>, a: Activation) -> Result<()> {
-    let size = cx.out_size();
+    // The whole buffer: on the blocked layout (`y`, `dy` and the result alike) the padding
+    // lanes too.
+    let size = cx.out_len;
     let (ys, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
     jit.kernel(&cx.node.name, |fx| {
         let (y, dy, out) = (fx.slot(ys), fx.slot(ds), fx.slot(os));

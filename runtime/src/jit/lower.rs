@@ -111,7 +111,11 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &dyn ParamSource, pla
                             Some(isa) => blocked::gemm_grad::linear_weight_grad(jit, &cx, t, l, isa)?,
                             None => portable::linear_grad::linear_weight_grad(jit, &cx, l)?,
                         },
+                        TrainOp::BiasGrad(_) if cx.in_layouts[0].is_blocked() => {
+                            blocked::channels::bias_grad(jit, &cx)?
+                        }
                         TrainOp::BiasGrad(axis) => eltwise_grad::bias_grad(jit, &cx, *axis)?,
+                        TrainOp::MaxPoolGrad(p) if tiled => blocked::pool::max_pool_grad(jit, &cx, p)?,
                         TrainOp::MaxPoolGrad(p) => portable::pool_grad::max_pool_grad(jit, &cx, p)?,
                         TrainOp::AvgPoolGrad(p, hw) => portable::pool_grad::avg_pool_grad(jit, &cx, p, *hw)?,
                         TrainOp::AdaptiveAvgPoolGrad(_, hw) => {

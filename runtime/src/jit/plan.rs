@@ -29,7 +29,7 @@
 use crate::error::{Error, Result};
 use cnnc_compiler::graph::{Graph, NodeId};
 use cnnc_compiler::ops::train::TrainOp;
-use cnnc_compiler::ops::{Conv2d, Op, PaddingMode};
+use cnnc_compiler::ops::{Conv2d, MaxPool2d, Op, PaddingMode};
 use cnnc_compiler::shape::{Batch, TensorType};
 use std::collections::HashMap;
 
@@ -272,6 +272,19 @@ fn choose(op: &Op, ty: &TensorType, in_tys: &[&TensorType], have: &[Layout], blo
                 _ => plain,
             }
         }
+        // Backward ops of a training graph on the blocked operands the convolutions leave
+        // (only where the micro-kernels make blocked values at all): elementwise gradients
+        // keep the layout, a Conv2d's bias and weight gradients read a blocked output
+        // gradient, a max-pool's tiling windows go backward blocked.
+        Op::Train(TrainOp::ActivationGrad(_)) if blocked_image(0) => (have[0], vec![have[0], have[0]]),
+        Op::Train(TrainOp::BiasGrad(0)) if blocked_image(0) => (Layout::Plain, vec![have[0]]),
+        Op::Train(TrainOp::ConvWeightGrad(_)) if blocked_image(1) => (Layout::Plain, vec![Layout::Plain, have[1]]),
+        Op::Train(TrainOp::MaxPoolGrad(p)) if blocked_image(0) => match (in_tys[0].chw(), in_tys[1].chw()) {
+            (Some((c, h, w)), Some((_, oh, ow))) if max_pool_grad_tiles(p, (h, w), (oh, ow)) => {
+                (have[0], vec![have[0], Layout::Blocked { c, h: oh, w: ow }])
+            }
+            _ => plain,
+        },
         Op::Linear(lin) => match have[0] {
             Layout::Blocked { c, h, w } if in_tys[0].dims == [c * h * w] && lin.in_features == c * h * w => {
                 (Layout::Plain, vec![have[0]])
@@ -282,6 +295,19 @@ fn choose(op: &Op, ty: &TensorType, in_tys: &[&TensorType], have: &[Layout], blo
     }
 }
 
+/// Whether a MaxPool2d's backward runs on the blocked layout
+/// (`blocked::pool::max_pool_grad`): windows that tile the input without overlap or padding
+/// (`stride = kernel`, the usual `MaxPool2d(2)`), every window whole (rows and columns past
+/// the last window get no gradient).
+pub(super) fn max_pool_grad_tiles(p: &MaxPool2d, (h, w): (usize, usize), (oh, ow): (usize, usize)) -> bool {
+    p.padding == (0, 0)
+        && p.dilation == (1, 1)
+        && p.stride == p.kernel
+        && p.kernel.0 * p.kernel.1 > 0
+        && oh * p.kernel.0 <= h
+        && ow * p.kernel.1 <= w
+}
+
 fn align(x: usize) -> usize {
     x.div_ceil(ALIGN) * ALIGN
 }
@@ -289,8 +315,12 @@ fn align(x: usize) -> usize {
 /// Plans a verified graph. `blocked`: whether the blocked layout may be used (the Conv2d
 /// micro-kernels are available).
 ///
-/// A graph with training ops ([`Op::Train`]) is planned in the plain layout, to run the
-/// whole batch as one chunk: its values of the first input's batch are per-sample slots as
+/// A graph with training ops ([`Op::Train`]) runs the whole batch as one chunk, in the plain
+/// layout but for what the convolution tiles make and what can take it as it is: the
+/// forward Conv2d and a stride-1 Conv2d's input gradient (with their fused activations)
+/// write blocked values, and activation gradients, a Conv2d's bias and weight gradients
+/// (from a blocked output gradient) and a tiling max-pool's backward read them without a
+/// reorder; BatchNorm, the other pools and the rest are plain. its values of the first input's batch are per-sample slots as
 /// usual, every other value (of a fixed shape) gets a fixed slot. `parts`: the most threads
 /// that may share one of its kernels (each gets its own copy of a fixed scratch region).
 pub(super) fn plan(graph: &Graph, blocked: bool, parts: usize) -> Result<Plan> {

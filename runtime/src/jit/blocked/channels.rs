@@ -1,6 +1,7 @@
 //! Per-channel and layout kernels on blocked tensors ([`Layout::Blocked`],
 //! `[⌈C/16⌉, H, W, 16]`): BatchNorm2d as a per-channel scale and shift, channel
-//! concatenation of whole blocks, and the reorders between the blocked and the plain layout.
+//! concatenation of whole blocks, the reorders between the blocked and the plain layout, and
+//! a training graph's Conv2d bias gradient from a blocked output gradient ([`bias_grad`]).
 //! BatchNorm splits its work between threads by output rows.
 
 use crate::error::{Error, Result};
@@ -133,6 +134,63 @@ pub(in crate::jit) fn reorder(jit: &mut Jit, (from, lf): (usize, Layout), (to, l
                         fx.store_f(z, bq, c(l));
                     }
                 });
+            }
+        });
+    })?;
+    Ok(())
+}
+
+/// `dy → Σ_{samples, pixels} dy` per channel of a blocked `dy` (a Conv2d's bias gradient):
+/// per sample and block, the plane's pixels summed in f32 lanes (a vector per four
+/// channels), the samples' sums added in f64 — as the plain kernel sums a plane in f32 and
+/// the planes in f64. Threads share it by blocks.
+pub(in crate::jit) fn bias_grad(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
+    use cranelift_codegen::ir::types;
+    let (ch, h, w) = cx.in_chw(0)?;
+    let plane = h * w;
+    let cb = ch.div_ceil(BLOCK);
+    let (ds, os) = (cx.inputs[0], cx.output);
+    let len = cx.in_lens[0];
+    let work = 8 * (ch * plane) as u64;
+    jit.parallel_kernel(&cx.node.name, work, |fx| {
+        let (dy, out) = (fx.slot(ds), fx.slot(os));
+        let blocks = fx.i(c(cb));
+        let (lo, hi) = part_range(fx, blocks);
+        fx.for_range(lo, hi, 1, |fx, blk| {
+            let sums: Vec<_> = (0..BLOCK).map(|_| fx.acc_f64()).collect();
+            let first = fx.elem_scaled(dy, blk, c(plane * BLOCK));
+            fx.loop_n(Count::Dyn(fx.nb), [first], [c(4 * len)], |fx, [p]| {
+                let z = fx.vf(0.0);
+                let accs: Vec<_> = (0..VB).map(|_| fx.var(crate::jit::codegen::V, z)).collect();
+                fx.loop_n(Count::Const(plane), [p], [c(4 * BLOCK)], |fx, [q]| {
+                    for (k, a) in accs.iter().enumerate() {
+                        let v = fx.load_v(q, c(LANES * k));
+                        let cur = fx.b.use_var(*a);
+                        let s = fx.b.ins().fadd(cur, v);
+                        fx.b.def_var(*a, s);
+                    }
+                });
+                for (k, a) in accs.iter().enumerate() {
+                    let v = fx.b.use_var(*a);
+                    for l in 0..LANES {
+                        let x = fx.b.ins().extractlane(v, l as u8);
+                        let x = fx.b.ins().fpromote(types::F64, x);
+                        fx.accumulate(sums[k * LANES + l], x);
+                    }
+                }
+            });
+            // Channel `16·blk + l`, clamped to the last channel: lanes past it (the padding
+            // of the last block) are stored first, in reverse, so the real lane's value is
+            // the one that stays.
+            let base = fx.b.ins().imul_imm_s(blk, c(BLOCK));
+            let last = fx.i(c(ch - 1));
+            for (l, s) in sums.iter().enumerate().rev() {
+                let r = fx.b.use_var(*s);
+                let r = fx.b.ins().fdemote(types::F32, r);
+                let ch_l = fx.b.ins().iadd_imm_s(base, c(l));
+                let ch_l = fx.b.ins().umin(ch_l, last);
+                let at = fx.elem(out, ch_l);
+                fx.store_f(r, at, 0);
             }
         });
     })?;

@@ -27,7 +27,7 @@
 //! - **The forward Conv2d of a training graph** where the blocked tier's kernels do not
 //!   apply (few channels, groups) ([`conv_forward`]): per block of samples and group,
 //!   `yᵀ = col · Wᵀ` — a row of taps per output pixel times the weights packed once —
-//!   then transposed into `y` with the bias, four pixels at a time.
+//!   then transposed into `y` with the bias (and a fused residual and activation), four pixels at a time.
 //!
 //! Scratch is one fixed region per kernel and thread ([`GradScratch`]). Results equal the
 //! interpreter's f64 sums within f32 rounding (the JIT ≡ interpreter suites bound it).
@@ -374,6 +374,9 @@ pub(in crate::jit) fn conv_weight_grad(
     let tabs = geo.pad_tables(jit, conv, (h, w))?;
     let zeros = geo.zero_padding(conv);
     let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
+    // The output gradient may come blocked (from a blocked max-pool or activation backward).
+    let dy_blocked = cx.in_layouts[1].is_blocked();
+    let dy_len = cx.in_lens[1];
     let work = 2 * (o * p * kc) as u64;
     // Few taps (`plan::WGRAD_KSPLIT_MAX_KC`: one or two column tiles, as a stem's 7×7 of
     // one channel): threads share it by ranges of sample blocks instead, each part summing
@@ -429,10 +432,10 @@ pub(in crate::jit) fn conv_weight_grad(
         let n0 = fx.b.ins().imul_imm_s(b0, c(block));
         let xb = fx.b.ins().imul_imm_s(n0, c(4 * cin * h * w));
         let xb = fx.add(x, xb);
-        let dyb = fx.b.ins().imul_imm_s(n0, c(4 * o * p));
+        let dyb = fx.b.ins().imul_imm_s(n0, c(4 * dy_len));
         let dyb = fx.add(dy, dyb);
         let start = n0;
-        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * o * p), 0, 0, 0, 0, 0, 0, 0, 0];
+        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * dy_len), 0, 0, 0, 0, 0, 0, 0, 0];
         let vals = [n0, xb, dyb, pad, apk, bpk, dst, lo, nfull, rem, start];
         fx.loop_n(Count::Dyn(count), vals, steps, |fx, [n0, xb, dyb, pad, apk, bpk, dw, lo, nfull, rem, start]| {
             let (cnt, _) = block_count(fx, n0, block);
@@ -447,9 +450,14 @@ pub(in crate::jit) fn conv_weight_grad(
                 }
                 None => xb,
             };
-            // A: a row per output channel, the block's pixels sample after sample.
-            fx.loop_n(Count::Dyn(cnt), [dyb, apk], [c(4 * o * p), c(4 * p)], |fx, [s, d]| {
-                fx.loop_n(Count::Const(o), [s, d], [c(4 * p), c(4 * kmax)], |fx, [s, d]| copy_run(fx, s, d, p));
+            // A: a row per output channel, the block's pixels sample after sample (from a
+            // blocked gradient, 4×4 transposes of four pixels' four channels).
+            fx.loop_n(Count::Dyn(cnt), [dyb, apk], [c(4 * dy_len), c(4 * p)], |fx, [s, d]| {
+                if dy_blocked {
+                    unblock_rows(fx, s, d, o, p, kmax);
+                } else {
+                    fx.loop_n(Count::Const(o), [s, d], [c(4 * p), c(4 * kmax)], |fx, [s, d]| copy_run(fx, s, d, p));
+                }
             });
             let kn = fx.b.ins().imul_imm_s(cnt, c(p));
             let steps = [c(4 * cin_g * ph * pw), c(4 * cout_g * kmax), c(4 * cout_g * kc), 0, 0, 0, 0, 0, 0, 0];
@@ -536,6 +544,46 @@ pub(in crate::jit) fn conv_weight_grad(
         })?;
     }
     Ok(())
+}
+
+/// One sample's blocked `[⌈o/16⌉][p][16]` gradient at `src` as `o` rows of `p` floats at
+/// `dst`, `ld` floats apart: four pixels' four channels at a time (a 4×4 transpose), the
+/// last `p % 4` pixels one value at a time; the padding lanes of the last block are not
+/// read.
+fn unblock_rows(fx: &mut Fx<'_>, src: Value, dst: Value, o: usize, p: usize, ld: usize) {
+    const B: usize = crate::jit::plan::BLOCK;
+    let quads = p / 4;
+    for blk in 0..o.div_ceil(B) {
+        let s = fx.addi(src, c(4 * blk * p * B));
+        for q in 0..(o - blk * B).min(B).div_ceil(4) {
+            let ch0 = blk * B + 4 * q;
+            let valid = (o - ch0).min(4);
+            let d = fx.addi(dst, c(4 * ch0 * ld));
+            let s = fx.addi(s, c(4 * 4 * q));
+            fx.loop_n(Count::Const(quads), [s, d], [c(16 * B), 16], |fx, [s, d]| {
+                let v: Vec<Value> = (0..4).map(|k| fx.load_v(s, c(k * B))).collect();
+                let t0 = fx.lanes_of(v[0], v[1], [0, 4, 1, 5]);
+                let t1 = fx.lanes_of(v[0], v[1], [2, 6, 3, 7]);
+                let t2 = fx.lanes_of(v[2], v[3], [0, 4, 1, 5]);
+                let t3 = fx.lanes_of(v[2], v[3], [2, 6, 3, 7]);
+                let rows = [
+                    fx.lanes_of(t0, t2, [0, 1, 4, 5]),
+                    fx.lanes_of(t0, t2, [2, 3, 6, 7]),
+                    fx.lanes_of(t1, t3, [0, 1, 4, 5]),
+                    fx.lanes_of(t1, t3, [2, 3, 6, 7]),
+                ];
+                for (j, r) in rows.into_iter().enumerate().take(valid) {
+                    fx.store_v(r, d, c(j * ld));
+                }
+            });
+            for px in quads * 4..p {
+                for j in 0..valid {
+                    let v = fx.load_f(s, c(px * B + j));
+                    fx.store_f(v, d, c(j * ld + px));
+                }
+            }
+        }
+    }
 }
 
 /// Output pixels of a sample from which a GEMM weight gradient reduces in chunks of output

@@ -1,5 +1,6 @@
 //! Pooling on blocked tensors ([`Layout::Blocked`], `[⌈C/16⌉, H, W, 16]`): MaxPool2d,
-//! AvgPool2d and AdaptiveAvgPool2d. (BatchNorm, concatenation and reorders are in
+//! AvgPool2d and AdaptiveAvgPool2d, and a training graph's MaxPool2d backward where the
+//! windows tile the map ([`max_pool_grad`]). (BatchNorm, concatenation and reorders are in
 //! `channels.rs`; activations and adds do not care about the layout: see
 //! `crate::jit::eltwise`.)
 //!
@@ -24,7 +25,7 @@ use crate::jit::tables::avg_factor;
 use crate::jit::tables::axis_table;
 use cnnc_compiler::ops::{AvgPool2d, MaxPool2d, PaddingMode};
 use cnnc_compiler::shape::adaptive_window;
-use cranelift_codegen::ir::InstBuilder;
+use cranelift_codegen::ir::{InstBuilder, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -177,4 +178,98 @@ pub(in crate::jit) fn adaptive_avg_pool(jit: &mut Jit, cx: &NodeCx<'_>) -> Resul
         .map(|(o, q)| (rows[o].len() * cols[q].len()) as f32)
         .collect();
     pool(jit, cx, Kind::Avg, rows, cols, Some(div), None)
+}
+
+/// `(x, dy) → dx` of a MaxPool2d whose windows tile the input ([`crate::jit::plan::max_pool_grad_tiles`]),
+/// all three blocked: each window's gradient goes to its first maximum (scan order, a later
+/// tap winning if greater or NaN, as the plain kernels and the interpreter decide), every
+/// other cell of the input gets zero, each cell written once. A window is its taps' 16
+/// channels, four f32x4 vectors per tap, so the comparison needs no shuffle.
+pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> Result<()> {
+    use crate::jit::codegen::Count;
+    use crate::jit::math::vsel;
+    use cranelift_codegen::ir::condcodes::FloatCC;
+    let (ch, h, w) = cx.in_chw(0)?;
+    let (_, oh, ow) = cx.in_chw(1)?;
+    let (kh, kw) = p.kernel;
+    if !crate::jit::plan::max_pool_grad_tiles(p, (h, w), (oh, ow)) || !cx.in_layouts.iter().all(|l| l.is_blocked()) {
+        return Err(Error::Unsupported(format!("`{}`: no blocked form of this max-pool backward", cx.node.name)));
+    }
+    let cb = ch.div_ceil(BLOCK);
+    let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
+    let (xl, dl, ol) = (cx.in_lens[0], cx.in_lens[1], cx.out_len);
+    let taps = kh * kw;
+    let b = BLOCK as i64;
+    jit.kernel(&cx.node.name, |fx| {
+        let (x, dy, out) = (fx.slot(xs), fx.slot(ds), fx.slot(os));
+        let steps = [c(4 * xl), c(4 * dl), c(4 * ol)];
+        fx.loop_n(Count::Dyn(fx.nb), [x, dy, out], steps, |fx, [xn, dn, on]| {
+            let steps = [c(4 * h * w) * b, c(4 * oh * ow) * b, c(4 * h * w) * b];
+            fx.loop_n(Count::Const(cb), [xn, dn, on], steps, |fx, [xp, dp, op]| {
+                let steps = [c(4 * kh * w) * b, c(4 * ow) * b, c(4 * kh * w) * b];
+                fx.loop_n(Count::Const(oh), [xp, dp, op], steps, |fx, [xr, dr, orow]| {
+                    let steps = [c(4 * kw) * b, 4 * b, c(4 * kw) * b];
+                    fx.loop_n(Count::Const(ow), [xr, dr, orow], steps, |fx, [xw, d, o]| {
+                        for q in 0..BLOCK / 4 {
+                            let at = |ky: usize, kx: usize| c((ky * w + kx) * BLOCK + 4 * q);
+                            let t: Vec<Value> = (0..taps).map(|i| fx.load_v(xw, at(i / kw, i % kw))).collect();
+                            // better[i]: tap i displaces the best so far.
+                            let mut best = t[0];
+                            let mut better = vec![None];
+                            for &v in &t[1..] {
+                                let gt = fx.b.ins().fcmp(FloatCC::GreaterThan, v, best);
+                                let nan = fx.b.ins().fcmp(FloatCC::Unordered, v, v);
+                                let m = fx.b.ins().bor(gt, nan);
+                                best = vsel(fx, m, v, best);
+                                better.push(Some(m));
+                            }
+                            let g = fx.load_v(d, c(4 * q));
+                            let z = fx.vf(0.0);
+                            // Tap i wins if it displaced the best and no later tap did.
+                            let mut later: Option<Value> = None;
+                            for i in (0..taps).rev() {
+                                let won = match (better[i], later) {
+                                    (Some(m), None) => Some(m),
+                                    (Some(m), Some(l)) => Some(fx.b.ins().band_not(m, l)),
+                                    (None, None) => None,
+                                    (None, Some(l)) => {
+                                        let all = fx.b.ins().bnot(l);
+                                        Some(all)
+                                    }
+                                };
+                                let v = match won {
+                                    Some(m) => vsel(fx, m, g, z),
+                                    None => g,
+                                };
+                                fx.store_v(v, o, at(i / kw, i % kw));
+                                later = match (later, better[i]) {
+                                    (None, m) => m,
+                                    (Some(l), Some(m)) => Some(fx.b.ins().bor(l, m)),
+                                    (l, None) => l,
+                                };
+                            }
+                        }
+                    });
+                });
+                // Cells no window covers: the columns past the last window, then the rows.
+                let z = fx.vf(0.0);
+                if ow * kw < w {
+                    let right = fx.addi(op, c(4 * ow * kw * BLOCK));
+                    let step = c(4 * w * BLOCK);
+                    fx.loop_n(Count::Const(oh * kh), [right, z], [step, 0], |fx, [a, z]| {
+                        for k in 0..(w - ow * kw) * BLOCK / 4 {
+                            fx.store_v(z, a, c(4 * k));
+                        }
+                    });
+                }
+                if oh * kh < h {
+                    let rest = fx.addi(op, c(4 * oh * kh * w * BLOCK));
+                    fx.loop_n(Count::Const((h - oh * kh) * w * BLOCK / 4), [rest, z], [16, 0], |fx, [a, z]| {
+                        fx.store_v(z, a, 0)
+                    });
+                }
+            });
+        });
+    })?;
+    Ok(())
 }

@@ -477,6 +477,7 @@ pub(in crate::jit) fn weight_grad(
         th: oh.div_ceil(2),
         tw: ow.div_ceil(2),
         s,
+        dy_blocked: cx.in_layouts[1].is_blocked(),
     };
     let desc = jit.consts.keep(tile, std::mem::size_of::<microkernel::WgradTile>());
     let table = jit.consts.i64s(shapes.clone());

@@ -46,6 +46,8 @@ pub(in crate::jit) struct WgradTile {
     pub tw: usize,
     /// The scratch regions (see [`WgradScratch`]).
     pub s: WgradScratch,
+    /// Whether `dy` is blocked, `[⌈oc/16⌉][oh][ow][16]` per sample, instead of plain.
+    pub dy_blocked: bool,
 }
 
 /// Tiles per chunk where a sample has at least this many: the transformed inputs and
@@ -184,15 +186,37 @@ unsafe fn group<V: Simd, T: Transform, const NV: usize>(
                     }
                 }
                 // The group's output gradient, blocked, zeros past the map and the channels.
-                let ys = dy.add((s0 + j) * d.oc * d.oh * d.ow);
                 let yj = yb.add(j * y_plane);
                 std::ptr::write_bytes(yj, 0, y_plane);
-                for o in 0..width.min(d.oc - ocb0 * 16) {
-                    let plane = ys.add((ocb0 * 16 + o) * d.oh * d.ow);
-                    let dst = yj.add((o / 16) * gh * gw * 16 + o % 16);
-                    for r in 0..d.oh {
-                        for col in 0..d.ow {
-                            *dst.add((r * gw + col) * 16) = *plane.add(r * d.ow + col);
+                let valid = width.min(d.oc - ocb0 * 16);
+                if d.dy_blocked {
+                    // Already blocked: row by row, whole blocks but for the last one's
+                    // padding lanes.
+                    let ys = dy.add((s0 + j) * d.oc.div_ceil(16) * 16 * d.oh * d.ow);
+                    for b in 0..valid.div_ceil(16) {
+                        let lanes = (valid - 16 * b).min(16);
+                        let src = ys.add((ocb0 + b) * d.oh * d.ow * 16);
+                        let dst = yj.add(b * gh * gw * 16);
+                        for r in 0..d.oh {
+                            let (sr, dr) = (src.add(r * d.ow * 16), dst.add(r * gw * 16));
+                            if lanes == 16 {
+                                std::ptr::copy_nonoverlapping(sr, dr, d.ow * 16);
+                            } else {
+                                for col in 0..d.ow {
+                                    std::ptr::copy_nonoverlapping(sr.add(col * 16), dr.add(col * 16), lanes);
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    let ys = dy.add((s0 + j) * d.oc * d.oh * d.ow);
+                    for o in 0..valid {
+                        let plane = ys.add((ocb0 * 16 + o) * d.oh * d.ow);
+                        let dst = yj.add((o / 16) * gh * gw * 16 + o % 16);
+                        for r in 0..d.oh {
+                            for col in 0..d.ow {
+                                *dst.add((r * gw + col) * 16) = *plane.add(r * d.ow + col);
+                            }
                         }
                     }
                 }
@@ -432,7 +456,7 @@ mod x86 {
 /// fewer where the channels end) of a stride-1, dilation-1, single-group `k×k` conv,
 /// summed over `samples` samples: `shape` = `samples | ocb0 << 24 | nb << 44`.
 ///
-/// - `x`: the input, plain `[samples][c][h][w]`; `dy`: the output gradient, plain
+/// - `x`: the input, plain `[samples][c][h][w]`; `dy`: the output gradient, plain (or blocked: `WgradTile::dy_blocked`)
 ///   `[samples][oc][oh][ow]`;
 /// - `dw`: the gradient, `[oc][c][k][k]` (only this group's rows are written);
 /// - `scr`: `d.s.total` floats of this call's own scratch.
