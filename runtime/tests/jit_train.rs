@@ -219,8 +219,10 @@ fn max_pool_ties_go_to_the_first_maximum() {
 /// The backward ops that take a convolution's blocked result as it is (no reorder): a
 /// max-pool whose windows tile the map (exactly, with rows and columns left over, with a
 /// partial last block of channels), an activation's gradient, a Conv2d's bias gradient and
-/// its weight gradient from a blocked output gradient (the GEMM form, 1×1, 5×5 and strided,
-/// and Winograd's 3×3), each against the interpreter on both ISAs and thread counts.
+/// its weight gradient from a blocked output gradient and a blocked input (the GEMM form —
+/// 1×1, 5×5, strided, zero-padded unevenly, a partial block of input channels — and
+/// Winograd's 3×3; a reflect-padded one takes its input plain), each against the
+/// interpreter on both ISAs and thread counts.
 #[test]
 fn blocked_backward_matches_the_interpreter() {
     for (text, shape) in [
@@ -232,6 +234,8 @@ fn blocked_backward_matches_the_interpreter() {
         ("Conv2d(3, 16, 1), Sigmoid(), Conv2d(16, 16, 3, stride = 2, padding = 1), ReLU()", &[2, 3, 9, 8]),
         ("Conv2d(16, 20, 3, padding = 1), ReLU(), Conv2d(20, 16, 3, padding = 1), LeakyReLU(0.1)", &[2, 16, 12, 12]),
         ("Conv2d(3, 32, 1), ReLU6(), Conv2d(32, 16, 1, bias = False), MaxPool2d(2)", &[2, 3, 6, 6]),
+        ("Conv2d(3, 20, 1), ReLU(), Conv2d(20, 8, 3, padding = (1, 2))", &[3, 3, 5, 7]),
+        ("Conv2d(3, 16, 1), ReLU(), Conv2d(16, 16, 3, padding = 1, padding_mode = \"reflect\")", &[2, 3, 5, 6]),
     ] {
         check(&layer(text, shape), Mode::Train, None, shape[0], 4);
     }

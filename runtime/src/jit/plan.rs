@@ -278,7 +278,12 @@ fn choose(op: &Op, ty: &TensorType, in_tys: &[&TensorType], have: &[Layout], blo
         // gradient, a max-pool's tiling windows go backward blocked.
         Op::Train(TrainOp::ActivationGrad(_)) if blocked_image(0) => (have[0], vec![have[0], have[0]]),
         Op::Train(TrainOp::BiasGrad(0)) if blocked_image(0) => (Layout::Plain, vec![have[0]]),
-        Op::Train(TrainOp::ConvWeightGrad(_)) if blocked_image(1) => (Layout::Plain, vec![Layout::Plain, have[1]]),
+        Op::Train(TrainOp::ConvWeightGrad(conv)) if blocked_image(0) || blocked_image(1) => {
+            let zeros = conv.padding_mode == PaddingMode::Zeros || conv.pads() == (0, 0, 0, 0);
+            let x = if zeros && blocked_image(0) { have[0] } else { Layout::Plain };
+            let dy = if blocked_image(1) { have[1] } else { Layout::Plain };
+            (Layout::Plain, vec![x, dy])
+        }
         Op::Train(TrainOp::MaxPoolGrad(p)) if blocked_image(0) => match (in_tys[0].chw(), in_tys[1].chw()) {
             (Some((c, h, w)), Some((_, oh, ow))) if max_pool_grad_tiles(p, (h, w), (oh, ow)) => {
                 (have[0], vec![have[0], Layout::Blocked { c, h: oh, w: ow }])
@@ -692,7 +697,8 @@ impl GradScratch {
                 let p = oh * ow;
                 let kc = cin / g * conv.kernel.0 * conv.kernel.1;
                 let block = conv_grad_block(p, o / g, kc);
-                let pad = if conv.pads() == (0, 0, 0, 0) { 0 } else { block * cin * (h + pt + pb) * (w + pl + pr) };
+                // The padded input (or, unpadded, a blocked input unblocked).
+                let pad = block * cin * (h + pt + pb) * (w + pl + pr);
                 // `B` holds one column tile (of at most 64 taps) at a time; with few taps, a
                 // record of the parts (16 floats' room) and this part's partial gradient.
                 let partial = if kc <= WGRAD_KSPLIT_MAX_KC { 16 + o * kc } else { 0 };

@@ -374,9 +374,16 @@ pub(in crate::jit) fn conv_weight_grad(
     let tabs = geo.pad_tables(jit, conv, (h, w))?;
     let zeros = geo.zero_padding(conv);
     let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
-    // The output gradient may come blocked (from a blocked max-pool or activation backward).
+    // The output gradient may come blocked (from a blocked max-pool or activation backward),
+    // and so may the input (a convolution's or a pool's blocked result, the plan allows it
+    // with zero padding or none): it is then unblocked into the padded block region.
     let dy_blocked = cx.in_layouts[1].is_blocked();
     let dy_len = cx.in_lens[1];
+    let x_blocked = cx.in_layouts[0].is_blocked();
+    let x_len = cx.in_lens[0];
+    if x_blocked && geo.zero_padding(conv).is_none() && conv.pads() != (0, 0, 0, 0) {
+        return Err(Error::Unsupported(format!("`{}`: a blocked input with non-zero padding", cx.node.name)));
+    }
     let work = 2 * (o * p * kc) as u64;
     // Few taps (`plan::WGRAD_KSPLIT_MAX_KC`: one or two column tiles, as a stem's 7×7 of
     // one channel): threads share it by ranges of sample blocks instead, each part summing
@@ -430,12 +437,12 @@ pub(in crate::jit) fn conv_weight_grad(
             (lo, nfull, rem, b0, nblk, dw)
         };
         let n0 = fx.b.ins().imul_imm_s(b0, c(block));
-        let xb = fx.b.ins().imul_imm_s(n0, c(4 * cin * h * w));
+        let xb = fx.b.ins().imul_imm_s(n0, c(4 * x_len));
         let xb = fx.add(x, xb);
         let dyb = fx.b.ins().imul_imm_s(n0, c(4 * dy_len));
         let dyb = fx.add(dy, dyb);
         let start = n0;
-        let steps = [c(block), c(4 * block * cin * h * w), c(4 * block * dy_len), 0, 0, 0, 0, 0, 0, 0, 0];
+        let steps = [c(block), c(4 * block * x_len), c(4 * block * dy_len), 0, 0, 0, 0, 0, 0, 0, 0];
         let vals = [n0, xb, dyb, pad, apk, bpk, dst, lo, nfull, rem, start];
         fx.loop_n(Count::Dyn(count), vals, steps, |fx, [n0, xb, dyb, pad, apk, bpk, dw, lo, nfull, rem, start]| {
             let (cnt, _) = block_count(fx, n0, block);
@@ -444,6 +451,10 @@ pub(in crate::jit) fn conv_weight_grad(
             let first = fx.b.ins().uextend(types::I64, first);
             // The block's padded input.
             let src = match tabs {
+                _ if x_blocked => {
+                    unblock_samples(fx, xb, pad, cnt, (cin, h, w), (ph, pw), zeros.unwrap_or((0, 0)));
+                    pad
+                }
                 Some((sy, sx)) => {
                     pad_samples(fx, xb, pad, cnt, (cin, h, w), (ph, pw), (sy, sx), zeros);
                     pad
@@ -454,7 +465,7 @@ pub(in crate::jit) fn conv_weight_grad(
             // blocked gradient, 4×4 transposes of four pixels' four channels).
             fx.loop_n(Count::Dyn(cnt), [dyb, apk], [c(4 * dy_len), c(4 * p)], |fx, [s, d]| {
                 if dy_blocked {
-                    unblock_rows(fx, s, d, o, p, kmax);
+                    unblock_rows(fx, s, d, o, (p, p * crate::jit::plan::BLOCK), kmax);
                 } else {
                     fx.loop_n(Count::Const(o), [s, d], [c(4 * p), c(4 * kmax)], |fx, [s, d]| copy_run(fx, s, d, p));
                 }
@@ -546,15 +557,15 @@ pub(in crate::jit) fn conv_weight_grad(
     Ok(())
 }
 
-/// One sample's blocked `[⌈o/16⌉][p][16]` gradient at `src` as `o` rows of `p` floats at
-/// `dst`, `ld` floats apart: four pixels' four channels at a time (a 4×4 transpose), the
-/// last `p % 4` pixels one value at a time; the padding lanes of the last block are not
-/// read.
-fn unblock_rows(fx: &mut Fx<'_>, src: Value, dst: Value, o: usize, p: usize, ld: usize) {
+/// `p` consecutive pixels of a blocked tensor at `src` (its blocks `sblk` floats apart:
+/// `[⌈o/16⌉][…p…][16]`) as `o` rows of `p` floats at `dst`, `ld` floats apart: four
+/// pixels' four channels at a time (a 4×4 transpose), the last `p % 4` pixels one value at
+/// a time; the padding lanes of the last block are not read.
+fn unblock_rows(fx: &mut Fx<'_>, src: Value, dst: Value, o: usize, (p, sblk): (usize, usize), ld: usize) {
     const B: usize = crate::jit::plan::BLOCK;
     let quads = p / 4;
     for blk in 0..o.div_ceil(B) {
-        let s = fx.addi(src, c(4 * blk * p * B));
+        let s = fx.addi(src, c(4 * blk * sblk));
         for q in 0..(o - blk * B).min(B).div_ceil(4) {
             let ch0 = blk * B + 4 * q;
             let valid = (o - ch0).min(4);
@@ -906,6 +917,31 @@ fn pad_samples(
                     fx.store_f(v, d, 0);
                 });
             });
+        });
+    });
+}
+
+/// As [`pad_samples`] with zero padding (`(pt, pl)`, or none), from a blocked `x`: each
+/// sample's plain padded copy zeroed, then its rows unblocked into place.
+#[allow(clippy::too_many_arguments)]
+fn unblock_samples(
+    fx: &mut Fx<'_>,
+    x: Value,
+    dst: Value,
+    cnt: Value,
+    (cin, h, w): (usize, usize, usize),
+    (ph, pw): (usize, usize),
+    (pt, pl): (usize, usize),
+) {
+    const B: usize = crate::jit::plan::BLOCK;
+    let x_len = cin.div_ceil(B) * B * h * w;
+    fx.loop_n(Count::Dyn(cnt), [x, dst], [c(4 * x_len), c(4 * cin * ph * pw)], |fx, [xs, ds]| {
+        if (ph, pw) != (h, w) {
+            zero_floats(fx, ds, cin * ph * pw);
+        }
+        let d0 = fx.addi(ds, c(4 * (pt * pw + pl)));
+        fx.loop_n(Count::Const(h), [xs, d0], [c(4 * w * B), c(4 * pw)], |fx, [s, d]| {
+            unblock_rows(fx, s, d, cin, (w, h * w * B), ph * pw);
         });
     });
 }

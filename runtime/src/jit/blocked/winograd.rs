@@ -478,6 +478,7 @@ pub(in crate::jit) fn weight_grad(
         tw: ow.div_ceil(2),
         s,
         dy_blocked: cx.in_layouts[1].is_blocked(),
+        x_blocked: cx.in_layouts[0].is_blocked(),
     };
     let desc = jit.consts.keep(tile, std::mem::size_of::<microkernel::WgradTile>());
     let table = jit.consts.i64s(shapes.clone());

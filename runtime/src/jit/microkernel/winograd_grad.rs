@@ -48,6 +48,8 @@ pub(in crate::jit) struct WgradTile {
     pub s: WgradScratch,
     /// Whether `dy` is blocked, `[⌈oc/16⌉][oh][ow][16]` per sample, instead of plain.
     pub dy_blocked: bool,
+    /// Whether `x` is blocked, `[icb][h][w][16]` per sample, instead of plain.
+    pub x_blocked: bool,
 }
 
 /// Tiles per chunk where a sample has at least this many: the transformed inputs and
@@ -172,10 +174,22 @@ unsafe fn group<V: Simd, T: Transform, const NV: usize>(
             let cnt = spc.min(samples - s0);
             for j in 0..cnt {
                 // The input sample, blocked and zero-padded to whole patches.
-                let xs = x.add((s0 + j) * d.c * d.h * d.w);
                 let xj = xb.add(j * x_plane);
                 std::ptr::write_bytes(xj, 0, x_plane);
-                for c in 0..d.c {
+                if d.x_blocked {
+                    // Already blocked: row by row (the padding lanes, finite, only meet
+                    // gradient columns of channels that do not exist).
+                    let xs = x.add((s0 + j) * d.icb * 16 * d.h * d.w);
+                    for b in 0..d.icb {
+                        for r in 0..d.h {
+                            let src = xs.add((b * d.h + r) * d.w * 16);
+                            let dst = xj.add((b * bh * bw + (r + d.pt) * bw + d.pl) * 16);
+                            std::ptr::copy_nonoverlapping(src, dst, d.w * 16);
+                        }
+                    }
+                }
+                let xs = x.add((s0 + j) * d.c * d.h * d.w);
+                for c in (0..d.c).filter(|_| !d.x_blocked) {
                     let plane = xs.add(c * d.h * d.w);
                     let dst = xj.add((c / 16) * bh * bw * 16 + c % 16);
                     for r in 0..d.h {
