@@ -135,11 +135,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut times = compiled.profile(&[x.view(), y.view()], 20)?;
         let total: f64 = times.iter().map(|t| t.median.as_secs_f64()).sum();
         let wgrad: f64 = times.iter().filter(|t| t.name.ends_with("weight.grad")).map(|t| t.median.as_secs_f64()).sum();
+        let reorders: Vec<f64> =
+            times.iter().filter(|t| t.name == "<reorder>").map(|t| t.median.as_secs_f64()).collect();
         times.sort_by_key(|t| std::cmp::Reverse(t.median));
         println!(
-            "kernels of the training graph (sum of medians {:.2} ms; weight gradients {:.2} ms):",
+            "kernels of the training graph (sum of medians {:.2} ms; weight gradients {:.2} ms; {} layout reorders {:.2} ms):",
             total * 1e3,
-            wgrad * 1e3
+            wgrad * 1e3,
+            reorders.len(),
+            reorders.iter().sum::<f64>() * 1e3
         );
         for t in times.iter().take(if resnet { 200 } else { 15 }) {
             let gflops = t.flops.map(|f| format!("{:6.1} GFLOP/s", f as f64 / t.median.as_secs_f64() / 1e9));

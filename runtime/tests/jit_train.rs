@@ -216,8 +216,9 @@ fn max_pool_ties_go_to_the_first_maximum() {
     }
 }
 
-/// The backward ops that take a convolution's blocked result as it is (no reorder): a
-/// max-pool whose windows tile the map (exactly, with rows and columns left over, with a
+/// The training ops that take a convolution's blocked result as it is (no reorder):
+/// train-mode BatchNorm (statistics, normalisation, both gradients), a max-pool whose
+/// windows tile the map (exactly, with rows and columns left over, with a
 /// partial last block of channels), an activation's gradient, a Conv2d's bias gradient and
 /// its weight gradient from a blocked output gradient and a blocked input (the GEMM form —
 /// 1×1, 5×5, strided, zero-padded unevenly, a partial block of input channels — and
@@ -235,6 +236,11 @@ fn blocked_backward_matches_the_interpreter() {
         ("Conv2d(16, 20, 3, padding = 1), ReLU(), Conv2d(20, 16, 3, padding = 1), LeakyReLU(0.1)", &[2, 16, 12, 12]),
         ("Conv2d(3, 32, 1), ReLU6(), Conv2d(32, 16, 1, bias = False), MaxPool2d(2)", &[2, 3, 6, 6]),
         ("Conv2d(3, 20, 1), ReLU(), Conv2d(20, 8, 3, padding = (1, 2))", &[3, 3, 5, 7]),
+        // Train-mode BatchNorm on blocked values: a partial last block, no affine parameters.
+        (
+            "Conv2d(3, 20, 3, padding = 1), BatchNorm2d(20), ReLU(), Conv2d(20, 16, 3, padding = 1), BatchNorm2d(16, affine = False)",
+            &[3, 3, 6, 6],
+        ),
         ("Conv2d(3, 16, 1), ReLU(), Conv2d(16, 16, 3, padding = 1, padding_mode = \"reflect\")", &[2, 3, 5, 6]),
     ] {
         check(&layer(text, shape), Mode::Train, None, shape[0], 4);

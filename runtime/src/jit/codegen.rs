@@ -515,6 +515,25 @@ impl Fx<'_> {
         self.b.ins().load(V, load_flags(), a, o)
     }
 
+    /// Loads an f32x4 at `addr + 4·elems` of a buffer this kernel also writes (kept in
+    /// order with the stores, like [`Fx::load_f_mut`]).
+    pub fn load_v_mut(&mut self, addr: Value, elems: i64) -> Value {
+        let (a, o) = self.split_off(addr, 4 * elems);
+        self.b.ins().load(V, load_flags_mut(), a, o)
+    }
+
+    /// The address of a new 16-byte aligned stack slot of `floats` f32 for this kernel
+    /// (per-channel constants a vector loop reads as vectors).
+    pub fn stack_floats(&mut self, floats: usize) -> Value {
+        let data = cranelift_codegen::ir::StackSlotData::new(
+            cranelift_codegen::ir::StackSlotKind::ExplicitSlot,
+            u32::try_from(4 * floats).unwrap_or(u32::MAX),
+            4,
+        );
+        let slot = self.b.create_sized_stack_slot(data);
+        self.b.ins().stack_addr(types::I64, slot, 0)
+    }
+
     /// Loads one f32 at `addr + 4·elems` into every lane.
     pub fn load_splat(&mut self, addr: Value, elems: i64) -> Value {
         let s = self.load_f(addr, elems);

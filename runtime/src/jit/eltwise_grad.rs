@@ -31,7 +31,12 @@ fn each(fx: &mut Fx<'_>, base: Value, len: usize, mut body: impl FnMut(&mut Fx<'
 }
 
 /// `(weight, bias)` addresses of an affine BatchNorm, if affine.
-fn bn_params(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d, bias: bool) -> Result<Option<(i64, Option<i64>)>> {
+pub(in crate::jit) fn bn_params(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    bn: &BatchNorm2d,
+    bias: bool,
+) -> Result<Option<(i64, Option<i64>)>> {
     if !bn.affine {
         return Ok(None);
     }
@@ -41,7 +46,7 @@ fn bn_params(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d, bias: bool) -> Re
 }
 
 /// The per-channel scale `g` (weight or 1) as f64.
-fn gamma(fx: &mut Fx<'_>, w: Option<i64>, ch: Value) -> Value {
+pub(in crate::jit) fn gamma(fx: &mut Fx<'_>, w: Option<i64>, ch: Value) -> Value {
     match w {
         Some(a) => {
             let base = fx.addr(a);
@@ -52,7 +57,13 @@ fn gamma(fx: &mut Fx<'_>, w: Option<i64>, ch: Value) -> Value {
 }
 
 /// `(mean, 1/sqrt(var + eps))` of channel `ch` from `[2, C]` statistics, in f64.
-fn mean_invstd(fx: &mut Fx<'_>, stats: Value, ch: Value, channels: usize, eps: f64) -> (Value, Value) {
+pub(in crate::jit) fn mean_invstd(
+    fx: &mut Fx<'_>,
+    stats: Value,
+    ch: Value,
+    channels: usize,
+    eps: f64,
+) -> (Value, Value) {
     let mean = fx.load_d(stats, ch);
     let vi = fx.addi(ch, c(channels));
     let var = fx.load_d(stats, vi);
@@ -198,7 +209,7 @@ fn for_samples_of(
 
 /// Operations per sample of a per-channel reduction over `[C, plane]` (what decides
 /// whether threads share it, by channels).
-fn reduction_work(ch_n: usize, plane: usize) -> u64 {
+pub(in crate::jit) fn reduction_work(ch_n: usize, plane: usize) -> u64 {
     8 * (ch_n * plane) as u64
 }
 

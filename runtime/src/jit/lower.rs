@@ -86,7 +86,11 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &dyn ParamSource, pla
                         blocked::conv::conv(jit, &cx, &flipped)?
                     }
                     Op::Train(t) => match t {
+                        TrainOp::BatchStats(_) if cx.in_layouts[0].is_blocked() => {
+                            blocked::channels::batch_stats(jit, &cx)?
+                        }
                         TrainOp::BatchStats(_) => eltwise_grad::batch_stats(jit, &cx)?,
+                        TrainOp::BatchNormTrain(bn) if tiled => blocked::channels::bn_train(jit, &cx, bn)?,
                         TrainOp::BatchNormTrain(bn) => eltwise_grad::bn_train(jit, &cx, bn)?,
                         TrainOp::DropoutMask(_) => eltwise_grad::dropout_mask(jit, &cx)?,
                         TrainOp::Loss(l) => eltwise_grad::loss(jit, &cx, l, false)?,
@@ -121,7 +125,13 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &dyn ParamSource, pla
                         TrainOp::AdaptiveAvgPoolGrad(_, hw) => {
                             portable::pool_grad::adaptive_avg_pool_grad(jit, &cx, *hw)?
                         }
+                        TrainOp::BatchNormInputGrad(bn) if tiled => {
+                            blocked::channels::bn_train_grad(jit, &cx, bn, true)?
+                        }
                         TrainOp::BatchNormInputGrad(bn) => eltwise_grad::bn_train_grad(jit, &cx, bn, true)?,
+                        TrainOp::BatchNormWeightGrad(bn) if cx.in_layouts[0].is_blocked() => {
+                            blocked::channels::bn_train_grad(jit, &cx, bn, false)?
+                        }
                         TrainOp::BatchNormWeightGrad(bn) => eltwise_grad::bn_train_grad(jit, &cx, bn, false)?,
                         TrainOp::BatchNormEvalInputGrad(bn) => eltwise_grad::bn_eval_input_grad(jit, &cx, bn)?,
                         TrainOp::BatchNormEvalWeightGrad(bn) => eltwise_grad::bn_eval_weight_grad(jit, &cx, bn)?,

@@ -277,6 +277,16 @@ fn choose(op: &Op, ty: &TensorType, in_tys: &[&TensorType], have: &[Layout], blo
         // keep the layout, a Conv2d's bias and weight gradients read a blocked output
         // gradient, a max-pool's tiling windows go backward blocked.
         Op::Train(TrainOp::ActivationGrad(_)) if blocked_image(0) => (have[0], vec![have[0], have[0]]),
+        // Train-mode BatchNorm: its statistics and parameter gradients are plain `[C]`
+        // arrays, what it normalises and its input gradient keep the operand's layout.
+        Op::Train(TrainOp::BatchStats(_)) if blocked_image(0) => (Layout::Plain, vec![have[0]]),
+        Op::Train(TrainOp::BatchNormTrain(_)) if blocked_image(0) => (have[0], vec![have[0], Layout::Plain]),
+        Op::Train(TrainOp::BatchNormInputGrad(_)) if blocked_image(0) => {
+            (have[0], vec![have[0], Layout::Plain, have[0]])
+        }
+        Op::Train(TrainOp::BatchNormWeightGrad(_)) if blocked_image(0) => {
+            (Layout::Plain, vec![have[0], Layout::Plain, have[0]])
+        }
         Op::Train(TrainOp::BiasGrad(0)) if blocked_image(0) => (Layout::Plain, vec![have[0]]),
         Op::Train(TrainOp::ConvWeightGrad(conv)) if blocked_image(0) || blocked_image(1) => {
             let zeros = conv.padding_mode == PaddingMode::Zeros || conv.pads() == (0, 0, 0, 0);
@@ -325,7 +335,8 @@ fn align(x: usize) -> usize {
 /// forward Conv2d and a stride-1 Conv2d's input gradient (with their fused activations)
 /// write blocked values, and activation gradients, a Conv2d's bias and weight gradients
 /// (from a blocked output gradient) and a tiling max-pool's backward read them without a
-/// reorder; BatchNorm, the other pools and the rest are plain. its values of the first input's batch are per-sample slots as
+/// reorder, and so does train-mode BatchNorm (statistics, normalisation, gradients); the
+/// other pools and the rest are plain. its values of the first input's batch are per-sample slots as
 /// usual, every other value (of a fixed shape) gets a fixed slot. `parts`: the most threads
 /// that may share one of its kernels (each gets its own copy of a fixed scratch region).
 pub(super) fn plan(graph: &Graph, blocked: bool, parts: usize) -> Result<Plan> {
