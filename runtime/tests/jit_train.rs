@@ -231,6 +231,11 @@ fn blocked_backward_matches_the_interpreter() {
         ("Conv2d(3, 20, 3, padding = 1), MaxPool2d(2)", &[2, 3, 7, 9]),
         ("Conv2d(3, 16, 1), MaxPool2d(3)", &[3, 3, 10, 9]),
         ("Conv2d(3, 16, 1), MaxPool2d((1, 2))", &[2, 3, 3, 5]),
+        // Overlapping or padded windows: the scatter form.
+        ("Conv2d(3, 16, 1), MaxPool2d(3, stride = 2, padding = 1)", &[2, 3, 9, 8]),
+        ("Conv2d(3, 20, 1), MaxPool2d(3, stride = 1)", &[2, 3, 5, 6]),
+        ("Conv2d(3, 16, 1), MaxPool2d(2, dilation = 2, padding = 1)", &[2, 3, 6, 7]),
+        ("Conv2d(3, 16, 1), MaxPool2d(3, stride = 2, ceil_mode = True)", &[2, 3, 8, 8]),
         ("Conv2d(3, 16, 1), ReLU(), MaxPool2d(2), Conv2d(16, 24, 5, padding = 2), Tanh()", &[2, 3, 8, 6]),
         ("Conv2d(3, 16, 1), Sigmoid(), Conv2d(16, 16, 3, stride = 2, padding = 1), ReLU()", &[2, 3, 9, 8]),
         ("Conv2d(16, 20, 3, padding = 1), ReLU(), Conv2d(20, 16, 3, padding = 1), LeakyReLU(0.1)", &[2, 16, 12, 12]),
@@ -248,11 +253,20 @@ fn blocked_backward_matches_the_interpreter() {
 }
 
 /// A blocked max-pool backward (a 1×1 convolution with identity weights ahead of it keeps
-/// the input's ties and NaNs, on the blocked layout) sends each window's gradient to its
-/// first maximum like the plain kernels and the interpreter.
+/// the input's ties and NaNs, on the blocked layout; its last channel is −∞ everywhere, so
+/// a padded window's first tap inside the input must win) sends each window's gradient to
+/// its first maximum like the plain kernels and the interpreter, on tiling and on
+/// overlapping, padded windows.
 #[test]
 fn blocked_max_pool_ties_go_to_the_first_maximum() {
-    for (text, hw) in [("MaxPool2d(2)", [6, 8]), ("MaxPool2d(2)", [7, 9]), ("MaxPool2d(3)", [6, 7])] {
+    for (text, hw) in [
+        ("MaxPool2d(2)", [6, 8]),
+        ("MaxPool2d(2)", [7, 9]),
+        ("MaxPool2d(3)", [6, 7]),
+        ("MaxPool2d(3, stride = 2, padding = 1)", [7, 6]),
+        ("MaxPool2d(2, stride = 1)", [5, 6]),
+        ("MaxPool2d(3, stride = 2, padding = 1, ceil_mode = True)", [6, 8]),
+    ] {
         let g = layer(&format!("Conv2d(16, 16, 1), {text}"), &[2, 16, hw[0], hw[1]]);
         let tg = training(&g, Mode::Train, None);
         let mut w = weights(&g, 0);
@@ -261,16 +275,22 @@ fn blocked_max_pool_ties_go_to_the_first_maximum() {
             let v = w.f32_values_mut(*id).unwrap();
             if p.name.ends_with("weight") {
                 for (i, x) in v.iter_mut().enumerate() {
-                    *x = if i % 17 == 0 { 1.0 } else { 0.0 };
+                    *x = if i % 17 == 0 && i < 15 * 17 { 1.0 } else { 0.0 };
                 }
             } else {
                 v.fill(0.0);
+                v[15] = f32::NEG_INFINITY;
             }
         }
         let mut xs = train_inputs(&tg, None, 2, 5);
         xs[0].mapv_inplace(|v| (v * 1.5).round());
         xs[0][[1, 2, 3, 3]] = f32::NAN;
         xs[0][[0, 5, 1, 1]] = f32::NAN;
+        if hw[0] >= 7 {
+            // Two NaNs in windows whose last row is padding: the later one takes the gradient.
+            xs[0][[1, 4, 5, 2]] = f32::NAN;
+            xs[0][[1, 4, 6, 3]] = f32::NAN;
+        }
         jit_error(&tg, &w, &xs, &Options { threads: 1, ..Default::default() });
         jit_error_with(&tg, &w, &xs, &Options { threads: 2, ..Default::default() }, Kernels::Avx2);
     }

@@ -295,7 +295,7 @@ fn choose(op: &Op, ty: &TensorType, in_tys: &[&TensorType], have: &[Layout], blo
             (Layout::Plain, vec![x, dy])
         }
         Op::Train(TrainOp::MaxPoolGrad(p)) if blocked_image(0) => match (in_tys[0].chw(), in_tys[1].chw()) {
-            (Some((c, h, w)), Some((_, oh, ow))) if max_pool_grad_tiles(p, (h, w), (oh, ow)) => {
+            (Some((c, h, w)), Some((_, oh, ow))) if max_pool_grad_blocked(p, (h, w), (oh, ow)) => {
                 (have[0], vec![have[0], Layout::Blocked { c, h: oh, w: ow }])
             }
             _ => plain,
@@ -323,6 +323,16 @@ pub(super) fn max_pool_grad_tiles(p: &MaxPool2d, (h, w): (usize, usize), (oh, ow
         && ow * p.kernel.1 <= w
 }
 
+/// Whether a MaxPool2d's backward runs on the blocked layout: windows that tile the map
+/// ([`max_pool_grad_tiles`]), or any windows each with a tap inside the input (overlapping or
+/// padded, `blocked::pool`'s scatter form).
+fn max_pool_grad_blocked(p: &MaxPool2d, (h, w): (usize, usize), (oh, ow): (usize, usize)) -> bool {
+    use crate::jit::tables::max_pool_taps;
+    max_pool_grad_tiles(p, (h, w), (oh, ow))
+        || (max_pool_taps(oh, p.kernel.0, p.stride.0, p.dilation.0, p.padding.0, h, 1).is_some()
+            && max_pool_taps(ow, p.kernel.1, p.stride.1, p.dilation.1, p.padding.1, w, 1).is_some())
+}
+
 fn align(x: usize) -> usize {
     x.div_ceil(ALIGN) * ALIGN
 }
@@ -334,7 +344,7 @@ fn align(x: usize) -> usize {
 /// layout but for what the convolution tiles make and what can take it as it is: the
 /// forward Conv2d and a stride-1 Conv2d's input gradient (with their fused activations)
 /// write blocked values, and activation gradients, a Conv2d's bias and weight gradients
-/// (from a blocked output gradient) and a tiling max-pool's backward read them without a
+/// (from a blocked output gradient) and a max-pool's backward read them without a
 /// reorder, and so does train-mode BatchNorm (statistics, normalisation, gradients); the
 /// other pools and the rest are plain. its values of the first input's batch are per-sample slots as
 /// usual, every other value (of a fixed shape) gets a fixed slot. `parts`: the most threads

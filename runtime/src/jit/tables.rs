@@ -110,6 +110,30 @@ pub(in crate::jit) fn max_pool_axis(
     Some((len, first))
 }
 
+/// One axis of the blocked max-pool backward with overlapping or padded windows
+/// (`blocked/pool.rs`): per output position and tap, the input position the tap reads as a byte
+/// offset (`unit` bytes per position; a tap outside the input reads the window's first tap
+/// inside it, an address in bounds, and is masked out of the scan), and whether it is
+/// inside (−1) or not (0). `None` if a window has no tap inside the input.
+pub(in crate::jit) fn max_pool_taps(
+    out: usize,
+    k: usize,
+    s: usize,
+    d: usize,
+    p: usize,
+    n: usize,
+    unit: usize,
+) -> Option<(Vec<i64>, Vec<i32>)> {
+    let (mut t, mut m) = (Vec::with_capacity(out * k), Vec::with_capacity(out * k));
+    for o in 0..out {
+        let at = |j: usize| (o * s + j * d).checked_sub(p).filter(|&i| i < n);
+        let first = (0..k).find_map(at)?;
+        t.extend((0..k).map(|j| (at(j).unwrap_or(first) * unit) as i64));
+        m.extend((0..k).map(|j| if at(j).is_some() { -1 } else { 0 }));
+    }
+    Some((t, m))
+}
+
 /// The padded plane `(rows, columns)` of the vectorised max-pool backward of a pool with
 /// this geometry on an `input` plane with `out` outputs, if it applies.
 pub(in crate::jit) fn max_pool_plane(

@@ -1,6 +1,7 @@
 //! Pooling on blocked tensors ([`Layout::Blocked`], `[⌈C/16⌉, H, W, 16]`): MaxPool2d,
-//! AvgPool2d and AdaptiveAvgPool2d, and a training graph's MaxPool2d backward where the
-//! windows tile the map ([`max_pool_grad`]). (BatchNorm, concatenation and reorders are in
+//! AvgPool2d and AdaptiveAvgPool2d, and a training graph's MaxPool2d backward
+//! ([`max_pool_grad`]: each cell written once where the windows tile the map, else a
+//! zeroed gradient with each window's share added at its first maximum). (BatchNorm, concatenation and reorders are in
 //! `channels.rs`; activations and adds do not care about the layout: see
 //! `crate::jit::eltwise`.)
 //!
@@ -25,7 +26,7 @@ use crate::jit::tables::avg_factor;
 use crate::jit::tables::axis_table;
 use cnnc_compiler::ops::{AvgPool2d, MaxPool2d, PaddingMode};
 use cnnc_compiler::shape::adaptive_window;
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Value, types};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -187,13 +188,14 @@ pub(in crate::jit) fn adaptive_avg_pool(jit: &mut Jit, cx: &NodeCx<'_>) -> Resul
 /// channels, four f32x4 vectors per tap, so the comparison needs no shuffle.
 pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> Result<()> {
     use crate::jit::codegen::Count;
-    use crate::jit::math::vsel;
-    use cranelift_codegen::ir::condcodes::FloatCC;
     let (ch, h, w) = cx.in_chw(0)?;
     let (_, oh, ow) = cx.in_chw(1)?;
     let (kh, kw) = p.kernel;
-    if !crate::jit::plan::max_pool_grad_tiles(p, (h, w), (oh, ow)) || !cx.in_layouts.iter().all(|l| l.is_blocked()) {
+    if !cx.in_layouts.iter().all(|l| l.is_blocked()) {
         return Err(Error::Unsupported(format!("`{}`: no blocked form of this max-pool backward", cx.node.name)));
+    }
+    if !crate::jit::plan::max_pool_grad_tiles(p, (h, w), (oh, ow)) {
+        return overlapping_max_pool_grad(jit, cx, p);
     }
     let cb = ch.div_ceil(BLOCK);
     let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
@@ -213,40 +215,9 @@ pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2
                         for q in 0..BLOCK / 4 {
                             let at = |ky: usize, kx: usize| c((ky * w + kx) * BLOCK + 4 * q);
                             let t: Vec<Value> = (0..taps).map(|i| fx.load_v(xw, at(i / kw, i % kw))).collect();
-                            // better[i]: tap i displaces the best so far.
-                            let mut best = t[0];
-                            let mut better = vec![None];
-                            for &v in &t[1..] {
-                                let gt = fx.b.ins().fcmp(FloatCC::GreaterThan, v, best);
-                                let nan = fx.b.ins().fcmp(FloatCC::Unordered, v, v);
-                                let m = fx.b.ins().bor(gt, nan);
-                                best = vsel(fx, m, v, best);
-                                better.push(Some(m));
-                            }
                             let g = fx.load_v(d, c(4 * q));
-                            let z = fx.vf(0.0);
-                            // Tap i wins if it displaced the best and no later tap did.
-                            let mut later: Option<Value> = None;
-                            for i in (0..taps).rev() {
-                                let won = match (better[i], later) {
-                                    (Some(m), None) => Some(m),
-                                    (Some(m), Some(l)) => Some(fx.b.ins().band_not(m, l)),
-                                    (None, None) => None,
-                                    (None, Some(l)) => {
-                                        let all = fx.b.ins().bnot(l);
-                                        Some(all)
-                                    }
-                                };
-                                let v = match won {
-                                    Some(m) => vsel(fx, m, g, z),
-                                    None => g,
-                                };
+                            for (i, v) in first_max_grads(fx, &t, None, g).into_iter().enumerate() {
                                 fx.store_v(v, o, at(i / kw, i % kw));
-                                later = match (later, better[i]) {
-                                    (None, m) => m,
-                                    (Some(l), Some(m)) => Some(fx.b.ins().bor(l, m)),
-                                    (l, None) => l,
-                                };
                             }
                         }
                     });
@@ -268,6 +239,124 @@ pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2
                         fx.store_v(z, a, 0)
                     });
                 }
+            });
+        });
+    })?;
+    Ok(())
+}
+
+/// Per tap of one window (`t`, four channels each, in scan order), the gradient `g` where
+/// the tap is the window's first maximum — a later tap displaces the best so far if it is
+/// greater or NaN, as the plain kernels and the interpreter decide — and zero elsewhere.
+/// With `valid` (a lane mask per tap), taps outside the input are skipped: the first tap
+/// inside it starts the scan.
+fn first_max_grads(fx: &mut crate::jit::codegen::Fx<'_>, t: &[Value], valid: Option<&[Value]>, g: Value) -> Vec<Value> {
+    use crate::jit::math::vsel;
+    use cranelift_codegen::ir::condcodes::FloatCC;
+    // better[i]: tap i displaces the best so far (`None`: always, the first tap of a
+    // window with no padding).
+    let mut best = t[0];
+    let mut better = vec![valid.map(|v| v[0])];
+    let mut have = valid.map(|v| v[0]);
+    for (i, &v) in t.iter().enumerate().skip(1) {
+        let gt = fx.b.ins().fcmp(FloatCC::GreaterThan, v, best);
+        let nan = fx.b.ins().fcmp(FloatCC::Unordered, v, v);
+        let mut m = fx.b.ins().bor(gt, nan);
+        if let (Some(valid), Some(h)) = (valid, have) {
+            // Inside the input, and greater, NaN, or the first such tap.
+            let first = fx.b.ins().bnot(h);
+            m = fx.b.ins().bor(m, first);
+            m = fx.b.ins().band(m, valid[i]);
+            have = Some(fx.b.ins().bor(h, valid[i]));
+        }
+        best = vsel(fx, m, v, best);
+        better.push(Some(m));
+    }
+    let z = fx.vf(0.0);
+    // Tap i wins if it displaced the best and no later tap did.
+    let mut later: Option<Value> = None;
+    let mut out = vec![g; t.len()];
+    for i in (0..t.len()).rev() {
+        let won = match (better[i], later) {
+            (Some(m), None) => Some(m),
+            (Some(m), Some(l)) => Some(fx.b.ins().band_not(m, l)),
+            (None, None) => None,
+            (None, Some(l)) => Some(fx.b.ins().bnot(l)),
+        };
+        out[i] = match won {
+            Some(m) => vsel(fx, m, g, z),
+            None => g,
+        };
+        later = match (later, better[i]) {
+            (None, m) => m,
+            (Some(l), Some(m)) => Some(fx.b.ins().bor(l, m)),
+            (l, None) => l,
+        };
+    }
+    out
+}
+
+/// `(x, dy) → dx` of a MaxPool2d with overlapping or padded windows (the ResNet stem's
+/// `MaxPool2d(3, 2, 1)`), all three blocked: `dx` zeroed, then per window each tap's
+/// gradient from [`first_max_grads`] added to its cell, windows in scan order, so a cell in
+/// several windows sums their gradients in f32 in that order. The taps' cells come from
+/// compile-time tables ([`crate::jit::tables::max_pool_taps`]). Sample-wise.
+fn overlapping_max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> Result<()> {
+    use crate::jit::codegen::Count;
+    let (ch, h, w) = cx.in_chw(0)?;
+    let (_, oh, ow) = cx.in_chw(1)?;
+    let (kh, kw) = p.kernel;
+    let rows = crate::jit::tables::max_pool_taps(oh, kh, p.stride.0, p.dilation.0, p.padding.0, h, 4 * w * BLOCK);
+    let cols = crate::jit::tables::max_pool_taps(ow, kw, p.stride.1, p.dilation.1, p.padding.1, w, 4 * BLOCK);
+    let (Some((rows, rmask)), Some((cols, cmask))) = (rows, cols) else {
+        return Err(Error::Unsupported(format!("`{}`: a max-pool window with no tap inside the input", cx.node.name)));
+    };
+    let (ry, rx) = (jit.consts.i64s(rows), jit.consts.i64s(cols));
+    let (my, mx) = (jit.consts.i32s(rmask), jit.consts.i32s(cmask));
+    let cb = ch.div_ceil(BLOCK);
+    let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
+    let (xl, dl, ol) = (cx.in_lens[0], cx.in_lens[1], cx.out_len);
+    let b = BLOCK as i64;
+    jit.kernel(&cx.node.name, |fx| {
+        let (x, dy, out) = (fx.slot(xs), fx.slot(ds), fx.slot(os));
+        let steps = [c(4 * xl), c(4 * dl), c(4 * ol)];
+        fx.loop_n(Count::Dyn(fx.nb), [x, dy, out], steps, |fx, [xn, dn, on]| {
+            let z = fx.vf(0.0);
+            fx.loop_n(Count::Const(ol / 4), [on, z], [16, 0], |fx, [a, z]| fx.store_v(z, a, 0));
+            let steps = [c(4 * h * w) * b, c(4 * oh * ow) * b, c(4 * h * w) * b];
+            fx.loop_n(Count::Const(cb), [xn, dn, on], steps, |fx, [xp, dp, op]| {
+                let (ty, my) = (fx.addr(ry), fx.addr(my));
+                let steps = [0, c(4 * ow) * b, 0, c(8 * kh), c(4 * kh)];
+                fx.loop_n(Count::Const(oh), [xp, dp, op, ty, my], steps, |fx, [xp, dr, op, ty, my]| {
+                    let (tx, mx) = (fx.addr(rx), fx.addr(mx));
+                    let steps = [0, 4 * b, 0, 0, 0, c(8 * kw), c(4 * kw)];
+                    let vals = [xp, dr, op, ty, my, tx, mx];
+                    fx.loop_n(Count::Const(ow), vals, steps, |fx, [xp, d, op, ty, my, tx, mx]| {
+                        let ro: Vec<Value> = (0..kh).map(|ky| fx.load_i64(ty, c(ky))).collect();
+                        let co: Vec<Value> = (0..kw).map(|kx| fx.load_i64(tx, c(kx))).collect();
+                        let off: Vec<Value> = (0..kh * kw).map(|i| fx.b.ins().iadd(ro[i / kw], co[i % kw])).collect();
+                        let rm: Vec<Value> = (0..kh).map(|ky| fx.load_i32(my, c(ky))).collect();
+                        let cm: Vec<Value> = (0..kw).map(|kx| fx.load_i32(mx, c(kx))).collect();
+                        let valid: Vec<Value> = (0..kh * kw)
+                            .map(|i| {
+                                let m = fx.b.ins().band(rm[i / kw], cm[i % kw]);
+                                let m = fx.b.ins().ireduce(types::I32, m);
+                                fx.b.ins().splat(types::I32X4, m)
+                            })
+                            .collect();
+                        let xa: Vec<Value> = off.iter().map(|&o| fx.add(xp, o)).collect();
+                        let oa: Vec<Value> = off.iter().map(|&o| fx.add(op, o)).collect();
+                        for q in 0..BLOCK / 4 {
+                            let t: Vec<Value> = xa.iter().map(|&a| fx.load_v(a, c(4 * q))).collect();
+                            let g = fx.load_v(d, c(4 * q));
+                            for (a, v) in oa.iter().zip(first_max_grads(fx, &t, Some(&valid), g)) {
+                                let cur = fx.load_v_mut(*a, c(4 * q));
+                                let s = fx.b.ins().fadd(cur, v);
+                                fx.store_v(s, *a, c(4 * q));
+                            }
+                        }
+                    });
+                });
             });
         });
     })?;
