@@ -7,10 +7,11 @@
 //! and batch 8, the other ResNet row.
 //!
 //! `cargo run --release --example train_step_timing [-- [--cifar10 | --resnet | --resnet224] [--profile]
-//! [--conv auto|direct|winograd] [--threads T]]` (`--profile`: also the step split into
-//! the compiled training graph's run, `Compiled::set_weights` and the rest (optimizer
-//! update, checks), and the JIT's time per kernel of the training graph, slowest first,
-//! and the sum of its weight gradients;
+//! [--conv auto|direct|winograd] [--threads T]]` (`--profile`: also the training graph's
+//! compile time, the step split into the compiled training graph's run,
+//! `Compiled::set_weights` and the rest (optimizer update, checks), and the JIT's time per
+//! kernel of the training graph, slowest first, with the sums of its weight gradients and
+//! its layout reorders;
 //! `--conv`: the convolutions' algorithm, `Options::conv`; `--threads`: the JIT's threads,
 //! default 1).
 
@@ -115,6 +116,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let weights = jit.weights().clone();
         let tg = jit.training_graph()?;
         let compiled = Compiled::new(&tg.graph, &weights, &opts)?;
+        println!(
+            "training graph compiled in {:.0} ms ({} kernels, {} data movements)",
+            compiled.compile_time().as_secs_f64() * 1e3,
+            compiled.kernel_count(),
+            compiled.data_movement_count()
+        );
         // Where a step's time goes outside the kernels: the compiled graph's run alone (its
         // kernels, output allocation), taking new weights, and the rest (optimizer, checks).
         let mut compiled = compiled;
