@@ -236,6 +236,8 @@ fn blocked_backward_matches_the_interpreter() {
         ("Conv2d(3, 20, 1), MaxPool2d(3, stride = 1)", &[2, 3, 5, 6]),
         ("Conv2d(3, 16, 1), MaxPool2d(2, dilation = 2, padding = 1)", &[2, 3, 6, 7]),
         ("Conv2d(3, 16, 1), MaxPool2d(3, stride = 2, ceil_mode = True)", &[2, 3, 8, 8]),
+        // Stride past the kernel: rows between and below the windows get no gradient.
+        ("Conv2d(3, 16, 1), MaxPool2d(2, stride = 3)", &[2, 3, 7, 8]),
         ("Conv2d(3, 16, 1), ReLU(), MaxPool2d(2), Conv2d(16, 24, 5, padding = 2), Tanh()", &[2, 3, 8, 6]),
         ("Conv2d(3, 16, 1), Sigmoid(), Conv2d(16, 16, 3, stride = 2, padding = 1), ReLU()", &[2, 3, 9, 8]),
         ("Conv2d(16, 20, 3, padding = 1), ReLU(), Conv2d(20, 16, 3, padding = 1), LeakyReLU(0.1)", &[2, 16, 12, 12]),

@@ -51,7 +51,8 @@
 //! reduction by channels. A run that finds
 //! the team busy with another run goes single-threaded. Arenas (with their slot tables)
 //! live in a pool that grows on the first run needing a bigger chunk or more of them, so a
-//! steady-state run allocates only its outputs.
+//! steady-state run allocates only its outputs. In debug builds fresh arena memory is NaN,
+//! not zero, so the test suites catch a kernel that reads what no kernel wrote.
 //!
 //! # Safety
 //!
@@ -646,7 +647,10 @@ impl Compiled {
                 why: "the intermediates would not fit in memory".into(),
             })?;
         if scratch.arena.len() < need {
-            scratch.arena.resize(need, 0.0);
+            // Debug builds (the test suites) fill fresh arena memory with NaN: a kernel
+            // that reads a value it did not write (a slot, its padding or a scratch
+            // region) then shows up as NaN instead of a lucky zero.
+            scratch.arena.resize(need, if cfg!(debug_assertions) { f32::NAN } else { 0.0 });
         }
         scratch.table.resize(self.plan.slots.len(), 0);
         let arena = scratch.arena.as_mut_ptr().expose_provenance();

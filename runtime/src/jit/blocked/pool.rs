@@ -297,7 +297,8 @@ fn first_max_grads(fx: &mut crate::jit::codegen::Fx<'_>, t: &[Value], valid: Opt
 }
 
 /// `(x, dy) → dx` of a MaxPool2d with overlapping or padded windows (the ResNet stem's
-/// `MaxPool2d(3, 2, 1)`), all three blocked: `dx` zeroed, then per window each tap's
+/// `MaxPool2d(3, 2, 1)`), all three blocked: `dx` zeroed (row by row, just ahead of the
+/// windows that first reach a row), then per window each tap's
 /// gradient from [`first_max_grads`] added to its cell, windows in scan order, so a cell in
 /// several windows sums their gradients in f32 in that order. The taps' cells come from
 /// compile-time tables ([`crate::jit::tables::max_pool_taps`]). Sample-wise.
@@ -313,6 +314,20 @@ fn overlapping_max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> R
     };
     let (ry, rx) = (jit.consts.i64s(rows), jit.consts.i64s(cols));
     let (my, mx) = (jit.consts.i32s(rmask), jit.consts.i32s(cmask));
+    // The gradient's rows are zeroed just before the first output row whose windows reach
+    // them (so the adds find them in cache), per output row `[byte offset, vectors]`; the
+    // rows below the last window's at the end.
+    let row_bytes = 4 * w * BLOCK;
+    let mut zero_rows = Vec::with_capacity(2 * oh);
+    let mut next = 0;
+    for o in 0..oh {
+        let last = (o * p.stride.0 + (kh - 1) * p.dilation.0).checked_sub(p.padding.0).map_or(0, |r| (r + 1).min(h));
+        let end = last.max(next);
+        zero_rows.extend([c(next * row_bytes), c((end - next) * row_bytes / 16)]);
+        next = end;
+    }
+    let tail = (c(next * row_bytes), (h - next) * row_bytes / 16);
+    let zr = jit.consts.i64s(zero_rows);
     let cb = ch.div_ceil(BLOCK);
     let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
     let (xl, dl, ol) = (cx.in_lens[0], cx.in_lens[1], cx.out_len);
@@ -321,13 +336,16 @@ fn overlapping_max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> R
         let (x, dy, out) = (fx.slot(xs), fx.slot(ds), fx.slot(os));
         let steps = [c(4 * xl), c(4 * dl), c(4 * ol)];
         fx.loop_n(Count::Dyn(fx.nb), [x, dy, out], steps, |fx, [xn, dn, on]| {
-            let z = fx.vf(0.0);
-            fx.loop_n(Count::Const(ol / 4), [on, z], [16, 0], |fx, [a, z]| fx.store_v(z, a, 0));
             let steps = [c(4 * h * w) * b, c(4 * oh * ow) * b, c(4 * h * w) * b];
             fx.loop_n(Count::Const(cb), [xn, dn, on], steps, |fx, [xp, dp, op]| {
-                let (ty, my) = (fx.addr(ry), fx.addr(my));
-                let steps = [0, c(4 * ow) * b, 0, c(8 * kh), c(4 * kh)];
-                fx.loop_n(Count::Const(oh), [xp, dp, op, ty, my], steps, |fx, [xp, dr, op, ty, my]| {
+                let (ty, my, tz) = (fx.addr(ry), fx.addr(my), fx.addr(zr));
+                let steps = [0, c(4 * ow) * b, 0, c(8 * kh), c(4 * kh), 16];
+                let vals = [xp, dp, op, ty, my, tz];
+                fx.loop_n(Count::Const(oh), vals, steps, |fx, [xp, dr, op, ty, my, tz]| {
+                    let (at, n) = (fx.load_i64(tz, 0), fx.load_i64(tz, 1));
+                    let first = fx.add(op, at);
+                    let z = fx.vf(0.0);
+                    fx.loop_n(Count::Dyn(n), [first, z], [16, 0], |fx, [a, z]| fx.store_v(z, a, 0));
                     let (tx, mx) = (fx.addr(rx), fx.addr(mx));
                     let steps = [0, 4 * b, 0, 0, 0, c(8 * kw), c(4 * kw)];
                     let vals = [xp, dr, op, ty, my, tx, mx];
@@ -357,6 +375,9 @@ fn overlapping_max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> R
                         }
                     });
                 });
+                let rest = fx.addi(op, tail.0);
+                let z = fx.vf(0.0);
+                fx.loop_n(Count::Const(tail.1), [rest, z], [16, 0], |fx, [a, z]| fx.store_v(z, a, 0));
             });
         });
     })?;
