@@ -596,6 +596,20 @@ impl Fx<'_> {
         self.bitcast(V, s)
     }
 
+    /// The 4×4 transpose of four vectors: lane `j` of result `i` is lane `i` of `v[j]`.
+    pub fn transpose4(&mut self, v: [Value; 4]) -> [Value; 4] {
+        let t0 = self.lanes_of(v[0], v[1], [0, 4, 1, 5]);
+        let t1 = self.lanes_of(v[2], v[3], [0, 4, 1, 5]);
+        let t2 = self.lanes_of(v[0], v[1], [2, 6, 3, 7]);
+        let t3 = self.lanes_of(v[2], v[3], [2, 6, 3, 7]);
+        [
+            self.lanes_of(t0, t1, [0, 1, 4, 5]),
+            self.lanes_of(t0, t1, [2, 3, 6, 7]),
+            self.lanes_of(t2, t3, [0, 1, 4, 5]),
+            self.lanes_of(t2, t3, [2, 3, 6, 7]),
+        ]
+    }
+
     /// Reinterprets a vector's bits.
     pub fn bitcast(&mut self, ty: Type, v: Value) -> Value {
         self.b.ins().bitcast(ty, MemFlagsData::new().with_endianness(Endianness::Little), v)

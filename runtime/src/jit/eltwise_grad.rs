@@ -46,7 +46,7 @@ pub(in crate::jit) fn bn_params(
 }
 
 /// The per-channel scale `g` (weight or 1) as f64.
-pub(in crate::jit) fn gamma(fx: &mut Fx<'_>, w: Option<i64>, ch: Value) -> Value {
+fn gamma(fx: &mut Fx<'_>, w: Option<i64>, ch: Value) -> Value {
     match w {
         Some(a) => {
             let base = fx.addr(a);
@@ -73,6 +73,46 @@ pub(in crate::jit) fn mean_invstd(
     let one = fx.d(1.0);
     let inv = fx.b.ins().fdiv(one, sd);
     (mean, inv)
+}
+
+/// The f64 factors of train-mode BatchNorm's `y = (x − mean)·a + b` for channel `ch`:
+/// `[mean, invstd·weight, bias]` (`p`: the weight and bias, [`bn_params`]).
+pub(in crate::jit) fn bn_train_factors(
+    fx: &mut Fx<'_>,
+    p: Option<(i64, Option<i64>)>,
+    (stats, ch, channels): (Value, Value, usize),
+    eps: f64,
+) -> [Value; 3] {
+    let (mean, inv) = mean_invstd(fx, stats, ch, channels, eps);
+    let g = gamma(fx, p.map(|p| p.0), ch);
+    let b = match p.and_then(|p| p.1) {
+        Some(a) => {
+            let base = fx.addr(a);
+            fx.load_d(base, ch)
+        }
+        None => fx.d(0.0),
+    };
+    let a = fx.b.ins().fmul(inv, g);
+    [mean, a, b]
+}
+
+/// The f64 factors of train-mode BatchNorm's input gradient `dx = (dy − mdy − (x − mean)·k)·
+/// ginv` for channel `ch` from its sums `Σ dy` and `Σ dy·(x − mean)` over `count` values:
+/// `[mdy, k, ginv]`.
+pub(in crate::jit) fn bn_grad_factors(
+    fx: &mut Fx<'_>,
+    w: Option<i64>,
+    (ch, inv): (Value, Value),
+    [sum_dy, sum_dxm]: [Value; 2],
+    count: Value,
+) -> [Value; 3] {
+    let sum_dyx = fx.b.ins().fmul(sum_dxm, inv);
+    let g = gamma(fx, w, ch);
+    let mdy = fx.b.ins().fdiv(sum_dy, count);
+    let mdyx = fx.b.ins().fdiv(sum_dyx, count);
+    let k = fx.b.ins().fmul(inv, mdyx);
+    let ginv = fx.b.ins().fmul(g, inv);
+    [mdy, k, ginv]
 }
 
 /// Per-channel factors a vector loop uses (f32x4 splats), carried through the loop as
@@ -269,17 +309,7 @@ pub(super) fn bn_train(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d) -> Resu
             let zero = fx.i(0);
             let step = c(4 * plane);
             fx.loop_n(Count::Const(ch_n), [zero, xn, yn, st], [1, step, step, 0], |fx, [ch, xp, yp, st]| {
-                let (mean, inv) = mean_invstd(fx, st, ch, ch_n, eps);
-                let g = gamma(fx, p.map(|p| p.0), ch);
-                let b = match p.and_then(|p| p.1) {
-                    Some(a) => {
-                        let base = fx.addr(a);
-                        fx.load_d(base, ch)
-                    }
-                    None => fx.d(0.0),
-                };
-                let a = fx.b.ins().fmul(inv, g);
-                let [mv, av, bv] = [mean, a, b].map(|v| {
+                let [mv, av, bv] = bn_train_factors(fx, p, (st, ch, ch_n), eps).map(|v| {
                     let v = fx.b.ins().fdemote(types::F32, v);
                     fx.b.ins().splat(V, v)
                 });
@@ -332,12 +362,8 @@ pub(super) fn bn_train_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d, in
             }
             let count = fx.muli(fx.nb, c(plane));
             let count = fx.int_to_f64(count);
-            let g = gamma(fx, p.map(|p| p.0), ch);
-            let mdy = fx.b.ins().fdiv(sum_dy, count);
-            let mdyx = fx.b.ins().fdiv(sum_dyx, count);
-            let k = fx.b.ins().fmul(inv, mdyx);
-            let ginv = fx.b.ins().fmul(g, inv);
-            let [mdy, k, ginv] = [mdy, k, ginv].map(|v| {
+            let factors = bn_grad_factors(fx, p.map(|p| p.0), (ch, inv), [sum_dy, sum_dxm], count);
+            let [mdy, k, ginv] = factors.map(|v| {
                 let v = fx.b.ins().fdemote(types::F32, v);
                 fx.b.ins().splat(V, v)
             });

@@ -91,6 +91,44 @@ pub(in crate::jit) fn concat(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
     Ok(())
 }
 
+/// `p` consecutive pixels of a blocked tensor at `src` (its blocks `sblk` floats apart:
+/// `[⌈o/16⌉][…p…][16]`) as `o` rows of `p` floats at `dst`, `ld` floats apart: four
+/// pixels' four channels at a time (a 4×4 transpose), the last `p % 4` pixels one value at
+/// a time; the padding lanes of the last block are not read.
+pub(in crate::jit) fn unblock_rows(
+    fx: &mut Fx<'_>,
+    src: Value,
+    dst: Value,
+    o: usize,
+    (p, sblk): (usize, usize),
+    ld: usize,
+) {
+    const B: usize = BLOCK;
+    let quads = p / 4;
+    for blk in 0..o.div_ceil(B) {
+        let s = fx.addi(src, c(4 * blk * sblk));
+        for q in 0..(o - blk * B).min(B).div_ceil(4) {
+            let ch0 = blk * B + 4 * q;
+            let valid = (o - ch0).min(4);
+            let d = fx.addi(dst, c(4 * ch0 * ld));
+            let s = fx.addi(s, c(4 * 4 * q));
+            fx.loop_n(Count::Const(quads), [s, d], [c(16 * B), 16], |fx, [s, d]| {
+                let v = std::array::from_fn(|k| fx.load_v(s, c(k * B)));
+                let rows = fx.transpose4(v);
+                for (j, r) in rows.into_iter().enumerate().take(valid) {
+                    fx.store_v(r, d, c(j * ld));
+                }
+            });
+            for px in quads * 4..p {
+                for j in 0..valid {
+                    let v = fx.load_f(s, c(px * B + j));
+                    fx.store_f(v, d, c(j * ld + px));
+                }
+            }
+        }
+    }
+}
+
 /// Rewrites slot `from` (in layout `lf`) into slot `to` (layout `lt`): plain `[c, h, w]` ↔
 /// blocked. Plain → blocked writes zeros in the padding lanes.
 pub(in crate::jit) fn reorder(jit: &mut Jit, (from, lf): (usize, Layout), (to, lt): (usize, Layout)) -> Result<()> {
@@ -182,18 +220,11 @@ pub(in crate::jit) fn bias_grad(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
                     }
                 }
             });
-            // Channel `16·blk + l`, clamped to the last channel: lanes past it (the padding
-            // of the last block) are stored first, in reverse, so the real lane's value is
-            // the one that stays.
-            let base = fx.b.ins().imul_imm_s(blk, c(BLOCK));
-            let last = fx.i(c(ch - 1));
+            // In reverse lane order ([`lane_channel`]).
             for (l, s) in sums.iter().enumerate().rev() {
                 let r = fx.b.use_var(*s);
-                let r = fx.b.ins().fdemote(types::F32, r);
-                let ch_l = fx.b.ins().iadd_imm_s(base, c(l));
-                let ch_l = fx.b.ins().umin(ch_l, last);
-                let at = fx.elem(out, ch_l);
-                fx.store_f(r, at, 0);
+                let chl = lane_channel(fx, blk, l, ch);
+                fx.store_d(r, out, chl);
             }
         });
     })?;
@@ -328,7 +359,7 @@ pub(in crate::jit) fn batch_stats(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> 
 /// (blocked result), the per-channel factors made in f64 and rounded once, as the plain
 /// kernel does. Sample-wise.
 pub(in crate::jit) fn bn_train(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d) -> Result<()> {
-    use crate::jit::eltwise_grad::{bn_params, gamma, mean_invstd};
+    use crate::jit::eltwise_grad::{bn_params, bn_train_factors};
     let (ch, h, w) = cx.in_chw(0)?;
     let plane = h * w;
     let cb = ch.div_ceil(BLOCK);
@@ -342,17 +373,7 @@ pub(in crate::jit) fn bn_train(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d)
         fx.for_const(0, cb, 1, |fx, blk| {
             for j in 0..BLOCK {
                 let chj = lane_channel(fx, blk, j, ch);
-                let (mean, inv) = mean_invstd(fx, st, chj, ch, eps);
-                let g = gamma(fx, p.map(|p| p.0), chj);
-                let b = match p.and_then(|p| p.1) {
-                    Some(a) => {
-                        let base = fx.addr(a);
-                        fx.load_d(base, chj)
-                    }
-                    None => fx.d(0.0),
-                };
-                let a = fx.b.ins().fmul(inv, g);
-                for (k, v) in [mean, a, b].into_iter().enumerate() {
+                for (k, v) in bn_train_factors(fx, p, (st, chj, ch), eps).into_iter().enumerate() {
                     let v = fx.b.ins().fdemote(types::F32, v);
                     fx.store_f(v, consts, c(k * BLOCK + j));
                 }
@@ -391,7 +412,7 @@ pub(in crate::jit) fn bn_train(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d)
 /// and `Σ dy·(x − mean)` ([`block_totals`]), then `dx = (dy − mean(dy) − (x − mean)·invstd·
 /// mean(dy·x̂))·weight·invstd`. Threads share it by blocks.
 pub(in crate::jit) fn bn_train_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNorm2d, input: bool) -> Result<()> {
-    use crate::jit::eltwise_grad::{bn_params, gamma, mean_invstd, reduction_work};
+    use crate::jit::eltwise_grad::{bn_grad_factors, bn_params, mean_invstd, reduction_work};
     let (ch, h, w) = cx.in_chw(0)?;
     let plane = h * w;
     let cb = ch.div_ceil(BLOCK);
@@ -434,15 +455,9 @@ pub(in crate::jit) fn bn_train_grad(jit: &mut Jit, cx: &NodeCx<'_>, bn: &BatchNo
             let count = fx.muli(fx.nb, c(plane));
             let count = fx.int_to_f64(count);
             for (j, &(chj, inv)) in mi.iter().enumerate() {
-                let sum_dy = fx.b.use_var(t[j][0]);
-                let sum_dxm = fx.b.use_var(t[j][1]);
-                let sum_dyx = fx.b.ins().fmul(sum_dxm, inv);
-                let g = gamma(fx, p.map(|p| p.0), chj);
-                let mdy = fx.b.ins().fdiv(sum_dy, count);
-                let mdyx = fx.b.ins().fdiv(sum_dyx, count);
-                let k = fx.b.ins().fmul(inv, mdyx);
-                let ginv = fx.b.ins().fmul(g, inv);
-                for (i, v) in [mdy, k, ginv].into_iter().enumerate() {
+                let sums = [fx.b.use_var(t[j][0]), fx.b.use_var(t[j][1])];
+                let factors = bn_grad_factors(fx, p.map(|p| p.0), (chj, inv), sums, count);
+                for (i, v) in factors.into_iter().enumerate() {
                     let v = fx.b.ins().fdemote(types::F32, v);
                     fx.store_f(v, consts, c((i + 1) * BLOCK + j));
                 }

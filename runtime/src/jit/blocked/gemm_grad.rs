@@ -465,7 +465,7 @@ pub(in crate::jit) fn conv_weight_grad(
             // blocked gradient, 4×4 transposes of four pixels' four channels).
             fx.loop_n(Count::Dyn(cnt), [dyb, apk], [c(4 * dy_len), c(4 * p)], |fx, [s, d]| {
                 if dy_blocked {
-                    unblock_rows(fx, s, d, o, (p, p * crate::jit::plan::BLOCK), kmax);
+                    super::channels::unblock_rows(fx, s, d, o, (p, p * crate::jit::plan::BLOCK), kmax);
                 } else {
                     fx.loop_n(Count::Const(o), [s, d], [c(4 * p), c(4 * kmax)], |fx, [s, d]| copy_run(fx, s, d, p));
                 }
@@ -557,46 +557,6 @@ pub(in crate::jit) fn conv_weight_grad(
     Ok(())
 }
 
-/// `p` consecutive pixels of a blocked tensor at `src` (its blocks `sblk` floats apart:
-/// `[⌈o/16⌉][…p…][16]`) as `o` rows of `p` floats at `dst`, `ld` floats apart: four
-/// pixels' four channels at a time (a 4×4 transpose), the last `p % 4` pixels one value at
-/// a time; the padding lanes of the last block are not read.
-fn unblock_rows(fx: &mut Fx<'_>, src: Value, dst: Value, o: usize, (p, sblk): (usize, usize), ld: usize) {
-    const B: usize = crate::jit::plan::BLOCK;
-    let quads = p / 4;
-    for blk in 0..o.div_ceil(B) {
-        let s = fx.addi(src, c(4 * blk * sblk));
-        for q in 0..(o - blk * B).min(B).div_ceil(4) {
-            let ch0 = blk * B + 4 * q;
-            let valid = (o - ch0).min(4);
-            let d = fx.addi(dst, c(4 * ch0 * ld));
-            let s = fx.addi(s, c(4 * 4 * q));
-            fx.loop_n(Count::Const(quads), [s, d], [c(16 * B), 16], |fx, [s, d]| {
-                let v: Vec<Value> = (0..4).map(|k| fx.load_v(s, c(k * B))).collect();
-                let t0 = fx.lanes_of(v[0], v[1], [0, 4, 1, 5]);
-                let t1 = fx.lanes_of(v[0], v[1], [2, 6, 3, 7]);
-                let t2 = fx.lanes_of(v[2], v[3], [0, 4, 1, 5]);
-                let t3 = fx.lanes_of(v[2], v[3], [2, 6, 3, 7]);
-                let rows = [
-                    fx.lanes_of(t0, t2, [0, 1, 4, 5]),
-                    fx.lanes_of(t0, t2, [2, 3, 6, 7]),
-                    fx.lanes_of(t1, t3, [0, 1, 4, 5]),
-                    fx.lanes_of(t1, t3, [2, 3, 6, 7]),
-                ];
-                for (j, r) in rows.into_iter().enumerate().take(valid) {
-                    fx.store_v(r, d, c(j * ld));
-                }
-            });
-            for px in quads * 4..p {
-                for j in 0..valid {
-                    let v = fx.load_f(s, c(px * B + j));
-                    fx.store_f(v, d, c(j * ld + px));
-                }
-            }
-        }
-    }
-}
-
 /// Output pixels of a sample from which a GEMM weight gradient reduces in chunks of output
 /// rows, and about how many pixels a chunk has (`B` of one 64-tap tile: 256 KB).
 const WGRAD_CHUNK_MIN_PIXELS: usize = 4096;
@@ -647,16 +607,7 @@ fn gather_taps(fx: &mut Fx<'_>, geo: &Taps, x: Value, dst: Value, cnt: Count, ta
                         };
                     }
                     // v[k] = tap j0 + k at pixels 0..4; rows[p] = pixel p at taps j0..j0 + 4.
-                    let t0 = fx.lanes_of(v[0], v[1], [0, 4, 1, 5]);
-                    let t1 = fx.lanes_of(v[2], v[3], [0, 4, 1, 5]);
-                    let t2 = fx.lanes_of(v[0], v[1], [2, 6, 3, 7]);
-                    let t3 = fx.lanes_of(v[2], v[3], [2, 6, 3, 7]);
-                    let rows = [
-                        fx.lanes_of(t0, t1, [0, 1, 4, 5]),
-                        fx.lanes_of(t0, t1, [2, 3, 6, 7]),
-                        fx.lanes_of(t2, t3, [0, 1, 4, 5]),
-                        fx.lanes_of(t2, t3, [2, 3, 6, 7]),
-                    ];
+                    let rows = fx.transpose4(v);
                     for (p, r) in rows.into_iter().enumerate() {
                         fx.store_v(r, dq, c(p * width + j0));
                     }
@@ -941,7 +892,7 @@ fn unblock_samples(
         }
         let d0 = fx.addi(ds, c(4 * (pt * pw + pl)));
         fx.loop_n(Count::Const(h), [xs, d0], [c(4 * w * B), c(4 * pw)], |fx, [s, d]| {
-            unblock_rows(fx, s, d, cin, (w, h * w * B), ph * pw);
+            super::channels::unblock_rows(fx, s, d, cin, (w, h * w * B), ph * pw);
         });
     });
 }

@@ -188,7 +188,7 @@ pub(in crate::jit) fn adaptive_avg_pool(jit: &mut Jit, cx: &NodeCx<'_>) -> Resul
 /// channels, four f32x4 vectors per tap, so the comparison needs no shuffle.
 pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> Result<()> {
     use crate::jit::codegen::Count;
-    let (ch, h, w) = cx.in_chw(0)?;
+    let (_, h, w) = cx.in_chw(0)?;
     let (_, oh, ow) = cx.in_chw(1)?;
     let (kh, kw) = p.kernel;
     if !cx.in_layouts.iter().all(|l| l.is_blocked()) {
@@ -197,52 +197,63 @@ pub(in crate::jit) fn max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2
     if !crate::jit::plan::max_pool_grad_tiles(p, (h, w), (oh, ow)) {
         return overlapping_max_pool_grad(jit, cx, p);
     }
-    let cb = ch.div_ceil(BLOCK);
-    let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
-    let (xl, dl, ol) = (cx.in_lens[0], cx.in_lens[1], cx.out_len);
     let taps = kh * kw;
     let b = BLOCK as i64;
     jit.kernel(&cx.node.name, |fx| {
-        let (x, dy, out) = (fx.slot(xs), fx.slot(ds), fx.slot(os));
-        let steps = [c(4 * xl), c(4 * dl), c(4 * ol)];
-        fx.loop_n(Count::Dyn(fx.nb), [x, dy, out], steps, |fx, [xn, dn, on]| {
-            let steps = [c(4 * h * w) * b, c(4 * oh * ow) * b, c(4 * h * w) * b];
-            fx.loop_n(Count::Const(cb), [xn, dn, on], steps, |fx, [xp, dp, op]| {
-                let steps = [c(4 * kh * w) * b, c(4 * ow) * b, c(4 * kh * w) * b];
-                fx.loop_n(Count::Const(oh), [xp, dp, op], steps, |fx, [xr, dr, orow]| {
-                    let steps = [c(4 * kw) * b, 4 * b, c(4 * kw) * b];
-                    fx.loop_n(Count::Const(ow), [xr, dr, orow], steps, |fx, [xw, d, o]| {
-                        for q in 0..BLOCK / 4 {
-                            let at = |ky: usize, kx: usize| c((ky * w + kx) * BLOCK + 4 * q);
-                            let t: Vec<Value> = (0..taps).map(|i| fx.load_v(xw, at(i / kw, i % kw))).collect();
-                            let g = fx.load_v(d, c(4 * q));
-                            for (i, v) in first_max_grads(fx, &t, None, g).into_iter().enumerate() {
-                                fx.store_v(v, o, at(i / kw, i % kw));
-                            }
+        for_sample_blocks(fx, cx, (h * w, oh * ow), |fx, [xp, dp, op]| {
+            let steps = [c(4 * kh * w) * b, c(4 * ow) * b, c(4 * kh * w) * b];
+            fx.loop_n(Count::Const(oh), [xp, dp, op], steps, |fx, [xr, dr, orow]| {
+                let steps = [c(4 * kw) * b, 4 * b, c(4 * kw) * b];
+                fx.loop_n(Count::Const(ow), [xr, dr, orow], steps, |fx, [xw, d, o]| {
+                    for q in 0..BLOCK / 4 {
+                        let at = |ky: usize, kx: usize| c((ky * w + kx) * BLOCK + 4 * q);
+                        let t: Vec<Value> = (0..taps).map(|i| fx.load_v(xw, at(i / kw, i % kw))).collect();
+                        let g = fx.load_v(d, c(4 * q));
+                        for (i, v) in first_max_grads(fx, &t, None, g).into_iter().enumerate() {
+                            fx.store_v(v, o, at(i / kw, i % kw));
                         }
-                    });
+                    }
                 });
-                // Cells no window covers: the columns past the last window, then the rows.
-                let z = fx.vf(0.0);
-                if ow * kw < w {
-                    let right = fx.addi(op, c(4 * ow * kw * BLOCK));
-                    let step = c(4 * w * BLOCK);
-                    fx.loop_n(Count::Const(oh * kh), [right, z], [step, 0], |fx, [a, z]| {
-                        for k in 0..(w - ow * kw) * BLOCK / 4 {
-                            fx.store_v(z, a, c(4 * k));
-                        }
-                    });
-                }
-                if oh * kh < h {
-                    let rest = fx.addi(op, c(4 * oh * kh * w * BLOCK));
-                    fx.loop_n(Count::Const((h - oh * kh) * w * BLOCK / 4), [rest, z], [16, 0], |fx, [a, z]| {
-                        fx.store_v(z, a, 0)
-                    });
-                }
             });
+            // Cells no window covers: the columns past the last window, then the rows.
+            let z = fx.vf(0.0);
+            if ow * kw < w {
+                let right = fx.addi(op, c(4 * ow * kw * BLOCK));
+                let step = c(4 * w * BLOCK);
+                fx.loop_n(Count::Const(oh * kh), [right, z], [step, 0], |fx, [a, z]| {
+                    for k in 0..(w - ow * kw) * BLOCK / 4 {
+                        fx.store_v(z, a, c(4 * k));
+                    }
+                });
+            }
+            if oh * kh < h {
+                let rest = fx.addi(op, c(4 * oh * kh * w * BLOCK));
+                fx.loop_n(Count::Const((h - oh * kh) * w * BLOCK / 4), [rest, z], [16, 0], |fx, [a, z]| {
+                    fx.store_v(z, a, 0)
+                });
+            }
         });
     })?;
     Ok(())
+}
+
+/// A max-pool backward's loops over the samples and the blocks of channels: `body` gets
+/// the block's planes of `x`, `dy` and `dx` (`plane` and `out_plane` pixels of 16 lanes).
+fn for_sample_blocks(
+    fx: &mut crate::jit::codegen::Fx<'_>,
+    cx: &NodeCx<'_>,
+    (plane, out_plane): (usize, usize),
+    body: impl FnOnce(&mut crate::jit::codegen::Fx<'_>, [Value; 3]),
+) {
+    use crate::jit::codegen::Count;
+    let cb = cx.in_lens[0] / (plane * BLOCK);
+    let (x, dy, out) = (fx.slot(cx.inputs[0]), fx.slot(cx.inputs[1]), fx.slot(cx.output));
+    let steps = [c(4 * cx.in_lens[0]), c(4 * cx.in_lens[1]), c(4 * cx.out_len)];
+    fx.loop_n(Count::Dyn(fx.nb), [x, dy, out], steps, |fx, [xn, dn, on]| {
+        let b = c(4 * BLOCK);
+        let steps = [c(plane) * b, c(out_plane) * b, c(plane) * b];
+        fx.loop_n(Count::Const(cb), [xn, dn, on], steps, |fx, v| body(fx, v));
+    });
 }
 
 /// Per tap of one window (`t`, four channels each, in scan order), the gradient `g` where
@@ -304,7 +315,7 @@ fn first_max_grads(fx: &mut crate::jit::codegen::Fx<'_>, t: &[Value], valid: Opt
 /// compile-time tables ([`crate::jit::tables::max_pool_taps`]). Sample-wise.
 fn overlapping_max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> Result<()> {
     use crate::jit::codegen::Count;
-    let (ch, h, w) = cx.in_chw(0)?;
+    let (_, h, w) = cx.in_chw(0)?;
     let (_, oh, ow) = cx.in_chw(1)?;
     let (kh, kw) = p.kernel;
     let rows = crate::jit::tables::max_pool_taps(oh, kh, p.stride.0, p.dilation.0, p.padding.0, h, 4 * w * BLOCK);
@@ -328,57 +339,49 @@ fn overlapping_max_pool_grad(jit: &mut Jit, cx: &NodeCx<'_>, p: &MaxPool2d) -> R
     }
     let tail = (c(next * row_bytes), (h - next) * row_bytes / 16);
     let zr = jit.consts.i64s(zero_rows);
-    let cb = ch.div_ceil(BLOCK);
-    let (xs, ds, os) = (cx.inputs[0], cx.inputs[1], cx.output);
-    let (xl, dl, ol) = (cx.in_lens[0], cx.in_lens[1], cx.out_len);
     let b = BLOCK as i64;
     jit.kernel(&cx.node.name, |fx| {
-        let (x, dy, out) = (fx.slot(xs), fx.slot(ds), fx.slot(os));
-        let steps = [c(4 * xl), c(4 * dl), c(4 * ol)];
-        fx.loop_n(Count::Dyn(fx.nb), [x, dy, out], steps, |fx, [xn, dn, on]| {
-            let steps = [c(4 * h * w) * b, c(4 * oh * ow) * b, c(4 * h * w) * b];
-            fx.loop_n(Count::Const(cb), [xn, dn, on], steps, |fx, [xp, dp, op]| {
-                let (ty, my, tz) = (fx.addr(ry), fx.addr(my), fx.addr(zr));
-                let steps = [0, c(4 * ow) * b, 0, c(8 * kh), c(4 * kh), 16];
-                let vals = [xp, dp, op, ty, my, tz];
-                fx.loop_n(Count::Const(oh), vals, steps, |fx, [xp, dr, op, ty, my, tz]| {
-                    let (at, n) = (fx.load_i64(tz, 0), fx.load_i64(tz, 1));
-                    let first = fx.add(op, at);
-                    let z = fx.vf(0.0);
-                    fx.loop_n(Count::Dyn(n), [first, z], [16, 0], |fx, [a, z]| fx.store_v(z, a, 0));
-                    let (tx, mx) = (fx.addr(rx), fx.addr(mx));
-                    let steps = [0, 4 * b, 0, 0, 0, c(8 * kw), c(4 * kw)];
-                    let vals = [xp, dr, op, ty, my, tx, mx];
-                    fx.loop_n(Count::Const(ow), vals, steps, |fx, [xp, d, op, ty, my, tx, mx]| {
-                        let ro: Vec<Value> = (0..kh).map(|ky| fx.load_i64(ty, c(ky))).collect();
-                        let co: Vec<Value> = (0..kw).map(|kx| fx.load_i64(tx, c(kx))).collect();
-                        let off: Vec<Value> = (0..kh * kw).map(|i| fx.b.ins().iadd(ro[i / kw], co[i % kw])).collect();
-                        let rm: Vec<Value> = (0..kh).map(|ky| fx.load_i32(my, c(ky))).collect();
-                        let cm: Vec<Value> = (0..kw).map(|kx| fx.load_i32(mx, c(kx))).collect();
-                        let valid: Vec<Value> = (0..kh * kw)
-                            .map(|i| {
-                                let m = fx.b.ins().band(rm[i / kw], cm[i % kw]);
-                                let m = fx.b.ins().ireduce(types::I32, m);
-                                fx.b.ins().splat(types::I32X4, m)
-                            })
-                            .collect();
-                        let xa: Vec<Value> = off.iter().map(|&o| fx.add(xp, o)).collect();
-                        let oa: Vec<Value> = off.iter().map(|&o| fx.add(op, o)).collect();
-                        for q in 0..BLOCK / 4 {
-                            let t: Vec<Value> = xa.iter().map(|&a| fx.load_v(a, c(4 * q))).collect();
-                            let g = fx.load_v(d, c(4 * q));
-                            for (a, v) in oa.iter().zip(first_max_grads(fx, &t, Some(&valid), g)) {
-                                let cur = fx.load_v_mut(*a, c(4 * q));
-                                let s = fx.b.ins().fadd(cur, v);
-                                fx.store_v(s, *a, c(4 * q));
-                            }
-                        }
-                    });
-                });
-                let rest = fx.addi(op, tail.0);
+        for_sample_blocks(fx, cx, (h * w, oh * ow), |fx, [xp, dp, op]| {
+            let (ty, my, tz) = (fx.addr(ry), fx.addr(my), fx.addr(zr));
+            let steps = [0, c(4 * ow) * b, 0, c(8 * kh), c(4 * kh), 16];
+            let vals = [xp, dp, op, ty, my, tz];
+            fx.loop_n(Count::Const(oh), vals, steps, |fx, [xp, dr, op, ty, my, tz]| {
+                let (at, n) = (fx.load_i64(tz, 0), fx.load_i64(tz, 1));
+                let first = fx.add(op, at);
                 let z = fx.vf(0.0);
-                fx.loop_n(Count::Const(tail.1), [rest, z], [16, 0], |fx, [a, z]| fx.store_v(z, a, 0));
+                fx.loop_n(Count::Dyn(n), [first, z], [16, 0], |fx, [a, z]| fx.store_v(z, a, 0));
+                let (tx, mx) = (fx.addr(rx), fx.addr(mx));
+                let steps = [0, 4 * b, 0, 0, 0, c(8 * kw), c(4 * kw)];
+                let vals = [xp, dr, op, ty, my, tx, mx];
+                fx.loop_n(Count::Const(ow), vals, steps, |fx, [xp, d, op, ty, my, tx, mx]| {
+                    let ro: Vec<Value> = (0..kh).map(|ky| fx.load_i64(ty, c(ky))).collect();
+                    let co: Vec<Value> = (0..kw).map(|kx| fx.load_i64(tx, c(kx))).collect();
+                    let off: Vec<Value> = (0..kh * kw).map(|i| fx.b.ins().iadd(ro[i / kw], co[i % kw])).collect();
+                    let rm: Vec<Value> = (0..kh).map(|ky| fx.load_i32(my, c(ky))).collect();
+                    let cm: Vec<Value> = (0..kw).map(|kx| fx.load_i32(mx, c(kx))).collect();
+                    let valid: Vec<Value> = (0..kh * kw)
+                        .map(|i| {
+                            let m = fx.b.ins().band(rm[i / kw], cm[i % kw]);
+                            let m = fx.b.ins().ireduce(types::I32, m);
+                            fx.b.ins().splat(types::I32X4, m)
+                        })
+                        .collect();
+                    let xa: Vec<Value> = off.iter().map(|&o| fx.add(xp, o)).collect();
+                    let oa: Vec<Value> = off.iter().map(|&o| fx.add(op, o)).collect();
+                    for q in 0..BLOCK / 4 {
+                        let t: Vec<Value> = xa.iter().map(|&a| fx.load_v(a, c(4 * q))).collect();
+                        let g = fx.load_v(d, c(4 * q));
+                        for (a, v) in oa.iter().zip(first_max_grads(fx, &t, Some(&valid), g)) {
+                            let cur = fx.load_v_mut(*a, c(4 * q));
+                            let s = fx.b.ins().fadd(cur, v);
+                            fx.store_v(s, *a, c(4 * q));
+                        }
+                    }
+                });
             });
+            let rest = fx.addi(op, tail.0);
+            let z = fx.vf(0.0);
+            fx.loop_n(Count::Const(tail.1), [rest, z], [16, 0], |fx, [a, z]| fx.store_v(z, a, 0));
         });
     })?;
     Ok(())
