@@ -91,44 +91,6 @@ pub(in crate::jit) fn concat(jit: &mut Jit, cx: &NodeCx<'_>) -> Result<()> {
     Ok(())
 }
 
-/// `p` consecutive pixels of a blocked tensor at `src` (its blocks `sblk` floats apart:
-/// `[⌈o/16⌉][…p…][16]`) as `o` rows of `p` floats at `dst`, `ld` floats apart: four
-/// pixels' four channels at a time (a 4×4 transpose), the last `p % 4` pixels one value at
-/// a time; the padding lanes of the last block are not read.
-pub(in crate::jit) fn unblock_rows(
-    fx: &mut Fx<'_>,
-    src: Value,
-    dst: Value,
-    o: usize,
-    (p, sblk): (usize, usize),
-    ld: usize,
-) {
-    const B: usize = BLOCK;
-    let quads = p / 4;
-    for blk in 0..o.div_ceil(B) {
-        let s = fx.addi(src, c(4 * blk * sblk));
-        for q in 0..(o - blk * B).min(B).div_ceil(4) {
-            let ch0 = blk * B + 4 * q;
-            let valid = (o - ch0).min(4);
-            let d = fx.addi(dst, c(4 * ch0 * ld));
-            let s = fx.addi(s, c(4 * 4 * q));
-            fx.loop_n(Count::Const(quads), [s, d], [c(16 * B), 16], |fx, [s, d]| {
-                let v = std::array::from_fn(|k| fx.load_v(s, c(k * B)));
-                let rows = fx.transpose4(v);
-                for (j, r) in rows.into_iter().enumerate().take(valid) {
-                    fx.store_v(r, d, c(j * ld));
-                }
-            });
-            for px in quads * 4..p {
-                for j in 0..valid {
-                    let v = fx.load_f(s, c(px * B + j));
-                    fx.store_f(v, d, c(j * ld + px));
-                }
-            }
-        }
-    }
-}
-
 /// Rewrites slot `from` (in layout `lf`) into slot `to` (layout `lt`): plain `[c, h, w]` ↔
 /// blocked. Plain → blocked writes zeros in the padding lanes.
 pub(in crate::jit) fn reorder(jit: &mut Jit, (from, lf): (usize, Layout), (to, lt): (usize, Layout)) -> Result<()> {

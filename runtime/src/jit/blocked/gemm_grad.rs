@@ -465,7 +465,7 @@ pub(in crate::jit) fn conv_weight_grad(
             // blocked gradient, 4×4 transposes of four pixels' four channels).
             fx.loop_n(Count::Dyn(cnt), [dyb, apk], [c(4 * dy_len), c(4 * p)], |fx, [s, d]| {
                 if dy_blocked {
-                    super::channels::unblock_rows(fx, s, d, o, (p, p * crate::jit::plan::BLOCK), kmax);
+                    super::common::unblock_rows(fx, s, d, o, (p, p * crate::jit::plan::BLOCK), kmax);
                 } else {
                     fx.loop_n(Count::Const(o), [s, d], [c(4 * p), c(4 * kmax)], |fx, [s, d]| copy_run(fx, s, d, p));
                 }
@@ -892,7 +892,7 @@ fn unblock_samples(
         }
         let d0 = fx.addi(ds, c(4 * (pt * pw + pl)));
         fx.loop_n(Count::Const(h), [xs, d0], [c(4 * w * B), c(4 * pw)], |fx, [s, d]| {
-            super::channels::unblock_rows(fx, s, d, cin, (w, h * w * B), ph * pw);
+            super::common::unblock_rows(fx, s, d, cin, (w, h * w * B), ph * pw);
         });
     });
 }
