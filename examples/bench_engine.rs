@@ -312,9 +312,9 @@ fn main() -> Res<()> {
     };
     let fuse_ms = t.elapsed().as_secs_f64() * 1e3;
     let graph = fused_graph.as_ref().unwrap_or(graph);
-    let weights = &weights;
     let t = Instant::now();
-    let model = Compiled::new(
+    // The model takes the weights: its Linear layers are packed in their own memory.
+    let model = Compiled::from_owned(
         graph,
         weights,
         &Options { threads: args.threads, portable: args.portable, fuse: false, conv: args.conv },

@@ -52,6 +52,20 @@ impl ParamSource for crate::fusion_check::WeightsStore<'_> {
     }
 }
 
+/// Weights some of whose f32 values were taken out ([`Weights::take_f32`]): the JIT's view
+/// of them while it packs the taken ones in their own memory. A taken parameter reads as
+/// missing.
+pub(crate) struct Remaining<'a> {
+    pub weights: &'a Weights,
+    pub taken: HashSet<ParamId>,
+}
+
+impl ParamSource for Remaining<'_> {
+    fn f32_values(&self, id: ParamId) -> Option<Cow<'_, [f32]>> {
+        if self.taken.contains(&id) { None } else { self.weights.f32_values(id) }
+    }
+}
+
 /// The values of one parameter.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ParamData {
@@ -546,6 +560,24 @@ impl Weights {
     /// The float tensor of a parameter; `None` for an integer parameter or an id out of range.
     pub fn f32(&self, id: ParamId) -> Option<&ArrayD<f32>> {
         self.data.get(id.0).and_then(ParamData::as_f32)
+    }
+
+    /// Moves a float parameter's values out (standard order; no copy), leaving an empty
+    /// array in its place: for [`crate::Compiled::from_owned`], which reads the rest through
+    /// [`Remaining`] and drops these weights afterwards. `None` for an integer parameter or
+    /// an id out of range.
+    pub(crate) fn take_f32(&mut self, id: ParamId) -> Option<Vec<f32>> {
+        let slot = self.data.get_mut(id.0)?;
+        let ParamData::F32(a) = slot else { return None };
+        let len = a.len();
+        let a = std::mem::replace(a, ArrayD::zeros(IxDyn(&[0])));
+        let a = if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
+        let (mut v, offset) = a.into_raw_vec_and_offset();
+        if let Some(o) = offset.filter(|&o| o > 0) {
+            v.drain(..o);
+        }
+        v.truncate(len);
+        Some(v)
     }
 
     /// The values of a float parameter in standard order, to change in place (its shape and

@@ -183,6 +183,30 @@ impl ConstPool {
         addr
     }
 
+    /// Stores `data`, rewritten in place by `fill` (which may read what it overwrites), and
+    /// returns its address: a big weight the caller gave away is packed in its own memory
+    /// instead of a fresh copy (no second buffer, no page faults on it). The address is
+    /// wherever the allocation put it (16-byte aligned from the system allocator, not
+    /// necessarily 64). A replay copies `data` into the first lowering's storage and runs
+    /// `fill` there.
+    pub fn f32s_in_place(&mut self, mut data: Vec<f32>, fill: impl FnOnce(&mut [f32])) -> i64 {
+        let len = data.len();
+        if let Some(i) = self.next(0) {
+            return self.replay_f32(i, len, |d| {
+                d.copy_from_slice(&data);
+                fill(d)
+            });
+        }
+        if data.is_empty() {
+            data.push(0.0);
+        }
+        fill(&mut data[..len]);
+        let b = data.into_boxed_slice();
+        let addr = b.as_ptr().expose_provenance() as i64;
+        self.f32s.push((b, 0, len));
+        addr
+    }
+
     /// Stores 64-bit integers and returns their address.
     pub fn i64s(&mut self, mut data: Vec<i64>) -> i64 {
         if data.is_empty() {
@@ -256,6 +280,9 @@ pub(super) struct Jit {
     /// Whether the weights are packed again after every optimizer step (a training graph,
     /// `Compiled::set_weights`): a layer is not worth two packings of its weights there.
     pub repacked: bool,
+    /// Weights the caller gave away (`Compiled::from_owned`), by parameter: a kernel that
+    /// takes one may pack it in its own memory (the weight source no longer has it).
+    pub donated: std::collections::HashMap<cnnc_compiler::graph::ParamId, Vec<f32>>,
 }
 
 fn jit_err(node: &str, e: impl std::fmt::Display) -> Error {
@@ -299,6 +326,7 @@ impl Jit {
             conv_choices: vec![],
             threads: 1,
             repacked: false,
+            donated: Default::default(),
         })
     }
 

@@ -5,7 +5,7 @@
 use super::plan::Layout;
 use crate::error::{Error, Result};
 use crate::weights::ParamSource;
-use cnnc_compiler::graph::Node;
+use cnnc_compiler::graph::{Node, ParamId};
 use cnnc_compiler::shape::TensorType;
 
 /// What a lowering needs to know about one node.
@@ -70,8 +70,13 @@ impl NodeCx<'_> {
     /// weights are read once, while packing).
     pub fn param_ref(&self, suffix: &str) -> Result<std::borrow::Cow<'_, [f32]>> {
         let missing = || Error::Unsupported(format!("`{}` has no f32 parameter `{suffix}`", self.node.name));
+        self.weights.f32_values(self.param_id(suffix)?).ok_or_else(missing)
+    }
+
+    /// The id of the parameter with this suffix.
+    pub fn param_id(&self, suffix: &str) -> Result<ParamId> {
+        let missing = || Error::Unsupported(format!("`{}` has no f32 parameter `{suffix}`", self.node.name));
         let pos = self.node.op.def().params().iter().position(|p| p.suffix == suffix).ok_or_else(missing)?;
-        let id = *self.node.params.get(pos).ok_or_else(missing)?;
-        self.weights.f32_values(id).ok_or_else(missing)
+        self.node.params.get(pos).copied().ok_or_else(missing)
     }
 }

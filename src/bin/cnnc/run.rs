@@ -241,9 +241,11 @@ pub fn run(args: &RunArgs) -> Result<(), Fail> {
         out
     } else {
         // Fused above when asked for.
-        let compiled = Compiled::new(
+        // The model takes the weights (they are not needed after): its Linear layers are
+        // packed in their own memory.
+        let compiled = Compiled::from_owned(
             &graph,
-            &weights,
+            weights,
             &Options { threads: args.threads, fuse: false, conv: args.conv.algorithm(), ..Options::default() },
         )?;
         let start = Instant::now();

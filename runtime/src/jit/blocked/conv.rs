@@ -35,7 +35,7 @@ use super::winograd::{self, Pick};
 use crate::error::{Error, Result};
 use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
 use crate::jit::cx::NodeCx;
-use crate::jit::microkernel::{self, Act, ConvTile, GemmTile, Isa};
+use crate::jit::microkernel::{self, Act, ConvTile, GemmTile, Isa, transpose_columns};
 use crate::jit::plan::{BLOCK, Layout};
 use crate::jit::tables::axis_table;
 use crate::{ConvAlgorithm, ConvChoice};
@@ -497,7 +497,18 @@ pub(in crate::jit) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: 
     };
     let rows = if cx.in_layouts[0].is_blocked() { 1 } else { cx.in_tys[0].numel_per_sample() / k.max(1) };
     let kk = if cx.in_layouts[0].is_blocked() { lda } else { k };
-    let w = cx.param_ref("weight")?;
+    // A weight the caller gave away is packed in its own memory where the packed layout
+    // has its size; otherwise it is read like a borrowed one.
+    let donated = jit.donated.remove(&cx.param_id("weight")?);
+    let borrowed = match donated {
+        Some(_) => None,
+        None => Some(cx.param_ref("weight")?),
+    };
+    let weight = match (donated, &borrowed) {
+        (Some(v), _) => GemmWeight::Donated(v),
+        (None, Some(w)) => GemmWeight::Borrowed(w),
+        (None, None) => unreachable!("one of the two is set"),
+    };
     // Which feature each operand element holds (`None`: a padding channel, weight 0).
     let mut source = vec![None; kk];
     for i in 0..k {
@@ -514,7 +525,7 @@ pub(in crate::jit) fn linear(jit: &mut Jit, cx: &NodeCx<'_>, lin: &Linear, isa: 
             k,
             o,
             rows,
-            weight: &w,
+            weight,
             source: &source,
             scale,
             shift,
@@ -535,7 +546,7 @@ pub(in crate::jit) struct RowsGemm<'a> {
     /// Rows per sample.
     pub rows: usize,
     /// `[o, k]`, row-major.
-    pub weight: &'a [f32],
+    pub weight: GemmWeight<'a>,
     /// Per element of an operand row (its length is the row stride), the feature it holds
     /// (`None`: a padding element, weight 0).
     pub source: &'a [Option<usize>],
@@ -549,9 +560,19 @@ pub(in crate::jit) struct RowsGemm<'a> {
     pub res: Option<usize>,
 }
 
+/// A [`RowsGemm`]'s weight matrix.
+pub(in crate::jit) enum GemmWeight<'a> {
+    /// Read while packing into new memory.
+    Borrowed(&'a [f32]),
+    /// Given away: packed in its own memory when the packed layout has its size (every
+    /// feature real, no padding channel, and `o` a multiple of the tile's vector width),
+    /// else read like a borrowed one and dropped.
+    Donated(Vec<f32>),
+}
+
 /// Emits a [`RowsGemm`] as one parallel kernel named `name`.
 pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm<'_>) -> Result<()> {
-    let RowsGemm { k, o, rows, weight: w, source, scale, shift, act, xs, ys, res } = g;
+    let RowsGemm { k, o, rows, weight, source, scale, shift, act, xs, ys, res } = g;
     let kk = source.len();
     let nr = isa.gemm_nr();
     let lanes = nr / if isa == Isa::Avx512 { 4 } else { 2 };
@@ -583,39 +604,65 @@ pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm
             pairs
         })
         .collect();
-    // Tiles `ts` into `out`, the packed floats from tile `ts.start` on.
-    let pack_tiles = |out: &mut [f32], ts: std::ops::Range<usize>| {
-        let mut buf = vec![0f32; RUN * nr];
-        let start = tile_off.get(ts.start).copied().unwrap_or(total);
-        for t in ts {
-            let base = tile_off[t] - start;
-            let valid = (o - t * nr).min(nr);
-            let width = valid.next_multiple_of(lanes);
-            let rows = &w[t * nr * k..][..valid * k];
-            for pairs in &chunks {
-                let mut a = 0;
-                while a < pairs.len() {
-                    let mut b = a + 1;
-                    while b < pairs.len() && b - a < RUN && pairs[b].0 == pairs[b - 1].0 + 1 {
-                        b += 1;
-                    }
-                    let (i0, len) = (pairs[a].0, b - a);
-                    for (j, row) in rows.chunks_exact(k).enumerate() {
-                        for (q, v) in row[i0..i0 + len].iter().enumerate() {
-                            buf[q * nr + j] = *v;
-                        }
-                    }
-                    for (q, &(_, p)) in pairs[a..b].iter().enumerate() {
-                        out[base + p * width..][..valid].copy_from_slice(&buf[q * nr..][..valid]);
-                    }
-                    a = b;
+    // Packs tile `t`'s weight rows `rows` (`valid` of them, `k` long) into `dst` (its
+    // packed floats); `to` is room for a run's packed-row offsets.
+    let pack_tile = |dst: &mut [f32], rows: &[f32], t: usize, to: &mut Vec<usize>| {
+        let valid = (o - t * nr).min(nr);
+        let width = valid.next_multiple_of(lanes);
+        for pairs in &chunks {
+            let mut a = 0;
+            while a < pairs.len() {
+                let mut b = a + 1;
+                while b < pairs.len() && b - a < RUN && pairs[b].0 == pairs[b - 1].0 + 1 {
+                    b += 1;
                 }
+                to.clear();
+                to.extend(pairs[a..b].iter().map(|&(_, p)| p * width));
+                transpose_columns(rows, k, valid, pairs[a].0, dst, to);
+                a = b;
             }
         }
     };
+    let valid_rows = |t: usize| (o - t * nr).min(nr);
+    // Tiles `ts` into `out`, the packed floats from tile `ts.start` on.
+    let pack_tiles = |w: &[f32], out: &mut [f32], ts: std::ops::Range<usize>| {
+        let mut buf = Vec::with_capacity(RUN);
+        let start = tile_off.get(ts.start).copied().unwrap_or(total);
+        for t in ts {
+            let base = tile_off[t] - start;
+            pack_tile(
+                &mut out[base..][..kk * valid_rows(t).next_multiple_of(lanes)],
+                &w[t * nr * k..][..valid_rows(t) * k],
+                t,
+                &mut buf,
+            );
+        }
+    };
     let threads = jit.threads;
-    let pack = |packed: &mut [f32]| fill_by_items(packed, &tile_off, threads, pack_tiles);
-    let w_addr = jit.consts.f32s_filled(total, pack);
+    let w_addr = match weight {
+        // Tile `t`'s packed floats then occupy exactly its weight rows: each tile is copied
+        // aside (one tile, a few MB, per thread) and packed back over itself.
+        GemmWeight::Donated(w) if kk == k && o % lanes == 0 && w.len() == total => {
+            let in_place = |out: &mut [f32], ts: std::ops::Range<usize>| {
+                let mut buf = Vec::with_capacity(RUN);
+                let mut aside = vec![0f32; nr * k];
+                let start = tile_off.get(ts.start).copied().unwrap_or(total);
+                for t in ts {
+                    let base = tile_off[t] - start;
+                    let n = valid_rows(t) * k;
+                    aside[..n].copy_from_slice(&out[base..][..n]);
+                    pack_tile(&mut out[base..][..n], &aside[..n], t, &mut buf);
+                }
+            };
+            jit.consts.f32s_in_place(w, |packed| fill_by_items(packed, &tile_off, threads, in_place))
+        }
+        GemmWeight::Donated(w) => jit
+            .consts
+            .f32s_filled(total, |packed| fill_by_items(packed, &tile_off, threads, |out, ts| pack_tiles(&w, out, ts))),
+        GemmWeight::Borrowed(w) => jit
+            .consts
+            .f32s_filled(total, |packed| fill_by_items(packed, &tile_off, threads, |out, ts| pack_tiles(w, out, ts))),
+    };
     let tile = GemmTile {
         isa,
         k: kk,

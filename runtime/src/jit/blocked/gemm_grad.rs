@@ -32,7 +32,7 @@
 //! Scratch is one fixed region per kernel and thread ([`GradScratch`]). Results equal the
 //! interpreter's f64 sums within f32 rounding (the JIT ≡ interpreter suites bound it).
 
-use super::conv::{RowsGemm, rows_gemm};
+use super::conv::{GemmWeight, RowsGemm, rows_gemm};
 use crate::error::{Error, Result};
 use crate::jit::codegen::{Count, Fx, Jit, c, part_range};
 use crate::jit::cx::NodeCx;
@@ -1198,7 +1198,7 @@ pub(in crate::jit) fn linear_input_grad(jit: &mut Jit, cx: &NodeCx<'_>, l: &Line
         k: fo,
         o: fi,
         rows,
-        weight: &wt,
+        weight: GemmWeight::Donated(wt),
         source: &source,
         scale: None,
         shift: None,

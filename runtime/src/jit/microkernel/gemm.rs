@@ -188,3 +188,117 @@ pub(in crate::jit) unsafe extern "C" fn gemm_tile(
         unreachable!("no micro-kernel ISA is detected off x86-64")
     }
 }
+
+/// Packing's transpose: `dst[to[q] + j] = rows[j·k + i0 + q]` for `j < valid`, `q <
+/// to.len()` — columns `i0 ..` of `valid` rows of length `k`, each written as `valid`
+/// consecutive floats at its own offset of `dst` (a GEMM tile's packed row). 8×8 blocks
+/// go through AVX registers when the host has AVX, the edges one float at a time.
+///
+/// # Panics
+/// If a column or a destination row is out of bounds (every index is checked up front).
+pub(in crate::jit) fn transpose_columns(
+    rows: &[f32],
+    k: usize,
+    valid: usize,
+    i0: usize,
+    dst: &mut [f32],
+    to: &[usize],
+) {
+    let len = to.len();
+    if valid == 0 || len == 0 {
+        return;
+    }
+    assert!(i0 + len <= k && (valid - 1) * k + i0 + len <= rows.len(), "columns out of the rows");
+    assert!(to.iter().all(|&d| d + valid <= dst.len()), "a destination row out of bounds");
+    let (mut q0, mut j_done) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: AVX is present; every 8×8 block read and written lies within the bounds
+        // checked above (j0 + 8 ≤ valid, q0 + 8 ≤ len).
+        unsafe { x86_transpose::blocks(rows.as_ptr(), k, valid, i0, dst.as_mut_ptr(), to) };
+        (q0, j_done) = (len / 8 * 8, valid / 8 * 8);
+    }
+    // Edges (everything without AVX): the rows past the 8×8 blocks for the blocks'
+    // columns, then every row for the remaining columns.
+    for (q, &d) in to.iter().enumerate() {
+        let from = if q < q0 { j_done } else { 0 };
+        for j in from..valid {
+            dst[d + j] = rows[j * k + i0 + q];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_transpose {
+    use std::arch::x86_64::*;
+
+    /// The 8×8 blocks of [`super::transpose_columns`]: rows `0 .. valid / 8 · 8`, columns
+    /// `0 .. to.len() / 8 · 8`.
+    ///
+    /// # Safety
+    /// AVX is present; the bounds of [`super::transpose_columns`] hold.
+    #[target_feature(enable = "avx")]
+    pub unsafe fn blocks(rows: *const f32, k: usize, valid: usize, i0: usize, dst: *mut f32, to: &[usize]) {
+        unsafe {
+            for q0 in (0..to.len() / 8 * 8).step_by(8) {
+                for j0 in (0..valid / 8 * 8).step_by(8) {
+                    let r = |a: usize| _mm256_loadu_ps(rows.add((j0 + a) * k + i0 + q0));
+                    let (r0, r1, r2, r3, r4, r5, r6, r7) = (r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7));
+                    let t0 = _mm256_unpacklo_ps(r0, r1);
+                    let t1 = _mm256_unpackhi_ps(r0, r1);
+                    let t2 = _mm256_unpacklo_ps(r2, r3);
+                    let t3 = _mm256_unpackhi_ps(r2, r3);
+                    let t4 = _mm256_unpacklo_ps(r4, r5);
+                    let t5 = _mm256_unpackhi_ps(r4, r5);
+                    let t6 = _mm256_unpacklo_ps(r6, r7);
+                    let t7 = _mm256_unpackhi_ps(r6, r7);
+                    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                    let out = [
+                        _mm256_permute2f128_ps::<0x20>(s0, s4),
+                        _mm256_permute2f128_ps::<0x20>(s1, s5),
+                        _mm256_permute2f128_ps::<0x20>(s2, s6),
+                        _mm256_permute2f128_ps::<0x20>(s3, s7),
+                        _mm256_permute2f128_ps::<0x31>(s0, s4),
+                        _mm256_permute2f128_ps::<0x31>(s1, s5),
+                        _mm256_permute2f128_ps::<0x31>(s2, s6),
+                        _mm256_permute2f128_ps::<0x31>(s3, s7),
+                    ];
+                    for (b, v) in out.into_iter().enumerate() {
+                        _mm256_storeu_ps(dst.add(to[q0 + b] + j0), v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transpose_columns;
+
+    #[test]
+    fn transpose_columns_matches_the_definition() {
+        for (k, valid, i0, len) in [(40, 17, 3, 21), (64, 64, 0, 64), (9, 3, 1, 8), (100, 8, 92, 8), (5, 1, 4, 1)] {
+            let rows: Vec<f32> = (0..valid * k).map(|i| i as f32 * 0.5 - 3.0).collect();
+            // Destination rows permuted and spaced, with gaps that must stay untouched.
+            let width = valid + 3;
+            let to: Vec<usize> = (0..len).map(|q| ((q * 5) % len) * width + 1).collect();
+            let mut dst = vec![f32::NAN; len * width + 4];
+            transpose_columns(&rows, k, valid, i0, &mut dst, &to);
+            for (q, &d) in to.iter().enumerate() {
+                for j in 0..valid {
+                    assert_eq!(dst[d + j], rows[j * k + i0 + q], "k {k} valid {valid} column {q} row {j}");
+                }
+            }
+            let written: usize = dst.iter().filter(|v| !v.is_nan()).count();
+            assert_eq!(written, valid * len, "nothing else written");
+        }
+    }
+}

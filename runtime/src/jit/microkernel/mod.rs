@@ -60,7 +60,7 @@ mod winograd_grad;
 
 pub(in crate::jit) use conv::{ConvTile, conv_shape, conv_tile};
 pub(in crate::jit) use epilogue::Act;
-pub(in crate::jit) use gemm::{GemmTile, gemm_tile};
+pub(in crate::jit) use gemm::{GemmTile, gemm_tile, transpose_columns};
 pub(in crate::jit) use isa::Isa;
 pub use isa::Kernels;
 pub(in crate::jit) use plane::{PlaneTile, plane_nv, plane_tile};
