@@ -568,6 +568,9 @@ pub(in crate::jit) enum GemmWeight<'a> {
     /// feature real, no padding channel, and `o` a multiple of the tile's vector width),
     /// else read like a borrowed one and dropped.
     Donated(Vec<f32>),
+    /// The matrix's transpose, `[k, o]` row-major (a Linear's weight for its input
+    /// gradient): a packed row is then a run of one of its rows, copied.
+    Transposed(&'a [f32]),
 }
 
 /// Emits a [`RowsGemm`] as one parallel kernel named `name`.
@@ -663,6 +666,23 @@ pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm
         GemmWeight::Borrowed(w) => jit
             .consts
             .f32s_filled(total, |packed| fill_by_items(packed, &tile_off, threads, |out, ts| pack_tiles(w, out, ts))),
+        GemmWeight::Transposed(wt) => {
+            // Packed row `p` of tile `t`: row `source[p]` of `wt` at the tile's columns
+            // (a padding row stays zero).
+            let copy_tiles = |out: &mut [f32], ts: std::ops::Range<usize>| {
+                let start = tile_off.get(ts.start).copied().unwrap_or(total);
+                for t in ts {
+                    let (base, valid) = (tile_off[t] - start, valid_rows(t));
+                    let width = valid.next_multiple_of(lanes);
+                    for (p, f) in source.iter().enumerate() {
+                        if let Some(f) = f {
+                            out[base + p * width..][..valid].copy_from_slice(&wt[f * o + t * nr..][..valid]);
+                        }
+                    }
+                }
+            };
+            jit.consts.f32s_filled(total, |packed| fill_by_items(packed, &tile_off, threads, copy_tiles))
+        }
     };
     let tile = GemmTile {
         isa,

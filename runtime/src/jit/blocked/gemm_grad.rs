@@ -1186,19 +1186,14 @@ fn fold(
 pub(in crate::jit) fn linear_input_grad(jit: &mut Jit, cx: &NodeCx<'_>, l: &Linear, isa: Isa) -> Result<()> {
     let (fi, fo) = (l.in_features, l.out_features);
     let rows = cx.in_tys[0].numel_per_sample() / fo.max(1);
+    // `W` `[fo, fi]` is the transpose of the product's matrix `Wᵀ` `[fi, fo]`.
     let w = cx.param_ref("weight")?;
-    let mut wt = vec![0f32; fi * fo];
-    for o in 0..fo {
-        for i in 0..fi {
-            wt[i * fo + o] = w[o * fi + i];
-        }
-    }
     let source: Vec<Option<usize>> = (0..fo).map(Some).collect();
     let spec = RowsGemm {
         k: fo,
         o: fi,
         rows,
-        weight: GemmWeight::Donated(wt),
+        weight: GemmWeight::Transposed(&w),
         source: &source,
         scale: None,
         shift: None,
