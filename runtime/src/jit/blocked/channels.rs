@@ -6,6 +6,7 @@
 //! [`bn_train_grad`]): vectors across a block's channels, per-channel totals in f64.
 //! BatchNorm splits its work between threads by output rows.
 
+use super::common::{block_rows, unblock_rows};
 use crate::error::{Error, Result};
 use crate::jit::codegen::part_range;
 use crate::jit::codegen::{Count, Fx, Jit, LANES, V, c};
@@ -110,33 +111,12 @@ pub(in crate::jit) fn reorder(jit: &mut Jit, (from, lf): (usize, Layout), (to, l
             let (xs, ys) = if to_blocked { (plain, blocked) } else { (blocked, plain) };
             let xn = fx.elem_scaled(x, n, c(xs));
             let yn = fx.elem_scaled(y, n, c(ys));
-            let (pn, bn) = if to_blocked { (xn, yn) } else { (yn, xn) };
-            // Channel k: plane k of the plain tensor, lane k mod 16 of block k / 16.
-            fx.for_const(0, ch, 1, |fx, k| {
-                let pp = fx.elem_scaled(pn, k, c(plane));
-                let blk = fx.b.ins().ushr_imm_u(k, 4);
-                let lane = fx.b.ins().band_imm_u(k, c(BLOCK - 1));
-                let b0 = fx.elem_scaled(bn, blk, c(plane * BLOCK));
-                let bp = fx.elem(b0, lane);
-                fx.loop_n(Count::Const(plane), [pp, bp], [4, c(4 * BLOCK)], |fx, [pq, bq]| {
-                    if to_blocked {
-                        let v = fx.load_f(pq, 0);
-                        fx.store_f(v, bq, 0);
-                    } else {
-                        let v = fx.load_f(bq, 0);
-                        fx.store_f(v, pq, 0);
-                    }
-                });
-            });
-            if to_blocked && ch % BLOCK != 0 {
-                // The padding lanes of the last block.
-                let z = fx.f(0.0);
-                let last = fx.addi(bn, c(4 * (cb - 1) * plane * BLOCK));
-                fx.loop_n(Count::Const(plane), [last], [c(4 * BLOCK)], |fx, [bq]| {
-                    for l in ch % BLOCK..BLOCK {
-                        fx.store_f(z, bq, c(l));
-                    }
-                });
+            // Channel k: plane k of the plain tensor, lane k mod 16 of block k / 16; four
+            // channels of four pixels at a time.
+            if to_blocked {
+                block_rows(fx, xn, yn, ch, (plane, plane * BLOCK), plane);
+            } else {
+                unblock_rows(fx, xn, yn, ch, (plane, plane * BLOCK), plane);
             }
         });
     })?;

@@ -278,6 +278,45 @@ fn source_row(fx: &mut Fx<'_>, r: Value, pt: usize, ih: usize) -> (Value, Value)
     (inside, fx.b.ins().select(inside, src_row, zero))
 }
 
+/// The inverse of [`unblock_rows`]: `o` rows of `p` floats at `src`, `ld` floats apart, as
+/// `p` consecutive pixels of a blocked tensor at `dst` (its blocks `dblk` floats apart):
+/// four channels' four pixels at a time (a 4×4 transpose), the last `p % 4` pixels one
+/// value at a time; the padding lanes of the last block are written as zeros.
+pub(in crate::jit) fn block_rows(
+    fx: &mut Fx<'_>,
+    src: Value,
+    dst: Value,
+    o: usize,
+    (p, dblk): (usize, usize),
+    ld: usize,
+) {
+    const B: usize = BLOCK;
+    let quads = p / 4;
+    for blk in 0..o.div_ceil(B) {
+        let d = fx.addi(dst, c(4 * blk * dblk));
+        for q in 0..B / 4 {
+            let ch0 = blk * B + 4 * q;
+            let valid = o.saturating_sub(ch0).min(4);
+            let s = fx.addi(src, c(4 * ch0.min(o - 1) * ld));
+            let d = fx.addi(d, c(4 * 4 * q));
+            fx.loop_n(Count::Const(quads), [s, d], [16, c(16 * B)], |fx, [s, d]| {
+                let zero = fx.vf(0.0);
+                let v = std::array::from_fn(|j| if j < valid { fx.load_v(s, c(j * ld)) } else { zero });
+                let px = fx.transpose4(v);
+                for (k, r) in px.into_iter().enumerate() {
+                    fx.store_v(r, d, c(k * B));
+                }
+            });
+            for px in quads * 4..p {
+                for j in 0..4 {
+                    let v = if j < valid { fx.load_f(s, c(j * ld + px)) } else { fx.f(0.0) };
+                    fx.store_f(v, d, c(px * B + j));
+                }
+            }
+        }
+    }
+}
+
 /// `p` consecutive pixels of a blocked tensor at `src` (its blocks `sblk` floats apart:
 /// `[⌈o/16⌉][…p…][16]`) as `o` rows of `p` floats at `dst`, `ld` floats apart: four
 /// pixels' four channels at a time (a 4×4 transpose), the last `p % 4` pixels one value at
