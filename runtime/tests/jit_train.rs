@@ -254,6 +254,25 @@ fn blocked_backward_matches_the_interpreter() {
     }
 }
 
+/// The shifted-row form of a stride-1 Conv2d's weight gradient (kernels 3–6 wide, ≥ 16
+/// output channels, a padded width at most 4/3 of the output's): plain and blocked inputs
+/// and output gradients, zero, reflect and no padding, a partial block of output channels,
+/// widths that are not a multiple of four, each against the interpreter on both ISAs and
+/// thread counts (with few taps, two threads take the GEMM form).
+#[test]
+fn shifted_row_weight_gradients_match_the_interpreter() {
+    for (text, shape) in [
+        ("Conv2d(3, 32, 5, padding = 2)", &[2, 3, 13, 18][..]),
+        ("Conv2d(3, 16, 1), ReLU(), Conv2d(16, 17, 5, padding = 2), MaxPool2d(2)", &[2, 3, 12, 12]),
+        ("Conv2d(5, 19, (3, 5), padding = (1, 2), padding_mode = \"reflect\")", &[3, 5, 9, 16]),
+        ("Conv2d(4, 16, (3, 4))", &[2, 4, 10, 17]),
+        ("Conv2d(2, 16, (2, 6), padding = (0, 1))", &[2, 2, 5, 20]),
+        ("Conv2d(3, 16, 1), Tanh(), Conv2d(16, 33, 5, padding = 2), ReLU()", &[2, 3, 12, 13]),
+    ] {
+        check(&layer(text, shape), Mode::Train, None, shape[0], 4);
+    }
+}
+
 /// A blocked max-pool backward (a 1×1 convolution with identity weights ahead of it keeps
 /// the input's ties and NaNs, on the blocked layout; its last channel is −∞ everywhere, so
 /// a padded window's first tap inside the input must win) sends each window's gradient to

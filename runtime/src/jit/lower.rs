@@ -101,7 +101,9 @@ pub(super) fn lower(jit: &mut Jit, graph: &Graph, weights: &dyn ParamSource, pla
                         },
                         TrainOp::ConvWeightGrad(c) => match jit.isa {
                             Some(isa) => {
-                                if !blocked::winograd::weight_grad(jit, &cx, c, isa)? {
+                                if !blocked::winograd::weight_grad(jit, &cx, c, isa)?
+                                    && !blocked::gemm_grad::conv_weight_grad_rows(jit, &cx, t, c, isa)?
+                                {
                                     blocked::gemm_grad::conv_weight_grad(jit, &cx, t, c, isa)?
                                 }
                             }

@@ -724,7 +724,10 @@ impl GradScratch {
                 // record of the parts (16 floats' room) and this part's partial gradient.
                 let partial = if kc <= WGRAD_KSPLIT_MAX_KC { 16 + o * kc } else { 0 };
                 let mut s = lay(block, pad, o * block * p, packed(kc.min(64), block * p), partial);
-                // Room for the Winograd form too, where it may be chosen.
+                // Room for the shifted-row and Winograd forms too, where they may be chosen.
+                if let Some(r) = wgrad_rows(conv, (cin, h, w), (o, oh, ow)) {
+                    s.total = s.total.max(r.total);
+                }
                 if wgrad_winograd_fits(conv) {
                     let w = crate::jit::microkernel::WgradScratch::new(conv.kernel.0, cin, (h, w), (oh, ow));
                     s.total = s.total.max(w.total.next_multiple_of(ALIGN));
@@ -766,6 +769,49 @@ pub(super) fn wgrad_winograd_fits(conv: &Conv2d) -> bool {
         && conv.groups == 1
         && (conv.kernel == (3, 3) || conv.kernel == (5, 5))
         && conv.padding_mode == PaddingMode::Zeros
+}
+
+/// Where a Conv2d's weight gradient takes the shifted-row form
+/// (`blocked::gemm_grad::conv_weight_grad_rows`) and that form's scratch layout (floats
+/// from a part's scratch): the padded input of one sample at `pad` (with room past it for
+/// the last row's shifted reads), the sample's output gradient packed as `B` at `b`, the
+/// transposed gradient `[C·kh·kw, O]` at `c`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct WgradRows {
+    pub pad: usize,
+    pub b: usize,
+    pub c: usize,
+    pub total: usize,
+}
+
+/// The shifted-row weight gradient's layout where it applies and pays: stride 1, no
+/// dilation or groups, kernels 3 to 6 wide (a row of taps is one tile of at most
+/// `gemm_mr` rows), at least 16 output channels (a tile row of whole vectors), a padded
+/// width at most 4/3 of the output's (the padded columns are computed and dropped) and a
+/// transposed gradient of at most 512 KB (it stays in L2 across the samples) — the
+/// CIFAR-10 net's 5×5 convolutions; `None` elsewhere.
+pub(super) fn wgrad_rows(
+    conv: &Conv2d,
+    (cin, h, w): (usize, usize, usize),
+    (o, oh, ow): (usize, usize, usize),
+) -> Option<WgradRows> {
+    let (kh, kw) = conv.kernel;
+    let (pt, pb, pl, pr) = conv.pads();
+    let (ph, pw) = (h + pt + pb, w + pl + pr);
+    let kc = cin * kh * kw;
+    let fits = conv.stride == (1, 1)
+        && conv.dilation == (1, 1)
+        && conv.groups == 1
+        && (3..=6).contains(&kw)
+        && o >= 16
+        && 3 * pw <= 4 * ow
+        && 4 * kc * o <= 512 << 10;
+    if !fits {
+        return None;
+    }
+    let b = align(cin * ph * pw + 16);
+    let c = b + align(o.next_multiple_of(64) * oh * pw);
+    Some(WgradRows { pad: 0, b, c, total: c + align(kc * o) })
 }
 
 /// Floats per sample of the scratch a training kernel uses during its step, if any: a

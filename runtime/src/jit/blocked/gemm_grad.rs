@@ -39,7 +39,7 @@ use crate::jit::cx::NodeCx;
 use crate::jit::eltwise::copy_run;
 use crate::jit::math::act_v;
 use crate::jit::microkernel::{self, Act, GemmTile, Isa};
-use crate::jit::plan::{GradScratch, conv_grad_block, input_grad_rows, input_grad_transposed};
+use crate::jit::plan::{GradScratch, conv_grad_block, input_grad_rows, input_grad_transposed, wgrad_rows};
 use crate::jit::tables::axis_table;
 use cnnc_compiler::ops::train::TrainOp;
 use cnnc_compiler::ops::{Conv2d, Linear};
@@ -555,6 +555,192 @@ pub(in crate::jit) fn conv_weight_grad(
         })?;
     }
     Ok(())
+}
+
+/// `(x, dy) → ∂/∂weight` of a stride-1 Conv2d in the shifted-row form, where
+/// [`wgrad_rows`] says it applies (else `Ok(false)`, nothing emitted):
+/// `dWᵀ[(c, ky, kx)][oc] = Σ_n Σ_{y, x′} xp[n][c][y + ky][x′ + kx] · dy′[n][oc][y][x′]`, `xp`
+/// the padded input, `x′` running over the padded width, `dy′` the output gradient with
+/// zeros past the output's width. For one `(c, ky)` the `kw` rows of taps are the padded
+/// input from row `ky` of channel `c` on, each shifted by one float, so the tile reads them
+/// where they are (`lda` = 1; the columns past the output's width read into the next row
+/// and meet zeros) — no im2col. `B` is a sample's `dy′`, a row of output channels per
+/// pixel. The transposed gradient stays in scratch (in L2) across the samples; threads
+/// share its `(c, ky)` row blocks, each transposing its rows into `dW` at the end.
+pub(in crate::jit) fn conv_weight_grad_rows(
+    jit: &mut Jit,
+    cx: &NodeCx<'_>,
+    op: &TrainOp,
+    conv: &Conv2d,
+    isa: Isa,
+) -> Result<bool> {
+    let (cin, h, w) = cx.in_chw(0)?;
+    let (o, oh, ow) = cx.in_chw(1)?;
+    let Some(lay) = wgrad_rows(conv, (cin, h, w), (o, oh, ow)) else { return Ok(false) };
+    // With few taps threads share the GEMM form by samples instead: here each would pack
+    // every sample's `B` for a handful of row blocks (the CIFAR-10 net's first conv, 3·5
+    // of them, ran ~10% slower so at two threads).
+    if jit.threads > 1 && cin * conv.kernel.0 * conv.kernel.1 <= crate::jit::plan::WGRAD_KSPLIT_MAX_KC {
+        return Ok(false);
+    }
+    let zeros_or_none = conv.padding_mode == cnnc_compiler::ops::PaddingMode::Zeros || conv.pads() == (0, 0, 0, 0);
+    let (x_blocked, dy_blocked) = (cx.in_layouts[0].is_blocked(), cx.in_layouts[1].is_blocked());
+    if x_blocked && !zeros_or_none {
+        return Ok(false);
+    }
+    let sc = scratch_of(cx, op)?;
+    if sc.total < lay.total {
+        return Err(Error::Unsupported(format!("`{}`: the plan's scratch is too small", cx.node.name)));
+    }
+    let geo = Geo::new(conv, (cin, h, w), (o, oh, ow));
+    let Geo { ph, pw, kc, .. } = geo;
+    let (kh, kw) = conv.kernel;
+    let kn = oh * pw;
+    let gemm = Gemm::new(jit, isa, kw, o, kn, 1, o);
+    let tabs = geo.pad_tables(jit, conv, (h, w))?;
+    let zeros = geo.zero_padding(conv);
+    let (xs, ds, os, ss) = (cx.inputs[0], cx.inputs[1], cx.output, cx.scratch_slot()?);
+    let (x_len, dy_len) = (cx.in_lens[0], cx.in_lens[1]);
+    let plane = ph * pw;
+    let work = 2 * (o * kc * oh * ow) as u64;
+    jit.parallel_kernel(&cx.node.name, work, |fx| {
+        let (x, dy, dw, scr) = (fx.slot(xs), fx.slot(ds), fx.slot(os), fx.slot(ss));
+        let scr = part_scratch(fx, scr, sc.total);
+        let pad = fx.addi(scr, c(4 * lay.pad));
+        let bpk = fx.addi(scr, c(4 * lay.b));
+        let cbuf = fx.addi(scr, c(4 * lay.c));
+        // What the last row's shifted taps read past the padded sample: zeros.
+        let zf = fx.f(0.0);
+        for i in 0..kw {
+            fx.store_f(zf, pad, c(cin * plane + i));
+        }
+        let units = fx.i(c(cin * kh));
+        let (lo, hi) = part_range(fx, units);
+        let count = fx.b.ins().isub(hi, lo);
+        let zero = fx.i(0);
+        let vals = [x, dy, zero, pad, bpk, cbuf, lo, count];
+        let steps = [c(4 * x_len), c(4 * dy_len), 1, 0, 0, 0, 0, 0];
+        fx.loop_n(Count::Dyn(fx.nb), vals, steps, |fx, [xn, dyn_, n, pad, bpk, cbuf, lo, count]| {
+            let one = fx.i(1);
+            if x_blocked {
+                unblock_samples(fx, xn, pad, one, (cin, h, w), (ph, pw), zeros.unwrap_or((0, 0)));
+            } else if let Some((sy, sx)) = tabs {
+                pad_samples(fx, xn, pad, one, (cin, h, w), (ph, pw), (sy, sx), zeros);
+            } else {
+                copy_run(fx, xn, pad, cin * h * w);
+            }
+            pack_dy_rows(fx, &gemm, dyn_, bpk, (oh, ow, pw), dy_blocked);
+            // The first sample overwrites the sums, the others add.
+            let first = fx.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+            let first = fx.b.ins().uextend(types::I64, first);
+            let vals = [lo, pad, bpk, cbuf, first];
+            fx.loop_n(Count::Dyn(count), vals, [1, 0, 0, 0, 0], |fx, [u, pad, bpk, cbuf, first]| {
+                // Row block `u` = (c, ky): taps `u·kw ..`, read from row `ky` of plane `c`.
+                let ch = fx.b.ins().udiv_imm_u(u, c(kh));
+                let ky = fx.b.ins().urem_imm_u(u, c(kh));
+                let off = fx.b.ins().imul_imm_s(ch, c(4 * plane));
+                let a = fx.add(pad, off);
+                let off = fx.b.ins().imul_imm_s(ky, c(4 * pw));
+                let a = fx.add(a, off);
+                let off = fx.b.ins().imul_imm_s(u, c(4 * kw * o));
+                let cp = fx.add(cbuf, off);
+                let kv = fx.i(c(kn));
+                gemm.emit(fx, a, bpk, cp, kv, first);
+            });
+        });
+        // This part's rows of `dWᵀ` into `dW` (`[O, C·kh·kw]`).
+        let r0 = fx.b.ins().imul_imm_s(lo, c(kw));
+        let rows = fx.b.ins().imul_imm_s(count, c(kw));
+        let src = fx.b.ins().imul_imm_s(r0, c(4 * o));
+        let src = fx.add(cbuf, src);
+        let dst = fx.b.ins().imul_imm_s(r0, 4);
+        let dst = fx.add(dw, dst);
+        fx.loop_n(Count::Dyn(rows), [src, dst], [c(4 * o), 4], |fx, [s, d]| {
+            fx.loop_n(Count::Const(o), [s, d], [4, c(4 * kc)], |fx, [s, d]| {
+                let v = fx.load_f(s, 0);
+                fx.store_f(v, d, 0);
+            });
+        });
+    })?;
+    Ok(true)
+}
+
+/// One sample's output gradient `dy` (`[O, oh, ow]`, or blocked) as the `B` of
+/// [`conv_weight_grad_rows`]: per pixel of the padded width `pw` a row of the output
+/// channels (`[tile][oh·pw][width]`), zero past the output's width. From a plain `dy`
+/// four channels of four pixels at a time (a 4×4 transpose); from a blocked one, a pixel's
+/// 16 channels as four vector copies (the padding lanes of the last block are copied into
+/// columns the tile computes but does not store).
+fn pack_dy_rows(
+    fx: &mut Fx<'_>,
+    gemm: &Gemm,
+    dy: Value,
+    bpk: Value,
+    (oh, ow, pw): (usize, usize, usize),
+    blocked: bool,
+) {
+    const B: usize = crate::jit::plan::BLOCK;
+    let (o, nr) = (gemm.n, gemm.nr);
+    let plane = oh * ow;
+    for t in 0..o.div_ceil(nr) {
+        let width = gemm.width(t);
+        let valid = (o - t * nr).min(nr);
+        let bt = fx.addi(bpk, c(4 * gemm.tile_off(t)));
+        // The columns past the output's width.
+        let zv = fx.vf(0.0);
+        fx.loop_n(Count::Const(oh), [bt, zv], [c(4 * pw * width), 0], |fx, [r, zv]| {
+            for x in ow..pw {
+                for v in 0..width / 4 {
+                    fx.store_v(zv, r, c(x * width + 4 * v));
+                }
+            }
+        });
+        if blocked {
+            for blk in 0..valid.div_ceil(B) {
+                let src = fx.addi(dy, c(4 * ((t * nr / B + blk) * plane * B)));
+                let dst = fx.addi(bt, c(4 * blk * B));
+                fx.loop_n(Count::Const(oh), [src, dst], [c(4 * ow * B), c(4 * pw * width)], |fx, [s, d]| {
+                    fx.loop_n(Count::Const(ow), [s, d], [c(4 * B), c(4 * width)], |fx, [s, d]| {
+                        for k in 0..B / 4 {
+                            let v = fx.load_v(s, c(4 * k));
+                            fx.store_v(v, d, c(4 * k));
+                        }
+                    });
+                });
+            }
+            continue;
+        }
+        let quads = valid / 4;
+        for q in 0..quads {
+            let src = fx.addi(dy, c(4 * (t * nr + 4 * q) * plane));
+            let dst = fx.addi(bt, c(4 * 4 * q));
+            fx.loop_n(Count::Const(oh), [src, dst], [c(4 * ow), c(4 * pw * width)], |fx, [s, d]| {
+                fx.loop_n(Count::Const(ow / 4), [s, d], [16, c(16 * width)], |fx, [s, d]| {
+                    let v = std::array::from_fn(|j| fx.load_v(s, c(j * plane)));
+                    let px = fx.transpose4(v);
+                    for (k, r) in px.into_iter().enumerate() {
+                        fx.store_v(r, d, c(k * width));
+                    }
+                });
+                for x in ow / 4 * 4..ow {
+                    for j in 0..4 {
+                        let v = fx.load_f(s, c(j * plane + x));
+                        fx.store_f(v, d, c(x * width + j));
+                    }
+                }
+            });
+        }
+        for ch in 4 * quads..valid {
+            let src = fx.addi(dy, c(4 * (t * nr + ch) * plane));
+            let dst = fx.addi(bt, c(4 * ch));
+            fx.loop_n(Count::Const(oh), [src, dst], [c(4 * ow), c(4 * pw * width)], |fx, [s, d]| {
+                for x in 0..ow {
+                    let v = fx.load_f(s, c(x));
+                    fx.store_f(v, d, c(x * width));
+                }
+            });
+        }
+    }
 }
 
 /// Output pixels of a sample from which a GEMM weight gradient reduces in chunks of output
