@@ -299,27 +299,26 @@ pub(in crate::jit) fn conv(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d) -> Res
             // channels past `cout` stay zero).
             let valid = width.min(cout.saturating_sub(grp.ocb0 * BLOCK));
             let o0 = grp.ocb0 * BLOCK;
-            // Per input channel, output channel by output channel: its `ntaps` weights
-            // are contiguous in the stored array and go to one column of the `ntaps` rows
-            // (a small transpose in L1; reading a row's `width` weights `icg · ntaps`
-            // floats apart instead cost ~1 ns each, half of `set_weights` in training).
-            let stride = c_full * width;
-            for ic in 0..icg {
-                let (b, ch) = (ic / c_full, ic % c_full);
-                let out = &mut packed[grp.w_off - first + (b * ntaps * c_full + ch) * width..];
-                for j in 0..valid {
-                    if flipped {
-                        let src = &w[(ic * cout + o0 + j) * ntaps..][..ntaps];
-                        for (tap, v) in src.iter().rev().enumerate() {
-                            out[tap * stride + j] = *v;
-                        }
-                    } else {
-                        let src = &w[((o0 + j) * icg + ic) * ntaps..][..ntaps];
-                        for (tap, v) in src.iter().enumerate() {
-                            out[tap * stride + j] = *v;
-                        }
+            // Weight `(ic, tap)` of output channel `o0 + j` goes to column `j` of row
+            // `(ic / c_full, tap, ic % c_full)`: a transpose, 8×8 blocks at a time
+            // (`transpose_columns`; reading a row's `width` weights `icg · ntaps` floats
+            // apart one at a time cost ~1 ns each, half of `set_weights` in training).
+            let base = grp.w_off - first;
+            let row = |ic: usize, tap: usize| base + (((ic / c_full) * ntaps + tap) * c_full + ic % c_full) * width;
+            if flipped {
+                // The stored `[ic][oc][kh][kw]`, both spatial axes reversed: per input
+                // channel, the output channels' taps are rows `ntaps` apart.
+                let mut to = vec![0; ntaps];
+                for ic in 0..icg {
+                    for (q, t) in to.iter_mut().enumerate() {
+                        *t = row(ic, ntaps - 1 - q);
                     }
+                    transpose_columns(&w[(ic * cout + o0) * ntaps..], ntaps, valid, 0, packed, &to);
                 }
+            } else {
+                // `[oc][ic][kh][kw]`: an output channel's `(ic, tap)` weights are one row.
+                let to: Vec<usize> = (0..icg * ntaps).map(|q| row(q / ntaps, q % ntaps)).collect();
+                transpose_columns(&w[o0 * icg * ntaps..], icg * ntaps, valid, 0, packed, &to);
             }
         }
     };
