@@ -287,18 +287,35 @@ impl Geo {
 
 impl Gemm {
     /// Packs `B` for each of `groups` groups as the tiles read it (`[tile][k][width]`, the
-    /// groups `len` floats apart): `b(group, k, column)`. Returns the address and `len`.
-    fn pack_b(&self, jit: &mut Jit, groups: usize, b: impl Fn(usize, usize, usize) -> f32) -> (i64, usize) {
+    /// groups `len` floats apart) from a matrix `m` per group (`[rows][ld]` row-major, the
+    /// groups `rows · ld` floats apart): `B[k][col] = m[col][k]` if `transposed` (8×8
+    /// blocks at a time, [`microkernel::transpose_columns`]), else `m[k][col]` (row copies).
+    /// Returns the address and `len`.
+    fn pack_b(
+        &self,
+        jit: &mut Jit,
+        groups: usize,
+        m: &[f32],
+        (rows, ld): (usize, usize),
+        transposed: bool,
+    ) -> (i64, usize) {
         let (nr, full) = (self.nr, self.full_tiles());
         let len = self.tile_off(full) + if self.n.is_multiple_of(nr) { 0 } else { self.kmax * self.width(full) };
         let addr = jit.consts.f32s_filled(groups * len, |out| {
+            let mut to = vec![];
             for gi in 0..groups {
+                let mg = &m[gi * rows * ld..][..rows * ld];
                 for t in 0..self.n.div_ceil(nr) {
                     let width = self.width(t);
                     let base = gi * len + self.tile_off(t);
-                    for k in 0..self.kmax {
-                        for jj in 0..(self.n - t * nr).min(nr) {
-                            out[base + k * width + jj] = b(gi, k, t * nr + jj);
+                    let valid = (self.n - t * nr).min(nr);
+                    if transposed {
+                        to.clear();
+                        to.extend((0..self.kmax).map(|k| base + k * width));
+                        microkernel::transpose_columns(&mg[t * nr * ld..], ld, valid, 0, out, &to);
+                    } else {
+                        for k in 0..self.kmax {
+                            out[base + k * width..][..valid].copy_from_slice(&mg[k * ld + t * nr..][..valid]);
                         }
                     }
                 }
@@ -852,7 +869,7 @@ pub(in crate::jit) fn conv_forward(jit: &mut Jit, cx: &NodeCx<'_>, conv: &Conv2d
     let nr = gemm.nr;
     // B: per group, Wᵀ — W[oc][j] at step j, column oc.
     let weight = cx.param_ref("weight")?;
-    let (wp, packed_len) = gemm.pack_b(jit, g, |gi, k, col| weight[(gi * cout_g + col) * kc + k]);
+    let (wp, packed_len) = gemm.pack_b(jit, g, &weight, (cout_g, kc), true);
     let bias = if conv.bias { cx.param("bias")? } else { vec![0.0; o] };
     let bias = jit.consts.f32s(bias);
     let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
@@ -1245,7 +1262,7 @@ fn conv_input_grad_t(
     let gemm = Gemm::new(jit, isa, block * p, kc, cout_g, cout_g, kc);
     // B: W itself — W[oc][j] at step oc, column j (one group).
     let weight = cx.param_ref("weight")?;
-    let (wp, _) = gemm.pack_b(jit, g, |gi, k, col| weight[(gi * cout_g + k) * kc + col]);
+    let (wp, _) = gemm.pack_b(jit, g, &weight, (cout_g, kc), false);
     let tabs = geo.fold_tables(jit, conv, (h, w))?;
     let taps = jit.consts.i64s(tap_bytes(conv, kc, (ph, pw)));
     let (ds, os, ss) = (cx.inputs[0], cx.output, cx.scratch_slot()?);
