@@ -424,7 +424,9 @@ impl Compiled {
     /// packs and drops the rest; [`Compiled::set_weights`] still applies to an unfused
     /// model.
     ///
-    /// Errors: as [`Compiled::new`].
+    /// Errors: as [`Compiled::new`]. The weights are gone then too (they were given
+    /// away); to keep them through a failed compile, check them first
+    /// ([`Weights::check`]) or use [`Compiled::new`].
     pub fn from_owned(graph: &Graph, weights: Weights, options: &Options) -> Result<Compiled> {
         Compiled::from_owned_with_kernels(graph, weights, options, Kernels::Auto)
     }
