@@ -49,7 +49,7 @@ enum Entry<'a> {
 /// [`Weights`] seen as a [`ParamStore`]: flat f32 buffers aligned with a graph's parameter
 /// table, turned back into [`Weights`] for the rewritten graph with [`WeightsStore::to_weights`].
 /// Copy-on-write: a parameter no pass rewrites stays a view of the original weights, so the
-/// JIT packs the fused graph's weights straight from them ([`crate::ParamSource`]).
+/// JIT packs the fused graph's weights straight from them ([`crate::weights::ParamSource`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct WeightsStore<'a> {
     entries: Vec<Entry<'a>>,

@@ -47,7 +47,7 @@
 //! over every sample): there the threads share each big kernel — a sample-wise kernel
 //! (`Jit::mark_samplewise`: forward ops, input gradients, activation and pooling
 //! backward, reorders) by ranges of samples, each thread calling it with the slot table
-//! of its range ([`PartTables`]); a weight gradient by column tiles, a per-channel
+//! of its range (`PartTables`); a weight gradient by column tiles, a per-channel
 //! reduction by channels. A run that finds
 //! the team busy with another run goes single-threaded. Arenas (with their slot tables)
 //! live in a pool that grows on the first run needing a bigger chunk or more of them, so a
