@@ -26,6 +26,33 @@ unsafe impl Send for GemmTile {}
 // SAFETY: as for `ConvTile`.
 unsafe impl Sync for GemmTile {}
 
+/// Reduction step `k` of a tile: `B`'s row at `bp` times column `k` of the `A` rows.
+///
+/// # Safety
+/// As [`gemm_body`], whose loop calls it (inlined, so it runs with the caller's target
+/// feature — a closure would not inherit it).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn gemm_step<V: Simd, const MR: usize, const NV: usize>(
+    rows: &[*const f32; MR],
+    k: usize,
+    bp: *const f32,
+    acc: &mut [[V; NV]; MR],
+) {
+    unsafe {
+        let mut bv = [V::zero(); NV];
+        for j in 0..NV {
+            bv[j] = V::load(bp.add(j * V::L));
+        }
+        for i in 0..MR {
+            let av = V::splat(rows[i].add(k));
+            for j in 0..NV {
+                acc[i][j] = V::fma(av, bv[j], acc[i][j]);
+            }
+        }
+    }
+}
+
 /// One Linear tile and its epilogue (see [`gemm_tile`]).
 ///
 /// # Safety
@@ -67,18 +94,16 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
             rows[i] = rows[i - 1].add(d.lda);
         }
         let mut bp = b;
-        for k in 0..kn {
-            let mut bv = [V::zero(); NV];
-            for j in 0..NV {
-                bv[j] = V::load(bp.add(j * V::L));
-            }
-            for i in 0..MR {
-                let av = V::splat(rows[i].add(k));
-                for j in 0..NV {
-                    acc[i][j] = V::fma(av, bv[j], acc[i][j]);
-                }
-            }
-            bp = bp.add(NV * V::L);
+        // Two reduction steps per iteration (half the loop's bookkeeping per FMA).
+        let mut k = 0;
+        while k + 2 <= kn {
+            gemm_step::<V, MR, NV>(&rows, k, bp, &mut acc);
+            gemm_step::<V, MR, NV>(&rows, k + 1, bp.add(NV * V::L), &mut acc);
+            bp = bp.add(2 * NV * V::L);
+            k += 2;
+        }
+        if k < kn {
+            gemm_step::<V, MR, NV>(&rows, k, bp, &mut acc);
         }
         for j in 0..NV {
             let col = col0 + j * V::L;
