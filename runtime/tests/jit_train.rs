@@ -268,6 +268,9 @@ fn shifted_row_weight_gradients_match_the_interpreter() {
         ("Conv2d(4, 16, (3, 4))", &[2, 4, 10, 17]),
         ("Conv2d(2, 16, (2, 6), padding = (0, 1))", &[2, 2, 5, 20]),
         ("Conv2d(3, 16, 1), Tanh(), Conv2d(16, 33, 5, padding = 2), ReLU()", &[2, 3, 12, 13]),
+        // Enough taps for two threads to keep this form: a plain output gradient into a
+        // narrow last AVX2 tile (3 of 8 columns).
+        ("Conv2d(6, 19, 5, padding = 2)", &[2, 6, 12, 12]),
     ] {
         check(&layer(text, shape), Mode::Train, None, shape[0], 4);
     }

@@ -93,11 +93,6 @@ impl ConstPool {
         self.mismatch = false;
     }
 
-    /// Whether the pool is replaying (see the type's documentation).
-    pub fn replaying(&self) -> bool {
-        self.cursor.is_some()
-    }
-
     /// Ends a replay: whether every request matched, and all were made.
     pub fn finish_replay(&mut self) -> bool {
         let done = self.cursor.take() == Some([self.f32s.len(), self.i32s.len(), self.i64s.len(), self.descs.len()]);

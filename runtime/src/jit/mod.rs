@@ -384,6 +384,19 @@ impl Compiled {
     pub fn with_kernels(graph: &Graph, weights: &Weights, options: &Options, kernels: Kernels) -> Result<Compiled> {
         let start = Instant::now();
         let training = Compiled::check(graph, weights)?;
+        Compiled::borrowing(graph, weights, options, kernels, training, start)
+    }
+
+    /// [`Compiled::with_kernels`] after [`Compiled::check`]: the fusion passes a graph takes,
+    /// then [`Compiled::build`].
+    fn borrowing(
+        graph: &Graph,
+        weights: &Weights,
+        options: &Options,
+        kernels: Kernels,
+        training: bool,
+        start: Instant,
+    ) -> Result<Compiled> {
         let fused;
         let epilogues;
         // Inference rewrites never apply to a training graph; it takes the exact epilogue
@@ -445,7 +458,7 @@ impl Compiled {
         let training = Compiled::check(graph, &weights)?;
         if training {
             // A training graph's weights are repacked every step from the trainer's copy.
-            return Compiled::with_kernels(graph, &weights, options, kernels);
+            return Compiled::borrowing(graph, &weights, options, kernels, true, start);
         }
         let (graph, mut weights) = if options.fuse {
             let f = crate::fusion_check::optimize_owned(graph, weights).map_err(|e| match e {
@@ -460,7 +473,7 @@ impl Compiled {
         // Only the micro-kernel path packs a Linear weight in place; the portable one reads
         // it where it is.
         let tiles = !options.portable && matches!(microkernel::Isa::detect(kernels), Ok(Some(_)));
-        for id in graph.node_ids().into_iter().filter(|_| tiles) {
+        for id in if tiles { graph.node_ids() } else { vec![] } {
             let node = graph.node(id);
             if let cnnc_compiler::Op::Linear(_) = node.op {
                 let pos = node.op.def().params().iter().position(|p| p.suffix == "weight");

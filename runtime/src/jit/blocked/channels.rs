@@ -114,7 +114,7 @@ pub(in crate::jit) fn reorder(jit: &mut Jit, (from, lf): (usize, Layout), (to, l
             // Channel k: plane k of the plain tensor, lane k mod 16 of block k / 16; four
             // channels of four pixels at a time.
             if to_blocked {
-                block_rows(fx, xn, yn, ch, (plane, plane * BLOCK), plane);
+                block_rows(fx, xn, yn, ch, (plane, plane * BLOCK, BLOCK), plane, true);
             } else {
                 unblock_rows(fx, xn, yn, ch, (plane, plane * BLOCK), plane);
             }

@@ -279,38 +279,43 @@ fn source_row(fx: &mut Fx<'_>, r: Value, pt: usize, ih: usize) -> (Value, Value)
 }
 
 /// The inverse of [`unblock_rows`]: `o` rows of `p` floats at `src`, `ld` floats apart, as
-/// `p` consecutive pixels of a blocked tensor at `dst` (its blocks `dblk` floats apart):
-/// four channels' four pixels at a time (a 4×4 transpose), the last `p % 4` pixels one
-/// value at a time; the padding lanes of the last block are written as zeros.
+/// `p` pixels at `dst`, `dpx` floats apart, channel `c` of a pixel at `(c / 16)·dblk + c %
+/// 16` (a blocked tensor: `dpx` = 16, `dblk` = a block's floats; the channels side by side
+/// in one row per pixel: `dblk` = 16, `dpx` the row's length): four channels' four pixels at a time (a
+/// 4×4 transpose), the last `p % 4` pixels one value at a time. Lanes past `o` up to the
+/// next multiple of four are written as zeros, and with `pad` those up to the end of the
+/// last block too.
 pub(in crate::jit) fn block_rows(
     fx: &mut Fx<'_>,
     src: Value,
     dst: Value,
     o: usize,
-    (p, dblk): (usize, usize),
+    (p, dblk, dpx): (usize, usize, usize),
     ld: usize,
+    pad: bool,
 ) {
     const B: usize = BLOCK;
     let quads = p / 4;
     for blk in 0..o.div_ceil(B) {
         let d = fx.addi(dst, c(4 * blk * dblk));
-        for q in 0..B / 4 {
+        let nq = if pad { B / 4 } else { (o - blk * B).min(B).div_ceil(4) };
+        for q in 0..nq {
             let ch0 = blk * B + 4 * q;
             let valid = o.saturating_sub(ch0).min(4);
             let s = fx.addi(src, c(4 * ch0.min(o - 1) * ld));
             let d = fx.addi(d, c(4 * 4 * q));
-            fx.loop_n(Count::Const(quads), [s, d], [16, c(16 * B)], |fx, [s, d]| {
+            fx.loop_n(Count::Const(quads), [s, d], [16, c(16 * dpx)], |fx, [s, d]| {
                 let zero = fx.vf(0.0);
                 let v = std::array::from_fn(|j| if j < valid { fx.load_v(s, c(j * ld)) } else { zero });
                 let px = fx.transpose4(v);
                 for (k, r) in px.into_iter().enumerate() {
-                    fx.store_v(r, d, c(k * B));
+                    fx.store_v(r, d, c(k * dpx));
                 }
             });
             for px in quads * 4..p {
                 for j in 0..4 {
                     let v = if j < valid { fx.load_f(s, c(j * ld + px)) } else { fx.f(0.0) };
-                    fx.store_f(v, d, c(px * B + j));
+                    fx.store_f(v, d, c(px * dpx + j));
                 }
             }
         }

@@ -643,9 +643,8 @@ pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm
     let threads = jit.threads;
     let w_addr = match weight {
         // Tile `t`'s packed floats then occupy exactly its weight rows: each tile is copied
-        // aside (one tile, a few MB, per thread) and packed back over itself. (A replay
-        // packs into the first lowering's storage directly.)
-        GemmWeight::Donated(w) if kk == k && o % lanes == 0 && w.len() == total && !jit.consts.replaying() => {
+        // aside (one tile, a few MB, per thread) and packed back over itself.
+        GemmWeight::Donated(w) if kk == k && o % lanes == 0 && w.len() == total => {
             let in_place = |out: &mut [f32], ts: std::ops::Range<usize>| {
                 let mut buf = Vec::with_capacity(RUN);
                 let mut aside = vec![0f32; nr * k];
