@@ -257,8 +257,9 @@ fn blocked_backward_matches_the_interpreter() {
 /// The shifted-row form of a stride-1 Conv2d's weight gradient (kernels 3–6 wide, ≥ 16
 /// output channels, a padded width at most 4/3 of the output's): plain and blocked inputs
 /// and output gradients, zero, reflect and no padding, a partial block of output channels,
-/// widths that are not a multiple of four, each against the interpreter on both ISAs and
-/// thread counts (with few taps, two threads take the GEMM form).
+/// widths that are not a multiple of four, one to four channels' rows of taps per tile, each
+/// against the interpreter on both ISAs and thread counts (with few taps, two threads take
+/// the GEMM form).
 #[test]
 fn shifted_row_weight_gradients_match_the_interpreter() {
     for (text, shape) in [
@@ -271,6 +272,10 @@ fn shifted_row_weight_gradients_match_the_interpreter() {
         // Enough taps for two threads to keep this form: a plain output gradient into a
         // narrow last AVX2 tile (3 of 8 columns).
         ("Conv2d(6, 19, 5, padding = 2)", &[2, 6, 12, 12]),
+        // Several channels' rows of taps stacked in one tile: four (3×3, 12 rows), three
+        // (20 output channels), and the (ky, c, kx) order of the rows back into `dW`.
+        ("Conv2d(12, 16, 3, padding = 1)", &[2, 12, 9, 10]),
+        ("Conv2d(9, 20, 3, padding = 1, padding_mode = \"reflect\")", &[2, 9, 7, 11]),
     ] {
         check(&layer(text, shape), Mode::Train, None, shape[0], 4);
     }

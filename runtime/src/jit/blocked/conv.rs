@@ -687,6 +687,8 @@ pub(in crate::jit) fn rows_gemm(jit: &mut Jit, name: &str, isa: Isa, g: RowsGemm
         k: kk,
         lda: kk,
         ldc: o,
+        group: 0,
+        lda_group: 0,
         scale: scale.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
         shift: shift.map_or(std::ptr::null(), |v| jit.consts.f32s_aligned(&v) as usize as *const f32),
         act,

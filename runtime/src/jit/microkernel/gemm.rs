@@ -15,6 +15,11 @@ pub(in crate::jit) struct GemmTile {
     /// Row strides of `A`, and of `C` (and the residual).
     pub lda: usize,
     pub ldc: usize,
+    /// Rows of `A` in groups of `group` rows `lda` apart, group `g` starting `g·lda_group`
+    /// floats after the first (0: every row `lda` after the last). The shifted-row weight
+    /// gradient stacks several input rows' shifted taps into one taller tile so.
+    pub group: usize,
+    pub lda_group: usize,
     /// Per-column `scale` and `shift` (padded to whole tiles), or null.
     pub scale: *const f32,
     pub shift: *const f32,
@@ -91,7 +96,11 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
         }
         let mut rows = [a; MR];
         for i in 1..MR {
-            rows[i] = rows[i - 1].add(d.lda);
+            rows[i] = if d.group == 0 {
+                rows[i - 1].add(d.lda)
+            } else {
+                a.add((i / d.group) * d.lda_group + (i % d.group) * d.lda)
+            };
         }
         let mut bp = b;
         // Two reduction steps per iteration (half the loop's bookkeeping per FMA).
@@ -182,7 +191,7 @@ mod x86 {
 /// # Safety
 /// `d.isa` is available on the host; `a` holds `mr` rows of `K` at stride `lda`, `b` a
 /// whole packed tile, `c` (and `r`, if not null) `mr` rows of `valid` at stride `ldc`;
-/// `1 ≤ mr ≤ isa.gemm_mr()`; the scale/shift arrays are padded to whole tiles.
+/// `1 ≤ mr ≤ isa.gemm_mr_for(valid)`; the scale/shift arrays are padded to whole tiles.
 pub(in crate::jit) unsafe extern "C" fn gemm_tile(
     d: *const GemmTile,
     a: *const f32,
@@ -197,11 +206,15 @@ pub(in crate::jit) unsafe extern "C" fn gemm_tile(
         use x86::{gemm256, gemm512};
         let d = &*d;
         let (mr, valid, col0) = (shape & 0xff, (shape >> 8) & 0xff, shape >> 16);
-        debug_assert!((1..=d.isa.gemm_mr()).contains(&mr) && (1..=d.isa.gemm_nr()).contains(&valid));
+        debug_assert!((1..=d.isa.gemm_nr()).contains(&valid) && (1..=d.isa.gemm_mr_for(valid)).contains(&mr));
         match (d.isa, valid.div_ceil(16)) {
-            (Isa::Avx512, 1) => by_mr!(gemm512, 1, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
-            (Isa::Avx512, 2) => by_mr!(gemm512, 2, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
-            (Isa::Avx512, 3) => by_mr!(gemm512, 3, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
+            (Isa::Avx512, 1) => {
+                by_mr!(gemm512, 1, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6 7 8 9 10 11 12)
+            }
+            (Isa::Avx512, 2) => {
+                by_mr!(gemm512, 2, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6 7 8 9 10 11 12)
+            }
+            (Isa::Avx512, 3) => by_mr!(gemm512, 3, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6 7 8),
             (Isa::Avx512, _) => by_mr!(gemm512, 4, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
             (Isa::Avx2, _) if valid <= 8 => by_mr!(gemm256, 1, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),
             (Isa::Avx2, _) => by_mr!(gemm256, 2, mr, (d, a, b, c, r, col0, valid, kspan); 1 2 3 4 5 6),

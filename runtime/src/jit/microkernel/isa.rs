@@ -68,6 +68,16 @@ impl Isa {
         6
     }
 
+    /// Most rows of a GEMM tile `valid` columns wide: [`Isa::gemm_mr`] for a whole tile,
+    /// more where fewer vectors of columns leave registers for more rows' accumulators.
+    pub fn gemm_mr_for(self, valid: usize) -> usize {
+        match (self, valid.div_ceil(16)) {
+            (Isa::Avx512, 0..=2) => 12,
+            (Isa::Avx512, 3) => 8,
+            _ => self.gemm_mr(),
+        }
+    }
+
     /// Columns of a Linear tile.
     pub fn gemm_nr(self) -> usize {
         match self {
