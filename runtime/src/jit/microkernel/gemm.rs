@@ -96,10 +96,9 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
         }
         let mut rows = [a; MR];
         for i in 1..MR {
-            rows[i] = if d.group == 0 {
-                rows[i - 1].add(d.lda)
-            } else {
-                a.add((i / d.group) * d.lda_group + (i % d.group) * d.lda)
+            rows[i] = match (i.checked_div(d.group), i.checked_rem(d.group)) {
+                (Some(g), Some(r)) => a.add(g * d.lda_group + r * d.lda),
+                _ => rows[i - 1].add(d.lda),
             };
         }
         let mut bp = b;
