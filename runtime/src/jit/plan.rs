@@ -785,8 +785,8 @@ pub(super) struct WgradRows {
 }
 
 /// The shifted-row weight gradient's layout where it applies and pays: stride 1, no
-/// dilation or groups, kernels 3 to 6 wide (a row of taps fits one tile of at least
-/// `gemm_mr` rows), at least 16 output channels (a tile row of whole vectors), a padded
+/// dilation or groups, kernels 3 to 6 wide (a row of taps is at most `gemm_mr` rows, so
+/// at least one channel's fits a tile), at least 16 output channels (a tile row of whole vectors), a padded
 /// width at most 4/3 of the output's (the padded columns are computed and dropped) and a
 /// transposed gradient of at most 512 KB (it stays in L2 across the samples) — the
 /// CIFAR-10 net's 5×5 convolutions; `None` elsewhere.

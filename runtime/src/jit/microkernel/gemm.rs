@@ -94,12 +94,11 @@ unsafe fn gemm_body<V: Simd, const MR: usize, const NV: usize>(
                 }
             }
         }
+        // Row `i` is row `i mod group` of group `i / group` (all one group when `group` is 0).
         let mut rows = [a; MR];
-        for i in 1..MR {
-            rows[i] = match (i.checked_div(d.group), i.checked_rem(d.group)) {
-                (Some(g), Some(r)) => a.add(g * d.lda_group + r * d.lda),
-                _ => rows[i - 1].add(d.lda),
-            };
+        for (i, row) in rows.iter_mut().enumerate() {
+            let (g, r) = i.checked_div(d.group).map_or((0, i), |g| (g, i - g * d.group));
+            *row = a.add(g * d.lda_group + r * d.lda);
         }
         let mut bp = b;
         // Two reduction steps per iteration (half the loop's bookkeeping per FMA).
@@ -188,7 +187,8 @@ mod x86 {
 /// `last` chunk applies the epilogue, the others store their partial sums.
 ///
 /// # Safety
-/// `d.isa` is available on the host; `a` holds `mr` rows of `K` at stride `lda`, `b` a
+/// `d.isa` is available on the host; `a` holds `mr` rows of `K` at stride `lda` (in groups
+/// `lda_group` apart where `d.group` is not 0), `b` a
 /// whole packed tile, `c` (and `r`, if not null) `mr` rows of `valid` at stride `ldc`;
 /// `1 ≤ mr ≤ isa.gemm_mr_for(valid)`; the scale/shift arrays are padded to whole tiles.
 pub(in crate::jit) unsafe extern "C" fn gemm_tile(
